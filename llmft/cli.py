@@ -1,0 +1,166 @@
+"""``llmft`` command line: validate, train, quickstart.
+
+User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
+with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from llmft.data.blocks import DataError
+    from llmft.model.build import ModelLoadError
+
+    return RecipeError, ModelLoadError, DataError
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[llmft] %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
+    """The numbers a person checks before launching: batch, tokens, RoPE, parameters."""
+    from llmft.model.build import ModelLoadError, parameter_count_from_config
+    from llmft.train.loop import total_steps_for
+
+    t, m = recipe.train, recipe.model
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * m.max_seq_len * world_size
+    steps = total_steps_for(recipe, world_size)
+    lines = [
+        f"data-parallel ranks     {world_size}",
+        f"effective batch         {per_step // m.max_seq_len} sequences of {m.max_seq_len} tokens",
+        f"tokens per step         {per_step:,}",
+        f"steps                   {steps} ({steps * per_step:,} tokens)",
+    ]
+    if m.rope is not None:
+        orig = m.rope.original_max_position_embeddings or "the base config's max_position_embeddings"
+        lines.append(f"RoPE                    {m.rope.type} x{m.rope.factor:g} from {orig}")
+    try:
+        n = parameter_count_from_config(m)
+    except ModelLoadError as e:
+        raise RecipeError([str(e)]) from None
+    lines.append(f"parameters              {n:,} (all trainable: method full)" if n else
+                 "parameters              (model not local: counted at launch)")
+    return lines
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from llmft.train.engine import deepspeed_config
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.model.produced_by is not None:
+        load_recipe(recipe.model.produced_by)
+    deepspeed_config(recipe, args.world_size)
+    print(f"# {args.recipe}: valid\n" + recipe_to_yaml(recipe))
+    print("\n".join("# " + line for line in derived_numbers(recipe, args.world_size)))
+    return 0
+
+
+def run_training(recipe_path: str, overrides: list[str], resume: bool):
+    """Train a recipe, first training the recipe named by ``model.produced_by`` when its output is missing.
+
+    Raises:
+        RecipeError: the recipe is invalid, or its producer did not write ``model.name``.
+    """
+    from llmft.train.loop import train
+
+    recipe = load_recipe(recipe_path, overrides)
+    m = recipe.model
+    if m.produced_by is not None and not Path(m.name).is_dir():
+        logging.getLogger("llmft").info("%s does not exist yet: training %s first", m.name, m.produced_by)
+        producer = load_recipe(m.produced_by)
+        result = train(producer, resume=True)
+        if not Path(m.name).is_dir():
+            raise RecipeError([f"{recipe_path}: model.name: {m.produced_by} wrote {result.final_dir}, not "
+                               f"{m.name}. Fix: set model.name: {result.final_dir}"])
+    return train(recipe, resume=resume)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_training(args.recipe, args.overrides, resume=not args.no_resume)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from llmft.quickstart import quickstart
+
+    quickstart(Path(args.out), steps_scale=args.steps_scale)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmft", description="Long-context fine-tuning of LLMs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check a recipe; print it resolved with the derived numbers")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-5")
+    v.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="data-parallel ranks to assume (default: $WORLD_SIZE or 1)")
+    v.set_defaults(func=cmd_validate)
+
+    t = sub.add_parser("train", help="train a recipe (same as python launch/train.py)")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
+                       "print perplexity by context length before and after")
+    q.add_argument("--out", default="runs/quickstart", help="output directory")
+    q.add_argument("--steps-scale", type=float, default=1.0, help="scale the number of training steps")
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-5 model.rope.factor=4")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start at step 0")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(func, args: argparse.Namespace) -> int:
+    """Run a command; user errors become messages and exit code 2."""
+    try:
+        return func(args)
+    except _user_errors() as e:
+        messages = e.messages if isinstance(e, RecipeError) else [str(e)]
+        for line in messages:
+            print(f"llmft: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides appear anywhere (also after flags such as --no-resume)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
+    setup_logging()
+    return run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""The recipe schema: one typed description of a training run, validated at load.
+
+A recipe is a YAML file (``recipes/*.yaml``) plus optional ``key=value`` overrides from the command line.
+Every field lives in one pydantic model below, with its default and its documentation in exactly one place.
+Unknown keys are rejected. Every error is reported at once, naming the file, the YAML path (and line), the
+value received, what was expected and how to fix it::
+
+    recipes/llama2_32k.yaml:14: model.rope.factor: got -8; expected a number greater than 1. Fix: set it
+    to target_len / original_len, e.g. 8.0 for 4096 -> 32768.
+
+Relative paths inside a recipe are resolved against the current working directory (run from the repo root).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# A hub id is "name" or "org/name" (letters, digits, - _ .).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class RecipeError(Exception):
+    """A recipe (or an override) is invalid. ``messages`` holds one line per problem, ready to print."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+def _hint(text: str) -> dict:
+    """Field metadata carrying the "how to fix it" sentence shown with an error on that field."""
+    return {"hint": text}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` is meant as a filesystem path (exists, or is written like a path, not a hub id)."""
+    return Path(name).expanduser().exists() or not _HUB_ID.match(name) or name.startswith((".", "~"))
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class RopeConfig(_Strict):
+    """How rotary position embeddings are rescaled to reach the target context length.
+
+    ``linear`` is Position Interpolation (Chen et al. 2023): position m is mapped to m / factor.
+    ``ntk`` is static NTK-aware scaling: rope_theta *= factor ** (d / (d - 2)).
+    ``dynamic`` rescales theta at run time only beyond the original length (transformers' dynamic NTK).
+    ``yarn`` (Peng et al. 2023) and ``llama3`` are frequency-dependent interpolations.
+    """
+
+    type: Literal["linear", "dynamic", "ntk", "yarn", "llama3"] = Field(
+        description="Scaling method.", json_schema_extra=_hint("use one of linear, dynamic, ntk, yarn, llama3")
+    )
+    factor: float = Field(
+        gt=1.0,
+        description="Target length / original length (non-integer factors are fine, e.g. 5.5).",
+        json_schema_extra=_hint("set it to target_len / original_len, e.g. 8.0 for 4096 -> 32768"),
+    )
+    original_max_position_embeddings: int | None = Field(
+        default=None,
+        gt=0,
+        description="Context length the base model was trained at. Default: the base config's "
+        "max_position_embeddings.",
+    )
+    beta_fast: float | None = Field(default=None, gt=0, description="YaRN: extrapolation boundary (default 32).")
+    beta_slow: float | None = Field(default=None, gt=0, description="YaRN: interpolation boundary (default 1).")
+    attention_factor: float | None = Field(
+        default=None, gt=0, description="YaRN: cos/sin scale; default 0.1 * ln(factor) + 1."
+    )
+    mscale: float | None = Field(default=None, description="YaRN (DeepSeek variant): mscale.")
+    mscale_all_dim: float | None = Field(default=None, description="YaRN (DeepSeek variant): mscale_all_dim.")
+    truncate: bool | None = Field(default=None, description="YaRN: truncate the correction range (default true).")
+    low_freq_factor: float | None = Field(default=None, gt=0, description="llama3: low-frequency factor (e.g. 1).")
+    high_freq_factor: float | None = Field(
+        default=None, gt=0, description="llama3: high-frequency factor (e.g. 4)."
+    )
+
+    @model_validator(mode="after")
+    def _params_match_type(self) -> RopeConfig:
+        yarn_only = ["beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"]
+        llama3_only = ["low_freq_factor", "high_freq_factor"]
+        allowed = {"yarn": yarn_only, "llama3": llama3_only}.get(self.type, [])
+        stray = [k for k in yarn_only + llama3_only if getattr(self, k) is not None and k not in allowed]
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} do not apply to rope type {self.type!r}; remove them or change type"
+            )
+        if self.type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError("llama3 scaling needs low_freq_factor and high_freq_factor (Llama 3.1: 1 and 4)")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("llama3 scaling needs high_freq_factor > low_freq_factor")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which model to start from and how to extend its context."""
+
+    name: str = Field(
+        description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory in Hugging Face format.",
+        json_schema_extra=_hint("give a hub id like meta-llama/Llama-2-7b-hf or an existing local directory"),
+    )
+    init: Literal["pretrained", "random"] = Field(
+        default="pretrained",
+        description="'pretrained' loads the weights of `name`; 'random' builds a new model from its config.json "
+        "(pre-training from scratch).",
+    )
+    produced_by: Path | None = Field(
+        default=None,
+        description="A recipe whose final output is `name`: when `name` does not exist yet, that recipe is "
+        "trained first (multi-stage pipelines, e.g. pre-train a short base, then extend it).",
+    )
+    tokenizer: str | None = Field(default=None, description="Tokenizer hub id or directory. Default: `name`.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of `name`.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="dtype of the exported weights (training keeps fp32 master weights)."
+    )
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto",
+        description="Attention kernel. 'auto': flash_attention_2 when installed and on CUDA, else sdpa.",
+    )
+    rope: RopeConfig | None = Field(default=None, description="RoPE scaling; omit to keep the model's RoPE.")
+    max_position_embeddings: int | None = Field(
+        default=None,
+        gt=0,
+        description="max_position_embeddings written to the extended config. Default: original * factor "
+        "(for 'dynamic' it stays at the original length: transformers scales beyond it at run time).",
+    )
+    max_seq_len: int = Field(
+        gt=1, description="Training sequence length in tokens.", json_schema_extra=_hint("e.g. 32768")
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DataSource(_Strict):
+    """One local file of training text."""
+
+    path: Path = Field(description="A .txt, .jsonl (optionally .gz) file.")
+    format: Literal["auto", "text", "jsonl"] = Field(
+        default="auto", description="'auto' picks by extension (.jsonl/.json -> jsonl, else text)."
+    )
+    text_field: str = Field(default="text", description="jsonl: the field holding the document text.")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: Path) -> Path:
+        if not v.expanduser().is_file():
+            raise ValueError(f"data file {str(v)!r} does not exist (relative paths start at {Path.cwd()})")
+        return v.expanduser()
+
+
+class DataConfig(_Strict):
+    """Training (and validation) text. Documents are tokenized, joined with EOS and cut into
+    ``model.max_seq_len`` blocks (the full mixture/packing system builds on the same block interface)."""
+
+    sources: list[DataSource] = Field(min_length=1, description="Training files.")
+    validation: list[DataSource] = Field(default_factory=list, description="Held-out files for eval hooks.")
+    validation_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Hold out this fraction of the tokens of each training file (its tail) for validation.",
+    )
+    add_eos: bool = Field(default=True, description="Append the EOS token after each document.")
+    on_error: Literal["skip", "stop"] = Field(
+        default="skip", description="A malformed jsonl line is counted and reported, then skipped or fatal."
+    )
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(_Strict):
+    """Optimizer, schedule and batch. AdamW defaults follow the PI paper (beta 0.9/0.95, wd 0)."""
+
+    lr: float = Field(gt=0, description="Peak learning rate.", json_schema_extra=_hint("e.g. 2e-5 for a 7B model"))
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup, in optimizer steps.")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Final lr / peak lr for cosine and linear.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass per device.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps to train.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Alternative to max_steps: stop after this many training tokens."
+    )
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the global grad norm; null disables.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="bf16", description="Compute precision (autocast, or DeepSpeed bf16/fp16); master weights fp32."
+    )
+    seed: int = Field(default=0, description="Seeds model init, data order and dropout.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.95]")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of max_steps and max_tokens")
+        return self
+
+
+class DeepSpeedConfig(_Strict):
+    """Used only when launched with the ``deepspeed`` launcher; ignored by plain ``python``."""
+
+    stage: Literal[0, 1, 2, 3] = Field(default=2, description="ZeRO stage.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(default="none", description="ZeRO-Offload target.")
+    offload_param: Literal["none", "cpu", "nvme"] = Field(default="none", description="ZeRO-3 parameter offload.")
+    nvme_path: Path | None = Field(default=None, description="Directory for nvme offload.")
+    config: Path | None = Field(
+        default=None,
+        description="A DeepSpeed JSON file (e.g. launch/ds_zero3.json). Its 'auto' values are filled from the "
+        "recipe; explicit values must agree with the recipe.",
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _json_exists(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            if not v.is_file():
+                raise ValueError(f"DeepSpeed config {str(v)!r} does not exist")
+            try:
+                json.loads(v.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"DeepSpeed config {str(v)!r} is not valid JSON: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _offload_rules(self) -> DeepSpeedConfig:
+        if self.offload_param != "none" and self.stage != 3:
+            raise ValueError("offload_param needs stage 3; set stage: 3 or offload_param: none")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+        if "nvme" in (self.offload_optimizer, self.offload_param) and self.nvme_path is None:
+            raise ValueError("nvme offload needs nvme_path")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Where the run writes. ``dir`` holds step checkpoints, ``final/``, metrics.jsonl and wandb files."""
+
+    dir: Path = Field(description="Run output directory.", json_schema_extra=_hint("e.g. runs/llama2-32k"))
+    every_steps: int = Field(default=0, ge=0, description="Checkpoint every N optimizer steps (0: only final).")
+    keep_last: int = Field(default=2, ge=1, description="Keep this many newest step checkpoints.")
+
+
+class WandbConfig(_Strict):
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="disabled", description="'offline' writes a local run dir you can `wandb sync` later."
+    )
+    project: str = Field(default="llmft", description="wandb project.")
+    entity: str | None = Field(default=None, description="wandb team or user.")
+    name: str | None = Field(default=None, description="Run name (default: the output dir name).")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class LoggingConfig(_Strict):
+    every_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases.")
+
+
+class EvalConfig(_Strict):
+    """Perplexity by context length on held-out text during training (needs data.validation*)."""
+
+    every_steps: int = Field(default=0, ge=0, description="Evaluate every N optimizer steps (0: off).")
+    lengths: list[Annotated[int, Field(gt=1)]] = Field(
+        default_factory=list, description="Context lengths to score (default: [model.max_seq_len])."
+    )
+    max_windows: int = Field(default=8, ge=1, description="At most this many windows per length.")
+    at_end: bool = Field(default=True, description="Also evaluate after the last step (when every_steps > 0).")
+
+
+# -------------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(_Strict):
+    """A full training recipe."""
+
+    model: ModelConfig
+    method: Literal["full", "lora", "qlora"] = Field(
+        default="full", description="full fine-tuning; lora / qlora adapters (see docs/hyperparameters.md)."
+    )
+    data: DataConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+
+def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Checks that span sections or touch the filesystem. Returns (yaml path, problem) pairs."""
+    m, problems = recipe.model, []
+    if recipe.method != "full":
+        problems.append((("method",), f"{recipe.method!r} is not available in this version of llmft. Fix: use method: full"))
+    if is_local_path(m.name) and not Path(m.name).expanduser().is_dir() and m.produced_by is None:
+        problems.append((("model", "name"), f"{m.name!r} is not an existing directory (nor a hub id like org/name). "
+                         "Fix: correct the path, or set model.produced_by to the recipe that builds it"))
+    if m.produced_by is not None and not m.produced_by.is_file():
+        problems.append((("model", "produced_by"), f"recipe {str(m.produced_by)!r} does not exist"))
+    if m.init == "random" and m.rope is not None:
+        problems.append((("model", "rope"), "rope scaling applies to a pretrained model. Fix: with init: random, "
+                         "remove model.rope and set max_position_embeddings in the model's config.json"))
+    if recipe.eval.every_steps and not (recipe.data.validation or recipe.data.validation_fraction > 0):
+        problems.append((("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction"))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place.
+
+    Raises:
+        RecipeError: an override is not of the form key=value, or walks through a non-mapping.
+    """
+    errors = []
+    for item in overrides:
+        if "=" not in item:
+            errors.append(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
+            continue
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                errors.append(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+                break
+        else:
+            last = parts[-1]
+            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+                node[int(last)] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                errors.append(f"override {item!r}: {'.'.join(parts[:-1])} is not a mapping")
+    if errors:
+        raise RecipeError(errors)
+    return raw
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each YAML path (tuple of keys/indices) to its 1-based line number in ``text``."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,)) if not isinstance(v, yaml.ScalarNode) else None
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _field_for(loc: tuple) -> Any:
+    """The pydantic FieldInfo at ``loc`` in the Recipe schema, or None."""
+    model: Any = Recipe
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        ann = info.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None and hasattr(ann, "__args__"):
+            inner = [a for x in ann.__args__ for a in getattr(x, "__args__", ())]
+            model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return info
+
+
+def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    """One human line for one pydantic error."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple["))))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    where = source
+    probe = loc
+    while probe and probe not in lines:
+        probe = probe[:-1]
+    if loc in overridden or any(loc[: len(o)] == o for o in overridden):
+        where = f"{source} (command-line override)"
+    elif probe in lines:
+        where = f"{source}:{lines[probe]}"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _field_for(loc[:-1]) if len(loc) > 1 else None
+        parent_model = Recipe
+        if parent is not None:
+            ann = parent.annotation
+            parent_model = next(
+                (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
+        known = list(parent_model.model_fields) if parent_model else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
+        return f"{where}: {path}: unknown key. Fix: remove it; {fix}"
+    if kind == "missing":
+        info = _field_for(loc)
+        desc = f" ({info.description})" if info is not None and info.description else ""
+        return f"{where}: {path}: required key is missing{desc}. Fix: add {path}: <value>"
+    got = err.get("input")
+    got_s = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
+    msg = err["msg"].removeprefix("Value error, ")
+    info = _field_for(loc)
+    hint = (info.json_schema_extra or {}).get("hint") if info is not None and isinstance(info.json_schema_extra, dict) else None
+    if kind.startswith(("greater", "less")):
+        msg = "a number " + msg.removeprefix("Input should be ").replace("greater", "greater")
+    elif msg.startswith("Input should be"):
+        msg = msg.removeprefix("Input should be ")
+    if kind == "value_error" or kind == "assertion_error":
+        line = f"{where}: {path}: {msg}"
+    else:
+        line = f"{where}: {path}: got {got_s}; expected {msg}"
+    if hint:
+        line += f". Fix: {hint}"
+    return line
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: the YAML recipe.
+        overrides: ``key=value`` strings applied before validation.
+
+    Returns:
+        The validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: the file is missing or not YAML, or any field is invalid; holds every problem at once.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise RecipeError([f"{source}: recipe file not found"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}. Fix: check indentation and quoting"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{source}: expected a mapping of sections (model, data, train, ...), got {type(raw).__name__}"])
+    overrides = overrides or []
+    apply_overrides(raw, overrides)
+    overridden = {tuple(o.partition("=")[0].strip().split(".")) for o in overrides}
+    overridden = {tuple(int(p) if p.isdigit() else p for p in o) for o in overridden}
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        lines = _yaml_lines(text)
+        raise RecipeError([_describe(err, source, lines, overridden) for err in e.errors()]) from None
+    problems = cross_check(recipe)
+    if problems:
+        lines = _yaml_lines(text)
+        raise RecipeError([_describe({"loc": loc, "type": "value_error", "msg": msg}, source, lines, overridden)
+                           for loc, msg in problems])
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in) as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

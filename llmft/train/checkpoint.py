@@ -1,0 +1,159 @@
+"""Checkpoints: a Hugging Face export that reloads anywhere, plus the state that resumes training.
+
+Layout of a run directory::
+
+    RUN/
+      recipe.yaml                     resolved recipe of the run
+      metrics.jsonl                   one JSON line per logged step
+      checkpoints/step-00000100/
+        model/                        config.json (RoPE parameters, new max length), model.safetensors, tokenizer
+        state/                        trainer.json (step, tokens, data position), rng-rank*.pt,
+                                      optimizer.pt + scheduler.pt (single process) or a DeepSpeed checkpoint
+        manifest.json                 written last: files and sizes; a directory without it is incomplete
+      final/                          the HF export after the last step
+
+A checkpoint is written to ``checkpoints/.tmp-step-*``, fsynced, given its manifest and only then renamed into
+place, so a crash at any moment leaves either the previous checkpoints or a complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """Record every file and its size; written after all other files are synced."""
+    files = {
+        str(p.relative_to(ckpt)): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    tmp = ckpt / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(ckpt / MANIFEST)
+
+
+def is_complete(ckpt: Path) -> bool:
+    """A checkpoint is complete when its manifest exists and every listed file has the listed size."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        return all((ckpt / f).stat().st_size == size for f, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step directory, oldest first (complete or not)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step`` (any leftover is removed)."""
+    tmp = Path(run_dir) / "checkpoints" / f".tmp-{step_dir_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, step: int, keep_last: int) -> Path:
+    """fsync, write the manifest, rename ``tmp`` into place and drop checkpoints beyond ``keep_last``.
+
+    Rotation only deletes older checkpoints after the new one is complete, so a good one always remains.
+    """
+    _fsync_tree(tmp)
+    write_manifest(tmp, step)
+    final = tmp.parent / step_dir_name(step)
+    if final.exists():  # an incomplete leftover of the same step
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fd = os.open(tmp.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    complete = [p for _, p in list_checkpoints(tmp.parent.parent) if is_complete(p)]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_trainer_state(state_dir: Path, trainer: dict, rank: int) -> None:
+    """trainer.json (rank 0) and this rank's RNG state."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (state_dir / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    torch.save(rng_state(), state_dir / f"rng-rank{rank}.pt")
+
+
+def load_trainer_state(state_dir: Path, rank: int) -> dict:
+    """Read trainer.json and restore this rank's RNG state (if that rank saved one)."""
+    trainer = json.loads((state_dir / "trainer.json").read_text())
+    rng_file = state_dir / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return trainer
+
+
+def export_hf(out_dir: Path, model, state_dict: dict, tokenizer, dtype: torch.dtype) -> None:
+    """Save a Hugging Face checkpoint (safetensors) that ``from_pretrained`` reloads with no llmft code."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}
+    config = model.config
+    config.dtype = dtype
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,206 @@
+"""How one optimizer step is executed: plain PyTorch (one process) or DeepSpeed (ZeRO 0-3, many ranks).
+
+Both engines expose the same five operations, so the training loop reads the same for both:
+
+    loss = engine.forward(batch, num_tokens)   # sum of token losses / tokens in the whole optimizer step
+    engine.backward(loss)
+    grad_norm = engine.step()                  # clip, update, advance the lr schedule, zero grads
+    engine.save(state_dir) / engine.load(state_dir)
+    engine.full_state_dict()                   # every parameter, gathered on rank 0 (for the HF export)
+
+Master weights are fp32; bf16/fp16 compute uses autocast (plain) or DeepSpeed's bf16/fp16 modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from llmft.config import Recipe, RecipeError
+from llmft.train.optim import build_optimizer, build_scheduler
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def launched_by_deepspeed() -> bool:
+    """True under the ``deepspeed`` launcher (it sets these variables for every rank)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class PlainEngine:
+    """Single process, fp32 master weights, torch AdamW, autocast for bf16/fp16."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, device: torch.device):
+        self.model = model.to(device)
+        self.device = device
+        self.cfg = recipe.train
+        self.optimizer = build_optimizer(model, recipe.train)
+        self.scheduler = build_scheduler(self.optimizer, recipe.train, total_steps)
+        amp = _AMP.get(recipe.train.precision)
+        self.autocast = (torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
+
+    def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.autocast() if callable(self.autocast) else self.autocast:
+            return self.model(**batch, num_items_in_batch=num_tokens).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, state_dir: Path) -> None:
+        """fp32 master weights (safetensors), optimizer, scheduler and grad-scaler state."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_model(self.model, str(state_dir / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
+        torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+                   state_dir / "scheduler.pt")
+
+    def load(self, state_dir: Path) -> None:
+        missing, unexpected = safetensors.torch.load_model(self.model, str(state_dir / "model.safetensors"),
+                                                           device=str(self.device))
+        if missing or unexpected:
+            raise RuntimeError(f"{state_dir}: checkpoint does not match the model ({missing=}, {unexpected=})")
+        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        sched = torch.load(state_dir / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(sched["scheduler"])
+        self.scaler.load_state_dict(sched["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def barrier(self) -> None:
+        pass
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
+    """The DeepSpeed config for a recipe: from ``deepspeed.config`` (JSON, 'auto' values filled in) or built
+    from the recipe's fields.
+
+    Raises:
+        RecipeError: an explicit value in the JSON contradicts the recipe (message names both).
+    """
+    t, d = recipe.train, recipe.deepspeed
+    derived = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.grad_clip if t.grad_clip is not None else 0.0,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+    }
+    zero: dict = {"stage": d.stage}
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer, **({"nvme_path": str(d.nvme_path)} if d.offload_optimizer == "nvme" else {})}
+    if d.offload_param != "none":
+        zero["offload_param"] = {"device": d.offload_param, **({"nvme_path": str(d.nvme_path)} if d.offload_param == "nvme" else {})}
+    if d.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if d.config is None:
+        cfg = {**derived, "zero_optimization": zero}
+    else:
+        cfg = json.loads(Path(d.config).read_text())
+        for key, value in derived.items():
+            have = cfg.get(key, "auto")
+            if isinstance(value, dict):  # {"enabled": bool}
+                have = have if isinstance(have, dict) else {"enabled": have}
+                if have.get("enabled", "auto") == "auto":
+                    cfg[key] = {**have, "enabled": value["enabled"]}
+                elif bool(have["enabled"]) != value["enabled"]:
+                    raise RecipeError([
+                        f"{d.config}: {key}.enabled is {have['enabled']} but train.precision is "
+                        f"{t.precision!r}; make them agree or set it to \"auto\""
+                    ])
+            elif have == "auto":
+                cfg[key] = value
+            elif have != value:
+                raise RecipeError([f"{d.config}: {key} is {have} but the recipe gives {value}; make them "
+                                   "agree or set it to \"auto\""])
+        cfg.setdefault("zero_optimization", zero)
+        if cfg["zero_optimization"].get("stage") == 3:
+            cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    for section in ("optimizer", "scheduler"):
+        if section in cfg:
+            raise RecipeError([f"{d.config}: remove the {section!r} section; llmft builds AdamW and the lr "
+                               "schedule from the recipe's train section"])
+    cfg["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg["zero_force_ds_cpu_optimizer"] = False
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine around the model with llmft's AdamW and schedule (launched by ``deepspeed``)."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, ds_config: dict):
+        import deepspeed
+
+        self.cfg = recipe.train
+        optimizer = build_optimizer(model, recipe.train)
+        scheduler = build_scheduler(optimizer, recipe.train, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.model = self.engine.module
+        self.device = self.engine.device
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.stage = ds_config["zero_optimization"]["stage"]
+
+    def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.engine(**batch, num_items_in_batch=num_tokens).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the loss is already divided by the tokens of the whole step: no extra 1/accumulation scaling
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()  # DeepSpeed clips, updates and steps the scheduler at the accumulation boundary
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, state_dir: Path) -> None:
+        self.engine.save_checkpoint(str(state_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, state_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(state_dir), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {state_dir}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All parameters on rank 0 (None elsewhere). Every rank must call it (ZeRO-3 gathers)."""
+        if self.stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+            return sd if self.rank == 0 else None
+        return self.model.state_dict() if self.rank == 0 else None
+
+    def barrier(self) -> None:
+        dist.barrier()

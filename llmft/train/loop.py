@@ -1,0 +1,219 @@
+"""The training loop. Read it top to bottom: setup, resume, then one ``for step`` loop that owns forward,
+backward, accumulation, clipping, logging, evaluation and checkpoints.
+
+The same function runs as one plain process (``python launch/train.py recipe.yaml``) and as every rank of a
+DeepSpeed job (``deepspeed launch/train.py recipe.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from llmft.config import Recipe, recipe_to_yaml
+from llmft.data.blocks import DataError, TokenBlocks, load_token_streams
+from llmft.eval.ppl import perplexity_by_length
+from llmft.model.build import DTYPES, build_model, count_parameters
+from llmft.train import checkpoint as ckpt
+from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
+from llmft.train.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    resumed_from: int
+    losses: list[float]  # per optimizer step of this process's run (after resume: only the new steps)
+    model: torch.nn.Module  # the trained in-memory model (fp32 master weights)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps_for(recipe: Recipe, world_size: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.micro_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_len * world_size
+    return math.ceil(t.max_tokens / per_step)
+
+
+def train(recipe: Recipe, resume: bool = True) -> TrainResult:
+    """Train as the recipe says; resume from the newest complete checkpoint in ``checkpoint.dir`` if any.
+
+    Raises:
+        ModelLoadError, DataError: problems the user must fix (the launcher prints them as one line).
+    """
+    # ---- processes and seeds --------------------------------------------------------------------------
+    distributed = launched_by_deepspeed()
+    if distributed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    seed_everything(recipe.train.seed + rank)
+    run_dir = Path(recipe.checkpoint.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+
+    # ---- model and data ---------------------------------------------------------------------------------
+    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
+    model, tokenizer = built.model, built.tokenizer
+    train_tokens, val_tokens, report = load_token_streams(recipe.data, tokenizer)
+    seq_len, t = recipe.model.max_seq_len, recipe.train
+    data = TokenBlocks(train_tokens, seq_len, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    total_steps = total_steps_for(recipe, world)
+    tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
+
+    if distributed:
+        engine = DeepSpeedEngine(model, recipe, total_steps, deepspeed_config(recipe, world))
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        engine = PlainEngine(model, recipe, total_steps, device)
+
+    # ---- resume -----------------------------------------------------------------------------------------
+    start_step, tokens_seen, wandb_id = 0, 0, None
+    latest = ckpt.latest_complete(run_dir) if resume else None
+    if latest is not None:
+        engine.load(latest / "state")
+        trainer = ckpt.load_trainer_state(latest / "state", rank)
+        if str(rank) not in trainer["data"] or len(trainer["data"]) != world:
+            raise DataError(f"{latest} was written by {len(trainer['data'])} ranks; resume with the same number "
+                            "of processes, or start fresh with --no-resume")
+        data.load_state_dict(trainer["data"][str(rank)])
+        start_step, tokens_seen, wandb_id = trainer["step"], trainer["tokens_seen"], trainer.get("wandb_id")
+    elif not resume and rank == 0 and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")
+
+    # ---- the derived numbers, once -----------------------------------------------------------------------
+    trainable, total_params = count_parameters(engine.model) if not distributed or engine.stage < 3 else (None, None)
+    if rank == 0:
+        lines = [
+            f"run dir            {run_dir}",
+            f"processes          {world} ({'DeepSpeed ZeRO-' + str(engine.stage) if distributed else 'plain PyTorch'})",
+            f"attention          {built.attention}",
+            f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
+            f"max_position_emb.  {model.config.max_position_embeddings}",
+            f"parameters         {total_params:,} ({trainable:,} trainable)" if total_params else "parameters         (sharded)",
+            f"data               {report.documents} documents, {len(train_tokens):,} train tokens "
+            f"({data.dropped_tokens} in a short tail unused), {len(val_tokens):,} validation tokens, "
+            f"{report.bad_records} bad records skipped",
+            f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
+            f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
+            f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
+            f"{total_steps * tokens_per_step / max(1, len(train_tokens)):.2f} epochs)",
+            f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
+        ]
+        print("\n".join("[llmft] " + line for line in lines), flush=True)
+    metrics = MetricsLogger(run_dir, recipe, rank, start_step, wandb_id)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    losses: list[float] = []
+    # a live bar on a terminal; plain log lines (one per logging step) in files and CI logs
+    interactive = rank == 0 and sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=start_step, disable=not interactive, desc="train", unit="step",
+               dynamic_ncols=True)
+    engine.model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
+        # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
+        num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        loss_sum = torch.zeros(())
+        for batch in micro_batches:
+            loss = engine.forward(batch, num_tokens)
+            engine.backward(loss)
+            loss_sum += loss.detach().float().cpu()
+        grad_norm = engine.step()
+        lr = engine.lr
+        step_loss = float(loss_sum)
+        if distributed:  # mean over ranks, for the log only
+            reduced = torch.tensor([step_loss], device=engine.device)
+            dist.all_reduce(reduced)
+            step_loss = float(reduced) / world
+        losses.append(step_loss)
+        tokens_seen += tokens_per_step
+        elapsed = time.perf_counter() - t0
+        done = step + 1
+
+        if done % recipe.logging.every_steps == 0 or done == total_steps:
+            row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                   "tokens_per_second": tokens_per_step / elapsed, "epoch": data.epoch}
+            metrics.log(done, row)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+            if rank == 0 and not interactive:
+                print(f"[llmft] step {done}/{total_steps} loss {step_loss:.4f} lr {lr:.2e} grad_norm "
+                      f"{grad_norm:.3f} tok/s {tokens_per_step / elapsed:,.0f}", flush=True)
+        bar.update(1)
+
+        ev = recipe.eval
+        if ev.every_steps and (done % ev.every_steps == 0 or (ev.at_end and done == total_steps)):
+            # every rank runs the same windows (ZeRO-3 needs all ranks in each forward); rank 0 logs
+            results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len], ev.max_windows,
+                                           device=engine.device)
+            metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
+            engine.model.train()
+
+        if recipe.checkpoint.every_steps and done % recipe.checkpoint.every_steps == 0 and done < total_steps:
+            _save_checkpoint(engine, built, recipe, run_dir, done, tokens_seen, data, metrics.wandb_id, rank)
+    bar.close()
+
+    # ---- final export -----------------------------------------------------------------------------------
+    final_dir = run_dir / "final"
+    state = engine.full_state_dict()
+    if rank == 0:
+        tmp = run_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.export_hf(tmp, engine.model, state, tokenizer, DTYPES[recipe.model.dtype])
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp.rename(final_dir)
+        print(f"[llmft] final model written to {final_dir}", flush=True)
+    engine.barrier()
+    metrics.close()
+    return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
+                     data: TokenBlocks, wandb_id: str | None, rank: int) -> None:
+    """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes)."""
+    tmp = run_dir / "checkpoints" / f".tmp-{ckpt.step_dir_name(step)}"
+    if rank == 0:
+        tmp = ckpt.staging_dir(run_dir, step)
+    engine.barrier()
+    state = engine.full_state_dict()
+    if rank == 0:
+        ckpt.export_hf(tmp / "model", engine.model, state, built.tokenizer, DTYPES[recipe.model.dtype])
+    engine.save(tmp / "state")
+    data_states = [data.state_dict()]
+    if engine.world_size > 1:
+        data_states = [None] * engine.world_size
+        dist.all_gather_object(data_states, data.state_dict())
+    trainer = {"step": step, "tokens_seen": tokens_seen, "wandb_id": wandb_id,
+               "data": {str(r): s for r, s in enumerate(data_states)}}
+    ckpt.save_trainer_state(tmp / "state", trainer, rank)
+    engine.barrier()
+    if rank == 0:
+        ckpt.publish(tmp, step, recipe.checkpoint.keep_last)
+    engine.barrier()

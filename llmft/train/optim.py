@@ -1,0 +1,41 @@
+"""AdamW and the learning-rate schedule (linear warmup, then cosine / linear / constant)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from llmft.config import TrainConfig
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
+
+    Warmup ramps linearly so that the first update already uses lr/warmup (never 0); the decay then runs from
+    1 down to ``min_ratio`` at the last step.
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay skips biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """A LambdaLR implementing :func:`lr_factor`."""
+    fn = partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.schedule,
+                 min_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,182 @@
+"""Training through the real entry points on a tiny LLaMA: loss falls, the output reloads with plain
+transformers (same logits, RoPE settings kept), runs are deterministic, a SIGKILLed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_recipe, write_recipe
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from llmft.cli import main
+from llmft.config import load_recipe
+from llmft.train import checkpoint as ckpt
+from llmft.train.loop import train
+
+
+def run(tmp_path: Path, tiny_model: Path, text_file: Path, name: str = "run", overrides=(), **sections):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / name, **sections)
+    path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+    return train(load_recipe(path, list(overrides))), path
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_output_reloads_with_same_logits(tmp_path, tiny_model, text_file):
+    result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=12"])
+    losses = result.losses
+    assert len(losses) == 12 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+    config = AutoConfig.from_pretrained(result.final_dir)
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
+    assert config.max_position_embeddings == 128  # 32 x 4
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir).eval()
+    x = torch.randint(0, 500, (2, 128))
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, atol=1e-5, rtol=0)
+    rows = metrics(result.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "tokens_seen"} <= set(rows[0])
+    assert rows[-1]["tokens_seen"] == 12 * 2 * 2 * 128
+    assert (result.run_dir / "recipe.yaml").is_file()
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path, tiny_model, text_file):
+    result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=10", "train.warmup_steps=4",
+                                                                  "train.min_lr_ratio=0.1"])
+    lrs = [r["lr"] for r in metrics(result.run_dir)]  # lr after each step's scheduler.step()
+    assert lrs[:3] == pytest.approx([3e-3 * 2 / 4, 3e-3 * 3 / 4, 3e-3])
+    assert lrs[-1] == pytest.approx(3e-4)  # min_lr_ratio x peak at the last step
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_deterministic_on_cpu(tmp_path, tiny_model, text_file):
+    a, _ = run(tmp_path, tiny_model, text_file, name="a", overrides=["train.max_steps=4"])
+    b, _ = run(tmp_path, tiny_model, text_file, name="b", overrides=["train.max_steps=4"])
+    assert a.losses == b.losses
+    wa, wb = load_file(a.final_dir / "model.safetensors"), load_file(b.final_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_then_rerun_resumes_at_next_step_with_identical_result(tmp_path, tiny_model, text_file):
+    steps, every = 40, 5
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "killed",
+                         train={"max_steps": steps}, checkpoint={"every_steps": every, "keep_last": 2})
+    path = write_recipe(tmp_path / "killed.yaml", recipe)
+    cmd = [sys.executable, "launch/train.py", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while ckpt.latest_complete(tmp_path / "killed") is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = ckpt.latest_complete(tmp_path / "killed")
+    assert killed_at is not None and not (tmp_path / "killed" / "final").exists()
+    step = int(killed_at.name.split("-")[1])
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resume             from {killed_at}" in again.stdout
+    rows = metrics(tmp_path / "killed")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no step lost, none logged twice
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) <= 2
+
+    reference, _ = run(tmp_path, tiny_model, text_file, name="straight", train={"max_steps": steps})
+    ref_rows = metrics(reference.run_dir)
+    assert [r["loss"] for r in rows[step:]] == [r["loss"] for r in ref_rows[step:]]
+    resumed = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    straight = load_file(reference.final_dir / "model.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # bitwise
+
+
+def test_no_resume_starts_fresh(tmp_path, tiny_model, text_file, capsys):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "r", train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--no-resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("resume             fresh start") == 2
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2, 3, 4]
+
+
+def test_incomplete_checkpoints_are_never_picked(tmp_path):
+    run_dir = tmp_path / "run"
+    good = ckpt.staging_dir(run_dir, 2)
+    (good / "w.bin").write_bytes(b"x" * 100)
+    ckpt.publish(good, 2, keep_last=3)
+    no_manifest = run_dir / "checkpoints" / ckpt.step_dir_name(4)
+    no_manifest.mkdir()
+    (no_manifest / "w.bin").write_bytes(b"x" * 100)
+    truncated = ckpt.staging_dir(run_dir, 6)
+    (truncated / "w.bin").write_bytes(b"x" * 100)
+    ckpt.publish(truncated, 6, keep_last=3)
+    (run_dir / "checkpoints" / ckpt.step_dir_name(6) / "w.bin").write_bytes(b"x" * 10)  # torn write
+    ckpt.staging_dir(run_dir, 8)  # a crash mid-write leaves only .tmp-step-00000008
+    assert ckpt.latest_complete(run_dir) == run_dir / "checkpoints" / ckpt.step_dir_name(2)
+
+
+def test_rotation_keeps_last_k_complete(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        tmp = ckpt.staging_dir(run_dir, step)
+        (tmp / "f").write_text(str(step))
+        ckpt.publish(tmp, step, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3, 4]
+
+
+def test_wandb_offline_writes_a_local_run_and_disabled_writes_nothing(tmp_path, tiny_model, text_file):
+    on, _ = run(tmp_path, tiny_model, text_file, name="on", overrides=["train.max_steps=2", "logging.wandb.mode=offline"])
+    runs = list((on.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    off, _ = run(tmp_path, tiny_model, text_file, name="off", overrides=["train.max_steps=2"])
+    assert not (off.run_dir / "wandb").exists()
+
+
+def test_eval_hook_logs_ppl_by_length(tmp_path, tiny_model, text_file):
+    result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=4"],
+                    eval={"every_steps": 2, "lengths": [32, 64, 128], "max_windows": 2})
+    evals = [r for r in metrics(result.run_dir) if "eval/ppl@128" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(1 < r["eval/ppl@32"] < 600 for r in evals)
+
+
+def test_bad_jsonl_lines_are_counted_and_located(tmp_path, tiny_model, book_text, capsys):
+    data = tmp_path / "docs.jsonl"
+    good = [json.dumps({"text": book_text[i : i + 5000]}) for i in range(0, 50_000, 5000)]
+    lines = good[:3] + ['{"text": "unterminated'] + good[3:6] + ['{"body": "no text field"}'] + good[6:]
+    data.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+    recipe = tiny_recipe(tiny_model, data, tmp_path / "run", train={"max_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "10 documents" in out and "3 bad records skipped" in out
+    rc = main(["train", str(path), "--no-resume", "data.on_error=stop"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{data}:4: malformed JSON" in err and "Traceback" not in err
+
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "llmft.cli", "--help"], capture_output=True, text=True).stdout
+    assert all(cmd in out for cmd in ("validate", "train", "quickstart"))
+
+
+def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_model, text_file, capsys):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", model={"attention": "flash_attention_2"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "flash_attention_2 cannot run here" in err and "model.attention: sdpa" in err
