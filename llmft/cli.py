@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
@@ -32,6 +33,8 @@ def setup_logging() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's ZeRO collectives still call torch APIs that torch marks deprecated; nothing for users to do
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
 
 def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:

@@ -82,6 +82,7 @@ def plot_ppl(results: dict, path: Path, trained_len: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, res in results.items():
@@ -90,6 +91,8 @@ def plot_ppl(results: dict, path: Path, trained_len: int) -> None:
     ax.axvline(trained_len, color="grey", linestyle=":", label=f"base training length ({trained_len})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("token perplexity (held-out)")
     ax.set_title("Context extension with Position Interpolation")

@@ -57,10 +57,10 @@ def test_loss_falls_and_output_reloads_with_same_logits(tmp_path, tiny_model, te
 def test_lr_schedule_warmup_then_cosine(tmp_path, tiny_model, text_file):
     result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=10", "train.warmup_steps=4",
                                                                   "train.min_lr_ratio=0.1"])
-    lrs = [r["lr"] for r in metrics(result.run_dir)]  # lr after each step's scheduler.step()
-    assert lrs[:3] == pytest.approx([3e-3 * 2 / 4, 3e-3 * 3 / 4, 3e-3])
+    lrs = [r["lr"] for r in metrics(result.run_dir)]  # the lr each step's update used
+    assert lrs[:5] == pytest.approx([3e-3 * 1 / 4, 3e-3 * 2 / 4, 3e-3 * 3 / 4, 3e-3, 3e-3])
     assert lrs[-1] == pytest.approx(3e-4)  # min_lr_ratio x peak at the last step
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
 
 
 def test_deterministic_on_cpu(tmp_path, tiny_model, text_file):
@@ -180,3 +180,18 @@ def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "flash_attention_2 cannot run here" in err and "model.attention: sdpa" in err
+
+
+def test_weight_decay_skips_norms_and_biases(tiny_model):
+    from llmft.config import ModelConfig, TrainConfig
+    from llmft.model.build import build_model
+    from llmft.train.optim import build_optimizer
+
+    model = build_model(ModelConfig(name=str(tiny_model), max_seq_len=32, dtype="float32")).model
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1, max_steps=1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert len(no_decay["params"]) == len(norms) and len(decay["params"]) + len(norms) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95)

@@ -147,15 +147,18 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
         )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return BuiltModel(model, tokenizer, attention, scaling)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts (full sizes, also for ZeRO-3 partitioned parameters)."""
+
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
 
 
 def parameter_count_from_config(cfg: ModelConfig) -> int | None:

@@ -168,6 +168,7 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.stage = ds_config["zero_optimization"]["stage"]
+        self._stage0_norm = float("nan")
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -176,11 +177,17 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # the loss is already divided by the tokens of the whole step: no extra 1/accumulation scaling
         self.engine.backward(loss, scale_wrt_gas=False)
+        if self.stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 in fp32 does not report the norm; the grads are already all-reduced here
+            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            self._stage0_norm = float(torch.stack(grads).norm()) if grads else float("nan")
+        # DeepSpeed counts micro-steps: step() after every backward; it clips, updates and advances the
+        # scheduler only at the accumulation boundary
+        self.engine.step()
 
     def step(self) -> float:
-        self.engine.step()  # DeepSpeed clips, updates and steps the scheduler at the accumulation boundary
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # before clipping, like clip_grad_norm_ in PlainEngine
+        return float(norm) if norm is not None else self._stage0_norm
 
     @property
     def lr(self) -> float:

@@ -79,6 +79,12 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
     # ---- model and data ---------------------------------------------------------------------------------
+    ds_config = deepspeed_config(recipe, world) if distributed else None
+    zero3_init = None
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
     model, tokenizer = built.model, built.tokenizer
     train_tokens, val_tokens, report = load_token_streams(recipe.data, tokenizer)
@@ -88,7 +94,12 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
 
     if distributed:
-        engine = DeepSpeedEngine(model, recipe, total_steps, deepspeed_config(recipe, world))
+        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config)
+        if zero3_init is not None:  # later from_pretrained calls (e.g. on rank 0 only) must not enter zero.Init
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            del zero3_init
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         engine = PlainEngine(model, recipe, total_steps, device)
@@ -108,7 +119,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         shutil.rmtree(run_dir / "checkpoints")
 
     # ---- the derived numbers, once -----------------------------------------------------------------------
-    trainable, total_params = count_parameters(engine.model) if not distributed or engine.stage < 3 else (None, None)
+    trainable, total_params = count_parameters(engine.model)
     if rank == 0:
         lines = [
             f"run dir            {run_dir}",
@@ -116,7 +127,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"attention          {built.attention}",
             f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
             f"max_position_emb.  {model.config.max_position_embeddings}",
-            f"parameters         {total_params:,} ({trainable:,} trainable)" if total_params else "parameters         (sharded)",
+            f"parameters         {total_params:,} ({trainable:,} trainable)",
             f"data               {report.documents} documents, {len(train_tokens):,} train tokens "
             f"({data.dropped_tokens} in a short tail unused), {len(val_tokens):,} validation tokens, "
             f"{report.bad_records} bad records skipped",
@@ -141,13 +152,13 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
         # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
         num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        lr = engine.lr  # the lr this step's update uses
         loss_sum = torch.zeros(())
         for batch in micro_batches:
             loss = engine.forward(batch, num_tokens)
             engine.backward(loss)
             loss_sum += loss.detach().float().cpu()
         grad_norm = engine.step()
-        lr = engine.lr
         step_loss = float(loss_sum)
         if distributed:  # mean over ranks, for the log only
             reduced = torch.tensor([step_loss], device=engine.device)

@@ -26,11 +26,19 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay skips biases and norm weights (1-D tensors)."""
+    """AdamW over the trainable parameters; weight decay skips biases and norm weights (1-D tensors).
+
+    Under ZeRO-3 (zero.Init) a parameter's local shape is empty, so its full shape (``ds_shape``) decides.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+
+    def ndim(p: torch.nn.Parameter) -> int:
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in params if ndim(p) >= 2]
+    no_decay = [p for p in params if ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must agree
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 
