@@ -451,7 +451,7 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[t
     info = _field_for(loc)
     hint = (info.json_schema_extra or {}).get("hint") if info is not None and isinstance(info.json_schema_extra, dict) else None
     if kind.startswith(("greater", "less")):
-        msg = "a number " + msg.removeprefix("Input should be ").replace("greater", "greater")
+        msg = "a number " + msg.removeprefix("Input should be ")
     elif msg.startswith("Input should be"):
         msg = msg.removeprefix("Input should be ")
     if kind == "value_error" or kind == "assertion_error":

@@ -38,10 +38,11 @@ def deepspeed_train(recipe_path, *overrides) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_deepspeed_two_ranks_trains_checkpoints_and_resumes(stage, tmp_path, tiny_model, text_file):
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_deepspeed_two_ranks_trains_checkpoints_and_resumes(stage, precision, tmp_path, tiny_model, text_file):
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tiny_model, text_file, run_dir, train={"max_steps": 6}, checkpoint={"every_steps": 3})
+    recipe = tiny_recipe(tiny_model, text_file, run_dir, train={"max_steps": 6, "precision": precision},
+                         checkpoint={"every_steps": 3})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     proc = deepspeed_train(path, f"deepspeed.stage={stage}")
     assert f"2 (DeepSpeed ZeRO-{stage})" in proc.stdout

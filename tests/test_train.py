@@ -195,3 +195,9 @@ def test_weight_decay_skips_norms_and_biases(tiny_model):
     norms = [p for n, p in model.named_parameters() if "norm" in n]
     assert len(no_decay["params"]) == len(norms) and len(decay["params"]) + len(norms) == len(list(model.parameters()))
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_bf16_autocast_in_a_single_process(tmp_path, tiny_model, text_file):
+    result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=6", "train.precision=bf16"])
+    assert all(0 < x < 10 for x in result.losses) and result.losses[-1] < result.losses[0]
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # fp32 master weights

@@ -13,7 +13,6 @@ Master weights are fp32; bf16/fp16 compute uses autocast (plain) or DeepSpeed's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -44,13 +43,12 @@ class PlainEngine:
         self.cfg = recipe.train
         self.optimizer = build_optimizer(model, recipe.train)
         self.scheduler = build_scheduler(self.optimizer, recipe.train, total_steps)
-        amp = _AMP.get(recipe.train.precision)
-        self.autocast = (torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext)
+        self.amp_dtype = _AMP.get(recipe.train.precision)  # None: plain fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with self.autocast() if callable(self.autocast) else self.autocast:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.model(**batch, num_items_in_batch=num_tokens).loss
 
     def backward(self, loss: torch.Tensor) -> None:
