@@ -19,7 +19,7 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from llmft.data.blocks import DataError
+    from llmft.data.examples import DataError
     from llmft.model.build import ModelLoadError
 
     return RecipeError, ModelLoadError, DataError

@@ -167,8 +167,8 @@ class DataSource(_Strict):
 
 
 class DataConfig(_Strict):
-    """Training (and validation) text. Documents are tokenized, joined with EOS and cut into
-    ``model.max_seq_len`` blocks (the full mixture/packing system builds on the same block interface)."""
+    """Training (and validation) text: each document becomes ``[BOS] doc [EOS]``, laid out in
+    ``model.max_seq_len`` rows as ``packing`` says (see llmft/data/packing.py)."""
 
     sources: list[DataSource] = Field(min_length=1, description="Training files.")
     validation: list[DataSource] = Field(default_factory=list, description="Held-out files for eval hooks.")
@@ -179,6 +179,12 @@ class DataConfig(_Strict):
         description="Hold out this fraction of the tokens of each training file (its tail) for validation.",
     )
     add_eos: bool = Field(default=True, description="Append the EOS token after each document.")
+    packing: Literal["concat", "isolated"] = Field(
+        default="concat",
+        description="'concat': join documents and cut rows, attention crosses documents (Together's "
+        "pre-training). 'isolated': bin-pack whole documents, each attends only to itself (exact per-document "
+        "losses; long documents are split into max_seq_len chunks, never truncated).",
+    )
     on_error: Literal["skip", "stop"] = Field(
         default="skip", description="A malformed jsonl line is counted and reported, then skipped or fatal."
     )

@@ -201,3 +201,42 @@ def test_bf16_autocast_in_a_single_process(tmp_path, tiny_model, text_file):
     result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=6", "train.precision=bf16"])
     assert all(0 < x < 10 for x in result.losses) and result.losses[-1] < result.losses[0]
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # fp32 master weights
+
+
+def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, tiny_model, book_text):
+    """The first step's loss (before any update) with isolated packing equals the token-weighted mean of each
+    packed document's loss when that document is run on its own."""
+    from llmft.data.examples import load_examples
+    from llmft.data.loader import PackedLoader
+    from llmft.data.packing import pack_isolated
+    from transformers import AutoTokenizer
+
+    rng = __import__("random").Random(0)
+    docs = [book_text[i : i + rng.randint(40, 600)] for i in range(0, 40_000, 700)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    overrides = ["train.max_steps=1", "data.packing=isolated", "data.validation_fraction=0"]
+    result, path = run(tmp_path, tiny_model, data, overrides=overrides)
+    recipe = load_recipe(path, overrides)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples, _, _ = load_examples(recipe.data, tok)
+    rows = pack_isolated(examples, 128, pad_id=tok.pad_token_id)
+    loader = PackedLoader(rows, micro_batch_size=2, seed=0)
+    from llmft.model.build import build_model
+
+    model = build_model(recipe.model).model.eval()  # initial weights, RoPE x4 as in training
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(2):  # gradient_accumulation_steps
+            batch = loader.next_batch()
+            for ids, pos in zip(batch["input_ids"], batch["position_ids"]):
+                starts = torch.nonzero(pos == 0).flatten().tolist() + [len(pos)]
+                for a, b in zip(starts[:-1], starts[1:]):
+                    if (ids[a:b] == tok.pad_token_id).all():
+                        continue  # the padding segment
+                    alone = ids[a:b][None]
+                    logits = model(alone).logits
+                    nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], alone[0, 1:], reduction="sum"))
+                    count += b - a - 1
+    assert rows.efficiency > 0.9
+    assert result.losses[0] == pytest.approx(nll / count, abs=1e-5)

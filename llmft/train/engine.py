@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from llmft.config import Recipe, RecipeError
+from llmft.data.packing import attention_kwargs
 from llmft.train.optim import build_optimizer, build_scheduler
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,8 +38,11 @@ class PlainEngine:
 
     rank, world_size = 0, 1
 
-    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, device: torch.device,
+                 attention: str):
         self.model = model.to(device)
+        self.isolate = recipe.data.packing == "isolated"
+        self.attention = attention
         self.device = device
         self.cfg = recipe.train
         self.optimizer = build_optimizer(model, recipe.train)
@@ -48,6 +52,8 @@ class PlainEngine:
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.isolate:
+            batch = attention_kwargs(batch, self.attention, torch.float32)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             return self.model(**batch, num_items_in_batch=num_tokens).loss
 
@@ -153,9 +159,12 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
 class DeepSpeedEngine:
     """A DeepSpeed engine around the model with llmft's AdamW and schedule (launched by ``deepspeed``)."""
 
-    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, ds_config: dict):
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, ds_config: dict,
+                 attention: str):
         import deepspeed
 
+        self.isolate = recipe.data.packing == "isolated"
+        self.attention = attention
         self.cfg = recipe.train
         optimizer = build_optimizer(model, recipe.train)
         scheduler = build_scheduler(optimizer, recipe.train, total_steps)
@@ -170,6 +179,8 @@ class DeepSpeedEngine:
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.isolate:
+            batch = attention_kwargs(batch, self.attention, torch.float32)
         return self.engine(**batch, num_items_in_batch=num_tokens).loss
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -23,7 +23,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llmft.config import Recipe, recipe_to_yaml
-from llmft.data.blocks import DataError, TokenBlocks, load_token_streams
+from llmft.data.examples import DataError, load_examples
+from llmft.data.loader import PackedLoader
+from llmft.data.packing import pack_concat, pack_isolated
 from llmft.eval.ppl import perplexity_by_length
 from llmft.model.build import DTYPES, build_model, count_parameters
 from llmft.train import checkpoint as ckpt
@@ -87,14 +89,19 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
     model, tokenizer = built.model, built.tokenizer
-    train_tokens, val_tokens, report = load_token_streams(recipe.data, tokenizer)
+    examples, val_tokens, report = load_examples(recipe.data, tokenizer)
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    data = TokenBlocks(train_tokens, seq_len, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    if recipe.data.packing == "isolated":
+        rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
+    else:
+        rows = pack_concat(examples, seq_len)
+    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    train_tokens = sum(len(e) for e in examples)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
 
     if distributed:
-        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config)
+        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention)
         if zero3_init is not None:  # later from_pretrained calls (e.g. on rank 0 only) must not enter zero.Init
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -102,7 +109,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             del zero3_init
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        engine = PlainEngine(model, recipe, total_steps, device)
+        engine = PlainEngine(model, recipe, total_steps, device, built.attention)
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, tokens_seen, wandb_id = 0, 0, None
@@ -128,13 +135,15 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
             f"max_position_emb.  {model.config.max_position_embeddings}",
             f"parameters         {total_params:,} ({trainable:,} trainable)",
-            f"data               {report.documents} documents, {len(train_tokens):,} train tokens "
-            f"({data.dropped_tokens} in a short tail unused), {len(val_tokens):,} validation tokens, "
-            f"{report.bad_records} bad records skipped",
+            f"data               {report.documents} documents, {train_tokens:,} train tokens, "
+            f"{len(val_tokens):,} validation tokens, {report.bad_records} bad records skipped",
+            f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
+            + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
+            + (f", {rows.split_examples} long documents split into chunks" if rows.split_examples else ""),
             f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
             f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
             f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
-            f"{total_steps * tokens_per_step / max(1, len(train_tokens)):.2f} epochs)",
+            f"{total_steps * tokens_per_step / max(1, rows.input_ids.numel()):.2f} epochs)",
             f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
         ]
         print("\n".join("[llmft] " + line for line in lines), flush=True)
@@ -207,7 +216,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
 
 def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
-                     data: TokenBlocks, wandb_id: str | None, rank: int) -> None:
+                     data: PackedLoader, wandb_id: str | None, rank: int) -> None:
     """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes)."""
     tmp = run_dir / "checkpoints" / f".tmp-{ckpt.step_dir_name(step)}"
     if rank == 0:

@@ -1,0 +1,981 @@
+"""Public dataset formats on local disk -> a stream of :class:`Document`.
+
+One :class:`SourceSpec` (an entry of a data-mix YAML) names a format and a path: a file, a directory (every
+file of that format inside it, recursively, sorted, hidden files skipped) or a glob pattern.
+:func:`read_source` yields its documents one at a time, so a source never has to fit in memory.
+
+Formats and the layouts they read (the layouts the public datasets are published in):
+
+===================== ==================================================================================
+text                  a .txt file (or .txt.gz / .txt.zst) is one document
+jsonl                 one JSON object per line, text in ``text_field`` (.jsonl, .json, .gz, .zst)
+parquet, arrow        ``text_field`` column of a parquet file, an Arrow IPC/feather file or a
+                      ``datasets`` ``save_to_disk`` directory
+redpajama             RedPajama-1T jsonl ``{"text", "meta", "red_pajama_subset"}``
+oig                   OIG jsonl ``{"text": "<human>: ...\\n<bot>: ...", "metadata": {...}}``
+natural_instructions  Natural Instructions v2 ``task*.json``: one prompt/answer document per instance
+p3                    P3 jsonl ``{"inputs_pretokenized", "targets_pretokenized"}``
+pile                  The Pile jsonl ``{"text", "meta": {"pile_set_name"}}`` (usually .jsonl.zst)
+pg19                  a directory of Gutenberg ``<id>.txt`` books, or the HF rows (jsonl/parquet)
+csv                   a column, or a ``str.format`` template over columns
+sqlite                the rows of a SELECT (column ``text``; other columns go to ``meta``)
+html                  the visible text of .html/.htm pages
+prompt_completion     jsonl pairs: the prompt is conditioned on, only the completion is trained on
+===================== ==================================================================================
+
+A malformed record (bad JSON, non-UTF-8 bytes, a missing or non-string field, empty text, a truncated
+archive) is counted in a :class:`SourceReport` with its location, then skipped (``on_error="skip"``, with a
+warning) or fatal (``on_error="stop"``, :class:`SourceError`). Locations are ``path:line`` (1-based) for
+line-oriented files, ``path#row`` (0-based) for table rows, ``path`` for whole files. A source that cannot
+fit its spec at all (a missing column, a template naming a column the header lacks, a query sqlite
+rejects) raises :class:`SourceError` whatever ``on_error`` says: skipping would silently read nothing.
+Compressed files are recognised by their magic bytes, not their names (gzip via the standard library,
+zstd via pyarrow's codec).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import glob
+import gzip
+import io
+import json
+import logging
+import re
+import sqlite3
+import string
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+Format = Literal[
+    "text", "jsonl", "parquet", "arrow", "redpajama", "oig", "natural_instructions", "p3", "pile", "pg19",
+    "csv", "sqlite", "html", "prompt_completion",
+]
+
+# The subsets as RedPajama-1T names them (its ``red_pajama_subset`` values and top-level directories).
+REDPAJAMA_SUBSETS = ("arxiv", "book", "c4", "common_crawl", "github", "stackexchange", "wikipedia")
+# The 22 ``meta.pile_set_name`` values of The Pile.
+PILE_SETS = (
+    "ArXiv", "BookCorpus2", "Books3", "DM Mathematics", "Enron Emails", "EuroParl", "FreeLaw", "Github",
+    "Gutenberg (PG-19)", "HackerNews", "NIH ExPorter", "OpenSubtitles", "OpenWebText2", "PhilPapers", "Pile-CC",
+    "PubMed Abstracts", "PubMed Central", "StackExchange", "USPTO Backgrounds", "Ubuntu IRC", "Wikipedia (en)",
+    "YoutubeSubtitles",
+)
+
+_JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst", ".ndjson")
+_TEXT = (".txt", ".txt.gz", ".txt.zst")
+# Which files of a directory belong to a source, by (lower-case) name ending.
+_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "text": _TEXT,
+    "jsonl": _JSONL,
+    "parquet": (".parquet",),
+    "arrow": (".arrow", ".feather", ".ipc"),
+    "redpajama": _JSONL,
+    "oig": _JSONL,
+    "natural_instructions": (".json",),
+    "p3": _JSONL,
+    "pile": _JSONL,
+    "pg19": _TEXT + _JSONL + (".parquet",),
+    "csv": (".csv", ".csv.gz"),
+    "sqlite": (".sqlite", ".sqlite3", ".db"),
+    "html": (".html", ".htm"),
+    "prompt_completion": _JSONL,
+}
+_TEXT_FIELD_FORMATS = ("jsonl", "parquet", "arrow", "csv")
+_SUBSET_FORMATS = ("redpajama", "pile")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_MAX_EXAMPLES = 20
+
+
+# ------------------------------------------------------------------------------------- documents, report
+
+
+@dataclass
+class Document:
+    """One training document and where it came from."""
+
+    text: str  # the text trained on (for prompt/completion pairs: the completion)
+    where: str  # "path:line" (1-based), "path" for whole files, "path#row" (0-based) for table rows
+    meta: dict = field(default_factory=dict)  # e.g. {"red_pajama_subset": "book"}, {"task": "task085"}
+    prompt: str = ""  # conditioned on but not trained on (loss masked); "" for plain text
+
+
+class SourceError(Exception):
+    """A malformed record under ``on_error="stop"``, or a source that does not fit its spec at all."""
+
+
+@dataclass
+class SourceReport:
+    """What reading one source found: documents yielded and malformed records with their locations."""
+
+    documents: int = 0
+    bad_records: int = 0
+    examples: list[str] = field(default_factory=list)  # the first 20 "where: reason"
+    filtered: int = 0  # well-formed records dropped by subsets / exclude_subsets
+
+    def bad(self, where: str, reason: str, on_error: str) -> None:
+        """Count a malformed record and keep it as an example.
+
+        Args:
+            where: its location, ``path:line``, ``path#row`` or ``path``.
+            reason: what is wrong with it, e.g. ``malformed JSON (Expecting value)``.
+            on_error: ``"skip"`` logs a warning and returns; ``"stop"`` raises.
+
+        Raises:
+            SourceError: when ``on_error == "stop"``.
+        """
+        self.bad_records += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
+        if on_error == "stop":
+            raise SourceError(f"{where}: {reason} (on_error is 'stop'; set on_error: skip to skip such records)")
+        log.warning("skipping %s: %s", where, reason)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+
+
+class SourceSpec(BaseModel):
+    """One source of a data mix: a format and where its files are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Format = Field(description="The layout of the files; see llmft/data/sources.py for each one.")
+    path: Path = Field(
+        description="A file, a directory (every file of the format inside it, recursively, sorted) or a glob "
+        "pattern such as data/*.jsonl.gz. Relative paths start at the current directory."
+    )
+    text_field: str = Field(
+        default="text", min_length=1, description="jsonl/parquet/arrow/csv: the field or column holding the text."
+    )
+    subsets: list[str] = Field(
+        default_factory=list,
+        description="redpajama: keep only these red_pajama_subset values (e.g. [book]); pile: only these "
+        "pile_set_name values (e.g. ['Gutenberg (PG-19)']). Empty keeps all.",
+    )
+    exclude_subsets: list[str] = Field(
+        default_factory=list,
+        description="redpajama/pile: drop these subsets (e.g. [book, arxiv] for the rest of RedPajama).",
+    )
+    template: str | None = Field(
+        default=None,
+        description="csv: a str.format template over column names, e.g. '{title}\\n\\n{body}' (instead of "
+        "text_field).",
+    )
+    query: str | None = Field(
+        default=None,
+        description="sqlite: a SELECT returning a column named text; its other columns go into meta.",
+    )
+    prompt_field: str = Field(default="prompt", min_length=1, description="prompt_completion: the prompt field.")
+    completion_field: str = Field(
+        default="completion", min_length=1, description="prompt_completion: the completion (trained-on) field."
+    )
+    ni_positive_examples: int = Field(
+        default=2, ge=0, description="natural_instructions: positive examples shown in each prompt."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_has_files(cls, v: Path, info: ValidationInfo) -> Path:
+        v = v.expanduser()
+        fmt = info.data.get("format")
+        if v.exists() or not _GLOB_CHARS.search(str(v)):
+            if not v.exists():
+                raise ValueError(f"{str(v)!r} does not exist (relative paths start at {Path.cwd()})")
+            files = _files_in_dir(v, fmt) if v.is_dir() and fmt is not None else []
+            if v.is_dir() and fmt is not None and not files:
+                raise ValueError(f"directory {str(v)!r} holds no {_describe_files(fmt)} files for format {fmt!r}")
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"state.json lists shards that do not exist: {', '.join(missing[:3])}")
+        elif not _glob_files(v):
+            raise ValueError(f"glob pattern {str(v)!r} matches no files (relative paths start at {Path.cwd()})")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_columns(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                names = _template_fields(v)
+            except ValueError as e:
+                raise ValueError(
+                    f"template {v!r} is not a valid str.format string ({e}); write literal braces as {{{{ and }}}}"
+                ) from None
+            if not names:
+                raise ValueError("template names no column; write column names in braces, e.g. '{title}\\n\\n{body}'")
+            if any(n == "" or n.isdigit() for n in names):
+                raise ValueError("template fields must be column names like {title}, not {} or {0}")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_match_format(self) -> SourceSpec:
+        fmt, given = self.format, self.model_fields_set
+        if self.template is not None and fmt != "csv":
+            raise ValueError(f"template applies only to format csv, not {fmt!r}; remove it")
+        if self.template is not None and "text_field" in given:
+            raise ValueError("csv takes either text_field or template, not both; remove one")
+        if "text_field" in given and fmt not in _TEXT_FIELD_FORMATS:
+            raise ValueError(f"text_field applies to formats {', '.join(_TEXT_FIELD_FORMATS)}, not {fmt!r}; remove it")
+        if fmt == "sqlite" and self.query is None:
+            raise ValueError("format sqlite needs query, e.g. query: SELECT body AS text FROM posts")
+        if self.query is not None:
+            if fmt != "sqlite":
+                raise ValueError(f"query applies only to format sqlite, not {fmt!r}; remove it")
+            if not self.query.lstrip().lower().startswith(("select", "with")):
+                raise ValueError(f"query must be a SELECT (or WITH ... SELECT), got {self.query[:40]!r}")
+        if (self.subsets or self.exclude_subsets) and fmt not in _SUBSET_FORMATS:
+            raise ValueError(f"subsets/exclude_subsets apply to formats redpajama and pile, not {fmt!r}; remove them")
+        if fmt in _SUBSET_FORMATS:
+            known = REDPAJAMA_SUBSETS if fmt == "redpajama" else PILE_SETS
+            for name in [*self.subsets, *self.exclude_subsets]:
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise ValueError(f"{name!r} is not a {fmt} subset; {hint}known: {', '.join(known)}")
+            both = set(self.subsets) & set(self.exclude_subsets)
+            if both:
+                raise ValueError(f"{sorted(both)} are in both subsets and exclude_subsets; keep them in one")
+        if {"prompt_field", "completion_field"} & given and fmt != "prompt_completion":
+            raise ValueError(f"prompt_field/completion_field apply only to format prompt_completion, not {fmt!r}")
+        if self.prompt_field == self.completion_field:
+            raise ValueError("prompt_field and completion_field must differ")
+        if "ni_positive_examples" in given and fmt != "natural_instructions":
+            raise ValueError(f"ni_positive_examples applies only to format natural_instructions, not {fmt!r}")
+        return self
+
+
+def _template_fields(template: str) -> list[str]:
+    """The column names a ``str.format`` template uses (``{a.b}`` and ``{a[0]}`` count as ``a``)."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.append(re.split(r"[.\[]", name, maxsplit=1)[0])
+    return names
+
+
+def _describe_files(fmt: str) -> str:
+    return "task*.json" if fmt == "natural_instructions" else "/".join(_SUFFIXES[fmt])
+
+
+def _belongs(path: Path, fmt: str) -> bool:
+    name = path.name.lower()
+    if fmt == "natural_instructions":
+        return name.startswith("task") and name.endswith(".json")
+    return name.endswith(_SUFFIXES[fmt])
+
+
+def _files_in_dir(root: Path, fmt: str) -> list[Path]:
+    files = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                     p.relative_to(root).parts)]
+    if fmt == "arrow":
+        # A `datasets` save_to_disk directory lists its shards in state.json; other *.arrow files beside them
+        # (map() caches) are not part of the dataset.
+        states = sorted(p for p in files if p.name == "state.json")
+        if states:
+            shards = []
+            for state in states:
+                entries = json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])
+                shards += [state.parent / e["filename"] for e in entries]
+            return shards
+    return sorted((p for p in files if _belongs(p, fmt)), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _glob_files(pattern: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+
+
+def list_files(spec: SourceSpec) -> list[Path]:
+    """The files a source reads, in reading order.
+
+    Args:
+        spec: the source.
+
+    Returns:
+        The file itself; the files of the format inside a directory (recursively, sorted by relative path,
+        hidden files skipped; for a ``save_to_disk`` directory the shards its state.json lists); or the
+        files a glob pattern matches, sorted.
+    """
+    path = spec.path
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _files_in_dir(path, spec.format)
+    return _glob_files(path)
+
+
+# --------------------------------------------------------------------------------------- reading bytes
+
+
+def _compression(path: Path) -> str:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        return "gzip"
+    if magic == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return ""
+
+
+def _open_binary(path: Path, kind: str):
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "zstd":
+        return io.BufferedReader(pa.input_stream(str(path), compression="zstd"))
+    return open(path, "rb")
+
+
+def _archive_failure(e: BaseException, kind: str) -> str | None:
+    """Why a compressed stream failed (``truncated gzip``, ...), or None when ``e`` is not about the archive."""
+    if not kind or not isinstance(e, (EOFError, OSError, zlib.error, pa.ArrowException)):
+        return None
+    if isinstance(e, EOFError) or "truncated" in str(e).lower():
+        return f"truncated {kind}"
+    return f"corrupt {kind} ({e})"
+
+
+def _read_bytes(path: Path, on_error: str, report: SourceReport) -> bytes | None:
+    """The whole (decompressed) file, or None after reporting a truncated/corrupt archive."""
+    kind = _compression(path)
+    try:
+        with _open_binary(path, kind) as f:
+            return f.read()
+    except (EOFError, OSError, zlib.error, pa.ArrowException) as e:
+        reason = _archive_failure(e, kind)
+        if reason is None:
+            raise
+        report.bad(str(path), reason, on_error)
+        return None
+
+
+def _decode_text(data: bytes, where: str, on_error: str, report: SourceReport) -> str | None:
+    """UTF-8 text with the BOM removed and CRLF/CR line ends made LF, or None after reporting non-UTF-8."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        report.bad(where, f"not UTF-8 ({e.reason} at byte {e.start})", on_error)
+        return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _string_field(record: dict, name: str, where: str, on_error: str, report: SourceReport,
+                  allow_empty: bool = False) -> str | None:
+    """``record[name]`` when it is a (non-empty) string, else None after reporting why not."""
+    if name not in record:
+        report.bad(where, f"missing field {name!r}", on_error)
+        return None
+    value = record[name]
+    if not isinstance(value, str):
+        report.bad(where, f"field {name!r} is {_json_type(value)}, expected a string", on_error)
+        return None
+    if not allow_empty and not value.strip():
+        report.bad(where, f"empty text in field {name!r}", on_error)
+        return None
+    return value
+
+
+def _json_lines(path: Path, on_error: str, report: SourceReport) -> Iterator[tuple[str, dict]]:
+    """``(path:line, object)`` for each line of a JSON-lines file that holds a JSON object.
+
+    Blank lines are skipped silently. Malformed JSON, non-UTF-8 bytes, a non-object line and a truncated or
+    corrupt archive are reported; a truncated archive is reported at the line that was cut off.
+    """
+    kind = _compression(path)
+    lineno = 0
+    try:
+        with _open_binary(path, kind) as stream:
+            for lineno, raw in enumerate(stream, 1):
+                where = f"{path}:{lineno}"
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    report.bad(where, f"not UTF-8 ({e.reason} at byte {e.start})", on_error)
+                    continue
+                try:
+                    record = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    report.bad(where, f"malformed JSON ({e.msg}: column {e.colno})", on_error)
+                    continue
+                if not isinstance(record, dict):
+                    report.bad(where, f"a JSON line must be an object, got {_json_type(record)}", on_error)
+                    continue
+                yield where, record
+    except (EOFError, OSError, zlib.error, pa.ArrowException) as e:
+        reason = _archive_failure(e, kind)
+        if reason is None:
+            raise
+        # Complete lines before the damage were yielded; the line being read when the data ended is the bad one.
+        report.bad(f"{path}:{lineno + 1}", reason, on_error)
+
+
+# ------------------------------------------------------------------------------------------ the formats
+
+
+def _read_text(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    data = _read_bytes(path, on_error, report)
+    text = None if data is None else _decode_text(data, str(path), on_error, report)
+    if text is None:
+        return
+    if not text.strip():
+        report.bad(str(path), "empty text", on_error)
+        return
+    yield Document(text=text, where=str(path))
+
+
+def _read_jsonl(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    for where, record in _json_lines(path, on_error, report):
+        text = _string_field(record, spec.text_field, where, on_error, report)
+        if text is not None:
+            yield Document(text=text, where=where)
+
+
+def _merge_meta(meta: dict, original: Any, key: str) -> dict:
+    """``meta`` plus the record's own metadata: merged when an object (or a JSON string of one), else kept
+    under ``key`` (the RedPajama HF loader stores ``meta`` as a JSON string)."""
+    if isinstance(original, str):
+        try:
+            original = json.loads(original)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(original, dict):
+        return {**original, **meta}
+    if original is not None:
+        return {key: original, **meta}
+    return meta
+
+
+def _redpajama_subset_from_path(path: Path) -> str | None:
+    """The subset a RedPajama file belongs to by its place: 1T keeps each subset in a directory of that name,
+    the 1T-Sample in files named after it (arxiv_*.jsonl, book_*.jsonl, c4-train.*.jsonl, cc_*.jsonl, ...)."""
+    for parent in path.parents:
+        if parent.name in REDPAJAMA_SUBSETS:
+            return parent.name
+    prefixes = {"arxiv": "arxiv", "book": "book", "c4": "c4", "cc_": "common_crawl", "common_crawl": "common_crawl",
+                "github": "github", "stackexchange": "stackexchange", "wiki": "wikipedia"}
+    for prefix, subset in prefixes.items():
+        if path.name.startswith(prefix):
+            return subset
+    return None
+
+
+def _keep_subset(name: str, spec: SourceSpec) -> bool:
+    return (not spec.subsets or name in spec.subsets) and name not in spec.exclude_subsets
+
+
+def _read_redpajama(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    from_path = _redpajama_subset_from_path(path)
+    for where, record in _json_lines(path, on_error, report):
+        text = _string_field(record, "text", where, on_error, report)
+        if text is None:
+            continue
+        subset = record.get("red_pajama_subset", from_path)
+        if not isinstance(subset, str):
+            report.bad(where, "no red_pajama_subset field, and the file's name and directories name no subset",
+                       on_error)
+            continue
+        if not _keep_subset(subset, spec):
+            report.filtered += 1
+            continue
+        meta = _merge_meta({"red_pajama_subset": subset}, record.get("meta"), "meta")
+        yield Document(text=text, where=where, meta=meta)
+
+
+def _read_pile(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    for where, record in _json_lines(path, on_error, report):
+        text = _string_field(record, "text", where, on_error, report)
+        if text is None:
+            continue
+        meta = record.get("meta")
+        name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+        if not isinstance(name, str):
+            report.bad(where, "no string meta.pile_set_name", on_error)
+            continue
+        if not _keep_subset(name, spec):
+            report.filtered += 1
+            continue
+        yield Document(text=text, where=where, meta=dict(meta))
+
+
+def _read_oig(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    for where, record in _json_lines(path, on_error, report):
+        text = _string_field(record, "text", where, on_error, report)
+        if text is not None:
+            # The dialogue stays one document with its "<human>:"/"<bot>:" turns, as OIG publishes it.
+            yield Document(text=text, where=where, meta=_merge_meta({}, record.get("metadata"), "metadata"))
+
+
+def _read_pairs(path: Path, on_error: str, report: SourceReport, prompt_field: str,
+                completion_field: str) -> Iterator[Document]:
+    for where, record in _json_lines(path, on_error, report):
+        prompt = _string_field(record, prompt_field, where, on_error, report, allow_empty=True)
+        if prompt is None:
+            continue
+        completion = _string_field(record, completion_field, where, on_error, report)
+        if completion is not None:
+            yield Document(text=completion, where=where, prompt=prompt)
+
+
+def _read_p3(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    yield from _read_pairs(path, on_error, report, "inputs_pretokenized", "targets_pretokenized")
+
+
+def _read_prompt_completion(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    yield from _read_pairs(path, on_error, report, spec.prompt_field, spec.completion_field)
+
+
+def _ni_text(value: Any) -> str | None:
+    """An NI string field; outputs are lists in instances (the first is the reference) and strings in examples."""
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _read_natural_instructions(path: Path, spec: SourceSpec, on_error: str,
+                               report: SourceReport) -> Iterator[Document]:
+    data = _read_bytes(path, on_error, report)
+    text = None if data is None else _decode_text(data, str(path), on_error, report)
+    if text is None:
+        return
+    try:
+        task = json.loads(text)
+    except json.JSONDecodeError as e:
+        report.bad(str(path), f"malformed JSON ({e.msg}: line {e.lineno})", on_error)
+        return
+    if not isinstance(task, dict) or not isinstance(task.get("Instances"), list):
+        report.bad(str(path), "not a Natural Instructions task: no 'Instances' list", on_error)
+        return
+    definition = task.get("Definition")
+    # Older task files hold the definition as a string, newer ones as a list of strings.
+    if isinstance(definition, list) and all(isinstance(d, str) for d in definition):
+        definition = "\n".join(d.strip() for d in definition)
+    if not isinstance(definition, str) or not definition.strip():
+        report.bad(str(path), "no 'Definition' string (or list of strings)", on_error)
+        return
+    shots = []
+    for i, example in enumerate(task.get("Positive Examples") or []):
+        if len(shots) == spec.ni_positive_examples:
+            break
+        ex_in = _ni_text(example.get("input")) if isinstance(example, dict) else None
+        ex_out = _ni_text(example.get("output")) if isinstance(example, dict) else None
+        if ex_in is None or ex_out is None:
+            report.bad(f"{path}#Positive Examples[{i}]", "needs a string input and output", on_error)
+            continue
+        shots.append(f"Input: {ex_in}\nOutput: {ex_out}\n\n")
+    head = f"Definition: {definition.strip()}\n\n" + "".join(shots)
+    name = path.name.removesuffix(".json")
+    for i, instance in enumerate(task["Instances"]):
+        where = f"{path}#instances[{i}]"
+        inst_in = _ni_text(instance.get("input")) if isinstance(instance, dict) else None
+        if inst_in is None:
+            report.bad(where, "no string 'input'", on_error)
+            continue
+        answer = _ni_text(instance.get("output"))
+        if answer is None:
+            report.bad(where, "no 'output' (a non-empty list of strings)", on_error)
+            continue
+        # The full NI release gives every instance an id ("task085-..."); trimmed copies may not.
+        meta = {"task": name, "id": instance.get("id", f"{name}-{i}")}
+        yield Document(text=answer, where=where, meta=meta, prompt=f"{head}Input: {inst_in}\nOutput: ")
+
+
+def _table_batches(path: Path, fmt: str, text_column: str, extra: list[str], on_error: str,
+                   report: SourceReport) -> Iterator[pa.RecordBatch]:
+    """The record batches of a parquet or Arrow file: ``text_column`` and those of ``extra`` that exist.
+
+    Raises:
+        SourceError: ``text_column`` is missing or not a string column.
+    """
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow
+        else:
+            source = pa.memory_map(str(path))  # the batches below are views into this map
+            try:
+                reader = pa.ipc.open_file(source)
+            except pa.ArrowInvalid:
+                # `datasets` writes the IPC stream format; feather v2 / .arrow files use the file format.
+                reader = pa.ipc.open_stream(source)
+            schema = reader.schema
+    except (pa.ArrowException, OSError) as e:
+        report.bad(str(path), f"not a readable {fmt} file ({e})", on_error)
+        return
+    if text_column not in schema.names:
+        raise SourceError(f"{path}: no column {text_column!r} (columns: {', '.join(schema.names)}); set text_field")
+    kind = schema.field(text_column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise SourceError(f"{path}: column {text_column!r} is {kind}, expected string")
+    columns = [text_column] + [c for c in extra if c in schema.names and c != text_column]
+    if fmt == "parquet":
+        # Small batches, and only the columns needed: one row can be a whole book.
+        yield from pf.iter_batches(batch_size=64, columns=columns)
+    elif isinstance(reader, pa.ipc.RecordBatchFileReader):
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i).select(columns)
+    else:
+        for batch in reader:
+            yield batch.select(columns)
+
+
+def _table_rows(path: Path, fmt: str, text_column: str, extra: list[str], on_error: str,
+                report: SourceReport) -> Iterator[tuple[str, dict]]:
+    row = 0
+    for batch in _table_batches(path, fmt, text_column, extra, on_error, report):
+        for record in batch.to_pylist():
+            yield f"{path}#{row}", record
+            row += 1
+
+
+def _read_table(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    for where, record in _table_rows(path, spec.format, spec.text_field, [], on_error, report):
+        text = record[spec.text_field]
+        if text is None or not text.strip():
+            report.bad(where, f"{'null' if text is None else 'empty'} text in column {spec.text_field!r}", on_error)
+            continue
+        yield Document(text=text, where=where)
+
+
+_PG19_META = ["short_book_title", "publication_date", "url"]
+
+
+def _read_pg19(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    name = path.name.lower()
+    if name.endswith(_TEXT):
+        for doc in _read_text(path, spec, on_error, report):
+            book_id = path.name[: -len(next(s for s in _TEXT if name.endswith(s)))]
+            text = strip_gutenberg(doc.text)
+            if not text:
+                report.bad(doc.where, "no text between the Project Gutenberg header and footer", on_error)
+                continue
+            yield Document(text=text, where=doc.where, meta={"book_id": book_id})
+        return
+    # The Hugging Face layout: one row per book, already without the Gutenberg header and footer.
+    if name.endswith(".parquet"):
+        rows = _table_rows(path, "parquet", "text", _PG19_META, on_error, report)
+    else:
+        rows = _json_lines(path, on_error, report)
+    for where, record in rows:
+        text = _string_field(record, "text", where, on_error, report)
+        if text is None:
+            continue
+        meta = {k: record[k] for k in _PG19_META if record.get(k) is not None}
+        book_id = re.search(r"(\d+)/?$", str(meta.get("url", "")))
+        if book_id:
+            meta["book_id"] = book_id.group(1)
+        yield Document(text=strip_gutenberg(text), where=where, meta=meta)
+
+
+def _read_csv(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    # One long-context document can exceed csv's default 128 KiB field limit; the limit is process-wide.
+    csv.field_size_limit(2**31 - 1)
+    kind = _compression(path)
+    end = 0  # last line of the previous record
+    try:
+        with _open_binary(path, kind) as raw:
+            # surrogateescape defers bad bytes to the record they are in instead of failing the whole file.
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            reader = csv.reader(text)
+            try:
+                header = next(reader)
+            except StopIteration:
+                report.bad(str(path), "empty csv file (no header)", on_error)
+                return
+            end = reader.line_num
+            needed = _template_fields(spec.template) if spec.template is not None else [spec.text_field]
+            missing = [c for c in needed if c not in header]
+            if missing:
+                raise SourceError(f"{path}:1: the header has no column {missing[0]!r} (columns: {', '.join(header)})")
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    report.bad(f"{path}:{end + 1}", f"malformed csv ({e})", on_error)
+                    end = reader.line_num
+                    continue
+                where, end = f"{path}:{end + 1}", reader.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    report.bad(where, f"{len(row)} fields, the header has {len(header)}", on_error)
+                    continue
+                if any(re.search("[\udc80-\udcff]", cell) for cell in row):
+                    report.bad(where, "not UTF-8", on_error)
+                    continue
+                record = dict(zip(header, row))
+                try:
+                    text = spec.template.format(**record) if spec.template is not None else record[spec.text_field]
+                except (ValueError, IndexError, AttributeError) as e:  # e.g. a format spec a cell cannot take
+                    report.bad(where, f"template failed ({e})", on_error)
+                    continue
+                if not text.strip():
+                    report.bad(where, "empty text", on_error)
+                    continue
+                yield Document(text=text, where=where)
+    except (EOFError, OSError, zlib.error, pa.ArrowException) as e:
+        reason = _archive_failure(e, kind)
+        if reason is None:
+            raise
+        report.bad(f"{path}:{end + 1}", reason, on_error)
+
+
+def _read_sqlite(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    # mode=ro: reading a training source must never create or change the database.
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        try:
+            cursor = con.execute(spec.query)
+        except sqlite3.OperationalError as e:
+            raise SourceError(f"{path}: query failed: {e} (query: {spec.query})") from None
+        except sqlite3.DatabaseError as e:
+            report.bad(str(path), f"not a readable SQLite database ({e})", on_error)
+            return
+        names = [d[0] for d in cursor.description]
+        if "text" not in names:
+            raise SourceError(f"{path}: the query returns no column named text (columns: {', '.join(names)}); "
+                              "alias one, e.g. SELECT body AS text FROM ...")
+        for row, values in enumerate(cursor):
+            where = f"{path}#{row}"
+            record = dict(zip(names, values))
+            text = record.pop("text")
+            if not isinstance(text, str) or not text.strip():
+                reason = "NULL text" if text is None else ("empty text" if isinstance(text, str)
+                                                           else f"text is {type(text).__name__}, expected a string")
+                report.bad(where, reason, on_error)
+                continue
+            yield Document(text=text, where=where, meta=record)
+    finally:
+        con.close()
+
+
+# -------------------------------------------------------------------------------------------------- html
+
+# Not visible, or page furniture repeated on every page of a site: dropped with everything inside them.
+_HTML_DROP = {"script", "style", "nav", "header", "footer", "aside", "form", "head", "noscript", "template",
+              "svg", "iframe", "object", "button", "select"}
+# Elements that start a new paragraph.
+_HTML_BLOCKS = {"address", "article", "blockquote", "dd", "details", "div", "dl", "dt", "figcaption", "figure",
+                "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li", "main", "ol", "p", "pre", "section", "summary",
+                "table", "tr", "ul", "caption", "body"}
+
+
+class _VisibleText(HTMLParser):
+    """Collects visible text as paragraphs of lines; whitespace inside a line is collapsed later."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: list[list[list[str]]] = [[[]]]
+        self._drop = 0  # depth inside dropped elements
+        self._pre = 0
+
+    def _paragraph(self) -> None:
+        if any(any(s.strip() for s in line) for line in self.paragraphs[-1]):
+            self.paragraphs.append([[]])
+
+    def _line(self) -> None:
+        self.paragraphs[-1].append([])
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in _HTML_DROP:
+            self._drop += 1
+        elif self._drop:
+            return
+        elif tag in _HTML_BLOCKS:
+            self._paragraph()
+            if tag == "pre":
+                self._pre += 1
+        elif tag == "br":
+            self._line()
+        elif tag in ("td", "th"):
+            self.paragraphs[-1][-1].append(" ")  # cells of a row stay on one line, apart
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _HTML_DROP:
+            self._drop = max(0, self._drop - 1)
+        elif not self._drop and tag in _HTML_BLOCKS:
+            if tag == "pre" and self._pre:
+                self._pre -= 1
+            self._paragraph()
+
+    def handle_data(self, data: str) -> None:
+        if self._drop:
+            return
+        if self._pre:
+            first, *rest = data.split("\n")
+            self.paragraphs[-1][-1].append(first)
+            for piece in rest:
+                self._line()
+                self.paragraphs[-1][-1].append(piece)
+        else:
+            self.paragraphs[-1][-1].append(data)
+
+    def text(self) -> str:
+        out = []
+        for paragraph in self.paragraphs:
+            lines = [" ".join("".join(line).split()) for line in paragraph]
+            lines = [line for line in lines if line]
+            if lines:
+                out.append("\n".join(lines))
+        return "\n\n".join(out)
+
+
+def html_to_text(html: str) -> str:
+    """The visible text of an HTML page: one blank line between paragraphs, whitespace collapsed.
+
+    Scripts, styles, the head and page furniture (nav, header, footer, aside, forms) are dropped with their
+    contents; ``<br>`` and newlines inside ``<pre>`` become line breaks.
+
+    Args:
+        html: the page source.
+
+    Returns:
+        The text, stripped ("" when nothing is visible).
+    """
+    parser = _VisibleText()
+    parser.feed(html)
+    parser.close()
+    return parser.text()
+
+
+def _decode_html(data: bytes) -> str:
+    """Decode a page: UTF-8, else the charset its <meta> declares (old pages are often windows-1252).
+
+    Raises:
+        UnicodeDecodeError: neither works.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as first:
+        declared = re.search(rb"""<meta[^>]*charset\s*=\s*["']?([\w.:-]+)""", data[:4096], re.I)
+        if declared:
+            try:
+                return data.decode(declared.group(1).decode("ascii"))
+            except (LookupError, UnicodeDecodeError):
+                pass
+        raise first
+
+
+def _read_html(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    data = _read_bytes(path, on_error, report)
+    if data is None:
+        return
+    try:
+        page = _decode_html(data)
+    except UnicodeDecodeError as e:
+        report.bad(str(path), f"not UTF-8 and no usable <meta charset> ({e.reason} at byte {e.start})", on_error)
+        return
+    text = html_to_text(page)
+    if not text:
+        report.bad(str(path), "no visible text", on_error)
+        return
+    yield Document(text=text, where=str(path))
+
+
+# ----------------------------------------------------------------------------------------------- gutenberg
+
+_PG_START = re.compile(r"^[ \t]*\*+[ \t]*START OF (?:THE |THIS )?PROJECT GUTENBERG[^\n]*\n?", re.I | re.M)
+_PG_END = re.compile(r"^[ \t]*\*+[ \t]*END OF (?:THE |THIS )?PROJECT GUTENBERG[^\n]*", re.I | re.M)
+# Old e-texts end their header with the "small print" instead of a START line.
+_PG_OLD_START = re.compile(r"^[^\n]*\*END\*THE SMALL PRINT[^\n]*\n?", re.I | re.M)
+# The line Gutenberg puts just before the END marker, and the end of the text when there is no marker.
+_PG_END_LINE = re.compile(r"^[ \t]*End of (?:the |this )?Project Gutenberg[^\n]*", re.I | re.M)
+_PG_CREDITS = re.compile(r"\A\s*(?:Produced by|E-?text prepared by|This e-?text was produced by|Transcribed by)"
+                         r".*?(?:\r?\n[ \t]*\r?\n|\Z)", re.I | re.S)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove the BOM and the Project Gutenberg header and footer of an e-text.
+
+    The body is the text between the ``*** START OF ... PROJECT GUTENBERG ...`` and ``*** END OF ...`` lines
+    (spacing and THE/THIS variants tolerated, e.g. ``***START OF THE PROJECT GUTENBERG EBOOK``; old e-texts'
+    ``*END*THE SMALL PRINT`` line also counts as a start). With markers, a leading "Produced by ..."
+    credits paragraph and a closing "End of the Project Gutenberg EBook of ..." line are dropped too.
+
+    Args:
+        text: a whole e-text.
+
+    Returns:
+        The body, stripped. Text without any marker is returned stripped and otherwise unchanged.
+    """
+    text = text.lstrip("\ufeff")
+    start = _PG_START.search(text) or _PG_OLD_START.search(text)
+    end = _PG_END.search(text, start.end() if start else 0)
+    if end is None and start is not None:
+        end = _PG_END_LINE.search(text, start.end())
+    if start is None and end is None:
+        return text.strip()
+    body = text[start.end() if start else 0 : end.start() if end else len(text)]
+    trailer = list(_PG_END_LINE.finditer(body))
+    if trailer and not body[trailer[-1].end():].strip():
+        body = body[: trailer[-1].start()]
+    return _PG_CREDITS.sub("", body, count=1).strip()
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+_READERS = {
+    "text": _read_text,
+    "jsonl": _read_jsonl,
+    "parquet": _read_table,
+    "arrow": _read_table,
+    "redpajama": _read_redpajama,
+    "oig": _read_oig,
+    "natural_instructions": _read_natural_instructions,
+    "p3": _read_p3,
+    "pile": _read_pile,
+    "pg19": _read_pg19,
+    "csv": _read_csv,
+    "sqlite": _read_sqlite,
+    "html": _read_html,
+    "prompt_completion": _read_prompt_completion,
+}
+
+
+def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport | None = None) -> Iterator[Document]:
+    """Yield the documents of one source, file by file in :func:`list_files` order.
+
+    Args:
+        spec: the source.
+        on_error: ``"skip"`` counts, logs and skips a malformed record; ``"stop"`` raises on the first one.
+        report: counters to update (documents, bad records, filtered); a fresh one when None.
+
+    Returns:
+        An iterator of documents; nothing is read before iteration starts.
+
+    Raises:
+        SourceError: a malformed record under ``on_error="stop"``, or a source that does not fit its spec
+            (missing column, template column not in the header, a query sqlite rejects).
+        ValueError: ``on_error`` is neither "skip" nor "stop".
+    """
+    if on_error not in ("skip", "stop"):
+        raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+    report = report if report is not None else SourceReport()
+    reader = _READERS[spec.format]
+    for path in list_files(spec):
+        for doc in reader(path, spec, on_error, report):
+            report.documents += 1
+            yield doc
