@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmft.data.sources import SourceSpec
+
 # A hub id is "name" or "org/name" (letters, digits, - _ .).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -149,29 +151,14 @@ class ModelConfig(_Strict):
 # ---------------------------------------------------------------------------------------------- data
 
 
-class DataSource(_Strict):
-    """One local file of training text."""
-
-    path: Path = Field(description="A .txt, .jsonl (optionally .gz) file.")
-    format: Literal["auto", "text", "jsonl"] = Field(
-        default="auto", description="'auto' picks by extension (.jsonl/.json -> jsonl, else text)."
-    )
-    text_field: str = Field(default="text", description="jsonl: the field holding the document text.")
-
-    @field_validator("path")
-    @classmethod
-    def _exists(cls, v: Path) -> Path:
-        if not v.expanduser().is_file():
-            raise ValueError(f"data file {str(v)!r} does not exist (relative paths start at {Path.cwd()})")
-        return v.expanduser()
-
-
 class DataConfig(_Strict):
-    """Training (and validation) text: each document becomes ``[BOS] doc [EOS]``, laid out in
-    ``model.max_seq_len`` rows as ``packing`` says (see llmft/data/packing.py)."""
+    """Training (and validation) text: each document becomes ``[BOS] prompt completion [EOS]`` (trained on the
+    completion; plain text has no prompt), laid out in ``model.max_seq_len`` rows as ``packing`` says."""
 
-    sources: list[DataSource] = Field(min_length=1, description="Training files.")
-    validation: list[DataSource] = Field(default_factory=list, description="Held-out files for eval hooks.")
+    sources: list[SourceSpec] = Field(
+        min_length=1, description="Training sources: {format, path, ...} in any format of llmft/data/sources.py."
+    )
+    validation: list[SourceSpec] = Field(default_factory=list, description="Held-out sources for eval hooks.")
     validation_fraction: float = Field(
         default=0.0,
         ge=0.0,
@@ -186,7 +173,7 @@ class DataConfig(_Strict):
         "losses; long documents are split into max_seq_len chunks, never truncated).",
     )
     on_error: Literal["skip", "stop"] = Field(
-        default="skip", description="A malformed jsonl line is counted and reported, then skipped or fatal."
+        default="skip", description="A malformed record is counted and reported with file:line, then skipped or fatal."
     )
 
 

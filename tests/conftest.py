@@ -45,7 +45,8 @@ def tiny_recipe(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> 
     recipe = {
         "model": {"name": str(model_dir), "dtype": "float32", "attention": "sdpa",
                   "rope": {"type": "linear", "factor": 4.0}, "max_seq_len": 128},
-        "data": {"sources": [{"path": str(data_file)}], "validation_fraction": 0.1},
+        "data": {"sources": [{"format": "jsonl" if ".jsonl" in data_file.name else "text", "path": str(data_file)}],
+                 "validation_fraction": 0.1},
         "train": {"lr": 3e-3, "warmup_steps": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
                   "max_steps": 8, "precision": "fp32", "seed": 0},
         "checkpoint": {"dir": str(run_dir)},

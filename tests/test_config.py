@@ -125,9 +125,11 @@ def test_exactly_one_budget(good):
 
 def test_overrides_are_typed_and_applied_before_validation(good):
     r = load_recipe(good, ["train.lr=1e-5", "model.rope.factor=5.5", "train.betas=[0.9,0.99]",
-                           "data.sources.0.text_field=body", "logging.wandb.mode=offline"])
+                           "data.sources.0.format=jsonl", "data.sources.0.text_field=body",
+                           "logging.wandb.mode=offline"])
     assert r.train.lr == 1e-5 and r.model.rope.factor == 5.5 and r.train.betas == (0.9, 0.99)
-    assert r.data.sources[0].text_field == "body" and r.logging.wandb.mode == "offline"
+    assert r.data.sources[0].format == "jsonl" and r.data.sources[0].text_field == "body"
+    assert r.logging.wandb.mode == "offline"
     msgs = _errors(good, "model.rope.factor=0.5")
     assert msgs[0].startswith(f"{good} (command-line override): model.rope.factor: got 0.5")
 

@@ -1,107 +1,63 @@
-"""Local text files -> tokenized examples, with a held-out tail of each file for validation.
+"""Data sources -> tokenized examples, with a held-out tail of each source for validation.
 
-Each document becomes one :class:`~llmft.data.packing.Example`, ``[BOS] doc [EOS]``, trained on every token;
+Each document (:mod:`llmft.data.sources`) becomes one :class:`~llmft.data.packing.Example`,
+``[BOS] prompt text [EOS]``, trained on ``text [EOS]`` (plain text has no prompt, so every token is trained);
 :mod:`llmft.data.packing` then lays the examples out in rows (``data.packing``: concat or isolated) and
 :mod:`llmft.data.loader` serves them.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from llmft.config import DataConfig, DataSource
+from llmft.config import DataConfig
 from llmft.data.packing import Example
+from llmft.data.sources import SourceError, SourceReport, SourceSpec, read_source
 
-log = logging.getLogger(__name__)
 
 
 class DataError(Exception):
-    """Bad input data under ``on_error: stop`` (message names file and line)."""
+    """Bad input data under ``on_error: stop``, or no usable data (message names file and line)."""
 
 
 @dataclass
 class DataReport:
-    """What reading the sources found: documents, tokens and malformed records with their locations."""
+    """Documents read and malformed records met, over all sources (first examples as "file:line: reason")."""
 
     documents: int = 0
     bad_records: int = 0
-    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
+    examples: list[str] = field(default_factory=list)
 
-    def bad(self, where: str, reason: str, on_error: str) -> None:
-        self.bad_records += 1
-        if len(self.examples) < 20:
-            self.examples.append(f"{where}: {reason}")
-        if on_error == "stop":
-            raise DataError(f"{where}: {reason} (data.on_error is 'stop'; set it to 'skip' to skip such records)")
-        log.warning("skipping %s: %s", where, reason)
+    def add(self, source: SourceReport) -> None:
+        self.documents += source.documents
+        self.bad_records += source.bad_records
+        self.examples += source.examples[: max(0, 20 - len(self.examples))]
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def read_documents(source: DataSource, on_error: str, report: DataReport) -> Iterator[str]:
-    """Yield the documents of one file: a whole text file is one document; jsonl gives one per line.
+def tokenize_source(spec: SourceSpec, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                    report: DataReport) -> list[Example]:
+    """Every document of one source as an Example ``[BOS] prompt text [EOS]``, trained on ``text [EOS]``.
 
     Raises:
-        DataError: a malformed record when ``on_error == "stop"``.
+        DataError: a malformed record under ``on_error: stop`` (names file and line).
     """
-    path = Path(source.path)
-    fmt = source.format
-    if fmt == "auto":
-        fmt = "jsonl" if any(s in (".jsonl", ".json") for s in path.suffixes) else "text"
-    if fmt == "text":
-        try:
-            with _open_text(path) as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            report.bad(f"{path}", f"not UTF-8 ({e.reason} at byte {e.start})", on_error)
-            return
-        report.documents += 1
-        yield text.lstrip("\ufeff")
-        return
-    with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
-        for lineno, line in enumerate(stream, 1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                report.bad(where, "not UTF-8", on_error)
-                continue
-            except json.JSONDecodeError as e:
-                report.bad(where, f"malformed JSON ({e.msg})", on_error)
-                continue
-            text = record.get(source.text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                report.bad(where, f"no string field {source.text_field!r}", on_error)
-                continue
-            if not text:
-                report.bad(where, "empty text", on_error)
-                continue
-            report.documents += 1
-            yield text
-
-
-def tokenize_source(source: DataSource, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                    report: DataReport) -> list[Example]:
-    """Every document of one file as an Example ``[BOS] doc [EOS]`` (all tokens trained on)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
-    out = []
-    for doc in read_documents(source, cfg.on_error, report):
-        ids = np.asarray(bos + tokenizer(doc, add_special_tokens=False)["input_ids"] + eos, dtype=np.int32)
-        out.append(Example(ids, np.ones(len(ids), dtype=bool)))
+    out, source_report = [], SourceReport()
+    try:
+        for doc in read_source(spec, cfg.on_error, source_report):
+            prompt = bos + (tokenizer(doc.prompt, add_special_tokens=False)["input_ids"] if doc.prompt else [])
+            ids = np.asarray(prompt + tokenizer(doc.text, add_special_tokens=False)["input_ids"] + eos, dtype=np.int32)
+            mask = np.ones(len(ids), dtype=bool)
+            mask[: len(prompt)] = False
+            out.append(Example(ids, mask))
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    finally:
+        report.add(source_report)
     return out
 
 

@@ -96,6 +96,10 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     else:
         rows = pack_concat(examples, seq_len)
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
+    if cut_prompts and rank == 0:
+        log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks are "
+                    "trained without the whole prompt. Raise model.max_seq_len to keep them whole.", cut_prompts, seq_len)
     train_tokens = sum(len(e) for e in examples)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
@@ -161,6 +165,9 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
         # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
         num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        if num_tokens == 0:  # only prompts/padding: the loss is 0 and so is the gradient (no 0/0)
+            log.warning("step %d has no trained tokens (only prompts or padding)", step + 1)
+            num_tokens = 1
         lr = engine.lr  # the lr this step's update uses
         loss_sum = torch.zeros(())
         for batch in micro_batches:
