@@ -1,4 +1,4 @@
-"""``llmft`` command line: validate, train, quickstart.
+"""``llmft`` command line: validate, train, data (build / inspect / validate), quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
 with code 2, without a traceback.
@@ -7,11 +7,14 @@ with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
+
+import yaml
 
 from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 
@@ -107,6 +110,58 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from llmft.data.build import build_from_recipe
+    from llmft.data.mix import load_mix, resolve_lengths
+
+    mix = load_mix(args.recipe, args.overrides)
+    seq_len, tokenizer = resolve_lengths(mix, None, None, args.recipe)
+    built = build_from_recipe(mix, Path(args.out), seq_len, tokenizer, force=args.force)
+    s = built.stats
+    print(f"[llmft] {'cache hit: ' if built.cached else ''}{args.out}: {s['packing']['rows']} rows of {seq_len} "
+          f"({s['packing']['mode']}, {s['packing']['efficiency']:.2%} full), {s['total_tokens']:,} tokens")
+    for name, src in s["sources"].items():
+        print(f"[llmft]   {name:<16} {100 * src['realized_share']:6.2f}% (target {100 * src['target_share']:.2f}%), "
+              f"{src['documents']} docs, {src['epochs']:.2f} epochs, dropped: {src['dropped_min_tokens']} short, "
+              f"{src['dropped_max_tokens']} long, {src['decontaminated']} contaminated, {src['bad_records']} bad")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmft.data.build import load_built
+
+    built = load_built(Path(args.dir))
+    s = built.stats
+    print(json.dumps({k: v for k, v in s.items() if k != "length_histogram"}, indent=1))
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or s["tokenizer"])
+    rows = built.rows
+    for r in range(min(args.rows, len(rows))):
+        pos, ids_row = rows.position_ids[r], rows.input_ids[r]
+        # a segment starts where position ids restart (isolated) or at a BOS token (a document, in concat rows)
+        is_start = (pos == 0) | (ids_row == tok.bos_token_id if tok.bos_token_id is not None else False)
+        starts = torch.nonzero(is_start).flatten().tolist() + [len(pos)]
+        pieces = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            ids, labels = rows.input_ids[r, a:b], rows.labels[r, a:b]
+            trained = tok.decode(ids[labels != -100])
+            pieces.append(f"<<segment {a}:{b}, {int((labels != -100).sum())} tokens trained>> " + tok.decode(ids)[: args.chars]
+                          + ("" if len(trained) else " <<context only>>"))
+        print(f"\n===== row {r} ({rows.mode}) =====\n" + "\n".join(pieces))
+    return 0
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from llmft.data.mix import load_mix
+
+    mix = load_mix(args.recipe, args.overrides, check_paths=not args.schema_only)
+    print(f"# {args.recipe}: valid" + (" (schema only: paths not checked)" if args.schema_only else ""))
+    print(yaml.safe_dump(mix.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmft", description="Long-context fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -121,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe (same as python launch/train.py)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="build, inspect and validate data-mix recipes (data_recipes/*.yaml)")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    b = dsub.add_parser("build", help="build a mix into packed training rows (cached by fingerprint)")
+    b.add_argument("recipe")
+    b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seq_len=2048")
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    b.set_defaults(func=cmd_data_build)
+    i = dsub.add_parser("inspect", help="print a build's stats and decode a few rows with boundaries marked")
+    i.add_argument("dir")
+    i.add_argument("--rows", type=int, default=2, help="rows to decode")
+    i.add_argument("--chars", type=int, default=300, help="characters shown per segment")
+    i.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the one built with)")
+    i.set_defaults(func=cmd_data_inspect)
+    dv = dsub.add_parser("validate", help="check a data-mix recipe")
+    dv.add_argument("recipe")
+    dv.add_argument("overrides", nargs="*")
+    dv.add_argument("--schema-only", action="store_true", help="do not check that paths exist")
+    dv.set_defaults(func=cmd_data_validate)
 
     q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
                        "print perplexity by context length before and after")

@@ -156,7 +156,13 @@ class DataConfig(_Strict):
     completion; plain text has no prompt), laid out in ``model.max_seq_len`` rows as ``packing`` says."""
 
     sources: list[SourceSpec] = Field(
-        min_length=1, description="Training sources: {format, path, ...} in any format of llmft/data/sources.py."
+        default_factory=list,
+        description="Training sources: {format, path, ...} in any format of llmft/data/sources.py.",
+    )
+    recipe: Path | None = Field(
+        default=None,
+        description="A data-mix recipe (data_recipes/*.yaml), built into <checkpoint.dir>/data (cached) with the "
+        "model's tokenizer and max_seq_len. Use instead of sources.",
     )
     validation: list[SourceSpec] = Field(default_factory=list, description="Held-out sources for eval hooks.")
     validation_fraction: float = Field(
@@ -318,7 +324,17 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     if m.init == "random" and m.rope is not None:
         problems.append((("model", "rope"), "rope scaling applies to a pretrained model. Fix: with init: random, "
                          "remove model.rope and set max_position_embeddings in the model's config.json"))
-    if recipe.eval.every_steps and not (recipe.data.validation or recipe.data.validation_fraction > 0):
+    d = recipe.data
+    if bool(d.sources) == (d.recipe is not None):
+        problems.append((("data",), "set exactly one of data.sources (files to read) and data.recipe (a data mix)"))
+    if d.recipe is not None:
+        if not d.recipe.is_file():
+            problems.append((("data", "recipe"), f"data recipe {str(d.recipe)!r} does not exist"))
+        mixed_up = sorted({"validation", "validation_fraction", "packing", "add_eos", "on_error"} & d.model_fields_set)
+        if mixed_up:
+            problems.append((("data",), f"{', '.join(mixed_up)} belong in the data recipe when data.recipe is set; "
+                             "move them there"))
+    if recipe.eval.every_steps and d.recipe is None and not (d.validation or d.validation_fraction > 0):
         problems.append((("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction"))
     return problems
 
@@ -389,9 +405,9 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _field_for(loc: tuple) -> Any:
-    """The pydantic FieldInfo at ``loc`` in the Recipe schema, or None."""
-    model: Any = Recipe
+def _field_for(loc: tuple, root: type[BaseModel]) -> Any:
+    """The pydantic FieldInfo at ``loc`` in the ``root`` schema, or None."""
+    model: Any = root
     info = None
     for part in loc:
         if isinstance(part, int):
@@ -408,7 +424,8 @@ def _field_for(loc: tuple) -> Any:
     return info
 
 
-def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[tuple],
+              root: type[BaseModel]) -> str:
     """One human line for one pydantic error."""
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple["))))
     path = ".".join(str(p) for p in loc) or "(top level)"
@@ -422,8 +439,8 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[t
         where = f"{source}:{lines[probe]}"
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = _field_for(loc[:-1]) if len(loc) > 1 else None
-        parent_model = Recipe
+        parent = _field_for(loc[:-1], root) if len(loc) > 1 else None
+        parent_model = root
         if parent is not None:
             ann = parent.annotation
             parent_model = next(
@@ -435,13 +452,13 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[t
         fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
         return f"{where}: {path}: unknown key. Fix: remove it; {fix}"
     if kind == "missing":
-        info = _field_for(loc)
+        info = _field_for(loc, root)
         desc = f" ({info.description})" if info is not None and info.description else ""
         return f"{where}: {path}: required key is missing{desc}. Fix: add {path}: <value>"
     got = err.get("input")
     got_s = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
     msg = err["msg"].removeprefix("Value error, ")
-    info = _field_for(loc)
+    info = _field_for(loc, root)
     hint = (info.json_schema_extra or {}).get("hint") if info is not None and isinstance(info.json_schema_extra, dict) else None
     if kind.startswith(("greater", "less")):
         msg = "a number " + msg.removeprefix("Input should be ")
@@ -456,15 +473,19 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[t
     return line
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file.
+def load_validated(path: str | Path, schema: type[BaseModel], overrides: list[str] | None = None,
+                   context: dict | None = None, checks=None) -> Any:
+    """Read a YAML file, apply ``key=value`` overrides, validate it against ``schema``.
 
     Args:
-        path: the YAML recipe.
+        path: the YAML file.
+        schema: the pydantic model of the whole file.
         overrides: ``key=value`` strings applied before validation.
+        context: pydantic validation context (e.g. ``{"check_paths": False}``).
+        checks: optional function of the validated object returning (yaml path, problem) pairs.
 
     Returns:
-        The validated :class:`Recipe`.
+        The validated object.
 
     Raises:
         RecipeError: the file is missing or not YAML, or any field is invalid; holds every problem at once.
@@ -472,7 +493,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise RecipeError([f"{source}: recipe file not found"])
+        raise RecipeError([f"{source}: file not found"])
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
@@ -483,22 +504,31 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError([f"{source}: expected a mapping of sections (model, data, train, ...), got {type(raw).__name__}"])
+        raise RecipeError([f"{source}: expected a mapping of sections, got {type(raw).__name__}"])
     overrides = overrides or []
     apply_overrides(raw, overrides)
     overridden = {tuple(o.partition("=")[0].strip().split(".")) for o in overrides}
     overridden = {tuple(int(p) if p.isdigit() else p for p in o) for o in overridden}
     try:
-        recipe = Recipe.model_validate(raw)
+        obj = schema.model_validate(raw, context=context)
     except ValidationError as e:
         lines = _yaml_lines(text)
-        raise RecipeError([_describe(err, source, lines, overridden) for err in e.errors()]) from None
-    problems = cross_check(recipe)
+        raise RecipeError([_describe(err, source, lines, overridden, schema) for err in e.errors()]) from None
+    problems = checks(obj) if checks else []
     if problems:
         lines = _yaml_lines(text)
-        raise RecipeError([_describe({"loc": loc, "type": "value_error", "msg": msg}, source, lines, overridden)
+        raise RecipeError([_describe({"loc": loc, "type": "value_error", "msg": msg}, source, lines, overridden, schema)
                            for loc, msg in problems])
-    return recipe
+    return obj
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a training recipe (see :func:`load_validated`).
+
+    Raises:
+        RecipeError: every problem with the recipe, at once.
+    """
+    return load_validated(path, Recipe, overrides, checks=cross_check)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

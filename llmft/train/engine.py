@@ -39,9 +39,9 @@ class PlainEngine:
     rank, world_size = 0, 1
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, device: torch.device,
-                 attention: str):
+                 attention: str, isolate: bool):
         self.model = model.to(device)
-        self.isolate = recipe.data.packing == "isolated"
+        self.isolate = isolate  # rows hold isolated examples: confine attention to each
         self.attention = attention
         self.device = device
         self.cfg = recipe.train
@@ -160,10 +160,10 @@ class DeepSpeedEngine:
     """A DeepSpeed engine around the model with llmft's AdamW and schedule (launched by ``deepspeed``)."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, ds_config: dict,
-                 attention: str):
+                 attention: str, isolate: bool):
         import deepspeed
 
-        self.isolate = recipe.data.packing == "isolated"
+        self.isolate = isolate  # rows hold isolated examples: confine attention to each
         self.attention = attention
         self.cfg = recipe.train
         optimizer = build_optimizer(model, recipe.train)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llmft.config import Recipe, recipe_to_yaml
+from llmft.config import Recipe, RecipeError, recipe_to_yaml
 from llmft.data.examples import DataError, load_examples
 from llmft.data.loader import PackedLoader
 from llmft.data.packing import pack_concat, pack_isolated
@@ -89,23 +89,31 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
     model, tokenizer = built.model, built.tokenizer
-    examples, val_tokens, report = load_examples(recipe.data, tokenizer)
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    if recipe.data.packing == "isolated":
-        rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
+    if recipe.data.recipe is not None:  # a data mix: built once (rank 0), cached by fingerprint
+        built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
+        rows, val_tokens = built_data.rows, built_data.validation_tokens
+        documents = sum(s["documents"] for s in built_data.stats["sources"].values())
+        bad_records = sum(s["bad_records"] for s in built_data.stats["sources"].values())
+        train_tokens = built_data.stats["total_tokens"]
     else:
-        rows = pack_concat(examples, seq_len)
+        examples, val_tokens, report = load_examples(recipe.data, tokenizer)
+        if recipe.data.packing == "isolated":
+            rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
+        else:
+            rows = pack_concat(examples, seq_len)
+        cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
+        if cut_prompts and rank == 0:
+            log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
+                        "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
+                        cut_prompts, seq_len)
+        documents, bad_records, train_tokens = report.documents, report.bad_records, sum(len(e) for e in examples)
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
-    cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
-    if cut_prompts and rank == 0:
-        log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks are "
-                    "trained without the whole prompt. Raise model.max_seq_len to keep them whole.", cut_prompts, seq_len)
-    train_tokens = sum(len(e) for e in examples)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
 
     if distributed:
-        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention)
+        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, rows.mode == "isolated")
         if zero3_init is not None:  # later from_pretrained calls (e.g. on rank 0 only) must not enter zero.Init
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -113,7 +121,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             del zero3_init
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        engine = PlainEngine(model, recipe, total_steps, device, built.attention)
+        engine = PlainEngine(model, recipe, total_steps, device, built.attention, rows.mode == "isolated")
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, tokens_seen, wandb_id = 0, 0, None
@@ -139,8 +147,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
             f"max_position_emb.  {model.config.max_position_embeddings}",
             f"parameters         {total_params:,} ({trainable:,} trainable)",
-            f"data               {report.documents} documents, {train_tokens:,} train tokens, "
-            f"{len(val_tokens):,} validation tokens, {report.bad_records} bad records skipped",
+            f"data               {documents} documents, {train_tokens:,} train tokens, "
+            f"{len(val_tokens):,} validation tokens, {bad_records} bad records skipped",
             f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
             + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
             + (f", {rows.split_examples} long documents split into chunks" if rows.split_examples else ""),
@@ -220,6 +228,29 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     engine.barrier()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
+    """Build the data mix on rank 0 (a no-op when cached), then load it on every rank."""
+    from llmft.data.build import build, load_built
+    from llmft.data.mix import load_mix
+
+    where = str(recipe.data.recipe)
+    mix = load_mix(where)
+    if mix.seq_len is not None and mix.seq_len != recipe.model.max_seq_len:
+        raise RecipeError([f"{where}: seq_len is {mix.seq_len} but model.max_seq_len is {recipe.model.max_seq_len}; "
+                           "remove seq_len from the data recipe or make them equal"])
+    if mix.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(mix.tokenizer).get_vocab() != tokenizer.get_vocab():
+            raise RecipeError([f"{where}: tokenizer {mix.tokenizer!r} is not the model's tokenizer; remove it from "
+                               "the data recipe (training builds with the model's tokenizer)"])
+    if rank == 0:
+        build(mix, out, tokenizer, recipe.model.max_seq_len)
+    if distributed:
+        dist.barrier()
+    return load_built(out)
 
 
 def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,

@@ -1,0 +1,327 @@
+"""``llmft data build``: a data-mix recipe -> packed, shuffled training rows on disk, with stats and plots.
+
+Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, tokenize (prompt masked),
+filter by token count, cut every document into units of at most ``seq_len`` tokens, and hold out the tail
+``validation_fraction`` of the units for validation. Then, over the mix: each source contributes
+``weight * total`` tokens, made of whole passes over its units plus a seeded random part-pass (at most
+``max_epochs`` passes). The units of all sources are shuffled together and packed (``concat`` or
+``isolated``).
+
+Output directory::
+
+    OUT/
+      train-00000.parquet ...   input_ids, labels, position_ids: one packed row each (list<int32>)
+      validation.parquet        the held-out tokens, one row per source
+      stats.json                everything measured (see below) + the build fingerprint
+      length_histogram.png, mix.png
+
+The fingerprint hashes the resolved mix recipe, the tokenizer's vocabulary, seq_len and every input file's
+path, size and modification time. Rebuilding with the same fingerprint reads stats.json and does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from llmft.data.decontam import Decontaminator, DecontamReport
+from llmft.data.examples import DataError
+from llmft.data.mix import MixRecipe, MixSource
+from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
+from llmft.data.sources import SourceError, SourceReport, list_files, read_source
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1  # bump when the on-disk layout or the build algorithm changes
+ROWS_PER_SHARD = 2048
+TOKENIZE_BATCH = 256
+
+
+@dataclass
+class Built:
+    """A built data directory, loaded."""
+
+    rows: PackedRows
+    validation_tokens: np.ndarray
+    stats: dict
+    cached: bool
+
+
+def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
+    """Hash of everything the build output depends on."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json"), "seq_len": seq_len},
+                        sort_keys=True).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    inputs = [f for s in mix.sources for f in list_files(s.source)]
+    if mix.decontaminate:
+        for t in mix.decontaminate.targets:
+            inputs += sorted(p for p in t.rglob("*") if p.is_file()) if t.is_dir() else [t]
+    for f in inputs:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  decon: Decontaminator | None, decon_report: DecontamReport) -> tuple[list[Example], list[Example], dict]:
+    """Read, decontaminate, tokenize, filter and chunk one source; returns (train units, validation units, stats)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if mix.add_eos and tokenizer.eos_token_id is not None else []
+    report = SourceReport()
+    stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "doc_lengths": []}
+    examples: list[Example] = []
+
+    def flush(batch):
+        prompts = tokenizer([d.prompt for d in batch], add_special_tokens=False)["input_ids"]
+        texts = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        for p, t in zip(prompts, texts):
+            ids = bos + p + t + eos
+            n = len(ids)
+            if src.filters.min_tokens and n < src.filters.min_tokens:
+                stats["dropped_min_tokens"] += 1
+                continue
+            if src.filters.max_tokens and n > src.filters.max_tokens:
+                stats["dropped_max_tokens"] += 1
+                continue
+            mask = np.ones(n, dtype=bool)
+            mask[: len(bos) + len(p)] = False
+            stats["doc_lengths"].append(n)
+            examples.append(Example(np.asarray(ids, dtype=np.int32), mask))
+
+    batch = []
+    try:
+        for doc in tqdm(read_source(src.source, mix.on_error, report), desc=f"read {src.name}", unit="doc",
+                        disable=None, leave=False):
+            if decon is not None:
+                mode = mix.decontaminate.mode
+                text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
+                prompt_hit = bool(doc.prompt) and decon.find(doc.prompt)
+                if text is None or (prompt_hit and mode == "document"):
+                    stats["decontaminated"] += 1
+                    continue
+                doc.text = text
+            batch.append(doc)
+            if len(batch) == TOKENIZE_BATCH:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
+                 filtered_by_subset=report.filtered)
+    units = [Example(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len])
+             for e in examples for i in range(0, len(e), seq_len)]
+    total = sum(len(u) for u in units)
+    keep = total - int(total * mix.validation_fraction)
+    train, val, seen = [], [], 0
+    for u in units:  # whole units: the validation tail starts at a unit boundary
+        (train if seen < keep else val).append(u)
+        seen += len(u)
+    return train, val, stats
+
+
+def _select(units: list[Example], target: int, rng: np.random.Generator) -> list[Example]:
+    """Whole passes over ``units`` plus a random part-pass, until ``target`` tokens (overshoot < one unit)."""
+    available = sum(len(u) for u in units)
+    full = int(target // available)
+    chosen = units * full
+    remainder = target - full * available
+    got = 0
+    for i in rng.permutation(len(units)):
+        if got >= remainder:
+            break
+        chosen.append(units[i])
+        got += len(units[i])
+    return chosen
+
+
+def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, force: bool = False) -> Built:
+    """Build (or reuse) the mix in ``out``.
+
+    Raises:
+        DataError: malformed data under on_error: stop, an empty source, or a share a source cannot supply
+            within its max_epochs.
+    """
+    out = Path(out)
+    fp = fingerprint(mix, tokenizer, seq_len)
+    if not force and (out / "stats.json").is_file():
+        stats = json.loads((out / "stats.json").read_text())
+        if stats.get("fingerprint") == fp:
+            log.info("data: %s is up to date (fingerprint %s): nothing to build", out, fp)
+            return load_built(out, cached=True)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("train-*.parquet"):
+        old.unlink()
+    decon, decon_report = None, DecontamReport()
+    if mix.decontaminate:
+        decon = Decontaminator(n=mix.decontaminate.n)
+        decon.add_files(list(mix.decontaminate.targets))
+
+    weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
+    weights /= weights.sum()
+    per_source, train_units, val_units = {}, {}, {}
+    for src in mix.sources:
+        train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
+            src, mix, tokenizer, seq_len, decon, decon_report)
+        if not train_units[src.name]:
+            raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
+                            f"({per_source[src.name]['documents']} read)")
+    available = {name: sum(len(u) for u in units) for name, units in train_units.items()}
+    caps = [available[s.name] * s.max_epochs / w for s, w in zip(mix.sources, weights)]
+    total = mix.total_tokens or int(min(caps))
+    for s, w in zip(mix.sources, weights):
+        need = w * total / available[s.name]
+        if need > s.max_epochs * (1 + 1e-9):
+            raise DataError(
+                f"source {s.name!r} has {available[s.name]:,} tokens; a {w:.1%} share of {total:,} tokens needs "
+                f"{need:.2f} passes > max_epochs {s.max_epochs:g}. Lower total_tokens or its weight, or raise "
+                "its max_epochs"
+            )
+
+    rng = np.random.default_rng(mix.seed)
+    mixed: list[Example] = []
+    for s, w in zip(mix.sources, weights):
+        chosen = _select(train_units[s.name], round(w * total), rng)
+        st = per_source[s.name]
+        st.update(available_tokens=available[s.name], target_share=float(w), target_tokens=round(w * total),
+                  selected_tokens=sum(len(u) for u in chosen), units=len(chosen),
+                  epochs=sum(len(u) for u in chosen) / available[s.name])
+        mixed += chosen
+    order = rng.permutation(len(mixed))
+    mixed = [mixed[i] for i in order]
+    selected = sum(len(u) for u in mixed)
+    for st in per_source.values():
+        st["realized_share"] = st["selected_tokens"] / selected
+
+    rows = pack_isolated(mixed, seq_len, pad_id=tokenizer.pad_token_id) if mix.packing == "isolated" \
+        else pack_concat(mixed, seq_len)
+    _write_rows(rows, out)
+    val_table = pa.table({"source": list(val_units),
+                          "tokens": [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32)
+                                     for us in val_units.values()]})
+    pq.write_table(val_table, out / "validation.parquet")
+
+    histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
+    stats = {
+        "fingerprint": fp,
+        "seq_len": seq_len,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "packing": {"mode": rows.mode, "rows": len(rows), "efficiency": rows.efficiency,
+                    "dropped_tokens": rows.dropped_tokens, "split_examples": rows.split_examples},
+        "total_tokens": selected,
+        "validation_tokens": {n: sum(len(u) for u in us) for n, us in val_units.items()},
+        "sources": per_source,
+        "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
+        "decontamination": decon_report.to_dict() if decon else None,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    _plot(stats, out)
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks the build complete
+    return Built(rows, _validation_tokens(out), stats, cached=False)
+
+
+def _histogram(lengths: list[int]) -> dict:
+    """Document-length counts in power-of-two bins: {"<=64": n, "<=128": n, ...}."""
+    if not lengths:
+        return {}
+    edges = [2**k for k in range(4, max(5, math.ceil(math.log2(max(lengths)))) + 1)]
+    counts = np.histogram(lengths, bins=[0, *edges])[0]
+    return {f"<={e}": int(c) for e, c in zip(edges, counts)}
+
+
+def _write_rows(rows: PackedRows, out: Path) -> None:
+    for k, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
+        part = slice(start, start + ROWS_PER_SHARD)
+        table = pa.table({name: pa.array(list(getattr(rows, name)[part].to(torch.int32).numpy()), pa.list_(pa.int32()))
+                          for name in ("input_ids", "labels", "position_ids")})
+        pq.write_table(table, out / f"train-{k:05d}.parquet")
+
+
+def _validation_tokens(out: Path) -> np.ndarray:
+    table = pq.read_table(out / "validation.parquet")
+    parts = [np.asarray(t, dtype=np.int32) for t in table.column("tokens").to_pylist()]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def load_built(out: Path, cached: bool = False) -> Built:
+    """Load a built directory.
+
+    Raises:
+        DataError: the directory is not a complete build.
+    """
+    out = Path(out)
+    if not (out / "stats.json").is_file():
+        raise DataError(f"{out} is not a built data directory (no stats.json); build it with `llmft data build`")
+    stats = json.loads((out / "stats.json").read_text())
+    shards = sorted(out.glob("train-*.parquet"))
+    tensors = {}
+    for name in ("input_ids", "labels", "position_ids"):
+        col = [np.stack(pq.read_table(s, columns=[name]).column(name).to_numpy(zero_copy_only=False)) for s in shards]
+        tensors[name] = torch.from_numpy(np.concatenate(col).astype(np.int64))  # (n, s)
+    p = stats["packing"]
+    rows = PackedRows(tensors["input_ids"], tensors["labels"], tensors["position_ids"], p["mode"],
+                      int(round(p["efficiency"] * tensors["input_ids"].numel())), p["dropped_tokens"], p["split_examples"])
+    if len(rows) != p["rows"]:
+        raise DataError(f"{out}: stats.json lists {p['rows']} rows but the shards hold {len(rows)}; rebuild it")
+    return Built(rows, _validation_tokens(out), stats, cached)
+
+
+def _plot(stats: dict, out: Path) -> None:
+    """length_histogram.png (documents per length bin, per source) and mix.png (target vs realized shares)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    names = list(stats["length_histogram"])
+    bins = sorted({b for h in stats["length_histogram"].values() for b in h}, key=lambda b: int(b[2:]))
+    width = 0.8 / max(1, len(names))
+    for k, name in enumerate(names):
+        h = stats["length_histogram"][name]
+        ax.bar([i + k * width for i in range(len(bins))], [h.get(b, 0) for b in bins], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bins))], bins, rotation=45, fontsize=7)
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title("Document lengths by source")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "length_histogram.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    src = stats["sources"]
+    xs = np.arange(len(src))
+    ax.bar(xs - 0.2, [100 * s["target_share"] for s in src.values()], 0.4, label="target")
+    ax.bar(xs + 0.2, [100 * s["realized_share"] for s in src.values()], 0.4, label="realized")
+    ax.set_xticks(xs, list(src), fontsize=8)
+    ax.set_ylabel("% of training tokens")
+    ax.set_title(f"Mix: {stats['total_tokens']:,} tokens, {stats['packing']['mode']} packing "
+                 f"({stats['packing']['efficiency']:.1%} full)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "mix.png")
+    plt.close(fig)
+
+
+def build_from_recipe(mix: MixRecipe, out: Path, seq_len: int, tokenizer_name: str, force: bool = False) -> Built:
+    """Load the tokenizer by name and build."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return build(mix, out, tok, seq_len, force=force)

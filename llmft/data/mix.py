@@ -1,0 +1,147 @@
+"""The data-mix recipe (``data_recipes/*.yaml``): sources with token shares, filters, decontamination, packing.
+
+Weights are shares of *tokens*, not of documents: a source with weight 0.25 supplies 25% of the built
+training tokens whatever its document lengths. To reach its share a small source is repeated (up to
+``max_epochs`` passes); a large one is subsampled. Every document is chunked into ``seq_len`` units first,
+so shares are met to within a unit even for book-length documents.
+
+    sources:
+      - name: books
+        weight: 0.5
+        source: {format: pg19, path: data/pg19/train}
+        filters: {min_tokens: 2048}
+        max_epochs: 2
+
+Relative paths start at the current working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from llmft.config import RecipeError, load_validated
+from llmft.data.sources import SourceSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Filters(_Strict):
+    """Per-document filters, applied to the token count of the whole document (prompt included)."""
+
+    min_tokens: int | None = Field(default=None, ge=1, description="Drop documents shorter than this.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Drop documents longer than this.")
+
+
+class Decontamination(_Strict):
+    """Remove training text that shares word n-grams with evaluation texts (see llmft/data/decontam.py)."""
+
+    targets: list[Path] = Field(
+        min_length=1,
+        description="Evaluation files or directories: .txt books (PG-19 test/validation), HELM scenario "
+        ".jsonl/.json files.",
+    )
+    n: int = Field(default=13, ge=4, description="n-gram length in words (Together used 10 for HELM).")
+    mode: Literal["document", "span"] = Field(
+        default="document", description="'document' drops a whole document on any hit; 'span' cuts the overlap."
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_exist(cls, v: list[Path], info: ValidationInfo) -> list[Path]:
+        if not (info.context and info.context.get("check_paths") is False):
+            missing = [str(p) for p in v if not p.exists()]
+            if missing:
+                raise ValueError(f"decontamination targets do not exist: {', '.join(missing)}")
+        return v
+
+
+class MixSource(_Strict):
+    """One source of the mix and its share of the tokens."""
+
+    name: str = Field(min_length=1, description="Short name used in stats and plots (e.g. rp_book).")
+    weight: float = Field(gt=0, description="Share of the training tokens (weights are normalized to sum 1).")
+    source: SourceSpec = Field(description="Where and in which format the documents are.")
+    filters: Filters = Field(default_factory=Filters, description="Document filters.")
+    max_epochs: float = Field(
+        default=1.0, gt=0, description="At most this many passes over the source to reach its share (1 = no repeats)."
+    )
+
+
+class MixRecipe(_Strict):
+    """A data mix: what ``llmft data build`` turns into packed, shuffled training rows."""
+
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer (hub id or directory). Training recipes use their model's tokenizer."
+    )
+    seq_len: int | None = Field(
+        default=None, gt=1, description="Row length. Training recipes use model.max_seq_len."
+    )
+    packing: Literal["concat", "isolated"] = Field(
+        default="concat", description="'concat' (attention across documents) or 'isolated' (see packing.py)."
+    )
+    total_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Training tokens to build. Default: the most the sources allow within their max_epochs.",
+    )
+    validation_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Hold out this fraction of every source's tokens (its tail)."
+    )
+    seed: int = Field(default=0, description="Seeds subsampling and the order of the mixed rows.")
+    on_error: Literal["skip", "stop"] = Field(default="skip", description="Malformed records: skip (counted) or stop.")
+    add_eos: bool = Field(default=True, description="End every document with EOS.")
+    decontaminate: Decontamination | None = Field(default=None, description="n-gram decontamination; omit for none.")
+    sources: list[MixSource] = Field(min_length=1, description="The sources and their token shares.")
+
+
+def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
+    problems = []
+    names = [s.name for s in mix.sources]
+    for i, s in enumerate(mix.sources):
+        if names.count(s.name) > 1:
+            problems.append((("sources", i, "name"), f"{s.name!r} is used twice; give every source its own name"))
+        f = s.filters
+        if f.min_tokens and f.max_tokens and f.min_tokens > f.max_tokens:
+            problems.append((("sources", i, "filters"), "min_tokens is larger than max_tokens"))
+    return problems
+
+
+def load_mix(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> MixRecipe:
+    """Read and validate a data-mix recipe.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key=value`` strings applied before validation.
+        check_paths: False validates the schema only (data not downloaded yet).
+
+    Raises:
+        RecipeError: every problem, with file, line and YAML path.
+    """
+    return load_validated(path, MixRecipe, overrides, context={"check_paths": check_paths}, checks=_checks)
+
+
+def resolve_lengths(mix: MixRecipe, seq_len: int | None, tokenizer: str | None, where: str) -> tuple[int, str]:
+    """The row length and tokenizer to build with: the caller's (a training recipe's) or the mix's own.
+
+    Raises:
+        RecipeError: neither gives one, or they disagree.
+    """
+    errors = []
+    if seq_len and mix.seq_len and seq_len != mix.seq_len:
+        errors.append(f"{where}: seq_len is {mix.seq_len} but the model trains at {seq_len}; remove seq_len "
+                      "from the data recipe or make them equal")
+    if tokenizer and mix.tokenizer and tokenizer != mix.tokenizer:
+        errors.append(f"{where}: tokenizer is {mix.tokenizer!r} but the model uses {tokenizer!r}; remove it from "
+                      "the data recipe or make them equal")
+    final_len, final_tok = seq_len or mix.seq_len, tokenizer or mix.tokenizer
+    if final_len is None:
+        errors.append(f"{where}: seq_len is not set; add seq_len: <tokens> (or build from a training recipe)")
+    if final_tok is None:
+        errors.append(f"{where}: tokenizer is not set; add tokenizer: <hub id or directory>")
+    if errors:
+        raise RecipeError(errors)
+    return final_len, final_tok

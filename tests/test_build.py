@@ -1,0 +1,194 @@
+"""Data mixes: token shares met, every unit placed as often as its epochs say, filters exact,
+decontamination applied, cache hits, and training straight from a data recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, SHARED, tiny_recipe, write_recipe
+from transformers import AutoTokenizer
+
+from llmft.cli import main
+from llmft.config import RecipeError, load_recipe
+from llmft.data.build import build, load_built
+from llmft.data.examples import DataError
+from llmft.data.mix import load_mix
+from llmft.train.loop import train
+
+TOKENIZER = "llmft/assets/tiny-llama"
+DATA_RECIPES = sorted((REPO / "data_recipes").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(REPO / TOKENIZER)
+
+
+def jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def mix_file(tmp_path: Path, **mix) -> Path:
+    mix = {"tokenizer": str(REPO / TOKENIZER), "seq_len": 256, "seed": 0, **mix}
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(mix, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def two_sources(tmp_path, book_text):
+    words = book_text.split()
+    docs = [" ".join(words[i : i + n]) for i, n in zip(range(0, 8000, 160), [20, 150, 60, 400, 90] * 10)]
+    return jsonl(tmp_path / "a.jsonl", docs[:25]), jsonl(tmp_path / "b.jsonl", docs[25:])
+
+
+@pytest.mark.parametrize("recipe", DATA_RECIPES, ids=lambda p: p.name)
+def test_every_shipped_data_recipe_validates(recipe, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["data", "validate", str(recipe.relative_to(REPO)), "--schema-only"]) == 0
+
+
+def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, tok):
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    monkeypatch.chdir(REPO)
+    mix = load_mix("data_recipes/cpu_books_ni.yaml")
+    built = build(mix, tmp_path / "out", tok, 1024)
+    for name, src in built.stats["sources"].items():
+        assert abs(src["realized_share"] - src["target_share"]) < 0.01, (name, src)
+    assert built.stats["packing"]["efficiency"] == 1.0
+    assert (tmp_path / "out" / "mix.png").stat().st_size > 5000
+    assert (tmp_path / "out" / "length_histogram.png").stat().st_size > 5000
+    again = load_built(tmp_path / "out")
+    assert torch.equal(again.rows.input_ids, built.rows.input_ids)
+
+
+def test_each_unit_appears_exactly_as_often_as_its_epochs(tmp_path, two_sources, tok):
+    a, b = two_sources
+    path = mix_file(tmp_path, packing="isolated", sources=[
+        {"name": "a", "weight": 0.5, "source": {"format": "jsonl", "path": str(a)}},
+        {"name": "b", "weight": 0.5, "source": {"format": "jsonl", "path": str(b)}, "max_epochs": 3}])
+    built = build(load_mix(path), tmp_path / "out", tok, 256)
+    rows, stats = built.rows, built.stats["sources"]
+    placed = Counter()  # every packed segment (an isolated unit), by its tokens
+    for r in range(len(rows)):
+        pos = rows.position_ids[r]
+        starts = torch.nonzero(pos == 0).flatten().tolist() + [len(pos)]
+        for s, e in zip(starts[:-1], starts[1:]):
+            if (rows.labels[r, s:e] != -100).any():
+                placed[tuple(rows.input_ids[r, s:e].tolist())] += 1
+
+    def units(path):
+        out = []
+        for line in path.read_text().splitlines():
+            ids = [tok.bos_token_id] + tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            out += [tuple(ids[i : i + 256]) for i in range(0, len(ids), 256)]
+        return out
+
+    assert stats["a"]["epochs"] == pytest.approx(1.0)  # the limiting source: every unit exactly once
+    assert all(placed[u] == 1 for u in units(a))
+    e = stats["b"]["epochs"]  # whole passes plus a part-pass: each unit floor(e) or ceil(e) times
+    assert 1 < e <= 3 and all(int(e) <= placed[u] <= int(e) + 1 for u in units(b))
+    assert sum(placed.values()) == sum(1 for _ in units(a)) + sum(placed[u] for u in set(units(b)))
+    assert built.stats["packing"]["split_examples"] == 0  # units are already at most seq_len
+
+
+def test_min_tokens_drops_exactly_the_short_documents(tmp_path, two_sources, tok):
+    a, _ = two_sources
+    lengths = [len(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]) + 2
+               for line in a.read_text().splitlines()]
+    path = mix_file(tmp_path, sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)},
+                                        "filters": {"min_tokens": 100}}])
+    built = build(load_mix(path), tmp_path / "out", tok, 256)
+    assert built.stats["sources"]["a"]["dropped_min_tokens"] == sum(n < 100 for n in lengths) > 0
+    assert built.stats["sources"]["a"]["available_tokens"] == sum(n for n in lengths if n >= 100)
+
+
+def test_second_build_is_a_cache_hit(tmp_path, two_sources, tok):
+    a, b = two_sources
+    path = mix_file(tmp_path, sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)}},
+                                       {"name": "b", "weight": 1, "source": {"format": "jsonl", "path": str(b)}}])
+    mix = load_mix(path)
+    t0 = time.perf_counter()
+    first = build(mix, tmp_path / "out", tok, 256)
+    t1 = time.perf_counter()
+    second = build(mix, tmp_path / "out", tok, 256)
+    t2 = time.perf_counter()
+    assert not first.cached and second.cached and torch.equal(first.rows.input_ids, second.rows.input_ids)
+    assert t2 - t1 < 0.5 * (t1 - t0)  # the cached path only hashes inputs and reads the shards
+    b.write_text(b.read_text() + json.dumps({"text": "one more document " * 20}) + "\n")
+    assert not build(mix, tmp_path / "out", tok, 256).cached  # an input changed: rebuilt
+
+
+def test_decontamination_removes_the_planted_document(tmp_path, two_sources, tok, book_text):
+    a, _ = two_sources
+    eval_text = "the quick brown fox jumps over the lazy dog while seven sleepy cats watch from a sunny windowsill"
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "book.txt").write_text(eval_text)
+    docs = [json.loads(line)["text"] for line in a.read_text().splitlines()]
+    docs[3] = docs[3] + " " + eval_text
+    jsonl(a, docs)
+    path = mix_file(tmp_path, decontaminate={"targets": [str(tmp_path / "eval")], "n": 13},
+                    sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)}}])
+    built = build(load_mix(path), tmp_path / "out", tok, 256)
+    assert built.stats["sources"]["a"]["decontaminated"] == 1
+    assert built.stats["decontamination"]["documents_removed"] == 1
+    assert built.stats["sources"]["a"]["documents"] == len(docs)
+    planted = tok(eval_text, add_special_tokens=False)["input_ids"][:8]
+    flat = built.rows.input_ids.flatten().tolist()
+    assert not any(flat[i : i + 8] == planted for i in range(len(flat) - 8))
+
+
+def test_a_share_beyond_max_epochs_is_a_clear_error(tmp_path, two_sources, tok):
+    a, b = two_sources
+    path = mix_file(tmp_path, total_tokens=10_000_000, sources=[
+        {"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)}}])
+    with pytest.raises(DataError, match="needs .* passes > max_epochs 1"):
+        build(load_mix(path), tmp_path / "out", tok, 256)
+
+
+def test_bad_mix_recipe_names_the_yaml_path(tmp_path, two_sources):
+    a, _ = two_sources
+    path = mix_file(tmp_path, sources=[{"name": "a", "weight": -1, "source": {"format": "jsonl", "path": str(a)}},
+                                       {"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)}}])
+    with pytest.raises(RecipeError) as info:
+        load_mix(path)
+    assert any("sources.0.weight: got -1; expected a number greater than 0" in m for m in info.value.messages)
+    assert main(["data", "build", str(path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_on_error_stop_exits_2_with_file_and_line(tmp_path, tok, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    path = mix_file(tmp_path, on_error="stop", sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(bad)}}])
+    assert main(["data", "build", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err
+
+
+def test_training_from_a_data_recipe(tmp_path, tiny_model, two_sources, capsys):
+    a, b = two_sources
+    path = mix_file(tmp_path, packing="isolated", validation_fraction=0.1,
+                    sources=[{"name": "a", "weight": 0.7, "source": {"format": "jsonl", "path": str(a)}},
+                             {"name": "b", "weight": 0.3, "source": {"format": "jsonl", "path": str(b)}, "max_epochs": 4}])
+    raw = yaml.safe_load(path.read_text())
+    del raw["seq_len"], raw["tokenizer"]
+    path.write_text(yaml.safe_dump(raw))
+    recipe = tiny_recipe(tiny_model, a, tmp_path / "run", train={"max_steps": 3},
+                         eval={"every_steps": 3, "lengths": [64, 128], "max_windows": 2})
+    recipe["data"] = {"recipe": str(path)}
+    rpath = write_recipe(tmp_path / "r.yaml", recipe)
+    result = train(load_recipe(rpath))
+    assert len(result.losses) == 3 and (tmp_path / "run" / "data" / "stats.json").is_file()
+    assert "packing            isolated" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval/ppl@64" in line]
+    assert len(evals) == 1
+    recipe["data"]["packing"] = "concat"
+    with pytest.raises(RecipeError, match="belong in the data recipe"):
+        load_recipe(write_recipe(tmp_path / "r2.yaml", recipe))
