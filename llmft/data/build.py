@@ -41,6 +41,7 @@ from llmft.data.examples import DataError
 from llmft.data.mix import MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
 from llmft.data.sources import SourceError, SourceReport, list_files, read_source
+from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the on-disk layout or the build algorithm changes
@@ -76,30 +77,41 @@ def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int
 
 
 def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                  decon: Decontaminator | None, decon_report: DecontamReport) -> tuple[list[Example], list[Example], dict]:
-    """Read, decontaminate, tokenize, filter and chunk one source; returns (train units, validation units, stats)."""
+                  decon: Decontaminator | None, decon_report: DecontamReport,
+                  rng: np.random.Generator) -> tuple[list[Example], list[Example], dict]:
+    """Read, decontaminate, transform, tokenize, filter and chunk one source.
+
+    Returns:
+        (train units, validation units, stats)
+    """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if mix.add_eos and tokenizer.eos_token_id is not None else []
     report = SourceReport()
     stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "doc_lengths": []}
     examples: list[Example] = []
 
+    def keep(ids: list[int] | np.ndarray, mask: np.ndarray) -> None:
+        n = len(ids)
+        if src.filters.min_tokens and n < src.filters.min_tokens:
+            stats["dropped_min_tokens"] += 1
+        elif src.filters.max_tokens and n > src.filters.max_tokens:
+            stats["dropped_max_tokens"] += 1
+        else:
+            stats["doc_lengths"].append(n)
+            examples.append(Example(np.asarray(ids, dtype=np.int32), mask))
+
     def flush(batch):
+        if src.transform == "ni_fewshot":  # many instances of a task per sequence, after one header
+            for e in ni_fewshot(batch, tokenizer, seq_len, mix.add_eos):
+                keep(e.tokens, e.loss_mask)
+            return
         prompts = tokenizer([d.prompt for d in batch], add_special_tokens=False)["input_ids"]
         texts = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
         for p, t in zip(prompts, texts):
             ids = bos + p + t + eos
-            n = len(ids)
-            if src.filters.min_tokens and n < src.filters.min_tokens:
-                stats["dropped_min_tokens"] += 1
-                continue
-            if src.filters.max_tokens and n > src.filters.max_tokens:
-                stats["dropped_max_tokens"] += 1
-                continue
-            mask = np.ones(n, dtype=bool)
+            mask = np.ones(len(ids), dtype=bool)
             mask[: len(bos) + len(p)] = False
-            stats["doc_lengths"].append(n)
-            examples.append(Example(np.asarray(ids, dtype=np.int32), mask))
+            keep(ids, mask)
 
     batch = []
     try:
@@ -113,10 +125,16 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
                     stats["decontaminated"] += 1
                     continue
                 doc.text = text
-            batch.append(doc)
-            if len(batch) == TOKENIZE_BATCH:
+            if src.transform == "ul2":
+                doc = ul2(doc, rng, src.ul2)
+            if src.transform == "ni_fewshot":  # one task's instances together: flush when the task changes
+                if batch and doc.meta.get("task") != batch[-1].meta.get("task"):
+                    flush(batch)
+                    batch = []
+            elif len(batch) == TOKENIZE_BATCH:
                 flush(batch)
                 batch = []
+            batch.append(doc)
         if batch:
             flush(batch)
     except SourceError as e:
@@ -126,10 +144,10 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
     units = [Example(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len])
              for e in examples for i in range(0, len(e), seq_len)]
     total = sum(len(u) for u in units)
-    keep = total - int(total * mix.validation_fraction)
+    train_part = total - int(total * mix.validation_fraction)
     train, val, seen = [], [], 0
     for u in units:  # whole units: the validation tail starts at a unit boundary
-        (train if seen < keep else val).append(u)
+        (train if seen < train_part else val).append(u)
         seen += len(u)
     return train, val, stats
 
@@ -175,9 +193,9 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
     per_source, train_units, val_units = {}, {}, {}
-    for src in mix.sources:
+    for k, src in enumerate(mix.sources):
         train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
-            src, mix, tokenizer, seq_len, decon, decon_report)
+            src, mix, tokenizer, seq_len, decon, decon_report, np.random.default_rng([mix.seed, k]))
         if not train_units[src.name]:
             raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
                             f"({per_source[src.name]['documents']} read)")

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from llmft.config import RecipeError, load_validated
 from llmft.data.sources import SourceSpec
+from llmft.data.transforms import UL2Config
 
 
 class _Strict(BaseModel):
@@ -66,6 +67,12 @@ class MixSource(_Strict):
     name: str = Field(min_length=1, description="Short name used in stats and plots (e.g. rp_book).")
     weight: float = Field(gt=0, description="Share of the training tokens (weights are normalized to sum 1).")
     source: SourceSpec = Field(description="Where and in which format the documents are.")
+    transform: Literal["none", "ul2", "ni_fewshot"] = Field(
+        default="none",
+        description="'ul2': UL2 mixture of denoisers (input context, target trained); 'ni_fewshot': pack the "
+        "instances of each Natural Instructions task after one header, as in-context demonstrations.",
+    )
+    ul2: UL2Config = Field(default_factory=UL2Config, description="UL2 denoisers, mode tokens and sentinel.")
     filters: Filters = Field(default_factory=Filters, description="Document filters.")
     max_epochs: float = Field(
         default=1.0, gt=0, description="At most this many passes over the source to reach its share (1 = no repeats)."
@@ -104,6 +111,11 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
     for i, s in enumerate(mix.sources):
         if names.count(s.name) > 1:
             problems.append((("sources", i, "name"), f"{s.name!r} is used twice; give every source its own name"))
+        if s.transform == "ni_fewshot" and s.source.format != "natural_instructions":
+            problems.append((("sources", i, "transform"), f"ni_fewshot needs format natural_instructions, not "
+                             f"{s.source.format!r}"))
+        if "ul2" in s.model_fields_set and s.transform != "ul2":
+            problems.append((("sources", i, "ul2"), "ul2 settings need transform: ul2"))
         f = s.filters
         if f.min_tokens and f.max_tokens and f.min_tokens > f.max_tokens:
             problems.append((("sources", i, "filters"), "min_tokens is larger than max_tokens"))

@@ -599,7 +599,9 @@ def _read_natural_instructions(path: Path, spec: SourceSpec, on_error: str,
             report.bad(where, "no 'output' (a non-empty list of strings)", on_error)
             continue
         # The full NI release gives every instance an id ("task085-..."); trimmed copies may not.
-        meta = {"task": name, "id": instance.get("id", f"{name}-{i}")}
+        # ni_head / ni_query let the few-shot transform put many instances of a task after one header
+        meta = {"task": name, "id": instance.get("id", f"{name}-{i}"), "ni_head": head,
+                "ni_query": f"Input: {inst_in}\nOutput: "}
         yield Document(text=answer, where=where, meta=meta, prompt=f"{head}Input: {inst_in}\nOutput: ")
 
 

@@ -1,0 +1,159 @@
+"""Transforms applied to documents before packing: UL2 denoising and Natural Instructions few-shot packing.
+
+UL2 (Tay et al. 2022), in its decoder-only form: a document becomes an input (a mode token and the corrupted
+text, context only) and a target (trained on). The work is done on the text, so the sentinels are ordinary
+text that the tokenizer encodes with tokens it really has. Nothing is added to the vocabulary, and nothing
+like ``eos_id - 100 + i`` is used. For ``<extra_id_0>`` a T5-style tokenizer has one token; others spell it
+with several real ones::
+
+    R / X (span corruption, mean span mu, corruption rate r):
+        prompt  "[NLU] The cat <extra_id_0> on the <extra_id_1>"    (X uses [NLG])
+        text    "<extra_id_0> sat <extra_id_1> mat."
+    S (prefix LM):
+        prompt  "[S2S] The cat sat"
+        text    " on the mat."
+
+Spans are whole whitespace-delimited words with their trailing whitespace, so filling each sentinel with
+its span restores the original text byte for byte.
+
+NI few-shot packing (Together's instruction data): the instances of one task are packed into one sequence
+after a single task header (definition + demonstrations). Each later instance sees the earlier ones as
+extra demonstrations, and the loss is on every answer::
+
+    [BOS] Definition ... demos | Input: x1 Output: y1 | Input: x2 Output: y2 | ...   [EOS]
+          context               context      trained    context      trained
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmft.data.packing import Example
+from llmft.data.sources import Document
+
+_PIECE = re.compile(r"\S+\s*")  # a word with the whitespace after it
+
+
+class Denoiser(BaseModel):
+    """One UL2 denoiser."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["R", "S", "X"] = Field(description="R: regular spans; X: extreme; S: prefix LM.")
+    mean_span: float = Field(default=3.0, gt=0, description="R/X: mean corrupted span length (words).")
+    rate: float = Field(default=0.15, gt=0, lt=1, description="R/X: fraction of words corrupted.")
+    weight: float = Field(default=1.0, gt=0, description="Relative frequency of this denoiser.")
+
+
+# The UL2 paper's mixture: R (mu 3, 8; r 0.15), X (mu 3, 8 at r 0.5; mu 64 at r 0.15 and 0.5), S.
+UL2_DENOISERS = [
+    Denoiser(kind="R", mean_span=3, rate=0.15), Denoiser(kind="R", mean_span=8, rate=0.15),
+    Denoiser(kind="X", mean_span=3, rate=0.5), Denoiser(kind="X", mean_span=8, rate=0.5),
+    Denoiser(kind="X", mean_span=64, rate=0.15), Denoiser(kind="X", mean_span=64, rate=0.5),
+    Denoiser(kind="S"),
+]
+
+
+class UL2Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    denoisers: list[Denoiser] = Field(default_factory=lambda: list(UL2_DENOISERS), min_length=1,
+                                      description="The mixture; one is drawn per document by weight.")
+    mode_tokens: dict[str, str] = Field(default_factory=lambda: {"R": "[NLU]", "S": "[S2S]", "X": "[NLG]"},
+                                        description="Text prepended to the input per denoiser kind.")
+    sentinel: str = Field(default="<extra_id_{i}>", description="Sentinel text; {i} is the span number.")
+
+
+def _segments(total: int, parts: int, rng: np.random.Generator) -> list[int]:
+    """``total`` split into ``parts`` random positive lengths (T5's random segmentation)."""
+    cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False)) if parts > 1 else []
+    bounds = [0, *cuts, total]
+    return [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ul2(doc: Document, rng: np.random.Generator, cfg: UL2Config) -> Document:
+    """One UL2 denoising example from a document (see module doc). Documents under 2 words are returned as is."""
+    pieces = _PIECE.findall(doc.text)
+    lead = doc.text[: len(doc.text) - len(doc.text.lstrip())]
+    n = len(pieces)
+    if n < 2:
+        return doc
+    weights = np.array([d.weight for d in cfg.denoisers])
+    d = cfg.denoisers[rng.choice(len(cfg.denoisers), p=weights / weights.sum())]
+    mode = cfg.mode_tokens[d.kind]
+    if d.kind == "S":
+        cut = int(rng.integers(1, n))
+        return Document(text="".join(pieces[cut:]), where=doc.where, meta={**doc.meta, "ul2": "S"},
+                        prompt=f"{mode} {lead}{''.join(pieces[:cut])}")
+    noise = min(n - 1, max(1, round(n * d.rate)))
+    spans = min(noise, n - noise, max(1, round(noise / d.mean_span)))
+    noise_lengths, keep_lengths = _segments(noise, spans, rng), _segments(n - noise, spans, rng)
+    inputs, targets, at = [lead], [], 0
+    for i, (keep, drop) in enumerate(zip(keep_lengths, noise_lengths)):  # keep, then corrupt, alternately
+        sentinel = cfg.sentinel.format(i=i)
+        inputs.append("".join(pieces[at : at + keep]) + sentinel + " ")
+        targets.append(sentinel + " " + "".join(pieces[at + keep : at + keep + drop]))
+        at += keep + drop
+    return Document(text="".join(targets), where=doc.where, meta={**doc.meta, "ul2": f"{d.kind}{d.mean_span:g}/{d.rate:g}"},
+                    prompt=f"{mode} {''.join(inputs)}")
+
+
+def ul2_reconstruct(doc: Document, cfg: UL2Config) -> str:
+    """The original text from a UL2 example: fill each sentinel of the input with its span from the target."""
+    kind = next(k for k, m in cfg.mode_tokens.items() if doc.prompt.startswith(m + " "))
+    body = doc.prompt[len(cfg.mode_tokens[kind]) + 1 :]
+    if kind == "S":
+        return body + doc.text
+    count = 0
+    while cfg.sentinel.format(i=count) + " " in doc.text:
+        count += 1
+    marks = re.compile("|".join(re.escape(cfg.sentinel.format(i=i) + " ") for i in range(count)))
+    kept, spans = marks.split(body), marks.split(doc.text)[1:]  # count + 1 kept parts, count spans
+    return "".join(k + s for k, s in zip(kept, [*spans, ""]))
+
+
+def ni_fewshot(docs: Iterable[Document], tokenizer, seq_len: int, add_eos: bool = True) -> list[Example]:
+    """Pack the instances of each NI task into sequences of at most ``seq_len`` tokens after one header.
+
+    Args:
+        docs: Documents from the natural_instructions source (their meta carries ni_head and ni_query).
+        tokenizer: the tokenizer.
+        seq_len: the row length; a sequence is closed before an instance that would not fit.
+        add_eos: end each sequence with EOS.
+
+    Returns:
+        One Example per sequence: header and queries are context, answers (and their separators) trained.
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out: list[Example] = []
+    ids: list[int] = []
+    mask: list[bool] = []
+    task = None
+
+    def close():
+        if ids and any(mask):
+            out.append(Example(np.asarray(ids + eos, np.int32), np.asarray(mask + [True] * len(eos), bool)))
+
+    for doc in docs:
+        if doc.meta.get("task") != task or not ids:
+            close()
+            task = doc.meta.get("task")
+            head = bos + enc(doc.meta["ni_head"])
+            ids, mask = list(head), [False] * len(head)
+        query, answer = enc(doc.meta["ni_query"]), enc(doc.text + "\n\n")
+        if len(ids) + len(query) + len(answer) + len(eos) > seq_len and any(mask):
+            close()
+            head = bos + enc(doc.meta["ni_head"])
+            ids, mask = list(head), [False] * len(head)
+        ids += query + answer
+        mask += [False] * len(query) + [True] * len(answer)
+    close()
+    return out
