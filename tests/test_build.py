@@ -60,7 +60,11 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
         pytest.skip(f"shared data not found at {SHARED}")
     monkeypatch.chdir(REPO)
     mix = load_mix("data_recipes/cpu_books_ni.yaml")
+    t0 = time.perf_counter()
     built = build(mix, tmp_path / "out", tok, 1024)
+    t1 = time.perf_counter()
+    assert build(mix, tmp_path / "out", tok, 1024).cached
+    assert time.perf_counter() - t1 < 0.1 * (t1 - t0)  # a rebuild with unchanged inputs: < 10% of the first
     for name, src in built.stats["sources"].items():
         assert abs(src["realized_share"] - src["target_share"]) < 0.01, (name, src)
     assert built.stats["packing"]["efficiency"] == 1.0
