@@ -35,7 +35,6 @@ def setup_logging() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed's ZeRO collectives still call torch APIs that torch marks deprecated; nothing for users to do
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
@@ -72,6 +71,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.model.produced_by is not None:
         load_recipe(recipe.model.produced_by)
+    if recipe.data.recipe is not None:
+        from llmft.data.mix import load_mix
+
+        load_mix(recipe.data.recipe)
     deepspeed_config(recipe, args.world_size)
     print(f"# {args.recipe}: valid\n" + recipe_to_yaml(recipe))
     print("\n".join("# " + line for line in derived_numbers(recipe, args.world_size)))

@@ -164,6 +164,11 @@ class DataConfig(_Strict):
         description="A data-mix recipe (data_recipes/*.yaml), built into <checkpoint.dir>/data (cached) with the "
         "model's tokenizer and max_seq_len. Use instead of sources.",
     )
+    built: Path | None = Field(
+        default=None,
+        description="A directory written by `llmft data build` (built with this model's tokenizer and max_seq_len). "
+        "Use instead of sources.",
+    )
     validation: list[SourceSpec] = Field(default_factory=list, description="Held-out sources for eval hooks.")
     validation_fraction: float = Field(
         default=0.0,
@@ -325,16 +330,20 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("model", "rope"), "rope scaling applies to a pretrained model. Fix: with init: random, "
                          "remove model.rope and set max_position_embeddings in the model's config.json"))
     d = recipe.data
-    if bool(d.sources) == (d.recipe is not None):
-        problems.append((("data",), "set exactly one of data.sources (files to read) and data.recipe (a data mix)"))
-    if d.recipe is not None:
-        if not d.recipe.is_file():
-            problems.append((("data", "recipe"), f"data recipe {str(d.recipe)!r} does not exist"))
+    if bool(d.sources) + (d.recipe is not None) + (d.built is not None) != 1:
+        problems.append((("data",), "set exactly one of data.sources (files to read), data.recipe (a data mix) "
+                         "and data.built (a directory from `llmft data build`)"))
+    if d.recipe is not None and not d.recipe.is_file():
+        problems.append((("data", "recipe"), f"data recipe {str(d.recipe)!r} does not exist"))
+    if d.built is not None and not (d.built / "stats.json").is_file():
+        problems.append((("data", "built"), f"{str(d.built)!r} is not a built data directory (no stats.json). "
+                         "Fix: run `llmft data build <data recipe> --out DIR` first"))
+    if d.recipe is not None or d.built is not None:
         mixed_up = sorted({"validation", "validation_fraction", "packing", "add_eos", "on_error"} & d.model_fields_set)
         if mixed_up:
             problems.append((("data",), f"{', '.join(mixed_up)} belong in the data recipe when data.recipe is set; "
                              "move them there"))
-    if recipe.eval.every_steps and d.recipe is None and not (d.validation or d.validation_fraction > 0):
+    if recipe.eval.every_steps and d.recipe is None and d.built is None and not (d.validation or d.validation_fraction > 0):
         problems.append((("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction"))
     return problems
 

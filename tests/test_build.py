@@ -196,3 +196,27 @@ def test_training_from_a_data_recipe(tmp_path, tiny_model, two_sources, capsys):
     recipe["data"]["packing"] = "concat"
     with pytest.raises(RecipeError, match="belong in the data recipe"):
         load_recipe(write_recipe(tmp_path / "r2.yaml", recipe))
+
+
+def test_training_from_a_built_directory_and_mismatch_errors(tmp_path, tiny_model, two_sources):
+    a, _ = two_sources
+    source = [{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(a)}}]
+    path = mix_file(tmp_path, seq_len=128, tokenizer=str(tiny_model), sources=source)
+    assert main(["data", "build", str(path), "--out", str(tmp_path / "built")]) == 0
+    recipe = tiny_recipe(tiny_model, a, tmp_path / "run", train={"max_steps": 2})
+    recipe["data"] = {"built": str(tmp_path / "built")}
+    result = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert len(result.losses) == 2
+
+    other = mix_file(tmp_path, seq_len=128, sources=source)  # the bundled 2048-token tokenizer
+    assert main(["data", "build", str(other), "--out", str(tmp_path / "other")]) == 0
+    recipe["data"] = {"built": str(tmp_path / "other")}
+    with pytest.raises(RecipeError, match="which is not the model's"):
+        train(load_recipe(write_recipe(tmp_path / "r2.yaml", recipe)))
+    recipe["data"] = {"built": str(tmp_path / "built")}
+    recipe["model"]["max_seq_len"] = 64
+    with pytest.raises(RecipeError, match="built for seq_len 128"):
+        train(load_recipe(write_recipe(tmp_path / "r3.yaml", recipe)))
+    recipe["data"] = {"built": str(tmp_path / "nothing")}
+    with pytest.raises(RecipeError, match="not a built data directory"):
+        load_recipe(write_recipe(tmp_path / "r4.yaml", recipe))

@@ -59,13 +59,18 @@ class Built:
     cached: bool
 
 
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary and special tokens: equal hashes encode text the same way."""
+    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
     """Hash of everything the build output depends on."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json"), "seq_len": seq_len},
-                        sort_keys=True).encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json"), "seq_len": seq_len,
+                         "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True).encode())
     inputs = [f for s in mix.sources for f in list_files(s.source)]
     if mix.decontaminate:
         for t in mix.decontaminate.targets:
@@ -239,6 +244,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         "fingerprint": fp,
         "seq_len": seq_len,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
         "packing": {"mode": rows.mode, "rows": len(rows), "efficiency": rows.efficiency,
                     "dropped_tokens": rows.dropped_tokens, "split_examples": rows.split_examples},
         "total_tokens": selected,

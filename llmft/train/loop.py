@@ -90,7 +90,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
     model, tokenizer = built.model, built.tokenizer
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    if recipe.data.recipe is not None:  # a data mix: built once (rank 0), cached by fingerprint
+    if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
         built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
         rows, val_tokens = built_data.rows, built_data.validation_tokens
         documents = sum(s["documents"] for s in built_data.stats["sources"].values())
@@ -231,9 +231,24 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
 
 def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
-    """Build the data mix on rank 0 (a no-op when cached), then load it on every rank."""
-    from llmft.data.build import build, load_built
+    """Build the data mix on rank 0 (a no-op when cached), then load it on every rank; or load a built dir.
+
+    Raises:
+        RecipeError: the mix or the built directory does not match the model's tokenizer or max_seq_len.
+    """
+    from llmft.data.build import build, load_built, tokenizer_hash
     from llmft.data.mix import load_mix
+
+    if recipe.data.built is not None:
+        built = load_built(recipe.data.built)
+        where = f"{recipe.data.built}/stats.json"
+        if built.stats["seq_len"] != recipe.model.max_seq_len:
+            raise RecipeError([f"{where}: built for seq_len {built.stats['seq_len']}, but model.max_seq_len is "
+                               f"{recipe.model.max_seq_len}; rebuild with seq_len={recipe.model.max_seq_len}"])
+        if built.stats["tokenizer_hash"] != tokenizer_hash(tokenizer):
+            raise RecipeError([f"{where}: built with tokenizer {built.stats['tokenizer']!r}, which is not the "
+                               "model's; rebuild it with the model's tokenizer"])
+        return built
 
     where = str(recipe.data.recipe)
     mix = load_mix(where)
