@@ -38,11 +38,13 @@ def deepspeed_train(recipe_path, *overrides) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
-def test_deepspeed_two_ranks_trains_checkpoints_and_resumes(stage, precision, tmp_path, tiny_model, text_file):
+@pytest.mark.parametrize(("stage", "precision", "packing"),
+                         [(0, "fp32", "concat"), (2, "fp32", "concat"), (3, "fp32", "concat"), (2, "bf16", "concat"),
+                          (3, "fp32", "isolated")])
+def test_deepspeed_two_ranks_trains_checkpoints_and_resumes(stage, precision, packing, tmp_path, tiny_model, text_file):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tiny_model, text_file, run_dir, train={"max_steps": 6, "precision": precision},
-                         checkpoint={"every_steps": 3})
+                         checkpoint={"every_steps": 3}, data={"packing": packing})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     proc = deepspeed_train(path, f"deepspeed.stage={stage}")
     assert f"2 (DeepSpeed ZeRO-{stage})" in proc.stdout
