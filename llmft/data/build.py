@@ -110,7 +110,8 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
             for e in ni_fewshot(batch, tokenizer, seq_len, mix.add_eos):
                 keep(e.tokens, e.loss_mask)
             return
-        prompts = tokenizer([d.prompt for d in batch], add_special_tokens=False)["input_ids"]
+        prompts = (tokenizer([d.prompt for d in batch], add_special_tokens=False)["input_ids"]
+                   if any(d.prompt for d in batch) else [[] for _ in batch])  # plain text: no prompts to encode
         texts = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
         for p, t in zip(prompts, texts):
             ids = bos + p + t + eos
@@ -269,10 +270,13 @@ def _histogram(lengths: list[int]) -> dict:
 
 
 def _write_rows(rows: PackedRows, out: Path) -> None:
+    seq_len = rows.input_ids.shape[1]
     for k, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         part = slice(start, start + ROWS_PER_SHARD)
-        table = pa.table({name: pa.array(list(getattr(rows, name)[part].to(torch.int32).numpy()), pa.list_(pa.int32()))
-                          for name in ("input_ids", "labels", "position_ids")})
+        # one flat int32 buffer per column, viewed as fixed-size lists of seq_len: no per-row conversion
+        table = pa.table({name: pa.FixedSizeListArray.from_arrays(
+            pa.array(getattr(rows, name)[part].to(torch.int32).numpy().reshape(-1)), seq_len)
+            for name in ("input_ids", "labels", "position_ids")})
         pq.write_table(table, out / f"train-{k:05d}.parquet")
 
 
@@ -295,8 +299,8 @@ def load_built(out: Path, cached: bool = False) -> Built:
     shards = sorted(out.glob("train-*.parquet"))
     tensors = {}
     for name in ("input_ids", "labels", "position_ids"):
-        col = [np.stack(pq.read_table(s, columns=[name]).column(name).to_numpy(zero_copy_only=False)) for s in shards]
-        tensors[name] = torch.from_numpy(np.concatenate(col).astype(np.int64))  # (n, s)
+        flat = [pq.read_table(s, columns=[name]).column(name).combine_chunks().flatten().to_numpy() for s in shards]
+        tensors[name] = torch.from_numpy(np.concatenate(flat).astype(np.int64).reshape(-1, stats["seq_len"]))  # (n, s)
     p = stats["packing"]
     rows = PackedRows(tensors["input_ids"], tensors["labels"], tensors["position_ids"], p["mode"],
                       int(round(p["efficiency"] * tensors["input_ids"].numel())), p["dropped_tokens"], p["split_examples"])
