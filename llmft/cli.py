@@ -1,4 +1,4 @@
-"""``llmft`` command line: validate, train, data (build / inspect / validate), quickstart.
+"""``llmft`` command line: validate, train, merge, data (build / inspect / validate), quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
 with code 2, without a traceback.
@@ -35,6 +35,8 @@ def setup_logging() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # peft imports bitsandbytes, which warns on CPU about an optional 4-bit kernel LoRA never uses
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # DeepSpeed's ZeRO collectives still call torch APIs that torch marks deprecated; nothing for users to do
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
 
@@ -60,8 +62,18 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
         n = parameter_count_from_config(m)
     except ModelLoadError as e:
         raise RecipeError([str(e)]) from None
-    lines.append(f"parameters              {n:,} (all trainable: method full)" if n else
-                 "parameters              (model not local: counted at launch)")
+    if n and recipe.method == "lora":
+        from llmft.model.adapters import lora_parameter_count
+        from llmft.model.build import load_config
+
+        try:
+            k = lora_parameter_count(load_config(m)[0], recipe.lora)
+            lines.append(f"parameters              {n:,} ({k:,} trainable = {100 * k / n:.2f}%: method lora)")
+        except ValueError:  # explicit targets without a closed form: counted at launch
+            lines.append(f"parameters              {n:,} (trainable: counted at launch)")
+    else:
+        lines.append(f"parameters              {n:,} (all trainable: method full)" if n else
+                     "parameters              (model not local: counted at launch)")
     return lines
 
 
@@ -165,6 +177,15 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from llmft.model.adapters import merge_adapter
+    from llmft.model.build import DTYPES
+
+    out = merge_adapter(args.base, Path(args.adapter), Path(args.out), DTYPES[args.dtype])
+    print(f"[llmft] merged {args.adapter} into {args.base}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmft", description="Long-context fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -199,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("overrides", nargs="*")
     dv.add_argument("--schema-only", action="store_true", help="do not check that paths exist")
     dv.set_defaults(func=cmd_data_validate)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter (method: lora output) into its base: a plain HF "
+                        "checkpoint")
+    mg.add_argument("--base", required=True, help="the base model (hub id or directory) the adapter was trained on")
+    mg.add_argument("--adapter", required=True, help="an adapter directory: RUN/final or RUN/checkpoints/step-N/model")
+    mg.add_argument("--out", required=True, help="output directory")
+    mg.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="dtype of the merged weights")
+    mg.set_defaults(func=cmd_merge)
 
     q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
                        "print perplexity by context length before and after")

@@ -297,6 +297,55 @@ class EvalConfig(_Strict):
     at_end: bool = Field(default=True, description="Also evaluate after the last step (when every_steps > 0).")
 
 
+# ---------------------------------------------------------------------------------------------- lora
+
+# Target presets for LLaMA-family models (the module names transformers uses for these projections).
+LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters (Hu et al. 2021) for ``method: lora``, applied with PEFT. The base weights stay frozen; only
+    the low-rank A/B matrices (plus ``trainable_extra``) are trained. LongLoRA (Chen et al. 2023) extends context
+    with r=8, alpha=16 on q/k/v/o and also trains the embedding and the norms: without them LoRA falls short of
+    full fine-tuning at long context."""
+
+    rank: int = Field(default=8, gt=0, description="LoRA rank r (inner dimension of B @ A).")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r "
+                         "(alpha / sqrt(r) with use_rslora).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
+    target_modules: Literal["attention", "all_linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        default="attention",
+        description="Linear layers that get adapters: 'attention' (q_proj, k_proj, v_proj, o_proj), 'all_linear' "
+        "(those + gate_proj, up_proj, down_proj), or an explicit list of module names.",
+        json_schema_extra=_hint("use attention, all_linear, or a list such as [q_proj, v_proj]"),
+    )
+    trainable_extra: list[Literal["embed", "norm", "lm_head"]] = Field(
+        default_factory=list,
+        description="Whole modules trained (and saved in the adapter) next to LoRA: 'embed' (input embedding), "
+        "'norm' (every RMSNorm weight), 'lm_head'. LongLoRA uses [embed, norm].",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none", description="Which biases train: none, all, or only those of adapted layers.")
+
+    @property
+    def targets(self) -> list[str]:
+        """The target module names, with a preset expanded."""
+        if isinstance(self.target_modules, str):
+            return list(LORA_TARGET_PRESETS[self.target_modules])
+        return list(self.target_modules)
+
+    @field_validator("trainable_extra")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("list each of embed, norm, lm_head at most once")
+        return v
+
+
 # -------------------------------------------------------------------------------------------- recipe
 
 
@@ -305,7 +354,11 @@ class Recipe(_Strict):
 
     model: ModelConfig
     method: Literal["full", "lora", "qlora"] = Field(
-        default="full", description="full fine-tuning; lora / qlora adapters (see docs/hyperparameters.md)."
+        default="full", description="'full' fine-tuning; 'lora' adapters on a frozen base (see the lora section); "
+        "'qlora' is not available yet.",
+    )
+    lora: LoraConfig | None = Field(
+        default=None, description="LoRA settings; only with method: lora (omitted there: LoraConfig's defaults)."
     )
     data: DataConfig
     train: TrainConfig
@@ -314,13 +367,26 @@ class Recipe(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_defaults(cls, data: Any) -> Any:
+        # method: lora without a lora section means the LoRA defaults, filled here so they show when resolved
+        if isinstance(data, dict) and data.get("method") == "lora" and data.get("lora") is None:
+            data = {**data, "lora": {}}
+        return data
 
 
 def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Checks that span sections or touch the filesystem. Returns (yaml path, problem) pairs."""
     m, problems = recipe.model, []
-    if recipe.method != "full":
-        problems.append((("method",), f"{recipe.method!r} is not available in this version of llmft. Fix: use method: full"))
+    if recipe.method == "qlora":
+        problems.append((("method",), "qlora lands later; use method: lora (or method: full)"))
+    if recipe.lora is not None and recipe.method != "lora":
+        problems.append((("lora",), f"the lora section applies only to method: lora, but method is "
+                         f"{recipe.method!r}. Fix: set method: lora, or remove the lora section"))
+    if recipe.method == "lora" and recipe.deepspeed.config is not None:
+        problems.append((("deepspeed", "config"), "method: lora runs in one process for now (DeepSpeed + LoRA "
+                         "lands later). Fix: remove deepspeed.config and launch with python launch/train.py"))
     if is_local_path(m.name) and not Path(m.name).expanduser().is_dir() and m.produced_by is None:
         problems.append((("model", "name"), f"{m.name!r} is not an existing directory (nor a hub id like org/name). "
                          "Fix: correct the path, or set model.produced_by to the recipe that builds it"))

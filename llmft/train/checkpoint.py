@@ -7,8 +7,11 @@ Layout of a run directory::
       metrics.jsonl                   one JSON line per logged step
       checkpoints/step-00000100/
         model/                        config.json (RoPE parameters, new max length), model.safetensors, tokenizer
+                                      (method: lora: adapter_config.json + adapter_model.safetensors instead of
+                                      model.safetensors; config.json is the RoPE-scaled base config)
         state/                        trainer.json (step, tokens, data position), rng-rank*.pt, and
-                                      model.safetensors (fp32 master weights) + optimizer.pt + scheduler.pt
+                                      model.safetensors (fp32 master weights; LoRA: the trainable ones only)
+                                      + optimizer.pt + scheduler.pt
                                       (single process) or a DeepSpeed checkpoint (deepspeed/)
         manifest.json                 written last: files and sizes; a directory without it is incomplete
       final/                          the HF export after the last step

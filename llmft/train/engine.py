@@ -49,6 +49,7 @@ class PlainEngine:
         self.scheduler = build_scheduler(self.optimizer, recipe.train, total_steps)
         self.amp_dtype = _AMP.get(recipe.train.precision)  # None: plain fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
+        self.frozen = any(not p.requires_grad for p in self.model.parameters())  # e.g. a LoRA base
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -75,16 +76,30 @@ class PlainEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, state_dir: Path) -> None:
-        """fp32 master weights (safetensors), optimizer, scheduler and grad-scaler state."""
+        """fp32 master weights (safetensors; only the trainable ones when part of the model is frozen, as with
+        LoRA), optimizer, scheduler and grad-scaler state."""
         state_dir.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_model(self.model, str(state_dir / "model.safetensors"))
+        if self.frozen:  # LoRA: the frozen base is rebuilt from model.name; keep only what trains
+            trainable = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            safetensors.torch.save_file(trainable, str(state_dir / "model.safetensors"))
+        else:
+            safetensors.torch.save_model(self.model, str(state_dir / "model.safetensors"))
         torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
         torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
                    state_dir / "scheduler.pt")
 
     def load(self, state_dir: Path) -> None:
-        missing, unexpected = safetensors.torch.load_model(self.model, str(state_dir / "model.safetensors"),
-                                                           device=str(self.device))
+        if self.frozen:  # exactly the trainable parameters, bit for bit
+            saved = safetensors.torch.load_file(str(state_dir / "model.safetensors"), device=str(self.device))
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+            if not missing and not unexpected:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(saved[n])
+        else:
+            missing, unexpected = safetensors.torch.load_model(self.model, str(state_dir / "model.safetensors"),
+                                                               device=str(self.device))
         if missing or unexpected:
             raise RuntimeError(f"{state_dir}: checkpoint does not match the model ({missing=}, {unexpected=})")
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))

@@ -89,6 +89,15 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
     model, tokenizer = built.model, built.tokenizer
+    lora = recipe.lora if recipe.method == "lora" else None
+    base_params = count_parameters(model)[1]
+    if lora is not None:
+        if distributed:
+            raise RecipeError(["method: lora runs in one process for now (DeepSpeed + LoRA lands later). "
+                               "Fix: launch with python launch/train.py"])
+        from llmft.model.adapters import apply_lora  # imports peft: only for LoRA runs
+
+        model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
     if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
         built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
@@ -146,7 +155,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"attention          {built.attention}",
             f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
             f"max_position_emb.  {model.config.max_position_embeddings}",
-            f"parameters         {total_params:,} ({trainable:,} trainable)",
+            f"parameters         {total_params:,} ({trainable:,} trainable)" if lora is None else
+            f"parameters         {base_params:,} base, frozen; {trainable:,} trainable "
+            f"({100 * trainable / base_params:.2f}% of base: LoRA r={lora.rank} alpha={lora.alpha:g} on "
+            f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
+            + ")",
             f"data               {documents} documents, {train_tokens:,} train tokens, "
             f"{len(val_tokens):,} validation tokens, {bad_records} bad records skipped",
             f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
@@ -217,11 +230,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
     # ---- final export -----------------------------------------------------------------------------------
     final_dir = run_dir / "final"
-    state = engine.full_state_dict()
+    state = engine.full_state_dict() if lora is None else None
     if rank == 0:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.export_hf(tmp, engine.model, state, tokenizer, DTYPES[recipe.model.dtype])
+        _export(tmp, engine, state, tokenizer, recipe)
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
         print(f"[llmft] final model written to {final_dir}", flush=True)
@@ -268,6 +281,16 @@ def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: boo
     return load_built(out)
 
 
+def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) -> None:
+    """The HF export of a checkpoint: the full model, or for LoRA the adapter + RoPE-scaled base config."""
+    if recipe.method == "lora":
+        from llmft.model.adapters import export_adapter
+
+        export_adapter(out, engine.model, tokenizer, DTYPES[recipe.model.dtype])
+    else:
+        ckpt.export_hf(out, engine.model, state, tokenizer, DTYPES[recipe.model.dtype])
+
+
 def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
                      data: PackedLoader, wandb_id: str | None, rank: int) -> None:
     """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes)."""
@@ -275,9 +298,9 @@ def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, to
     if rank == 0:
         tmp = ckpt.staging_dir(run_dir, step)
     engine.barrier()
-    state = engine.full_state_dict()
+    state = engine.full_state_dict() if recipe.method != "lora" else None
     if rank == 0:
-        ckpt.export_hf(tmp / "model", engine.model, state, built.tokenizer, DTYPES[recipe.model.dtype])
+        _export(tmp / "model", engine, state, built.tokenizer, recipe)
     engine.save(tmp / "state")
     data_states = [data.state_dict()]
     if engine.world_size > 1:
