@@ -110,9 +110,9 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
             for e in ni_fewshot(batch, tokenizer, seq_len, mix.add_eos):
                 keep(e.tokens, e.loss_mask)
             return
-        prompts = (tokenizer([d.prompt for d in batch], add_special_tokens=False)["input_ids"]
-                   if any(d.prompt for d in batch) else [[] for _ in batch])  # plain text: no prompts to encode
-        texts = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        prompts = _encode(tokenizer, [d.prompt for d in batch]) if any(d.prompt for d in batch) \
+            else [[] for _ in batch]  # plain text: no prompts to encode
+        texts = _encode(tokenizer, [d.text for d in batch])
         for p, t in zip(prompts, texts):
             ids = bos + p + t + eos
             mask = np.ones(len(ids), dtype=bool)
@@ -156,6 +156,15 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
         (train if seen < train_part else val).append(u)
         seen += len(u)
     return train, val, stats
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of a batch of texts, no special tokens: the fast tokenizer's own batch encoder (parallel in
+    Rust) when there is one, skipping the per-encoding Python conversion of the transformers wrapper."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def _select(units: list[Example], target: int, rng: np.random.Generator) -> list[Example]:
