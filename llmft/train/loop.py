@@ -99,24 +99,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
-        built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
-        rows, val_tokens = built_data.rows, built_data.validation_tokens
-        documents = sum(s["documents"] for s in built_data.stats["sources"].values())
-        bad_records = sum(s["bad_records"] for s in built_data.stats["sources"].values())
-        train_tokens = built_data.stats["total_tokens"]
-    else:
-        examples, val_tokens, report = load_examples(recipe.data, tokenizer)
-        if recipe.data.packing == "isolated":
-            rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
-        else:
-            rows = pack_concat(examples, seq_len)
-        cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
-        if cut_prompts and rank == 0:
-            log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
-                        "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
-                        cut_prompts, seq_len)
-        documents, bad_records, train_tokens = report.documents, report.bad_records, sum(len(e) for e in examples)
+    rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
+                                                                            distributed)
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
@@ -241,6 +225,31 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     engine.barrier()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distributed: bool):
+    """The packed training rows and the validation tokens, from a data mix / built dir or from data.sources.
+
+    Returns:
+        (rows, validation tokens, documents read, bad records, training tokens)
+    """
+    seq_len = recipe.model.max_seq_len
+    if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
+        built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
+        sources = built_data.stats["sources"].values()
+        return (built_data.rows, built_data.validation_tokens, sum(s["documents"] for s in sources),
+                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"])
+    examples, val_tokens, report = load_examples(recipe.data, tokenizer)
+    if recipe.data.packing == "isolated":
+        rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
+    else:
+        rows = pack_concat(examples, seq_len)
+    cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
+    if cut_prompts and rank == 0:
+        log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
+                    "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
+                    cut_prompts, seq_len)
+    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples)
 
 
 def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
