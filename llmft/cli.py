@@ -62,13 +62,14 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
         n = parameter_count_from_config(m)
     except ModelLoadError as e:
         raise RecipeError([str(e)]) from None
-    if n and recipe.method == "lora":
+    if n and recipe.method in ("lora", "qlora"):
         from llmft.model.adapters import lora_parameter_count
         from llmft.model.build import load_config
 
         try:
             k = lora_parameter_count(load_config(m)[0], recipe.lora)
-            lines.append(f"parameters              {n:,} ({k:,} trainable = {100 * k / n:.2f}%: method lora)")
+            lines.append(f"parameters              {n:,} ({k:,} trainable = {100 * k / n:.2f}%: "
+                         f"method {recipe.method})")
         except ValueError:  # explicit targets without a closed form: counted at launch
             lines.append(f"parameters              {n:,} (trainable: counted at launch)")
     else:
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--schema-only", action="store_true", help="do not check that paths exist")
     dv.set_defaults(func=cmd_data_validate)
 
-    mg = sub.add_parser("merge", help="fold a LoRA adapter (method: lora output) into its base: a plain HF "
-                        "checkpoint")
+    mg = sub.add_parser("merge", help="fold a LoRA adapter (method: lora or qlora output) into its base: a "
+                        "plain HF checkpoint (QLoRA: into the unquantized base)")
     mg.add_argument("--base", required=True, help="the base model (hub id or directory) the adapter was trained on")
     mg.add_argument("--adapter", required=True, help="an adapter directory: RUN/final or RUN/checkpoints/step-N/model")
     mg.add_argument("--out", required=True, help="output directory")

@@ -212,6 +212,12 @@ class TrainConfig(_Strict):
         default="bf16", description="Compute precision (autocast, or DeepSpeed bf16/fp16); master weights fp32."
     )
     seed: int = Field(default=0, description="Seeds model init, data order and dropout.")
+    optimizer: Literal["adamw", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = Field(
+        default="adamw",
+        description="'adamw': torch AdamW. The others are bitsandbytes optimizers (QLoRA, Dettmers et al. 2023): "
+        "'adamw_8bit' keeps 8-bit optimizer states; the 'paged_' ones also page their states to CPU memory on GPU "
+        "memory spikes (on CPU bitsandbytes runs them unpaged).",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -346,6 +352,23 @@ class LoraConfig(_Strict):
         return v
 
 
+class QLoraConfig(_Strict):
+    """QLoRA (Dettmers et al. 2023) for ``method: qlora``: the frozen base is loaded 4-bit quantized with
+    bitsandbytes and LoRA adapters (the ``lora`` section) train on top of it in ``compute_dtype``."""
+
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="4-bit data type of the base weights: 'nf4' (NormalFloat4, the paper's) or 'fp4'.")
+    double_quant: bool = Field(
+        default=True, description="Also quantize the per-block quantization constants (saves ~0.4 bit/parameter).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="dtype the 4-bit weights are de-quantized to for each matmul.")
+    quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        default="uint8",
+        description="dtype the packed 4-bit weights are stored in. ZeRO-3 needs it equal to compute_dtype "
+        "(it shards all parameters as one dtype).",
+    )
+
+
 # -------------------------------------------------------------------------------------------- recipe
 
 
@@ -355,10 +378,15 @@ class Recipe(_Strict):
     model: ModelConfig
     method: Literal["full", "lora", "qlora"] = Field(
         default="full", description="'full' fine-tuning; 'lora' adapters on a frozen base (see the lora section); "
-        "'qlora' is not available yet.",
+        "'qlora' LoRA adapters (lora section) on a frozen 4-bit quantized base (qlora section).",
     )
     lora: LoraConfig | None = Field(
-        default=None, description="LoRA settings; only with method: lora (omitted there: LoraConfig's defaults)."
+        default=None, description="LoRA settings; only with method: lora or qlora (omitted there: LoraConfig's "
+        "defaults)."
+    )
+    qlora: QLoraConfig | None = Field(
+        default=None, description="Quantization of the base; only with method: qlora (omitted there: QLoraConfig's "
+        "defaults)."
     )
     data: DataConfig
     train: TrainConfig
@@ -371,22 +399,28 @@ class Recipe(_Strict):
     @classmethod
     def _lora_defaults(cls, data: Any) -> Any:
         # method: lora without a lora section means the LoRA defaults, filled here so they show when resolved
-        if isinstance(data, dict) and data.get("method") == "lora" and data.get("lora") is None:
+        if isinstance(data, dict) and data.get("method") in ("lora", "qlora") and data.get("lora") is None:
             data = {**data, "lora": {}}
+        if isinstance(data, dict) and data.get("method") == "qlora" and data.get("qlora") is None:
+            data = {**data, "qlora": {}}
         return data
 
 
 def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Checks that span sections or touch the filesystem. Returns (yaml path, problem) pairs."""
     m, problems = recipe.model, []
-    if recipe.method == "qlora":
-        problems.append((("method",), "qlora lands later; use method: lora (or method: full)"))
-    if recipe.lora is not None and recipe.method != "lora":
-        problems.append((("lora",), f"the lora section applies only to method: lora, but method is "
+    if recipe.lora is not None and recipe.method not in ("lora", "qlora"):
+        problems.append((("lora",), f"the lora section applies only to method: lora or qlora, but method is "
                          f"{recipe.method!r}. Fix: set method: lora, or remove the lora section"))
-    if recipe.method == "lora" and recipe.deepspeed.config is not None:
-        problems.append((("deepspeed", "config"), "method: lora runs in one process for now (DeepSpeed + LoRA "
-                         "lands later). Fix: remove deepspeed.config and launch with python launch/train.py"))
+    if recipe.qlora is not None and recipe.method != "qlora":
+        problems.append((("qlora",), f"the qlora section applies only to method: qlora, but method is "
+                         f"{recipe.method!r}. Fix: set method: qlora, or remove the qlora section"))
+    if recipe.method in ("lora", "qlora") and recipe.deepspeed.config is not None:
+        problems.append((("deepspeed", "config"), f"method: {recipe.method} runs in one process for now (DeepSpeed "
+                         "+ LoRA lands later). Fix: remove deepspeed.config and launch with python launch/train.py"))
+    if recipe.method == "qlora" and m.init == "random":
+        problems.append((("model", "init"), "method: qlora quantizes pretrained weights. Fix: set init: pretrained, "
+                         "or use method: full to train from scratch"))
     if is_local_path(m.name) and not Path(m.name).expanduser().is_dir() and m.produced_by is None:
         problems.append((("model", "name"), f"{m.name!r} is not an existing directory (nor a hub id like org/name). "
                          "Fix: correct the path, or set model.produced_by to the recipe that builds it"))

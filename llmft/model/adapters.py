@@ -14,10 +14,19 @@ An adapter export (``checkpoints/step-N/model/``, ``final/``) holds ``adapter_co
     config = AutoConfig.from_pretrained(adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base, config=config)
     model = PeftModel.from_pretrained(model, adapter_dir)
+
+``method: qlora`` is the same with the frozen base loaded 4-bit (bitsandbytes ``Linear4bit``, see
+``build.quantization_config``) and prepared by PEFT's ``prepare_model_for_kbit_training``. Its adapter export is
+identical in format: the saved ``config.json`` carries no ``quantization_config``, so the reload above (and
+``llmft merge``) uses the ordinary, unquantized base. The adapter learned against the quantized weights
+``dequant(quant(W0))``; merging adds ``B @ A`` to the original ``W0``, so a merged QLoRA model differs slightly
+from the quantized model it was trained in (by the quantization error of W0). To reproduce the training-time
+model exactly, load the base with the same ``BitsAndBytesConfig`` and apply the adapter unmerged.
 """
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -71,6 +80,14 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> peft.PeftModel:
     return peft.get_peft_model(model, peft_cfg)
 
 
+def prepare_quantized(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """PEFT's ``prepare_model_for_kbit_training`` for a 4-bit base: freezes it, casts the non-quantized weights
+    (norms, embedding) to fp32, makes the input embedding output require grad (needed with checkpointing
+    and a frozen embedding) and enables gradient checkpointing when the recipe asks for it."""
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _projection_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int, bool]]:
     """(in, out, has_bias) of each LLaMA-family projection, from the config."""
     h, inter = config.hidden_size, config.intermediate_size
@@ -105,14 +122,26 @@ def lora_parameter_count(config: PretrainedConfig, cfg: LoraConfig) -> int:
 
 
 def export_adapter(out_dir: Path, model: peft.PeftModel, tokenizer, dtype: torch.dtype) -> None:
-    """Write the adapter (PEFT format, weights in ``dtype``), the RoPE-scaled base config and the tokenizer."""
+    """Write the adapter (PEFT format, weights in ``dtype``), the RoPE-scaled base config and the tokenizer.
+
+    For a QLoRA model the config is written without its ``quantization_config``: the adapter reloads on the
+    ordinary base (see the module docstring).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+    # packed 4-bit weights and their quantization state are not floating point: leave them be (PEFT drops them)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
+             for k, v in model.state_dict().items()}
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-    config = model.get_base_model().config
+    config = copy.deepcopy(model.get_base_model().config)
+    _drop_quantization(config)
     config.dtype = dtype
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _drop_quantization(config: PretrainedConfig) -> None:
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
@@ -122,15 +151,19 @@ def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtyp
     (embed, norms, lm_head) replace the originals. The output keeps the adapter's ``rope_parameters`` and
     ``max_position_embeddings`` and gets the tokenizer.
 
+    A QLoRA adapter is merged the same way, into the unquantized base: the result is ``W0 + (alpha / r) B @ A``
+    with ``W0`` the original base weights, although the adapter was trained against the 4-bit quantized W0.
+
     Raises:
         ModelLoadError: the adapter directory is incomplete, or the base cannot be loaded.
     """
     adapter_dir = Path(adapter_dir)
     for name in ("adapter_config.json", "config.json"):
         if not (adapter_dir / name).is_file():
-            raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora "
-                             "(checkpoints/step-N/model or final)")
+            raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora or "
+                             "qlora (checkpoints/step-N/model or final)")
     config = AutoConfig.from_pretrained(adapter_dir)
+    _drop_quantization(config)  # always merge into the unquantized base
     try:
         model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmft.config import ModelConfig
+from llmft.config import ModelConfig, QLoraConfig
 from llmft.model.rope import RopeScaling, apply_rope_scaling
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,30 @@ def load_config(cfg: ModelConfig):
     return config, scaling
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> BuiltModel:
+def quantization_config(cfg: QLoraConfig):
+    """The transformers ``BitsAndBytesConfig`` that loads a base 4-bit as the recipe's qlora section says."""
+    from transformers import BitsAndBytesConfig
+
+    storage = {**DTYPES, "uint8": torch.uint8}
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+        bnb_4bit_quant_storage=storage[cfg.quant_storage_dtype],
+    )
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                qlora: QLoraConfig | None = None) -> BuiltModel:
     """Load or initialise the model described by ``cfg``.
 
     Args:
         cfg: the recipe's model section.
         seed: seeds the random init when ``cfg.init == "random"``.
         dtype: parameter dtype in memory (training keeps fp32 master weights).
+        qlora: load the Linear layers 4-bit quantized (bitsandbytes ``Linear4bit``) with these settings; the
+            RoPE-scaled config is used all the same. Needs ``cfg.init == "pretrained"``.
 
     Returns:
         A :class:`BuiltModel`.
@@ -124,6 +141,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         log.info(scaling.describe())
     tokenizer = load_tokenizer(cfg)
     if cfg.init == "random":
+        if qlora is not None:
+            raise ModelLoadError("method: qlora quantizes pretrained weights; use init: pretrained")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=attention, dtype=dtype, trust_remote_code=cfg.trust_remote_code
@@ -138,6 +157,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
                 attn_implementation=attention,
                 trust_remote_code=cfg.trust_remote_code,
                 use_safetensors=True,
+                quantization_config=quantization_config(qlora) if qlora is not None else None,
             )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load model weights {cfg.name!r}: {str(e).splitlines()[0]}") from None

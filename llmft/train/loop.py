@@ -87,16 +87,18 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
-    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32)
+    lora = recipe.lora if recipe.method in ("lora", "qlora") else None
+    if lora is not None and distributed:
+        raise RecipeError([f"method: {recipe.method} runs in one process for now (DeepSpeed + LoRA lands later). "
+                           "Fix: launch with python launch/train.py"])
+    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora)
     model, tokenizer = built.model, built.tokenizer
-    lora = recipe.lora if recipe.method == "lora" else None
     base_params = count_parameters(model)[1]
     if lora is not None:
-        if distributed:
-            raise RecipeError(["method: lora runs in one process for now (DeepSpeed + LoRA lands later). "
-                               "Fix: launch with python launch/train.py"])
-        from llmft.model.adapters import apply_lora  # imports peft: only for LoRA runs
+        from llmft.model.adapters import apply_lora, prepare_quantized  # imports peft: only for LoRA runs
 
+        if recipe.method == "qlora":  # norms etc. to fp32, input grads on, checkpointing as the recipe says
+            model = prepare_quantized(model, recipe.model.gradient_checkpointing)
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
     rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
@@ -141,7 +143,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"max_position_emb.  {model.config.max_position_embeddings}",
             f"parameters         {total_params:,} ({trainable:,} trainable)" if lora is None else
             f"parameters         {base_params:,} base, frozen; {trainable:,} trainable "
-            f"({100 * trainable / base_params:.2f}% of base: LoRA r={lora.rank} alpha={lora.alpha:g} on "
+            f"({100 * trainable / base_params:.2f}% of base{' (4-bit packed)' if recipe.qlora else ''}: "
+            f"{'QLoRA ' + recipe.qlora.quant_type if recipe.qlora else 'LoRA'} r={lora.rank} alpha={lora.alpha:g} on "
             f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
             + ")",
             f"data               {documents} documents, {train_tokens:,} train tokens, "
@@ -292,7 +295,7 @@ def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: boo
 
 def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) -> None:
     """The HF export of a checkpoint: the full model, or for LoRA the adapter + RoPE-scaled base config."""
-    if recipe.method == "lora":
+    if recipe.method in ("lora", "qlora"):
         from llmft.model.adapters import export_adapter
 
         export_adapter(out, engine.model, tokenizer, DTYPES[recipe.model.dtype])
@@ -307,7 +310,7 @@ def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, to
     if rank == 0:
         tmp = ckpt.staging_dir(run_dir, step)
     engine.barrier()
-    state = engine.full_state_dict() if recipe.method != "lora" else None
+    state = engine.full_state_dict() if recipe.method == "full" else None
     if rank == 0:
         _export(tmp / "model", engine, state, built.tokenizer, recipe)
     engine.save(tmp / "state")

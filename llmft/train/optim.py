@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule (linear warmup, then cosine / linear / constant)."""
+"""AdamW (torch, or bitsandbytes 8-bit / paged) and the learning-rate schedule (linear warmup, then cosine /
+linear / constant)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,15 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * decay
 
 
+# train.optimizer -> bitsandbytes.optim class. They run on CPU too (bitsandbytes >= 0.49); there the paged ones
+# fall back to unpaged states, with a warning from bitsandbytes.
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                  "paged_adamw_32bit": "PagedAdamW32bit"}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay skips biases and norm weights (1-D tensors).
+    """AdamW (``train.optimizer``: torch or bitsandbytes) over the trainable parameters; weight decay skips
+    biases and norm weights (1-D tensors).
 
     Under ZeRO-3 (zero.Init) a parameter's local shape is empty, so its full shape (``ds_shape``) decides.
     """
@@ -39,7 +47,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     no_decay = [p for p in params if ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must agree
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    import bitsandbytes as bnb  # only for the 8-bit / paged optimizers (QLoRA)
+
+    cls = BNB_OPTIMIZERS[cfg.optimizer]
+    return getattr(bnb.optim, cls)(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
