@@ -30,8 +30,8 @@ BASE_RECIPE = "recipes/cpu/tiny_base.yaml"
 EXT_RECIPE = "recipes/cpu/tiny_pi8x.yaml"
 
 
-def _scaled(n: int, scale: float) -> str:
-    return str(max(1, round(n * scale)))
+def _scaled(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
 
 
 def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dict:
@@ -45,10 +45,10 @@ def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dic
         raise RecipeError([f"{REPO / EXT_RECIPE} not found: run the quickstart from a clone of llmft"])
     os.chdir(REPO)  # recipe paths are relative to the repository root
     base_dir, ext_dir = out / "base", out / "extended"
-    base = load_recipe(BASE_RECIPE, [f"checkpoint.dir={base_dir}",
-                                     f"train.max_steps={_scaled(load_recipe(BASE_RECIPE).train.max_steps, steps_scale)}"])
-    ext = load_recipe(EXT_RECIPE, [f"checkpoint.dir={ext_dir}", f"model.name={base_dir / 'final'}",
-                                   f"train.max_steps={_scaled(load_recipe(EXT_RECIPE).train.max_steps, steps_scale)}"])
+    base = load_recipe(BASE_RECIPE, [f"checkpoint.dir={base_dir}"])
+    base.train.max_steps = _scaled(base.train.max_steps, steps_scale)
+    ext = load_recipe(EXT_RECIPE, [f"checkpoint.dir={ext_dir}", f"model.name={base_dir / 'final'}"])
+    ext.train.max_steps = _scaled(ext.train.max_steps, steps_scale)
     print(f"[llmft] quickstart 1/3: pre-training a tiny base at {base.model.max_seq_len} tokens", flush=True)
     train(base)
     print(f"[llmft] quickstart 2/3: extending x{ext.model.rope.factor:g} to {ext.model.max_seq_len} tokens "

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.examples import DataError
 from llmft.data.mix import MixRecipe, MixSource
-from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
+from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
 from llmft.data.sources import SourceError, SourceReport, list_files, read_source
 from llmft.data.transforms import ni_fewshot, ul2
 
@@ -89,35 +89,31 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
     Returns:
         (train units, validation units, stats)
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if mix.add_eos and tokenizer.eos_token_id is not None else []
+    bos, eos = special_ids(tokenizer, mix.add_eos)
     report = SourceReport()
     stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "doc_lengths": []}
     examples: list[Example] = []
 
-    def keep(ids: list[int] | np.ndarray, mask: np.ndarray) -> None:
-        n = len(ids)
+    def keep(example: Example) -> None:
+        n = len(example)
         if src.filters.min_tokens and n < src.filters.min_tokens:
             stats["dropped_min_tokens"] += 1
         elif src.filters.max_tokens and n > src.filters.max_tokens:
             stats["dropped_max_tokens"] += 1
         else:
             stats["doc_lengths"].append(n)
-            examples.append(Example(np.asarray(ids, dtype=np.int32), mask))
+            examples.append(example)
 
     def flush(batch):
         if src.transform == "ni_fewshot":  # many instances of a task per sequence, after one header
             for e in ni_fewshot(batch, tokenizer, seq_len, mix.add_eos):
-                keep(e.tokens, e.loss_mask)
+                keep(e)
             return
         prompts = _encode(tokenizer, [d.prompt for d in batch]) if any(d.prompt for d in batch) \
             else [[] for _ in batch]  # plain text: no prompts to encode
         texts = _encode(tokenizer, [d.text for d in batch])
         for p, t in zip(prompts, texts):
-            ids = bos + p + t + eos
-            mask = np.ones(len(ids), dtype=bool)
-            mask[: len(bos) + len(p)] = False
-            keep(ids, mask)
+            keep(Example.from_parts(bos, p, t, eos))
 
     batch = []
     try:

@@ -14,9 +14,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from llmft.config import DataConfig
-from llmft.data.packing import Example
+from llmft.data.packing import Example, special_ids
 from llmft.data.sources import SourceError, SourceReport, SourceSpec, read_source
-
 
 
 class DataError(Exception):
@@ -44,16 +43,13 @@ def tokenize_source(spec: SourceSpec, tokenizer: PreTrainedTokenizerBase, cfg: D
     Raises:
         DataError: a malformed record under ``on_error: stop`` (names file and line).
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+    bos, eos = special_ids(tokenizer, cfg.add_eos)
     out, source_report = [], SourceReport()
     try:
         for doc in read_source(spec, cfg.on_error, source_report):
-            prompt = bos + (tokenizer(doc.prompt, add_special_tokens=False)["input_ids"] if doc.prompt else [])
-            ids = np.asarray(prompt + tokenizer(doc.text, add_special_tokens=False)["input_ids"] + eos, dtype=np.int32)
-            mask = np.ones(len(ids), dtype=bool)
-            mask[: len(prompt)] = False
-            out.append(Example(ids, mask))
+            prompt = tokenizer(doc.prompt, add_special_tokens=False)["input_ids"] if doc.prompt else []
+            text = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            out.append(Example.from_parts(bos, prompt, text, eos))
     except SourceError as e:
         raise DataError(str(e)) from None
     finally:

@@ -57,6 +57,21 @@ class Example:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @classmethod
+    def from_parts(cls, bos: list[int], prompt: list[int], text: list[int], eos: list[int]) -> Example:
+        """``bos + prompt + text + eos``, trained on ``text + eos`` (BOS and the prompt are context only)."""
+        tokens = np.asarray(bos + prompt + text + eos, dtype=np.int32)
+        mask = np.ones(len(tokens), dtype=bool)
+        mask[: len(bos) + len(prompt)] = False
+        return cls(tokens, mask)
+
+
+def special_ids(tokenizer, add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """([BOS] or [], [EOS] or []): what wraps every document, for tokenizers with or without those tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    return bos, eos
+
 
 @dataclass
 class PackedRows:

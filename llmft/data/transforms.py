@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmft.data.packing import Example
+from llmft.data.packing import Example, special_ids
 from llmft.data.sources import Document
 
 _PIECE = re.compile(r"\S+\s*")  # a word with the whitespace after it
@@ -127,8 +127,7 @@ def ni_fewshot(docs: Iterable[Document], tokenizer, seq_len: int, add_eos: bool 
     Returns:
         One Example per sequence: header and queries are context, answers (and their separators) trained.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    bos, eos = special_ids(tokenizer, add_eos)
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -142,17 +141,19 @@ def ni_fewshot(docs: Iterable[Document], tokenizer, seq_len: int, add_eos: bool 
         if ids and any(mask):
             out.append(Example(np.asarray(ids + eos, np.int32), np.asarray(mask + [True] * len(eos), bool)))
 
+    def start(doc: Document) -> tuple[list[int], list[bool]]:  # a new sequence: BOS and the task header
+        head = bos + enc(doc.meta["ni_head"])
+        return list(head), [False] * len(head)
+
     for doc in docs:
         if doc.meta.get("task") != task or not ids:
             close()
             task = doc.meta.get("task")
-            head = bos + enc(doc.meta["ni_head"])
-            ids, mask = list(head), [False] * len(head)
+            ids, mask = start(doc)
         query, answer = enc(doc.meta["ni_query"]), enc(doc.text + "\n\n")
         if len(ids) + len(query) + len(answer) + len(eos) > seq_len and any(mask):
             close()
-            head = bos + enc(doc.meta["ni_head"])
-            ids, mask = list(head), [False] * len(head)
+            ids, mask = start(doc)
         ids += query + answer
         mask += [False] * len(query) + [True] * len(answer)
     close()
