@@ -132,7 +132,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
     mix = load_mix(args.recipe, args.overrides)
     seq_len, tokenizer = resolve_lengths(mix, None, None, args.recipe)
-    built = build_from_recipe(mix, Path(args.out), seq_len, tokenizer, force=args.force)
+    built = build_from_recipe(mix, Path(args.out), seq_len, tokenizer, force=args.force, load_rows=False)
     s = built.stats
     print(f"[llmft] {'cache hit: ' if built.cached else ''}{args.out}: {s['packing']['rows']} rows of {seq_len} "
           f"({s['packing']['mode']}, {s['packing']['efficiency']:.2%} full), {s['total_tokens']:,} tokens")

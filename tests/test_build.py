@@ -126,6 +126,8 @@ def test_second_build_is_a_cache_hit(tmp_path, two_sources, tok):
     second = build(mix, tmp_path / "out", tok, 256)
     t2 = time.perf_counter()
     assert not first.cached and second.cached and torch.equal(first.rows.input_ids, second.rows.input_ids)
+    stats_only = build(mix, tmp_path / "out", tok, 256, load_rows=False)  # what `llmft data build` does
+    assert stats_only.cached and stats_only.rows is None and stats_only.stats == first.stats
     assert t2 - t1 < 0.5 * (t1 - t0)  # the cached path only hashes inputs and reads the shards
     b.write_text(b.read_text() + json.dumps({"text": "one more document " * 20}) + "\n")
     assert not build(mix, tmp_path / "out", tok, 256).cached  # an input changed: rebuilt

@@ -53,8 +53,8 @@ TOKENIZE_BATCH = 256
 class Built:
     """A built data directory, loaded."""
 
-    rows: PackedRows
-    validation_tokens: np.ndarray
+    rows: PackedRows | None  # None for a cache hit built with load_rows=False
+    validation_tokens: np.ndarray | None
     stats: dict
     cached: bool
 
@@ -178,8 +178,11 @@ def _select(units: list[Example], target: int, rng: np.random.Generator) -> list
     return chosen
 
 
-def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, force: bool = False) -> Built:
+def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, force: bool = False,
+          load_rows: bool = True) -> Built:
     """Build (or reuse) the mix in ``out``.
+
+    ``load_rows=False`` skips reading the shards back on a cache hit (the CLI needs only the stats).
 
     Raises:
         DataError: malformed data under on_error: stop, an empty source, or a share a source cannot supply
@@ -191,7 +194,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         stats = json.loads((out / "stats.json").read_text())
         if stats.get("fingerprint") == fp:
             log.info("data: %s is up to date (fingerprint %s): nothing to build", out, fp)
-            return load_built(out, cached=True)
+            return load_built(out, cached=True) if load_rows else Built(None, None, stats, cached=True)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("train-*.parquet"):
@@ -352,9 +355,10 @@ def _plot(stats: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def build_from_recipe(mix: MixRecipe, out: Path, seq_len: int, tokenizer_name: str, force: bool = False) -> Built:
+def build_from_recipe(mix: MixRecipe, out: Path, seq_len: int, tokenizer_name: str, force: bool = False,
+                      load_rows: bool = True) -> Built:
     """Load the tokenizer by name and build."""
     tok = AutoTokenizer.from_pretrained(tokenizer_name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return build(mix, out, tok, seq_len, force=force)
+    return build(mix, out, tok, seq_len, force=force, load_rows=load_rows)
