@@ -222,3 +222,25 @@ def test_training_from_a_built_directory_and_mismatch_errors(tmp_path, tiny_mode
     recipe["data"] = {"built": str(tmp_path / "nothing")}
     with pytest.raises(RecipeError, match="not a built data directory"):
         load_recipe(write_recipe(tmp_path / "r4.yaml", recipe))
+
+
+def test_num_proc_workers_build_the_same_rows_and_stats(tmp_path, two_sources, tok, capsys):
+    """Two tokenizer worker processes (CLI --num-proc 2) give byte-identical rows and stats to one process, over
+    plain, UL2 (seeded in the reading process) and NI few-shot sources; num_proc is not part of the cache key."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    a, b = two_sources
+    path = mix_file(tmp_path, packing="isolated", sources=[
+        {"name": "a", "weight": 0.4, "source": {"format": "jsonl", "path": str(a)}},
+        {"name": "b", "weight": 0.3, "source": {"format": "jsonl", "path": str(b)}, "transform": "ul2"},
+        {"name": "ni", "weight": 0.3, "max_epochs": 50, "transform": "ni_fewshot",
+         "source": {"format": "natural_instructions", "path": str(SHARED / "natural_instructions")}}])
+    one = build(load_mix(path), tmp_path / "one", tok, 256)
+    assert main(["data", "build", str(path), "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
+    two = load_built(tmp_path / "two")
+    for field in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(getattr(one.rows, field), getattr(two.rows, field)), field
+    drop = lambda s: {k: v for k, v in s.items() if k != "build_seconds"}  # noqa: E731
+    assert drop(one.stats) == drop(two.stats)
+    assert main(["data", "build", str(path), "--out", str(tmp_path / "one")]) == 0  # same fingerprint
+    assert "cache hit" in capsys.readouterr().out

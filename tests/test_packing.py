@@ -1,4 +1,4 @@
-"""Packing: every token placed exactly once, best-fit-decreasing efficiency, and exact isolation: the per-token
+"""Packing: every token placed exactly once, bin-packing efficiency, and exact isolation: the per-token
 losses of an isolated packed batch equal those of running each example alone."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from llmft.data.packing import (
     IGNORE,
     Example,
     attention_kwargs,
-    best_fit_decreasing,
+    pack_bins,
         block_causal_mask,
     pack_concat,
     pack_isolated,
@@ -99,15 +99,28 @@ def test_concat_is_full_and_ordered():
     assert packed.position_ids[2].tolist() == list(range(64))
 
 
-def test_best_fit_decreasing_never_overflows_and_fills_tightly():
+@pytest.mark.parametrize("dist", ["uniform", "narrow", "bimodal", "few_distinct"])
+def test_pack_bins_places_every_item_once_never_overflows_and_fills_tightly(dist):
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 500, 3000).tolist()
-    bins = best_fit_decreasing(lengths, 2048)
-    assert sorted(i for b in bins for i in b) == list(range(3000))
+    lengths = {"uniform": rng.integers(1, 500, 3000),
+               "narrow": rng.integers(144, 188, 3000),
+               "bimodal": np.concatenate([rng.integers(1100, 1900, 300), rng.integers(20, 90, 3000)]),
+               "few_distinct": rng.choice([150, 161, 173, 187], 3000)}[dist].tolist()
+    bins = pack_bins(lengths, 2048)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
-    assert len(bins) == -(-sum(lengths) // 2048)  # optimal here: only the last bin is partly empty
+    lower_bound = max(-(-sum(lengths) // 2048), sum(n > 1024 for n in lengths))  # long items never share
+    assert len(bins) <= lower_bound + 1, (len(bins), lower_bound)
+    assert pack_bins(lengths, 2048) == bins  # deterministic
+
+
+def test_pack_bins_exact_subset_fill_beats_greedy():
+    """Best-fit decreasing puts 8+8 together (16, nothing fits the last 4) and needs 3 bins; 8+6+6 twice is exact."""
+    lengths = [8, 6, 8, 6, 6, 6]
+    bins = pack_bins(lengths, 20)
+    assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[6, 6, 8], [6, 6, 8]]
     with pytest.raises(ValueError, match="capacity"):
-        best_fit_decreasing([10, 3000], 2048)
+        pack_bins([10, 3000], 2048)
 
 
 def test_isolated_efficiency_on_a_broad_instruction_length_distribution():
@@ -119,7 +132,8 @@ def test_isolated_efficiency_on_a_broad_instruction_length_distribution():
 
 def test_isolated_efficiency_on_one_natural_instructions_task():
     """Real NI instances (definition + 2 demonstrations + instance), resampled to 4000 examples. One task's
-    lengths are narrow (144-187 tokens), which caps whole-example packing below the broad-mix figure."""
+    lengths are narrow (144-187 tokens): best-fit-decreasing leaves a gap in every row (97.9%); the subset-sum
+    completion of pack_bins fills them."""
     task = json.loads((SHARED / "natural_instructions" / "task085_unnatural_addsub_arithmetic.json").read_text())
     tok = AutoTokenizer.from_pretrained("llmft/assets/tiny-llama")
     definition = " ".join(task["Definition"]) if isinstance(task["Definition"], list) else task["Definition"]
@@ -129,7 +143,7 @@ def test_isolated_efficiency_on_one_natural_instructions_task():
     rng = np.random.default_rng(0)
     sample = rng.choice(lengths, 4000).tolist()
     packed = pack_isolated(make_examples(sample, seed=5), seq_len=2048, pad_id=3)
-    assert packed.efficiency >= 0.975, packed.efficiency
+    assert packed.efficiency >= 0.995, packed.efficiency
 
 
 def test_block_causal_mask_and_flash_kwargs():

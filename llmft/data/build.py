@@ -1,6 +1,7 @@
 """``llmft data build``: a data-mix recipe -> packed, shuffled training rows on disk, with stats and plots.
 
-Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, tokenize (prompt masked),
+Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, tokenize (prompt masked; in
+``num_proc`` worker processes when the mix asks, with the same output as one process),
 filter by token count, cut every document into units of at most ``seq_len`` tokens, and hold out the tail
 ``validation_fraction`` of the units for validation. Then, over the mix: each source contributes
 ``weight * total`` tokens, made of whole passes over its units plus a seeded random part-pass (at most
@@ -15,8 +16,8 @@ Output directory::
       stats.json                everything measured (see below) + the build fingerprint
       length_histogram.png, mix.png
 
-The fingerprint hashes the resolved mix recipe, the tokenizer's vocabulary, seq_len and every input file's
-path, size and modification time. Rebuilding with the same fingerprint reads stats.json and does no work.
+The fingerprint hashes the resolved mix recipe (except ``num_proc``: the output does not depend on it), the
+tokenizer's vocabulary, seq_len and every input file's path, size and modification time. Rebuilding with the same fingerprint reads stats.json and does no work.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing as mp
+import os
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +46,11 @@ from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.examples import DataError
 from llmft.data.mix import MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
-from llmft.data.sources import SourceError, SourceReport, list_files, read_source
+from llmft.data.sources import Document, SourceError, SourceReport, list_files, read_source
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the on-disk layout or the build algorithm changes
+FORMAT_VERSION = 2  # bump when the on-disk layout or the build algorithm changes
 ROWS_PER_SHARD = 2048
 TOKENIZE_BATCH = 256
 
@@ -69,7 +75,7 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
     """Hash of everything the build output depends on."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json"), "seq_len": seq_len,
+    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json", exclude={"num_proc"}), "seq_len": seq_len,
                          "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True).encode())
     inputs = [f for s in mix.sources for f in list_files(s.source)]
     if mix.decontaminate:
@@ -81,15 +87,17 @@ def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int
     return h.hexdigest()[:32]
 
 
-def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                  decon: Decontaminator | None, decon_report: DecontamReport,
+def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]],
+                  seq_len: int, decon: Decontaminator | None, decon_report: DecontamReport,
                   rng: np.random.Generator) -> tuple[list[Example], list[Example], dict]:
     """Read, decontaminate, transform, tokenize, filter and chunk one source.
+
+    Reading, decontamination and the UL2 transform run here, in order (UL2 draws from ``rng``); ``tokenize``
+    maps the batches of documents to examples, in this process or in ``num_proc`` workers, keeping the order.
 
     Returns:
         (train units, validation units, stats)
     """
-    bos, eos = special_ids(tokenizer, mix.add_eos)
     report = SourceReport()
     stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "doc_lengths": []}
     examples: list[Example] = []
@@ -104,19 +112,8 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
             stats["doc_lengths"].append(n)
             examples.append(example)
 
-    def flush(batch):
-        if src.transform == "ni_fewshot":  # many instances of a task per sequence, after one header
-            for e in ni_fewshot(batch, tokenizer, seq_len, mix.add_eos):
-                keep(e)
-            return
-        prompts = _encode(tokenizer, [d.prompt for d in batch]) if any(d.prompt for d in batch) \
-            else [[] for _ in batch]  # plain text: no prompts to encode
-        texts = _encode(tokenizer, [d.text for d in batch])
-        for p, t in zip(prompts, texts):
-            keep(Example.from_parts(bos, p, t, eos))
-
-    batch = []
-    try:
+    def batches():
+        batch = []
         for doc in tqdm(read_source(src.source, mix.on_error, report), desc=f"read {src.name}", unit="doc",
                         disable=None, leave=False):
             if decon is not None:
@@ -131,14 +128,19 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
                 doc = ul2(doc, rng, src.ul2)
             if src.transform == "ni_fewshot":  # one task's instances together: flush when the task changes
                 if batch and doc.meta.get("task") != batch[-1].meta.get("task"):
-                    flush(batch)
+                    yield src.transform, batch
                     batch = []
             elif len(batch) == TOKENIZE_BATCH:
-                flush(batch)
+                yield src.transform, batch
                 batch = []
             batch.append(doc)
         if batch:
-            flush(batch)
+            yield src.transform, batch
+
+    try:
+        for tokenized in tokenize(batches()):
+            for e in tokenized:
+                keep(e)
     except SourceError as e:
         raise DataError(str(e)) from None
     stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
@@ -152,6 +154,60 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenizer: PreTrainedTokenizer
         (train if seen < train_part else val).append(u)
         seen += len(u)
     return train, val, stats
+
+
+class _Tokenize:
+    """(transform, documents) -> examples: ``[BOS] prompt text [EOS]``, or NI few-shot sequences. Picklable, so
+    the same object runs in the worker processes of ``num_proc``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, add_eos: bool):
+        self.tokenizer, self.seq_len, self.add_eos = tokenizer, seq_len, add_eos
+        self.bos, self.eos = special_ids(tokenizer, add_eos)
+
+    def __call__(self, job: tuple[str, list[Document]]) -> list[Example]:
+        transform, docs = job
+        if transform == "ni_fewshot":  # many instances of a task per sequence, after one header
+            return ni_fewshot(docs, self.tokenizer, self.seq_len, self.add_eos)
+        prompts = _encode(self.tokenizer, [d.prompt for d in docs]) if any(d.prompt for d in docs) \
+            else [[] for _ in docs]  # plain text: no prompts to encode
+        texts = _encode(self.tokenizer, [d.text for d in docs])
+        return [Example.from_parts(self.bos, p, t, self.eos) for p, t in zip(prompts, texts)]
+
+
+_WORKER: _Tokenize | None = None
+
+
+def _worker_init(tokenize: _Tokenize) -> None:
+    global _WORKER
+    _WORKER = tokenize
+
+
+def _worker_run(job: tuple[str, list[Document]]) -> list[Example]:
+    return _WORKER(job)
+
+
+@contextmanager
+def _tokenizer_pool(tokenize: _Tokenize, num_proc: int) -> Iterator[Callable[[Iterable], Iterator[list[Example]]]]:
+    """A function mapping batches to examples in order: in this process (``num_proc`` 1) or in ``num_proc``
+    spawned workers, with at most ``4 * num_proc`` batches in flight so memory stays bounded while this
+    process keeps reading."""
+    if num_proc == 1:
+        yield lambda jobs: map(tokenize, jobs)
+        return
+    # spawn, not fork: the Rust tokenizer's thread pool does not survive a fork. One Rust thread per worker.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with mp.get_context("spawn").Pool(num_proc, initializer=_worker_init, initargs=(tokenize,)) as pool:
+
+        def ordered(jobs: Iterable) -> Iterator[list[Example]]:
+            pending: deque = deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_worker_run, (job,)))
+                if len(pending) >= 4 * num_proc:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+
+        yield ordered
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -207,9 +263,11 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
     per_source, train_units, val_units = {}, {}, {}
-    for k, src in enumerate(mix.sources):
-        train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
-            src, mix, tokenizer, seq_len, decon, decon_report, np.random.default_rng([mix.seed, k]))
+    with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos), mix.num_proc) as tokenize:
+        for k, src in enumerate(mix.sources):
+            train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
+                src, mix, tokenize, seq_len, decon, decon_report, np.random.default_rng([mix.seed, k]))
+    for src in mix.sources:
         if not train_units[src.name]:
             raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
                             f"({per_source[src.name]['documents']} read)")

@@ -99,6 +99,11 @@ class MixRecipe(_Strict):
         default=0.0, ge=0, lt=1, description="Hold out this fraction of every source's tokens (its tail)."
     )
     seed: int = Field(default=0, description="Seeds subsampling and the order of the mixed rows.")
+    num_proc: int = Field(
+        default=1, ge=1,
+        description="Tokenize in this many worker processes (reading stays in one). The output is the same "
+        "for any value; each worker uses one tokenizer thread, so set it to the number of cores.",
+    )
     on_error: Literal["skip", "stop"] = Field(default="skip", description="Malformed records: skip (counted) or stop.")
     add_eos: bool = Field(default=True, description="End every document with EOS.")
     decontaminate: Decontamination | None = Field(default=None, description="n-gram decontamination; omit for none.")
