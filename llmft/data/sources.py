@@ -1,8 +1,9 @@
-"""Public dataset formats on local disk -> a stream of :class:`Document`.
+"""Public dataset formats, on local disk or on the Hugging Face Hub -> a stream of :class:`Document`.
 
 One :class:`SourceSpec` (an entry of a data-mix YAML) names a format and a path: a file, a directory (every
-file of that format inside it, recursively, sorted, hidden files skipped) or a glob pattern.
-:func:`read_source` yields its documents one at a time, so a source never has to fit in memory.
+file of that format inside it, recursively, sorted, hidden files skipped) or a glob pattern -- or, instead
+of the path, a ``datasets`` hub name (see "Hub sources" below). :func:`read_source` yields its documents one
+at a time, so a source never has to fit in memory.
 
 Formats and the layouts they read (the layouts the public datasets are published in):
 
@@ -31,6 +32,28 @@ fit its spec at all (a missing column, a template naming a column the header lac
 rejects) raises :class:`SourceError` whatever ``on_error`` says: skipping would silently read nothing.
 Compressed files are recognised by their magic bytes, not their names (gzip via the standard library,
 zstd via pyarrow's codec).
+
+Hub sources. ``hub`` (instead of ``path``) names a ``datasets`` Hub id, or one of the packaged builders
+json/parquet/arrow/csv/text reading local ``data_files``; :func:`read_source` streams it through
+``datasets.load_dataset(hub, hub_config, split=, revision=, data_files=, streaming=)`` and turns every row
+into a document with the same function the file reader of its format uses. The record formats take a hub:
+jsonl, parquet, arrow, redpajama, oig, p3, pile, pg19 (the HF rows), prompt_completion. ::
+
+    - {name: books, weight: 0.3, source: {format: pg19, hub: deepmind/pg19, revision: <commit sha>}}
+    - name: rp_book                       # the 1T-Sample names each file after its subset
+      weight: 0.7
+      source: {format: redpajama, hub: togethercomputer/RedPajama-Data-1T-Sample, revision: <commit sha>,
+               data_files: [book_sample.jsonl]}
+    - {name: p3, weight: 0.1, source: {format: p3, hub: json, data_files: [data/p3/*.jsonl.gz]}}
+
+Row locations are ``hub[hub_config]/split:row`` (row 0-based; ``[hub_config]`` only when one is set). A
+malformed row follows ``on_error`` like a file record; a field missing from the first row is a missing
+column, and a dataset that cannot be loaded (unknown id, no network, bad config or split) or breaks off
+while streaming raises :class:`SourceError` whatever ``on_error`` says. Pin ``revision`` to a commit: the
+build cache knows a hub source by its spec (id, config, split, revision, data_files) only -- local
+``data_files`` are hashed like other input files -- so an unpinned source is re-used from the cache after
+the dataset changes upstream (a warning says so when it is read). Loading scripts are never run
+(``trust_remote_code`` is rejected; ``datasets`` 5 dropped scripts).
 """
 
 from __future__ import annotations
@@ -40,13 +63,14 @@ import difflib
 import glob
 import gzip
 import io
+import itertools
 import json
 import logging
 import re
 import sqlite3
 import string
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -94,6 +118,11 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 _TEXT_FIELD_FORMATS = ("jsonl", "parquet", "arrow", "csv")
 _SUBSET_FORMATS = ("redpajama", "pile")
+# The record formats: each row becomes a document by the same function whether it came from a file or a hub.
+_HUB_FORMATS = ("jsonl", "parquet", "arrow", "redpajama", "oig", "p3", "pile", "pg19", "prompt_completion")
+# `datasets` packaged builders: `hub: json` etc. read data_files (usually local) and are not Hub repositories.
+_PACKAGED_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
+_HUB_ONLY_FIELDS = ("hub_config", "split", "revision", "data_files", "streaming")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MAX_EXAMPLES = 20
 
@@ -106,7 +135,8 @@ class Document:
     """One training document and where it came from."""
 
     text: str  # the text trained on (for prompt/completion pairs: the completion)
-    where: str  # "path:line" (1-based), "path" for whole files, "path#row" (0-based) for table rows
+    where: str  # "path:line" (1-based), "path" for whole files, "path#row" (0-based) for table rows,
+    # "hub[config]/split:row" (0-based) for hub rows
     meta: dict = field(default_factory=dict)  # e.g. {"red_pajama_subset": "book"}, {"task": "task085"}
     prompt: str = ""  # conditioned on but not trained on (loss masked); "" for plain text
 
@@ -128,7 +158,7 @@ class SourceReport:
         """Count a malformed record and keep it as an example.
 
         Args:
-            where: its location, ``path:line``, ``path#row`` or ``path``.
+            where: its location, ``path:line``, ``path#row``, ``path`` or ``hub[config]/split:row``.
             reason: what is wrong with it, e.g. ``malformed JSON (Expecting value)``.
             on_error: ``"skip"`` logs a warning and returns; ``"stop"`` raises.
 
@@ -147,14 +177,41 @@ class SourceReport:
 
 
 class SourceSpec(BaseModel):
-    """One source of a data mix: a format and where its files are."""
+    """One source of a data mix: a format and where its files are (``path``) or which dataset (``hub``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     format: Format = Field(description="The layout of the files; see llmft/data/sources.py for each one.")
-    path: Path = Field(
+    path: Path | None = Field(
+        default=None,
         description="A file, a directory (every file of the format inside it, recursively, sorted) or a glob "
-        "pattern such as data/*.jsonl.gz. Relative paths start at the current directory."
+        "pattern such as data/*.jsonl.gz. Relative paths start at the current directory. Give path or hub.",
+    )
+    hub: str | None = Field(
+        default=None, min_length=1,
+        description="A `datasets` Hub id (e.g. deepmind/pg19, bigscience/P3), or a packaged builder (json, parquet, "
+        "arrow, csv, text) reading data_files; streamed through datasets.load_dataset. Record formats only "
+        "(jsonl, parquet, arrow, redpajama, oig, p3, pile, pg19, prompt_completion). Give path or hub.",
+    )
+    hub_config: str | None = Field(
+        default=None, min_length=1,
+        description="hub: the dataset's config (subset) name, e.g. a P3 prompt such as "
+        "adversarial_qa_dbert_answer_the_following_q.",
+    )
+    split: str = Field(default="train", min_length=1, description="hub: the split to read.")
+    revision: str | None = Field(
+        default=None, min_length=1,
+        description="hub: the commit (or tag/branch) to read. Pin a commit sha: the build cache knows a hub "
+        "source by its spec only, so an unpinned one is re-used after the dataset changes upstream.",
+    )
+    data_files: list[str] | None = Field(
+        default=None, min_length=1,
+        description="hub: the files to read, as datasets.load_dataset takes them (globs allowed): paths inside "
+        "the Hub repository, or local paths for a packaged builder (relative to the current directory).",
+    )
+    streaming: bool = Field(
+        default=True,
+        description="hub: stream the rows instead of downloading and preparing the whole dataset first.",
     )
     text_field: str = Field(
         default="text", min_length=1, description="jsonl/parquet/arrow/csv: the field or column holding the text."
@@ -185,9 +242,20 @@ class SourceSpec(BaseModel):
         default=2, ge=0, description="natural_instructions: positive examples shown in each prompt."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_remote_code(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError("trust_remote_code is not supported: llmft never runs a dataset's loading script "
+                             "(datasets 5 dropped them); remove it, and use a dataset published as parquet/jsonl "
+                             "or download the files and use path:")
+        return data
+
     @field_validator("path")
     @classmethod
-    def _path_has_files(cls, v: Path, info: ValidationInfo) -> Path:
+    def _path_has_files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return None
         v = v.expanduser()
         if info.context and info.context.get("check_paths") is False:
             return v  # schema-only validation (e.g. a shipped data recipe whose corpus is not downloaded)
@@ -203,6 +271,21 @@ class SourceSpec(BaseModel):
                 raise ValueError(f"state.json lists shards that do not exist: {', '.join(missing[:3])}")
         elif not _glob_files(v):
             raise ValueError(f"glob pattern {str(v)!r} matches no files (relative paths start at {Path.cwd()})")
+        return v
+
+    @field_validator("data_files")
+    @classmethod
+    def _local_data_files_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        hub = info.data.get("hub")
+        if v is None or hub is None or (info.context and info.context.get("check_paths") is False):
+            return v
+        root = _hub_local_root(hub)
+        if root is None:
+            return v  # paths inside a Hub repository: datasets resolves them when loading
+        for entry in v:
+            if "://" not in entry and not _local_matches(root, entry):
+                where = f"in {str(root)!r}" if root != Path(".") else f"(relative paths start at {Path.cwd()})"
+                raise ValueError(f"data_files entry {entry!r} matches no files {where}")
         return v
 
     @field_validator("template")
@@ -224,6 +307,34 @@ class SourceSpec(BaseModel):
     @model_validator(mode="after")
     def _fields_match_format(self) -> SourceSpec:
         fmt, given = self.format, self.model_fields_set
+        if self.path is not None and self.hub is not None:
+            raise ValueError("give either path or hub, not both; path reads local files, hub a datasets Hub id")
+        if self.path is None and self.hub is None:
+            raise ValueError("give path (local files, e.g. path: data/pg19/train) or hub (a datasets Hub id, "
+                             "e.g. hub: deepmind/pg19)")
+        if self.hub is None:
+            stray = [name for name in _HUB_ONLY_FIELDS if name in given]
+            if stray:
+                raise ValueError(f"{'/'.join(stray)} apply only to hub sources, not to path; remove them")
+        else:
+            hub = self.hub
+            if fmt not in _HUB_FORMATS:
+                raise ValueError(f"format {fmt!r} reads local files only; hub applies to formats "
+                                 f"{', '.join(_HUB_FORMATS)}; download the files and use path:")
+            if hub in _PACKAGED_BUILDERS:
+                if not self.data_files:
+                    raise ValueError(f"hub {hub!r} is a datasets packaged builder and reads data_files; add them, "
+                                     "e.g. data_files: [data/*.jsonl.gz]")
+                named = [name for name in ("hub_config", "revision") if getattr(self, name) is not None]
+                if named:
+                    raise ValueError(f"{'/'.join(named)} apply to Hub datasets, not to the packaged builder {hub!r}; "
+                                     "remove them")
+            if self.streaming and "[" in self.split:
+                raise ValueError(f"split {self.split!r} is a slice, which a stream cannot take; set streaming: false "
+                                 "or read the whole split")
+            if self.data_files and self.split.split("[")[0] != "train":
+                raise ValueError(f"data_files form the 'train' split (datasets puts a list of files there), not "
+                                 f"{self.split!r}; remove split")
         if self.template is not None and fmt != "csv":
             raise ValueError(f"template applies only to format csv, not {fmt!r}; remove it")
         if self.template is not None and "text_field" in given:
@@ -279,8 +390,7 @@ def _belongs(path: Path, fmt: str) -> bool:
 
 
 def _files_in_dir(root: Path, fmt: str) -> list[Path]:
-    files = [p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                     p.relative_to(root).parts)]
+    files = _files_in_tree(root)
     if fmt == "arrow":
         # A `datasets` save_to_disk directory lists its shards in state.json; other *.arrow files beside them
         # (map() caches) are not part of the dataset.
@@ -298,6 +408,31 @@ def _glob_files(pattern: Path) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
 
 
+def _files_in_tree(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root``, sorted by relative path."""
+    return sorted((p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(root).parts)), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _hub_local_root(hub: str) -> Path | None:
+    """Where a hub source's data_files lie on local disk: the current directory for a packaged builder, the
+    directory itself when ``hub`` is a local dataset directory, None for a Hub repository."""
+    if hub in _PACKAGED_BUILDERS:
+        return Path(".")
+    local = Path(hub).expanduser()
+    return local if local.is_dir() else None
+
+
+def _local_matches(root: Path, entry: str) -> list[Path]:
+    """The local files one data_files entry (a path, a directory or a glob, relative to ``root``) names."""
+    path = root / Path(entry).expanduser()  # an absolute entry replaces root
+    if _GLOB_CHARS.search(entry):
+        return _glob_files(path)
+    if path.is_dir():
+        return _files_in_tree(path)
+    return [path] if path.is_file() else []
+
+
 def list_files(spec: SourceSpec) -> list[Path]:
     """The files a source reads, in reading order.
 
@@ -307,8 +442,18 @@ def list_files(spec: SourceSpec) -> list[Path]:
     Returns:
         The file itself; the files of the format inside a directory (recursively, sorted by relative path,
         hidden files skipped; for a ``save_to_disk`` directory the shards its state.json lists); or the
-        files a glob pattern matches, sorted.
+        files a glob pattern matches, sorted. For a hub source only its local files, which the build cache
+        hashes: the files data_files names for a packaged builder (json, parquet, ...) or a local dataset
+        directory (all its files when data_files is not set); [] for a Hub repository, which the cache knows by
+        its id, config, split, revision and data_files only.
     """
+    if spec.hub is not None:
+        root = _hub_local_root(spec.hub)
+        if root is None:
+            return []
+        if spec.data_files is None:
+            return _files_in_tree(root)
+        return [f for entry in spec.data_files if "://" not in entry for f in _local_matches(root, entry)]
     path = spec.path
     if path.is_file():
         return [path]
@@ -447,11 +592,47 @@ def _read_text(path: Path, spec: SourceSpec, on_error: str, report: SourceReport
     yield Document(text=text, where=str(path))
 
 
-def _read_jsonl(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    for where, record in _json_lines(path, on_error, report):
-        text = _string_field(record, spec.text_field, where, on_error, report)
-        if text is not None:
-            yield Document(text=text, where=where)
+# The record formats: one function per format turns one record (a JSON line, a table row or a hub row) into a
+# Document, or reports why it cannot and returns None. The file readers and the hub reader both call it.
+
+
+@dataclass
+class _Rows:
+    """What a record -> Document function needs besides the record."""
+
+    spec: SourceSpec
+    on_error: str
+    report: SourceReport
+    subset: str | None = None  # redpajama: the subset the rows' location implies, for records naming none
+    no_subset: str = "the file's name and directories name no subset"  # redpajama: why `subset` is None
+
+
+_RecordFn = Callable[[dict, str, _Rows], "Document | None"]
+
+
+def _convert(records: Iterator[tuple[str, dict]], convert: _RecordFn, rows: _Rows) -> Iterator[Document]:
+    for where, record in records:
+        doc = convert(record, where, rows)
+        if doc is not None:
+            yield doc
+
+
+def _jsonl_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    text = _string_field(record, rows.spec.text_field, where, rows.on_error, rows.report)
+    return None if text is None else Document(text=text, where=where)
+
+
+def _table_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    column = rows.spec.text_field
+    text = record.get(column)
+    if isinstance(text, str) and text.strip():
+        return Document(text=text, where=where)
+    if text is None or isinstance(text, str):
+        reason = f"{'null' if text is None else 'empty'} text in column {column!r}"
+    else:  # a file's column type is checked up front; a hub row's value is not
+        reason = f"column {column!r} holds {_json_type(text)}, expected a string"
+    rows.report.bad(where, reason, rows.on_error)
+    return None
 
 
 def _merge_meta(meta: dict, original: Any, key: str) -> dict:
@@ -487,65 +668,65 @@ def _keep_subset(name: str, spec: SourceSpec) -> bool:
     return (not spec.subsets or name in spec.subsets) and name not in spec.exclude_subsets
 
 
-def _read_redpajama(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    from_path = _redpajama_subset_from_path(path)
-    for where, record in _json_lines(path, on_error, report):
-        text = _string_field(record, "text", where, on_error, report)
-        if text is None:
-            continue
-        subset = record.get("red_pajama_subset", from_path)
-        if not isinstance(subset, str):
-            report.bad(where, "no red_pajama_subset field, and the file's name and directories name no subset",
-                       on_error)
-            continue
-        if not _keep_subset(subset, spec):
-            report.filtered += 1
-            continue
-        meta = _merge_meta({"red_pajama_subset": subset}, record.get("meta"), "meta")
-        yield Document(text=text, where=where, meta=meta)
+def _redpajama_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    text = _string_field(record, "text", where, rows.on_error, rows.report)
+    if text is None:
+        return None
+    subset = record.get("red_pajama_subset")
+    if subset is None:  # absent, or null in a hub row whose dataset has the column for other rows
+        subset = rows.subset
+    if not isinstance(subset, str):
+        rows.report.bad(where, f"no red_pajama_subset field, and {rows.no_subset}", rows.on_error)
+        return None
+    if not _keep_subset(subset, rows.spec):
+        rows.report.filtered += 1
+        return None
+    return Document(text=text, where=where, meta=_merge_meta({"red_pajama_subset": subset}, record.get("meta"), "meta"))
 
 
-def _read_pile(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    for where, record in _json_lines(path, on_error, report):
-        text = _string_field(record, "text", where, on_error, report)
-        if text is None:
-            continue
-        meta = record.get("meta")
-        name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-        if not isinstance(name, str):
-            report.bad(where, "no string meta.pile_set_name", on_error)
-            continue
-        if not _keep_subset(name, spec):
-            report.filtered += 1
-            continue
-        yield Document(text=text, where=where, meta=dict(meta))
+def _pile_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    text = _string_field(record, "text", where, rows.on_error, rows.report)
+    if text is None:
+        return None
+    meta = record.get("meta")
+    name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    if not isinstance(name, str):
+        rows.report.bad(where, "no string meta.pile_set_name", rows.on_error)
+        return None
+    if not _keep_subset(name, rows.spec):
+        rows.report.filtered += 1
+        return None
+    return Document(text=text, where=where, meta=dict(meta))
 
 
-def _read_oig(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    for where, record in _json_lines(path, on_error, report):
-        text = _string_field(record, "text", where, on_error, report)
-        if text is not None:
-            # The dialogue stays one document with its "<human>:"/"<bot>:" turns, as OIG publishes it.
-            yield Document(text=text, where=where, meta=_merge_meta({}, record.get("metadata"), "metadata"))
+def _oig_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    text = _string_field(record, "text", where, rows.on_error, rows.report)
+    if text is None:
+        return None
+    # The dialogue stays one document with its "<human>:"/"<bot>:" turns, as OIG publishes it.
+    return Document(text=text, where=where, meta=_merge_meta({}, record.get("metadata"), "metadata"))
 
 
-def _read_pairs(path: Path, on_error: str, report: SourceReport, prompt_field: str,
-                completion_field: str) -> Iterator[Document]:
-    for where, record in _json_lines(path, on_error, report):
-        prompt = _string_field(record, prompt_field, where, on_error, report, allow_empty=True)
-        if prompt is None:
-            continue
-        completion = _string_field(record, completion_field, where, on_error, report)
-        if completion is not None:
-            yield Document(text=completion, where=where, prompt=prompt)
+def _pair_record(record: dict, where: str, rows: _Rows, prompt_field: str, completion_field: str) -> Document | None:
+    prompt = _string_field(record, prompt_field, where, rows.on_error, rows.report, allow_empty=True)
+    if prompt is None:
+        return None
+    completion = _string_field(record, completion_field, where, rows.on_error, rows.report)
+    return None if completion is None else Document(text=completion, where=where, prompt=prompt)
 
 
-def _read_p3(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    yield from _read_pairs(path, on_error, report, "inputs_pretokenized", "targets_pretokenized")
+def _p3_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    return _pair_record(record, where, rows, "inputs_pretokenized", "targets_pretokenized")
 
 
-def _read_prompt_completion(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    yield from _read_pairs(path, on_error, report, spec.prompt_field, spec.completion_field)
+def _prompt_completion_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    return _pair_record(record, where, rows, rows.spec.prompt_field, rows.spec.completion_field)
+
+
+def _read_json_records(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    """The JSON-lines record formats (jsonl, redpajama, oig, p3, pile, prompt_completion): one record a line."""
+    rows = _Rows(spec, on_error, report, subset=_redpajama_subset_from_path(path))
+    yield from _convert(_json_lines(path, on_error, report), _RECORDS[spec.format], rows)
 
 
 def _ni_text(value: Any) -> str | None:
@@ -654,15 +835,28 @@ def _table_rows(path: Path, fmt: str, text_column: str, extra: list[str], on_err
 
 
 def _read_table(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
-    for where, record in _table_rows(path, spec.format, spec.text_field, [], on_error, report):
-        text = record[spec.text_field]
-        if text is None or not text.strip():
-            report.bad(where, f"{'null' if text is None else 'empty'} text in column {spec.text_field!r}", on_error)
-            continue
-        yield Document(text=text, where=where)
+    rows = _table_rows(path, spec.format, spec.text_field, [], on_error, report)
+    yield from _convert(rows, _table_record, _Rows(spec, on_error, report))
 
 
 _PG19_META = ["short_book_title", "publication_date", "url"]
+
+
+def _pg19_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    """A book in the Hugging Face layout ``{short_book_title, publication_date, url, text}``."""
+    text = _string_field(record, "text", where, rows.on_error, rows.report)
+    if text is None:
+        return None
+    # The HF rows come without the Gutenberg header and footer; a copy that kept them is stripped like a .txt.
+    text = strip_gutenberg(text)
+    if not text:
+        rows.report.bad(where, "no text between the Project Gutenberg header and footer", rows.on_error)
+        return None
+    meta = {k: record[k] for k in _PG19_META if record.get(k) is not None}
+    book_id = re.search(r"(\d+)/?$", str(meta.get("url", "")))
+    if book_id:
+        meta["book_id"] = book_id.group(1)
+    return Document(text=text, where=where, meta=meta)
 
 
 def _read_pg19(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
@@ -676,20 +870,12 @@ def _read_pg19(path: Path, spec: SourceSpec, on_error: str, report: SourceReport
                 continue
             yield Document(text=text, where=doc.where, meta={"book_id": book_id})
         return
-    # The Hugging Face layout: one row per book, already without the Gutenberg header and footer.
+    # The Hugging Face layout: one row per book.
     if name.endswith(".parquet"):
-        rows = _table_rows(path, "parquet", "text", _PG19_META, on_error, report)
+        records = _table_rows(path, "parquet", "text", _PG19_META, on_error, report)
     else:
-        rows = _json_lines(path, on_error, report)
-    for where, record in rows:
-        text = _string_field(record, "text", where, on_error, report)
-        if text is None:
-            continue
-        meta = {k: record[k] for k in _PG19_META if record.get(k) is not None}
-        book_id = re.search(r"(\d+)/?$", str(meta.get("url", "")))
-        if book_id:
-            meta["book_id"] = book_id.group(1)
-        yield Document(text=strip_gutenberg(text), where=where, meta=meta)
+        records = _json_lines(path, on_error, report)
+    yield from _convert(records, _pg19_record, _Rows(spec, on_error, report))
 
 
 def _read_csv(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
@@ -939,28 +1125,115 @@ def strip_gutenberg(text: str) -> str:
     return _PG_CREDITS.sub("", body, count=1).strip()
 
 
+# --------------------------------------------------------------------------------------------------- hub
+
+_RECORDS: dict[str, _RecordFn] = {
+    "jsonl": _jsonl_record,
+    "parquet": _table_record,
+    "arrow": _table_record,
+    "redpajama": _redpajama_record,
+    "oig": _oig_record,
+    "p3": _p3_record,
+    "pile": _pile_record,
+    "pg19": _pg19_record,
+    "prompt_completion": _prompt_completion_record,
+}
+
+
+def _hub_name(spec: SourceSpec) -> str:
+    """``hub[config]/split``: the prefix of a hub row's location."""
+    config = f"[{spec.hub_config}]" if spec.hub_config else ""
+    return f"{spec.hub}{config}/{spec.split}"
+
+
+def _needed_fields(spec: SourceSpec) -> tuple[list[str], str]:
+    """The fields every row of a hub source must have, and the setting that names them."""
+    if spec.format in _TEXT_FIELD_FORMATS:
+        return [spec.text_field], "set text_field"
+    if spec.format == "prompt_completion":
+        return [spec.prompt_field, spec.completion_field], "set prompt_field and completion_field"
+    if spec.format == "p3":
+        return ["inputs_pretokenized", "targets_pretokenized"], f"is it in the {spec.format} layout?"
+    return ["text"], f"is it in the {spec.format} layout?"
+
+
+def _one_line(e: BaseException) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _read_hub(spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    """The rows of a ``datasets`` dataset, each through its format's record function.
+
+    Raises:
+        SourceError: the dataset cannot be loaded, stops while streaming, or lacks a field the format needs.
+    """
+    name = _hub_name(spec)
+    if spec.revision is None and _hub_local_root(spec.hub) is None:
+        log.warning("hub source %s is not pinned: set revision: <commit sha> to make builds reproducible (the "
+                    "build cache knows it by its spec only, not by its contents)", spec.hub)
+    import datasets  # only hub sources need it, and it is slow to import
+
+    if _hub_local_root(spec.hub) is None:
+        load_fix = ("check the id, hub_config, split and data_files (and your access, for a gated dataset); "
+                    "offline, download it once while online and set HF_HUB_OFFLINE=1 to read it from the cache, "
+                    "or download the files and use path:")
+        read_fix = "retry a network error; or download it once and set HF_HUB_OFFLINE=1, or use path:"
+    else:
+        load_fix = read_fix = (f"check data_files; or read the files with path: and format {spec.format}, which "
+                               "reports and skips malformed records instead of stopping")
+    try:
+        # trust_remote_code is never passed: no dataset script runs (datasets 5 removed them).
+        dataset = datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split, revision=spec.revision,
+                                        data_files=spec.data_files, streaming=spec.streaming)
+    except Exception as e:  # not found, offline, gated, bad config or split, missing data_files: one message
+        raise SourceError(f"{name}: could not load the dataset ({_one_line(e)}); {load_fix}") from e
+    subsets = {_redpajama_subset_from_path(Path(entry)) for entry in spec.data_files or []}
+    rows = _Rows(spec, on_error, report, subset=subsets.pop() if len(subsets) == 1 else None,
+                 no_subset="data_files name no subset (read one subset's files, e.g. data_files: [book_sample.jsonl])")
+    convert = _RECORDS[spec.format]
+    records = iter(dataset)
+    for i in itertools.count():
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as e:  # a network error or a file the builder cannot parse: the stream cannot go on
+            raise SourceError(f"{name}:{i}: reading the dataset failed ({_one_line(e)}); {read_fix}") from e
+        if i == 0:
+            # A row has every column of the dataset, so a field missing here is missing from every row.
+            needed, hint = _needed_fields(spec)
+            missing = [f for f in needed if f not in record]
+            if missing:
+                raise SourceError(f"{name}: the rows have no field {missing[0]!r} (fields: {', '.join(record)}); "
+                                  f"{hint}")
+        doc = convert(record, f"{name}:{i}", rows)
+        if doc is not None:
+            yield doc
+
+
 # ------------------------------------------------------------------------------------------------- entry
 
 _READERS = {
     "text": _read_text,
-    "jsonl": _read_jsonl,
+    "jsonl": _read_json_records,
     "parquet": _read_table,
     "arrow": _read_table,
-    "redpajama": _read_redpajama,
-    "oig": _read_oig,
+    "redpajama": _read_json_records,
+    "oig": _read_json_records,
     "natural_instructions": _read_natural_instructions,
-    "p3": _read_p3,
-    "pile": _read_pile,
+    "p3": _read_json_records,
+    "pile": _read_json_records,
     "pg19": _read_pg19,
     "csv": _read_csv,
     "sqlite": _read_sqlite,
     "html": _read_html,
-    "prompt_completion": _read_prompt_completion,
+    "prompt_completion": _read_json_records,
 }
 
 
 def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport | None = None) -> Iterator[Document]:
-    """Yield the documents of one source, file by file in :func:`list_files` order.
+    """Yield the documents of one source, file by file in :func:`list_files` order, or row by row from a hub.
 
     Args:
         spec: the source.
@@ -972,14 +1245,18 @@ def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport |
 
     Raises:
         SourceError: a malformed record under ``on_error="stop"``, or a source that does not fit its spec
-            (missing column, template column not in the header, a query sqlite rejects).
+            (missing column, template column not in the header, a query sqlite rejects), or a hub dataset
+            that cannot be loaded or breaks off while streaming.
         ValueError: ``on_error`` is neither "skip" nor "stop".
     """
     if on_error not in ("skip", "stop"):
         raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
     report = report if report is not None else SourceReport()
-    reader = _READERS[spec.format]
-    for path in list_files(spec):
-        for doc in reader(path, spec, on_error, report):
-            report.documents += 1
-            yield doc
+    if spec.hub is not None:
+        docs = _read_hub(spec, on_error, report)
+    else:
+        reader = _READERS[spec.format]
+        docs = (doc for path in list_files(spec) for doc in reader(path, spec, on_error, report))
+    for doc in docs:
+        report.documents += 1
+        yield doc
