@@ -1,4 +1,4 @@
-"""``llmft`` command line: validate, train, merge, data (build / inspect / validate), quickstart.
+"""``llmft`` command line: validate, train, merge, eval, data (build / inspect / validate), quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
 with code 2, without a traceback.
@@ -63,13 +63,17 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     except ModelLoadError as e:
         raise RecipeError([str(e)]) from None
     if n and recipe.method in ("lora", "qlora"):
-        from llmft.model.adapters import lora_parameter_count
-        from llmft.model.build import load_config
+        from llmft.model.adapters import adapter_size_bytes, lora_parameter_count
+        from llmft.model.build import DTYPES, architecture_config
 
         try:
-            k = lora_parameter_count(load_config(m)[0], recipe.lora)
+            config = architecture_config(m)
+            k = lora_parameter_count(config, recipe.lora)
             lines.append(f"parameters              {n:,} ({k:,} trainable = {100 * k / n:.2f}%: "
                          f"method {recipe.method})")
+            size = adapter_size_bytes(config, recipe.lora, DTYPES[m.dtype])
+            short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[m.dtype]
+            lines.append(f"adapter on disk         ~{size / 1e6:.1f} MB ({short}, model.dtype)")
         except ValueError:  # explicit targets without a closed form: counted at launch
             lines.append(f"parameters              {n:,} (trainable: counted at launch)")
     else:
@@ -130,7 +134,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     from llmft.data.build import build_from_recipe
     from llmft.data.mix import load_mix, resolve_lengths
 
-    mix = load_mix(args.recipe, args.overrides)
+    overrides = args.overrides + ([f"num_proc={args.num_proc}"] if args.num_proc is not None else [])
+    mix = load_mix(args.recipe, overrides)
     seq_len, tokenizer = resolve_lengths(mix, None, None, args.recipe)
     built = build_from_recipe(mix, Path(args.out), seq_len, tokenizer, force=args.force, load_rows=False)
     s = built.stats
@@ -178,12 +183,60 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError([f"--lengths: got {text!r}; expected comma-separated token counts, e.g. 2048,4096"]) from None
+    if not lengths or min(lengths) < 2:
+        raise RecipeError([f"--lengths: got {text!r}; every length must be at least 2 tokens"])
+    return lengths
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from llmft.eval import run as ev
+
+    out = Path(args.out)
+    if args.compare:
+        from llmft.eval.report import compare_reports
+
+        try:
+            paths = compare_reports([Path(p) for p in args.compare], out)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError([f"--compare: {e}"]) from None
+        print(paths["table"])
+        print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
+        return 0
+    if args.ppl is None:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19) or --compare REPORT..."])
+    if not args.model:
+        raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
+    from llmft.data.sources import SourceError
+
+    lengths = _lengths(args.lengths)
+    if args.mode == "sliding" and min(lengths) <= args.stride:
+        raise RecipeError([f"--stride {args.stride} must be below every length (got {min(lengths)}): each window "
+                           "keeps length - stride tokens of context. Fix: lower --stride or drop that length"])
+    try:
+        result = ev.run_ppl(args.model, args.data, lengths, args.mode, args.stride, args.max_docs,
+                            out, args.dtype, args.device or ev.device_default(), args.wandb_project, args.wandb_mode)
+    except (SourceError, ValueError) as e:
+        raise RecipeError([f"llmft eval: {e}"]) from None
+    from llmft.eval.report import format_ppl_table
+
+    print(format_ppl_table(result["results"]))
+    print(f"[llmft] report written to {result['paths']['markdown']}, {result['paths']['json']} and "
+          f"{result['paths']['plot']}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
-    from llmft.model.adapters import merge_adapter
+    from llmft.model.adapters import merge_adapters, parse_adapter_spec
     from llmft.model.build import DTYPES
 
-    out = merge_adapter(args.base, Path(args.adapter), Path(args.out), DTYPES[args.dtype])
-    print(f"[llmft] merged {args.adapter} into {args.base}: {out}")
+    adapters = [parse_adapter_spec(spec) for spec in args.adapter]
+    out = merge_adapters(args.base, adapters, Path(args.out), DTYPES[args.dtype])
+    print(f"[llmft] merged {' + '.join(args.adapter)} into {args.base}: {out}")
     return 0
 
 
@@ -209,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seq_len=2048")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    b.add_argument("--num-proc", type=int, default=None,
+                   help="tokenize in this many processes (default: the recipe's num_proc, else 1)")
     b.set_defaults(func=cmd_data_build)
     i = dsub.add_parser("inspect", help="print a build's stats and decode a few rows with boundaries marked")
     i.add_argument("dir")
@@ -222,14 +277,41 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--schema-only", action="store_true", help="do not check that paths exist")
     dv.set_defaults(func=cmd_data_validate)
 
-    mg = sub.add_parser("merge", help="fold a LoRA adapter (method: lora or qlora output) into its base: a "
-                        "plain HF checkpoint (QLoRA: into the unquantized base)")
+    mg = sub.add_parser("merge", help="fold LoRA adapters (method: lora or qlora output) into their base: a "
+                        "plain HF checkpoint (QLoRA: into the unquantized base); repeat --adapter to stack "
+                        "adapters with weights")
     mg.add_argument("--base", required=True, help="the base model (hub id or directory) the adapter was trained on")
-    mg.add_argument("--adapter", required=True, help="an adapter directory: RUN/final or RUN/checkpoints/step-N/model")
+    mg.add_argument("--adapter", required=True, action="append", metavar="PATH[:WEIGHT]",
+                    help="an adapter directory (RUN/final or RUN/checkpoints/step-N/model) or its "
+                    "adapter_model.safetensors, with an optional weight (default 1; negative subtracts). Repeat to "
+                    "stack: --adapter a:0.7 --adapter b:0.3 gives W0 + 0.7 delta_a + 0.3 delta_b exactly (warns "
+                    "where two adapters change the same modules); stacked adapters need the same RoPE settings")
     mg.add_argument("--out", required=True, help="output directory")
     mg.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="dtype of the merged weights")
     mg.set_defaults(func=cmd_merge)
+
+    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length; compare "
+                        "earlier reports")
+    ev.add_argument("--model", action="append", default=[], metavar="MODEL",
+                    help="a checkpoint directory, hub id or llmft adapter directory; repeat to compare models")
+    ev.add_argument("--ppl", choices=["pg19"], default=None, help="perplexity per byte (and token perplexity)")
+    ev.add_argument("--data", default="deepmind/pg19",
+                    help="PG-19 books: a directory of <id>.txt, HF-layout jsonl/parquet, or a datasets id (test "
+                    "split); default deepmind/pg19")
+    ev.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="comma-separated context lengths")
+    ev.add_argument("--mode", choices=["windows", "sliding"], default="windows",
+                    help="non-overlapping windows, or sliding windows scoring only the new tokens (PI/YaRN)")
+    ev.add_argument("--stride", type=int, default=256, help="sliding-window stride in tokens")
+    ev.add_argument("--max-docs", type=int, default=None, help="at most this many books")
+    ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
+                    help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
+    ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--wandb-project", default=None, help="also log to this wandb project")
+    ev.add_argument("--wandb-mode", choices=["online", "offline"], default="offline")
+    ev.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
                        "print perplexity by context length before and after")

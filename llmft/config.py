@@ -364,8 +364,9 @@ class QLoraConfig(_Strict):
         default="bfloat16", description="dtype the 4-bit weights are de-quantized to for each matmul.")
     quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         default="uint8",
-        description="dtype the packed 4-bit weights are stored in. ZeRO-3 needs it equal to compute_dtype "
-        "(it shards all parameters as one dtype).",
+        description="dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 shards all parameters as one "
+        "dtype, so there it must be the training dtype: bfloat16 for train.precision bf16, float16 for fp16, "
+        "float32 for fp32 (checked at validation).",
     )
 
 
@@ -406,6 +407,14 @@ class Recipe(_Strict):
         return data
 
 
+def _zero_stage(d: DeepSpeedConfig) -> int:
+    """The ZeRO stage a DeepSpeed launch will use: the JSON's ``zero_optimization.stage`` when it sets one."""
+    if d.config is not None:
+        stage = json.loads(d.config.read_text()).get("zero_optimization", {}).get("stage", d.stage)
+        return stage if isinstance(stage, int) else d.stage
+    return d.stage
+
+
 def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Checks that span sections or touch the filesystem. Returns (yaml path, problem) pairs."""
     m, problems = recipe.model, []
@@ -415,9 +424,14 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     if recipe.qlora is not None and recipe.method != "qlora":
         problems.append((("qlora",), f"the qlora section applies only to method: qlora, but method is "
                          f"{recipe.method!r}. Fix: set method: qlora, or remove the qlora section"))
-    if recipe.method in ("lora", "qlora") and recipe.deepspeed.config is not None:
-        problems.append((("deepspeed", "config"), f"method: {recipe.method} runs in one process for now (DeepSpeed "
-                         "+ LoRA lands later). Fix: remove deepspeed.config and launch with python launch/train.py"))
+    if recipe.method == "qlora" and _zero_stage(recipe.deepspeed) == 3:
+        want = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[recipe.train.precision]
+        have = (recipe.qlora or QLoraConfig()).quant_storage_dtype
+        if have != want:
+            problems.append((("qlora", "quant_storage_dtype"), f"is {have!r}, but DeepSpeed ZeRO-3 shards every "
+                             f"parameter in one dtype ({want}, from train.precision {recipe.train.precision}), packed "
+                             f"4-bit weights included. Fix: set qlora.quant_storage_dtype: {want}, or use ZeRO "
+                             "stage 2"))
     if recipe.method == "qlora" and m.init == "random":
         problems.append((("model", "init"), "method: qlora quantizes pretrained weights. Fix: set init: pretrained, "
                          "or use method: full to train from scratch"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,16 @@ def test_yaml_syntax_error(tmp_path):
     bad.write_text("model:\n  name: [unclosed\n")
     (msg,) = _errors(bad)
     assert msg.startswith(f"{bad}:") and "not valid YAML" in msg
+
+
+def test_validate_prints_qlora_trainable_count_offline(python):
+    # the hub is never asked: the count comes from the published LLaMA-2-7B config shipped in llmft/assets/configs
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([python, "-m", "llmft.cli", "validate", "recipes/llama2_32k_qlora.yaml"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # r=64 on all 7 projections of 32 layers: 32 x 64 x (4 x (4096 + 4096) + 3 x (4096 + 11008))
+    assert "# parameters              6,738,415,616 (159,907,840 trainable = 2.37%: method qlora)" in out.stdout
+    # 159,907,840 x 2 bytes (bf16) + safetensors header + adapter_config.json
+    assert "# adapter on disk         ~319.9 MB (bf16, model.dtype)" in out.stdout
+    assert "llmft/assets/configs/meta-llama--Llama-2-7b-hf/config.json" in out.stderr

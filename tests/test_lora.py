@@ -13,11 +13,17 @@ import torch
 from conftest import tiny_recipe, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmft.cli import main
-from llmft.config import RecipeError, load_recipe
-from llmft.model.adapters import lora_parameter_count
+from llmft.config import LoraConfig, RecipeError, load_recipe
+from llmft.model.adapters import (
+    adapter_size_bytes,
+    apply_lora,
+    export_adapter,
+    lora_parameter_count,
+    trained_adapter_size_bytes,
+)
 from llmft.model.build import count_parameters
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
@@ -102,8 +108,10 @@ def test_trainable_count_matches_closed_form(tmp_path, tiny_model, text_file, lo
     if lora == LONGLORA:
         assert expected == 2 * 4 * 8 * (64 + 64) + 512 * 64 + 5 * 64
     base_total = sum(t.numel() for t in load_file(tiny_model / "model.safetensors").values())
-    assert f"{base_total:,} base, frozen; {expected:,} trainable ({100 * expected / base_total:.2f}% of base" \
-        in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{base_total:,} base, frozen; {expected:,} trainable ({100 * expected / base_total:.2f}% of base" in out
+    size = adapter_size_bytes(config, recipe.lora, torch.float32)
+    assert f"adapter on disk    ~{size / 1e6:.1f} MB per export in float32" in out
 
 
 def test_saved_adapter_reloads_with_plain_peft(trained, tiny_model):
@@ -180,3 +188,19 @@ def test_lora_recipe_rules(tmp_path, tiny_model, text_file):
     defaults = load_recipe(write_recipe(tmp_path / "d.yaml", {**base, "method": "lora"}))
     assert defaults.lora.rank == 8 and defaults.lora.alpha == 16 and defaults.lora.targets == [
         "q_proj", "k_proj", "v_proj", "o_proj"] and defaults.lora.trainable_extra == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adapter_size_estimate_matches_the_export(tmp_path, tiny_model, dtype):
+    cfg = LoraConfig(**LONGLORA)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), cfg)
+    export_adapter(tmp_path, model, AutoTokenizer.from_pretrained(tiny_model), dtype)
+    estimate = adapter_size_bytes(AutoConfig.from_pretrained(tiny_model), cfg, dtype)
+    weights = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert abs(estimate - weights) / weights < 0.05, (estimate, weights)
+    # what it estimates: the weights file plus adapter_config.json, here within 1%
+    both = weights + (tmp_path / "adapter_config.json").stat().st_size
+    assert abs(estimate - both) / both < 0.01, (estimate, both)
+    # the tensor bytes dominate: 41,280 trainable parameters (2 x 4 x 8 x 128 + 512 x 64 + 5 x 64)
+    assert weights > 41_280 * dtype.itemsize
+    assert trained_adapter_size_bytes(model, dtype) == estimate  # what training prints at start, from the model

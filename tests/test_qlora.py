@@ -142,6 +142,26 @@ def test_qlora_recipe_rules(tmp_path, tiny_model, text_file, capsys):
     assert defaults.lora.rank == 8 and defaults.train.optimizer == "adamw"
 
 
+def test_qlora_zero3_needs_quant_storage_in_the_training_dtype(tmp_path, tiny_model, text_file, capsys):
+    """ZeRO-3 shards all parameters as one dtype: uint8-packed 4-bit weights are refused with the fix, whether
+    stage 3 comes from deepspeed.stage or from a DeepSpeed JSON; the matching dtype validates."""
+    base = tiny_recipe(tiny_model, text_file, tmp_path / "r", method="qlora", train={"precision": "bf16"})
+    base["model"]["init"] = "pretrained"
+    path = write_recipe(tmp_path / "z3.yaml", {**base, "deepspeed": {"stage": 3}})
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "qlora.quant_storage_dtype: is 'uint8', but DeepSpeed ZeRO-3 shards every parameter in one dtype " \
+           "(bfloat16, from train.precision bf16)" in err
+    assert "Fix: set qlora.quant_storage_dtype: bfloat16, or use ZeRO stage 2" in err and "Traceback" not in err
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}')
+    assert main(["validate", str(write_recipe(tmp_path / "json.yaml", {**base, "deepspeed": {"config": str(ds_json)}}))]) == 2
+    assert "Fix: set qlora.quant_storage_dtype: bfloat16" in capsys.readouterr().err
+    assert main(["validate", str(path), "qlora.quant_storage_dtype=bfloat16"]) == 0
+    assert main(["validate", str(path), "deepspeed.stage=2"]) == 0  # ZeRO-2 keeps uint8 storage
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_32bit"])
 def test_bitsandbytes_optimizers_run_on_cpu(tmp_path, tiny_model, text_file, optimizer):
     path = qlora_recipe(tmp_path, tiny_model, text_file, train={"max_steps": 2, "optimizer": optimizer})

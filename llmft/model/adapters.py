@@ -22,20 +22,33 @@ identical in format: the saved ``config.json`` carries no ``quantization_config`
 ``dequant(quant(W0))``; merging adds ``B @ A`` to the original ``W0``, so a merged QLoRA model differs slightly
 from the quantized model it was trained in (by the quantization error of W0). To reproduce the training-time
 model exactly, load the base with the same ``BitsAndBytesConfig`` and apply the adapter unmerged.
+
+``llmft merge`` can also stack adapters with weights (``--adapter a:0.7 --adapter b:0.3``, negative weights
+allowed: ``a:1 b:-1`` keeps the direction in which a differs from b, as slider adapters do). The merged weights
+are exactly ``W0 + sum_i w_i * delta_i``: PEFT's ``add_weighted_adapter`` with ``combination_type="cat"`` for the
+LoRA updates, and the same sum of differences to the base for the trained whole-module copies (see
+:func:`merge_adapters`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import peft
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from llmft.config import LoraConfig
 from llmft.model.build import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 
 def _extra_module_names(model: PreTrainedModel, extra: list[str]) -> list[str]:
@@ -121,8 +134,50 @@ def lora_parameter_count(config: PretrainedConfig, cfg: LoraConfig) -> int:
     return layers * per_layer + sum(extra[e] for e in cfg.trainable_extra)
 
 
-def export_adapter(out_dir: Path, model: peft.PeftModel, tokenizer, dtype: torch.dtype) -> None:
+# Measured on llmft exports (peft 0.21, safetensors): each tensor costs ~128 bytes of safetensors JSON header
+# (its key, dtype, shape and offsets), and adapter_config.json is ~1.2 KB.
+_SAFETENSORS_HEADER_BYTES_PER_TENSOR = 128
+_ADAPTER_CONFIG_BYTES = 1280
+
+
+def adapter_size_bytes(config: PretrainedConfig, cfg: LoraConfig, dtype: torch.dtype) -> int:
+    """Estimated size on disk of an adapter export: ``adapter_model.safetensors`` plus ``adapter_config.json``.
+
+    Assumes what :func:`export_adapter` writes: every trainable parameter (LoRA A/B, the ``trainable_extra``
+    copies, trained biases; :func:`lora_parameter_count`) saved once in ``dtype`` (llmft saves in the recipe's
+    ``model.dtype``, also for QLoRA, whose 4-bit base is never saved), plus ~128 bytes of safetensors header per
+    tensor and ~1.2 KB for adapter_config.json. The tokenizer and config.json that the export also holds are not
+    counted (they do not depend on the adapter).
+
+    Raises:
+        ValueError: as :func:`lora_parameter_count`.
+    """
+    params = lora_parameter_count(config, cfg)  # first: it rejects targets without a closed form
+    shapes, layers = _projection_shapes(config), config.num_hidden_layers
+    biased = {"none": [], "lora_only": cfg.targets, "all": list(shapes)}[cfg.bias]
+    tensors = layers * (2 * len(cfg.targets) + sum(1 for t in biased if shapes[t][2]))  # A and B per target
+    tensors += sum({"embed": 1, "lm_head": 1, "norm": 2 * layers + 1}[e] for e in cfg.trainable_extra)
+    return _export_bytes(params, tensors, dtype)
+
+
+def trained_adapter_size_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The estimate of :func:`adapter_size_bytes` from a live PEFT model's trainable parameters (any architecture;
+    under ZeRO-3 a parameter's full size is its ``ds_numel``)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return _export_bytes(sum(getattr(p, "ds_numel", p.numel()) for p in trainable), len(trainable), dtype)
+
+
+def _export_bytes(params: int, tensors: int, dtype: torch.dtype) -> int:
+    return params * dtype.itemsize + tensors * _SAFETENSORS_HEADER_BYTES_PER_TENSOR + _ADAPTER_CONFIG_BYTES
+
+
+def export_adapter(out_dir: Path, model: peft.PeftModel, tokenizer, dtype: torch.dtype,
+                   state: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter (PEFT format, weights in ``dtype``), the RoPE-scaled base config and the tokenizer.
+
+    Args:
+        state: the trainable tensors by parameter name, whole (the training engine gathers them under ZeRO-3,
+            where the model's own parameters are empty partitions). Default: ``model.state_dict()``.
 
     For a QLoRA model the config is written without its ``quantization_config``: the adapter reloads on the
     ordinary base (see the module docstring).
@@ -130,7 +185,7 @@ def export_adapter(out_dir: Path, model: peft.PeftModel, tokenizer, dtype: torch
     out_dir.mkdir(parents=True, exist_ok=True)
     # packed 4-bit weights and their quantization state are not floating point: leave them be (PEFT drops them)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
-             for k, v in model.state_dict().items()}
+             for k, v in (model.state_dict() if state is None else state).items()}
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     config = copy.deepcopy(model.get_base_model().config)
     _drop_quantization(config)
@@ -145,41 +200,205 @@ def _drop_quantization(config: PretrainedConfig) -> None:
 
 
 def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
-    """Base (with the adapter's RoPE-scaled config) + adapter -> a plain Hugging Face checkpoint.
+    """One adapter at weight 1: :func:`merge_adapters` with ``[(adapter_dir, 1.0)]``."""
+    return merge_adapters(base, [(Path(adapter_dir), 1.0)], out_dir, dtype)
 
-    LoRA updates are folded into the base weights (``merge_and_unload``); trained copies of the extra modules
-    (embed, norms, lm_head) replace the originals. The output keeps the adapter's ``rope_parameters`` and
-    ``max_position_embeddings`` and gets the tokenizer.
+
+def parse_adapter_spec(spec: str) -> tuple[Path, float]:
+    """An ``llmft merge --adapter`` value, ``PATH`` or ``PATH:WEIGHT``, as (adapter directory, weight).
+
+    The text after the last ``:`` is a weight only when it parses as a number (and ``spec`` is not itself an
+    existing path), so paths that contain ``:`` still work. ``PATH`` is an adapter directory or the
+    ``adapter_model.safetensors`` inside one. The weight defaults to 1.0 and may be negative.
+
+    Raises:
+        ModelLoadError: the path does not exist or is some other file, or the weight is not a finite number.
+    """
+    path, weight = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass  # not a number: the ':' is part of the path
+    hint = "expected PATH or PATH:WEIGHT with a number as WEIGHT, e.g. runs/a/final:0.7"
+    if not math.isfinite(weight):
+        raise ModelLoadError(f"--adapter {spec}: weight {tail} is not a finite number ({hint})")
+    adapter = Path(path)
+    if not adapter.exists():
+        raise ModelLoadError(f"--adapter {spec}: {path} does not exist ({hint})")
+    if adapter.is_file():
+        if adapter.name != "adapter_model.safetensors":
+            raise ModelLoadError(f"--adapter {spec}: {path} is a file; pass an adapter directory or the "
+                                 "adapter_model.safetensors inside one")
+        adapter = adapter.parent
+    return adapter, weight
+
+
+def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: Path, dtype: torch.dtype) -> Path:
+    """Base (with the adapters' RoPE-scaled config) + weighted LoRA adapters -> a plain Hugging Face checkpoint.
+
+    One adapter at weight 1: its LoRA updates are folded into the base weights (``merge_and_unload``) and its
+    trained copies of the extra modules (embed, norms, lm_head) replace the originals.
+
+    Several adapters, or one at another weight, are stacked: every weight becomes ``W0 + sum_i w_i (W_i - W0)``,
+    with ``W_i`` what adapter i alone merges to. For a LoRA layer that is ``W0 + sum_i w_i s_i B_i @ A_i``
+    (``s_i = alpha_i / r_i``, or ``alpha_i / sqrt(r_i)`` with rsLoRA), built by PEFT's ``add_weighted_adapter`` with
+    ``combination_type="cat"``: one adapter of rank ``sum_i r_i`` whose A stacks the ``w_i s_i A_i`` and whose B
+    stacks the ``B_i``, so ``B @ A`` is the weighted sum exactly, for any ranks and signs. (``linear`` needs equal
+    ranks and multiplies the summed A by the summed B, which adds cross terms ``B_i @ A_j``; the ``svd`` types
+    truncate to a lower rank.) PEFT refuses to combine trained module copies (``modules_to_save``) that two
+    adapters share, and leaves the others at ``W0``, so those (and trained biases) are summed here the same way:
+    ``E0 + sum_i w_i (E_i - E0)``, an adapter without a copy of a module contributing nothing to it. The weights
+    need not sum to 1 and may be negative: ``[(a, 1), (b, -1)]`` gives ``W0 + delta_a - delta_b``, the direction
+    in which a differs from b. A warning names the modules two adapters both change: their deltas add up there.
+
+    The output keeps the adapters' ``rope_parameters`` and ``max_position_embeddings`` (which must agree) and
+    gets the tokenizer of the first adapter.
 
     A QLoRA adapter is merged the same way, into the unquantized base: the result is ``W0 + (alpha / r) B @ A``
     with ``W0`` the original base weights, although the adapter was trained against the 4-bit quantized W0.
 
+    Args:
+        base: the base model (hub id or directory) the adapters were trained on.
+        adapters: (adapter directory, weight) pairs, as :func:`parse_adapter_spec` returns them.
+        out_dir: the output directory (replaced if it exists).
+        dtype: dtype of the saved weights; the merge itself runs in fp32.
+
+    Returns:
+        ``out_dir``.
+
     Raises:
-        ModelLoadError: the adapter directory is incomplete, or the base cannot be loaded.
+        ModelLoadError: an adapter directory is incomplete or not a plain LoRA adapter, the stacked adapters'
+            RoPE parameters or max lengths differ, every weight is 0, or the base cannot be loaded.
     """
-    adapter_dir = Path(adapter_dir)
-    for name in ("adapter_config.json", "config.json"):
-        if not (adapter_dir / name).is_file():
-            raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora or "
-                             "qlora (checkpoints/step-N/model or final)")
-    config = AutoConfig.from_pretrained(adapter_dir)
+    dirs, weights = [Path(d) for d, _ in adapters], [float(w) for _, w in adapters]
+    if not dirs:
+        raise ModelLoadError("no adapter to merge")
+    for adapter_dir in dirs:
+        for name in ("adapter_config.json", "config.json"):
+            if not (adapter_dir / name).is_file():
+                raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora "
+                                     "or qlora (checkpoints/step-N/model or final)")
+    if all(w == 0 for w in weights):
+        raise ModelLoadError("every adapter weight is 0: the merge would be the base unchanged; give at least one "
+                             "adapter a non-zero weight (PATH:WEIGHT)")
+    config = _shared_config(dirs)
     _drop_quantization(config)  # always merge into the unquantized base
     try:
         model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
-    try:
-        model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    except (OSError, ValueError, RuntimeError) as e:
-        why = str(e).splitlines()[0]
-        raise ModelLoadError(f"cannot apply adapter {str(adapter_dir)!r} to {base!r}: {why}") from None
+    if len(dirs) == 1 and weights[0] == 1.0:
+        try:
+            model = peft.PeftModel.from_pretrained(model, dirs[0]).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0]
+            raise ModelLoadError(f"cannot apply adapter {str(dirs[0])!r} to {base!r}: {why}") from None
+    else:
+        model = _stack_adapters(model, base, dirs, weights)
     model.config.dtype = dtype
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tok_src = dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _shared_config(dirs: list[Path]) -> PretrainedConfig:
+    """The first adapter's RoPE-scaled ``config.json``, once every stacked adapter is known to share its RoPE
+    parameters and max length (deltas trained at different position scalings do not add up to a model)."""
+    configs = [AutoConfig.from_pretrained(d) for d in dirs]
+    for other, config in zip(dirs[1:], configs[1:]):
+        diffs = [f"{key} {getattr(configs[0], key, None)} vs {getattr(config, key, None)}"
+                 for key in ("rope_parameters", "max_position_embeddings")
+                 if getattr(configs[0], key, None) != getattr(config, key, None)]
+        if diffs:
+            raise ModelLoadError(f"adapters {dirs[0]} and {other} were trained with different RoPE settings "
+                                 f"({'; '.join(diffs)}); stack only adapters trained with the same model.rope "
+                                 "and max_seq_len")
+    return configs[0]
+
+
+_PEFT_PREFIX = "base_model.model."  # how PEFT prefixes the base model's names in adapter_model.safetensors
+_STACKED = "stacked"
+
+
+def _stack_adapters(model: PreTrainedModel, base: str, dirs: list[Path], weights: list[float]) -> PreTrainedModel:
+    """``W0 + sum_i w_i (W_i - W0)`` for every weight the adapters change (see :func:`merge_adapters`).
+
+    PEFT only ever sees the LoRA part of each adapter: loaded whole, the copies of the extra modules would go to
+    PEFT's ``modules_to_save`` wrappers, which ``add_weighted_adapter`` refuses to combine. The copies (and any
+    trained bias, which PEFT would load into the shared base layer) are read here as differences to ``W0``.
+    """
+    names = [f"adapter{i}" for i in range(len(dirs))]
+    base_state = model.state_dict()  # W0, not modified until the final merge
+    full_deltas: dict[str, torch.Tensor] = {}  # base weight name -> sum_i w_i (W_i - W0)
+    touched: list[set[str]] = []  # per adapter, the names of the modules it changes
+    peft_model = None
+    for name, adapter_dir, weight in zip(names, dirs, weights):
+        where = f"cannot apply adapter {str(adapter_dir)!r} to {base!r}"
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise ModelLoadError(f"{where}: it has no adapter_model.safetensors")
+        try:
+            cfg = peft.PeftConfig.from_pretrained(str(adapter_dir))
+            if not isinstance(cfg, peft.LoraConfig) or cfg.use_dora or cfg.lora_bias:
+                raise ModelLoadError(f"{where}: only plain LoRA adapters can be stacked (this one is "
+                                     f"{cfg.peft_type}{' with DoRA' if getattr(cfg, 'use_dora', False) else ''}"
+                                     f"{' with lora_bias' if getattr(cfg, 'lora_bias', False) else ''}); "
+                                     "merge it alone with weight 1")
+            state = peft.load_peft_weights(str(adapter_dir), device="cpu")
+            lora = {k: v for k, v in state.items() if ".lora_" in k}
+            modules = {k.split(".lora_")[0].removeprefix(_PEFT_PREFIX) for k in lora}
+            for key in state.keys() - lora.keys():
+                target = key.removeprefix(_PEFT_PREFIX)
+                if target not in base_state:
+                    raise ModelLoadError(f"{where}: its tensor {key} matches no weight of the base")
+                delta = weight * (state[key].to(torch.float32) - base_state[target])
+                full_deltas[target] = full_deltas[target] + delta if target in full_deltas else delta
+                modules.add(target.rsplit(".", 1)[0])
+            touched.append(modules)
+            cfg = dataclasses.replace(cfg, modules_to_save=None, bias="none", inference_mode=True)
+            if peft_model is None:
+                peft_model = peft.get_peft_model(model, cfg, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, cfg)
+            loaded = peft.set_peft_model_state_dict(peft_model, lora, adapter_name=name)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"{where}: {str(e).splitlines()[0]}") from None
+        missing = [k for k in loaded.missing_keys if ".lora_" in k and f".{name}." in k]
+        if missing or loaded.unexpected_keys:
+            raise ModelLoadError(f"{where}: {len(missing)} LoRA tensors missing (e.g. {(missing or ['-'])[0]}), "
+                                 f"{len(loaded.unexpected_keys)} unexpected")
+    _warn_overlaps(dirs, touched)
+    log.info("stacking %s with PEFT add_weighted_adapter (cat, rank %d)",
+             " + ".join(f"{w:g} x {d}" for d, w in zip(dirs, weights)),
+             sum(peft_model.peft_config[n].r for n in names))
+    peft_model.add_weighted_adapter(names, weights, adapter_name=_STACKED, combination_type="cat")
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer) and _STACKED in module.scaling:
+            # "cat" has already folded every w_i * s_i into A; the new adapter inherits use_rslora from the first
+            # one, which would scale it by alpha / sqrt(r) = sqrt(r) instead of alpha / r = 1
+            module.scaling[_STACKED] = 1.0
+    peft_model.set_adapter(_STACKED)
+    merged = peft_model.merge_and_unload()
+    merged_state = merged.state_dict()
+    with torch.no_grad():
+        for key, delta in full_deltas.items():
+            merged_state[key].add_(delta.to(merged_state[key].dtype))
+    return merged
+
+
+def _warn_overlaps(dirs: list[Path], touched: list[set[str]]) -> None:
+    """One warning per pair of stacked adapters that change the same modules."""
+    for i in range(len(dirs)):
+        for j in range(i + 1, len(dirs)):
+            shared = touched[i] & touched[j]
+            if shared:
+                kinds = sorted({m.rsplit(".", 1)[-1] for m in shared})
+                log.warning("adapters %s and %s both change %s (%d modules): their weighted deltas are summed there",
+                            dirs[i], dirs[j], ", ".join(kinds), len(shared))

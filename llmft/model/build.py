@@ -20,6 +20,9 @@ from llmft.model.rope import RopeScaling, apply_rope_scaling
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Published config.json files of the hub base models the shipped recipes name (offline parameter counts).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
+_FALLBACK_LOGGED: set[str] = set()  # hub ids whose shipped config was used (logged once per process)
 
 
 class ModelLoadError(Exception):
@@ -79,8 +82,35 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
+def shipped_config_dir(name: str) -> Path | None:
+    """The directory holding the published ``config.json`` of hub model ``name`` shipped with llmft, or None.
+
+    ``llmft/assets/configs/<org>--<name>/config.json`` holds the config of each hub base model the shipped recipes
+    name, so that parameter counts (``llmft validate``, docs/hyperparameters.md) work offline.
+    """
+    path = SHIPPED_CONFIGS / name.replace("/", "--")
+    return path if (path / "config.json").is_file() else None
+
+
+def _hub_unreachable(err: BaseException | None) -> bool:
+    """True when ``err`` says the hub could not be reached (no network, or HF_HUB_OFFLINE) and nothing was cached;
+    False for every other failure (a gated or missing repo, a bad config)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LocalEntryNotFoundError):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def load_config(cfg: ModelConfig):
     """The model config with the recipe's RoPE scaling applied.
+
+    A hub id that cannot be fetched because the hub is unreachable (and is not in the local cache) falls back to
+    the published config shipped with llmft (:func:`shipped_config_dir`), with one log line naming the file.
 
     Returns:
         (config, RopeScaling or None)
@@ -91,7 +121,17 @@ def load_config(cfg: ModelConfig):
     try:
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model config {cfg.name!r}: {str(e).splitlines()[0]}") from None
+        shipped = None if Path(cfg.name).expanduser().is_dir() else shipped_config_dir(cfg.name)
+        if shipped is None or not _hub_unreachable(e):
+            raise ModelLoadError(f"cannot load model config {cfg.name!r}: {str(e).splitlines()[0]}") from None
+        if cfg.name not in _FALLBACK_LOGGED:
+            from huggingface_hub import constants
+
+            _FALLBACK_LOGGED.add(cfg.name)
+            log.info("model config: the hub is unreachable, using the published config of %s shipped with llmft: %s%s",
+                     cfg.name, shipped / "config.json",
+                     "" if constants.HF_HUB_OFFLINE else " (set HF_HUB_OFFLINE=1 to skip the hub lookup)")
+        config = AutoConfig.from_pretrained(shipped)
     scaling = None
     if cfg.rope is not None:
         try:
@@ -181,11 +221,47 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(numel(p) for p in model.parameters() if p.requires_grad), sum(numel(p) for p in model.parameters())
 
 
-def parameter_count_from_config(cfg: ModelConfig) -> int | None:
-    """Parameter count of the (extended) model, built on the meta device; None if the config is not local."""
-    if not Path(cfg.name).is_dir():
+def architecture_config(cfg: ModelConfig):
+    """The RoPE-extended config of the model a recipe will train, found without loading any weights.
+
+    ``model.name`` is read as :func:`load_config` does (a local directory, else the hub, else the shipped published
+    config when the hub is unreachable). When ``name`` does not exist yet but ``produced_by`` names the recipe that
+    writes it, the config comes from that recipe's model (its output has that architecture).
+
+    Returns:
+        A transformers config, or None when the model is not local and its config cannot be fetched (the reason is
+        logged).
+
+    Raises:
+        ModelLoadError: a local config cannot be loaded or does not accept the RoPE parameters.
+        RecipeError: the ``produced_by`` recipe is invalid.
+    """
+    if Path(cfg.name).expanduser().is_dir():
+        return load_config(cfg)[0]
+    if cfg.produced_by is not None:
+        from llmft.config import load_recipe
+
+        producer = load_recipe(cfg.produced_by).model
+        return architecture_config(cfg.model_copy(update={"name": producer.name, "produced_by": producer.produced_by,
+                                                          "revision": producer.revision}))
+    try:
+        return load_config(cfg)[0]
+    except ModelLoadError as e:
+        log.info("parameters: %s; counted at launch", e)
         return None
-    config, _ = load_config(cfg)
+
+
+def parameter_count_from_config(cfg: ModelConfig) -> int | None:
+    """Parameter count of the (extended) model, built on the meta device; None if its config cannot be found.
+
+    The config is the one :func:`architecture_config` finds. A QLoRA base counts its unquantized parameters.
+
+    Raises:
+        ModelLoadError, RecipeError: as :func:`architecture_config`.
+    """
+    config = architecture_config(cfg)
+    if config is None:
+        return None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     return sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@ Both engines expose the same five operations, so the training loop reads the sam
     grad_norm = engine.step()                  # clip, update, advance the lr schedule, zero grads
     engine.save(state_dir) / engine.load(state_dir)
     engine.full_state_dict()                   # every parameter, gathered on rank 0 (for the HF export)
+    engine.trainable_state_dict()              # the trainable ones only (LoRA adapters), gathered on rank 0
 
 Master weights are fp32; bf16/fp16 compute uses autocast (plain) or DeepSpeed's bf16/fp16 modes.
 """
@@ -110,6 +111,9 @@ class PlainEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
     def barrier(self) -> None:
         pass
 
@@ -190,6 +194,7 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.frozen = any(not p.requires_grad for p in self.model.parameters())  # e.g. a LoRA base
         self._stage0_norm = float("nan")
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
@@ -218,11 +223,13 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, state_dir: Path) -> None:
-        self.engine.save_checkpoint(str(state_dir), tag="deepspeed", save_latest=False)
+        # a frozen base (LoRA) is rebuilt from model.name on resume: keep only what trains
+        self.engine.save_checkpoint(str(state_dir), tag="deepspeed", save_latest=False,
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, state_dir: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(state_dir), tag="deepspeed", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True, load_module_strict=not self.frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {state_dir}")
 
@@ -232,6 +239,17 @@ class DeepSpeedEngine:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
             return sd if self.rank == 0 else None
         return self.model.state_dict() if self.rank == 0 else None
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The trainable parameters (LoRA adapters, trained extras), whole, on rank 0 (None elsewhere). Every rank
+        must call it: under ZeRO-3 each rank holds a slice of every parameter, gathered here."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in named} if self.rank == 0 else None
+        return {n: p.detach().cpu() for n, p in named} if self.rank == 0 else None
 
     def barrier(self) -> None:
         dist.barrier()

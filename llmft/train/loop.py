@@ -88,9 +88,6 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     lora = recipe.lora if recipe.method in ("lora", "qlora") else None
-    if lora is not None and distributed:
-        raise RecipeError([f"method: {recipe.method} runs in one process for now (DeepSpeed + LoRA lands later). "
-                           "Fix: launch with python launch/train.py"])
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora)
     model, tokenizer = built.model, built.tokenizer
     base_params = count_parameters(model)[1]
@@ -134,6 +131,13 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
     # ---- the derived numbers, once -----------------------------------------------------------------------
     trainable, total_params = count_parameters(engine.model)
+    adapter_line = []
+    if lora is not None:
+        from llmft.model.adapters import trained_adapter_size_bytes
+
+        size = trained_adapter_size_bytes(engine.model, DTYPES[recipe.model.dtype])
+        adapter_line = [f"adapter on disk    ~{size / 1e6:.1f} MB per export in {recipe.model.dtype} (final/ and "
+                        "each checkpoint's model/)"]
     if rank == 0:
         lines = [
             f"run dir            {run_dir}",
@@ -147,6 +151,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"{'QLoRA ' + recipe.qlora.quant_type if recipe.qlora else 'LoRA'} r={lora.rank} alpha={lora.alpha:g} on "
             f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
             + ")",
+            *adapter_line,
             f"data               {documents} documents, {train_tokens:,} train tokens, "
             f"{len(val_tokens):,} validation tokens, {bad_records} bad records skipped",
             f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
@@ -217,7 +222,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
     # ---- final export -----------------------------------------------------------------------------------
     final_dir = run_dir / "final"
-    state = engine.full_state_dict() if lora is None else None
+    state = engine.full_state_dict() if lora is None else engine.trainable_state_dict()
     if rank == 0:
         tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,11 +299,12 @@ def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: boo
 
 
 def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) -> None:
-    """The HF export of a checkpoint: the full model, or for LoRA the adapter + RoPE-scaled base config."""
+    """The HF export of a checkpoint: the full model, or for LoRA the adapter + RoPE-scaled base config.
+    ``state``: every parameter (full) or the trainable ones (LoRA), whole, from the engine."""
     if recipe.method in ("lora", "qlora"):
         from llmft.model.adapters import export_adapter
 
-        export_adapter(out, engine.model, tokenizer, DTYPES[recipe.model.dtype])
+        export_adapter(out, engine.model, tokenizer, DTYPES[recipe.model.dtype], state)
     else:
         ckpt.export_hf(out, engine.model, state, tokenizer, DTYPES[recipe.model.dtype])
 
@@ -310,7 +316,7 @@ def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, to
     if rank == 0:
         tmp = ckpt.staging_dir(run_dir, step)
     engine.barrier()
-    state = engine.full_state_dict() if recipe.method == "full" else None
+    state = engine.full_state_dict() if recipe.method == "full" else engine.trainable_state_dict()
     if rank == 0:
         _export(tmp / "model", engine, state, built.tokenizer, recipe)
     engine.save(tmp / "state")

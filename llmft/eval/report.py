@@ -1,0 +1,124 @@
+"""Perplexity reports: markdown table, JSON and a PNG of perplexity against context length, for one or more
+models, and the side-by-side comparison of earlier reports (``llmft eval --compare``).
+
+``ppl.json`` layout::
+
+    {"protocol": {"data": ..., "mode": "windows", "stride": 256, "lengths": [...], "max_docs": ...},
+     "models": {"<model>": {"<L>": {"ppl_per_byte", "token_ppl", "bits_per_byte", "nll", "tokens", "bytes",
+                                    "windows", "books", "too_short"}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _num(x: float, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def format_ppl_table(models: dict[str, dict[int, dict]], metric: str = "ppl_per_byte") -> str:
+    """Markdown: one row per context length, one column per model (``metric``), then token perplexity; the
+    first model is the baseline of the comparison columns when there are two or more."""
+    names = list(models)
+    lengths = sorted({int(n) for r in models.values() for n in r})
+    label = {"ppl_per_byte": "ppl/byte", "token_ppl": "token ppl"}[metric]
+    head = ["context"] + [f"{n} {label}" for n in names] + [f"{n} token ppl" for n in names]
+    if len(names) > 1:
+        head += [f"{n} vs {names[0]}" for n in names[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for length in lengths:
+        rows = [models[n].get(length) or models[n].get(str(length)) or {} for n in names]
+        cells = [f"{length:,}"] + [_num(r.get(metric, math.nan)) for r in rows] + \
+            [_num(r.get("token_ppl", math.nan), 2) for r in rows]
+        base = rows[0].get(metric, math.nan)
+        for r in rows[1:]:
+            v = r.get(metric, math.nan)
+            cells.append("—" if math.isnan(base) or math.isnan(v) else f"{100 * (v / base - 1):+.2f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {n}: {len(r['too_short'])} book(s) shorter than {int(length):,} tokens, not scored at that length "
+             f"({', '.join(r['too_short'][:5])}{', ...' if len(r['too_short']) > 5 else ''})"
+             for n in names for length, r in sorted(models[n].items(), key=lambda kv: int(kv[0])) if r.get("too_short")]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def plot_ppl(models: dict[str, dict[int, dict]], path: Path, metric: str = "ppl_per_byte", title: str = "") -> Path:
+    """PNG of ``metric`` against context length (log2 axis), one line per model."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, results in models.items():
+        pts = sorted((int(n), r[metric]) for n, r in results.items() if not math.isnan(r[metric]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel({"ppl_per_byte": "perplexity per byte", "token_ppl": "token perplexity"}[metric])
+    ax.set_title(title or f"{metric.replace('_', ' ')} by context length")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_ppl_report(models: dict[str, dict[int, dict]], protocol: dict, out_dir: Path) -> dict[str, Path]:
+    """ppl.json, ppl.md and ppl.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"protocol": protocol, "models": {m: {str(n): r for n, r in res.items()} for m, res in models.items()}}
+    (out_dir / "ppl.json").write_text(json.dumps(data, indent=1))
+    table = format_ppl_table(models)
+    desc = ", ".join(f"{k} {v}" for k, v in protocol.items() if v is not None)
+    (out_dir / "ppl.md").write_text(f"# Perplexity by context length\n\n{desc}\n\n{table}\n")
+    plot_ppl(models, out_dir / "ppl.png", title=f"PG-19 perplexity per byte ({protocol.get('mode', '')})")
+    return {"json": out_dir / "ppl.json", "markdown": out_dir / "ppl.md", "plot": out_dir / "ppl.png"}
+
+
+def load_report(path: Path) -> dict:
+    """A ``ppl.json`` (or a directory holding one, such as RUN/eval).
+
+    Raises:
+        FileNotFoundError: no ppl.json there.
+    """
+    path = Path(path)
+    for candidate in (path, path / "ppl.json", path / "eval" / "ppl.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"{path}: no ppl.json (run `llmft eval --ppl pg19 --model ... --out {path}` first)")
+
+
+def compare_reports(paths: list[Path], out_dir: Path) -> dict[str, Path]:
+    """Side-by-side table and plot of earlier reports (the first is the baseline): compare.md, compare.png.
+
+    Models are named by their report's directory (its parent for RUN/eval) when a report holds one model.
+
+    Raises:
+        FileNotFoundError: a path has no ppl.json.
+        ValueError: the reports used different protocols (data, mode, stride), so their numbers do not compare.
+    """
+    reports = [(Path(p), load_report(p)) for p in paths]
+    keys = ("data", "mode", "stride")
+    first = {k: reports[0][1]["protocol"].get(k) for k in keys}
+    for p, rep in reports[1:]:
+        other = {k: rep["protocol"].get(k) for k in keys}
+        if other != first:
+            raise ValueError(f"{p} was measured with {other}, {paths[0]} with {first}: re-run one of them with the "
+                             "same --data, --mode and --stride")
+    models: dict[str, dict] = {}
+    for p, rep in reports:
+        label = p.parent.name if p.name in ("eval", "ppl.json") else p.name
+        for model, res in rep["models"].items():
+            name = label if len(rep["models"]) == 1 else f"{label}:{model}"
+            models[name] = {int(n): r for n, r in res.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_ppl_table(models)
+    (out_dir / "compare.md").write_text(f"# Perplexity per byte: {' vs '.join(models)}\n\n"
+                                        f"{', '.join(f'{k} {v}' for k, v in first.items())}\n\n{table}\n")
+    plot_ppl(models, out_dir / "compare.png", title="PG-19 perplexity per byte")
+    return {"markdown": out_dir / "compare.md", "plot": out_dir / "compare.png", "table": table}

@@ -1,0 +1,175 @@
+"""``llmft eval --ppl pg19``: perplexity per byte equals an independent computation in both protocols, the
+sliding window scores every token once, short books are reported, and the reports (JSON, markdown, PNG,
+comparison) are written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmft.cli import main
+from llmft.eval.pg19 import evaluate_ppl, load_books, score_book, tokenize_book
+
+GUTENBERG_HEADER = "*** START OF THE PROJECT GUTENBERG EBOOK {t} ***\n"
+GUTENBERG_FOOTER = "\n*** END OF THE PROJECT GUTENBERG EBOOK {t} ***\n"
+
+
+@pytest.fixture(scope="module")
+def books_dir(tmp_path_factory, book_text) -> Path:
+    """Three PG-19-style books: two long (one with accents and em dashes: multi-byte UTF-8), one short."""
+    d = tmp_path_factory.mktemp("pg19")
+    long_a = book_text[:8_000]
+    long_b = book_text[8_000:16_000].replace("e", "é").replace(", ", " — ")
+    for name, body in (("100", long_a), ("200", long_b), ("300", book_text[:600])):
+        (d / f"{name}.txt").write_text(f"Produced by volunteers\n{GUTENBERG_HEADER.format(t=name)}{body}"
+                                       f"{GUTENBERG_FOOTER.format(t=name)}End matter\n")
+    return d
+
+
+def reference(model, tokenizer, text: str, length: int, mode: str, stride: int = 0):
+    """Independent: token NLLs from plain forward passes; bytes from decoding exactly the scored token ids."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    nll, scored = 0.0, []
+    if mode == "windows":
+        spans = [(s, s + length, s + 1) for s in range(0, len(ids) - length + 1, length)]
+    else:
+        spans, prev_end = [], 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + length, len(ids))
+            spans.append((begin, end, max(prev_end, begin + 1)))
+            prev_end = end
+            if end == len(ids):
+                break
+    with torch.no_grad():
+        for begin, end, first in spans:
+            x = torch.tensor(ids[begin:end])[None]
+            logp = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)  # (w, v)
+            positions = list(range(first, end))
+            rows = torch.tensor(positions) - begin - 1
+            nll -= float(logp[rows, torch.tensor([ids[p] for p in positions])].sum())
+            scored += positions
+    # the raw bytes of exactly the scored tokens, through the tokenizer's own byte-level decoder table
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    pieces = tokenizer.convert_ids_to_tokens([ids[p] for p in scored])
+    nbytes = len(b"".join(bytes(to_byte[c] for c in piece) for piece in pieces))
+    return nll, len(scored), nbytes
+
+
+@pytest.mark.parametrize(("mode", "length", "stride"), [("windows", 128, 0), ("windows", 512, 0),
+                                                          ("sliding", 128, 32), ("sliding", 256, 255)])
+def test_ppl_per_byte_equals_an_independent_computation(tiny_model, books_dir, mode, length, stride):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    books = load_books(books_dir, tok, max_docs=2)
+    assert [b.name for b in books] == ["100", "200"]
+    results = evaluate_ppl(model, books, [length], mode, stride or 256)[length]
+    nll, tokens, nbytes = 0.0, 0, 0
+    from llmft.data.sources import strip_gutenberg
+
+    for name in ("100", "200"):
+        text = strip_gutenberg((books_dir / f"{name}.txt").read_text())
+        assert "Produced by" not in text and "End matter" not in text
+        n, t, b = reference(model, tok, text, length, mode, stride)
+        nll, tokens, nbytes = nll + n, tokens + t, nbytes + b
+    assert results["tokens"] == tokens and results["bytes"] == nbytes
+    assert results["ppl_per_byte"] == pytest.approx(math.exp(nll / nbytes), rel=1e-4)
+    assert results["token_ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_sliding_window_scores_every_token_once(tiny_model, book_text):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    book = tokenize_book(tok, "b", book_text[:6_000])
+    n = len(book.ids)
+    for length, stride in ((128, 32), (128, 100), (256, 255), (64, 1)):
+        if stride == 1:
+            book = tokenize_book(tok, "b", book_text[:600])
+            n = len(book.ids)
+        r = score_book(model, book, length, "sliding", stride)
+        assert r["tokens"] == n - 1, (length, stride)  # all but the book's first token, each once
+        assert r["bytes"] == int(book.nbytes[1:].sum())
+    w = score_book(model, tokenize_book(tok, "b", book_text[:6_000]), 128, "windows")
+    n = len(tokenize_book(tok, "b", book_text[:6_000]).ids)
+    assert w["windows"] == n // 128 and w["tokens"] == (n // 128) * 127
+    with pytest.raises(ValueError, match="stride"):
+        score_book(model, book, 64, "sliding", 64)  # no context left for a window's first scored token
+
+
+def test_token_bytes_partition_the_text(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Ünïcödé — naïve café, 東京 and emoji 🙂 end."
+    book = tokenize_book(tok, "u", text)
+    assert int(book.nbytes.sum()) == len(text.encode())
+    # a character split over several byte tokens: its bytes are spread over them, not counted twice
+    split = tokenize_book(tok, "c", "東").nbytes  # one 3-byte character, three byte tokens here
+    assert split.tolist() == [1, 1, 1]
+    assert (book.nbytes >= 0).all() and len(book.nbytes) == len(book.ids)
+
+
+def test_cli_reports_short_books_writes_json_markdown_plot_and_compares(tiny_model, books_dir, tmp_path, capsys):
+    out_a, out_b = tmp_path / "a" / "eval", tmp_path / "b" / "eval"
+    args = ["eval", "--ppl", "pg19", "--model", str(tiny_model), "--data", str(books_dir), "--lengths", "64,256,1024"]
+    assert main(args + ["--out", str(out_a)]) == 0
+    report = json.loads((out_a / "ppl.json").read_text())
+    res = report["models"][str(tiny_model)]
+    assert report["protocol"]["mode"] == "windows" and sorted(int(n) for n in res) == [64, 256, 1024]
+    assert res["1024"]["too_short"] == ["300"] and res["1024"]["books"] == 2 and res["64"]["books"] == 3  # reported, not dropped
+    md = (out_a / "ppl.md").read_text()
+    assert "| context |" in md and "300" in md and "shorter than 1,024 tokens" in md
+    img = Image.open(out_a / "ppl.png")
+    assert img.size[0] > 500 and (out_a / "ppl.png").stat().st_size > 10_000
+    assert np.asarray(img.convert("L")).std() > 5  # not a blank image
+
+    # a second "run" with a sharper (scaled) copy of the model, then the side-by-side comparison
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    sharper = tmp_path / "sharper"
+    model.save_pretrained(sharper)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(sharper)
+    assert main(["eval", "--ppl", "pg19", "--model", str(sharper), "--data", str(books_dir), "--lengths",
+                 "64,256,1024", "--out", str(out_b)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(out_a), str(out_b), "--out", str(tmp_path / "cmp")]) == 0
+    table = capsys.readouterr().out
+    assert "a ppl/byte" in table and "b ppl/byte" in table and "b vs a" in table
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    a = json.loads((out_a / "ppl.json").read_text())["models"][str(tiny_model)]["256"]["ppl_per_byte"]
+    b = json.loads((out_b / "ppl.json").read_text())["models"][str(sharper)]["256"]["ppl_per_byte"]
+    assert f"{100 * (b / a - 1):+.2f}%" in table
+
+
+def test_cli_errors_exit_2(tiny_model, books_dir, tmp_path, capsys):
+    assert main(["eval", "--ppl", "pg19", "--model", str(tmp_path / "nope"), "--data", str(books_dir)]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert main(["eval", "--ppl", "pg19", "--model", str(tiny_model), "--data", str(books_dir),
+                 "--lengths", "2k"]) == 2
+    assert "--lengths" in capsys.readouterr().err
+    assert main(["eval", "--compare", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
+    assert "no ppl.json" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_model)]) == 2
+    assert main(["eval", "--ppl", "pg19", "--model", str(tiny_model), "--data", str(books_dir), "--lengths", "256",
+                 "--mode", "sliding", "--stride", "256"]) == 2
+    assert "--stride 256 must be below every length" in capsys.readouterr().err
+
+
+def test_real_gutenberg_books(tiny_model):
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    books = load_books(SHARED / "gutenberg", tok, max_docs=1)
+    from llmft.data.sources import strip_gutenberg
+
+    assert len(books) == 1 and len(books[0].ids) > 50_000
+    text = strip_gutenberg((SHARED / "gutenberg" / f"{books[0].name}.txt").read_text(encoding="utf-8"))
+    assert int(books[0].nbytes.sum()) == len(text.encode("utf-8"))  # every byte of the book, once
