@@ -207,10 +207,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(paths["table"])
         print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
         return 0
-    if args.ppl is None:
-        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19) or --compare REPORT..."])
+    if args.ppl is None and args.helm is None:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --helm SCENARIOS) or --compare REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
+    if args.helm is not None:
+        _eval_helm(args, out)
+    if args.ppl is None:
+        return 0
     from llmft.data.sources import SourceError
 
     lengths = _lengths(args.lengths)
@@ -228,6 +232,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"[llmft] report written to {result['paths']['markdown']}, {result['paths']['json']} and "
           f"{result['paths']['plot']}")
     return 0
+
+
+def _eval_helm(args: argparse.Namespace, out: Path) -> None:
+    """HELM core scenarios for every --model: helm.json and helm.md under OUT (OUT/helm-<i> for several)."""
+    from llmft.eval import run as ev
+    from llmft.eval.helm import format_helm_table, run_helm, write_helm_report
+
+    names = [n.strip() for n in args.helm.split(",") if n.strip()]
+    for i, name in enumerate(args.model):
+        model, tokenizer = ev.load_eval_model(name, args.dtype, args.device or ev.device_default())
+        try:
+            results = run_helm(model, tokenizer, names, Path(args.helm_data), args.max_instances, args.seed)
+        except (FileNotFoundError, ValueError) as e:  # unknown scenario, missing data file: what to fix
+            raise RecipeError([f"--helm: {e}"]) from None
+        where = out if len(args.model) == 1 else out / f"helm-{i}"
+        json_path, md_path = write_helm_report(results, where)
+        print(f"# HELM core: {name}\n" + format_helm_table(results))
+        print(f"[llmft] HELM report written to {md_path} and {json_path}")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -291,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the merged weights")
     mg.set_defaults(func=cmd_merge)
 
-    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length; compare "
-                        "earlier reports")
+    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length, HELM core "
+                        "scenarios; compare earlier reports")
     ev.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="a checkpoint directory, hub id or llmft adapter directory; repeat to compare models")
     ev.add_argument("--ppl", choices=["pg19"], default=None, help="perplexity per byte (and token perplexity)")
@@ -304,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-overlapping windows, or sliding windows scoring only the new tokens (PI/YaRN)")
     ev.add_argument("--stride", type=int, default=256, help="sliding-window stride in tokens")
     ev.add_argument("--max-docs", type=int, default=None, help="at most this many books")
+    ev.add_argument("--helm", default=None, metavar="SCENARIOS",
+                    help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
+                    "suite in eval/helm_core.yaml")
+    ev.add_argument("--helm-data", default="data/helm", help="directory with the scenarios' files (see eval/README.md)")
+    ev.add_argument("--max-instances", type=int, default=None, help="HELM: at most this many eval instances each")
+    ev.add_argument("--seed", type=int, default=0, help="seed for in-context examples and passkey keys")
     ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
                     help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
     ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
