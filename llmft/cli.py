@@ -1,4 +1,4 @@
-"""``llmft`` command line: validate, train, merge, eval, data (build / inspect / validate), quickstart.
+"""``llmft`` command line: validate, train, merge, eval, report, data (build / inspect / validate), quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
 with code 2, without a traceback.
@@ -252,6 +252,18 @@ def _eval_helm(args: argparse.Namespace, out: Path) -> None:
         print(f"[llmft] HELM report written to {md_path} and {json_path}")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llmft.eval.curves import write_report
+
+    try:
+        r = write_report(Path(args.run_dir), args.window, args.tol)
+    except FileNotFoundError as e:
+        raise RecipeError([str(e)]) from None
+    print(f"[llmft] {args.run_dir}: {r['verdict']}\n[llmft]   rule: {r['rule']}\n[llmft]   suggestion: "
+          f"{r['suggestion']}\n[llmft] report written to {r['markdown']} and {r['plot']}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from llmft.model.adapters import merge_adapters, parse_adapter_spec
     from llmft.model.build import DTYPES
@@ -340,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--wandb-project", default=None, help="also log to this wandb project")
     ev.add_argument("--wandb-mode", choices=["online", "offline"], default="offline")
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="plot a run's training and validation loss and diagnose it (underfitting, "
+                        "overfitting or well fit)")
+    rp.add_argument("run_dir", help="the run directory (checkpoint.dir of the recipe)")
+    rp.add_argument("--window", type=int, default=3, help="evaluations the rules look back over")
+    rp.add_argument("--tol", type=float, default=0.01, help="relative change of the validation loss that counts")
+    rp.set_defaults(func=cmd_report)
 
     q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
                        "print perplexity by context length before and after")
