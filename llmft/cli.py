@@ -207,10 +207,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(paths["table"])
         print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
         return 0
-    if args.ppl is None and args.helm is None:
-        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --helm SCENARIOS) or --compare REPORT..."])
+    if args.ppl is None and args.helm is None and not args.passkey:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --helm SCENARIOS) or --compare "
+                           "REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
+    if args.passkey:
+        _eval_passkey(args, out)
     if args.helm is not None:
         _eval_helm(args, out)
     if args.ppl is None:
@@ -232,6 +235,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"[llmft] report written to {result['paths']['markdown']}, {result['paths']['json']} and "
           f"{result['paths']['plot']}")
     return 0
+
+
+def _eval_passkey(args: argparse.Namespace, out: Path) -> None:
+    """Passkey retrieval for every --model: passkey.json/md/png under OUT (OUT/passkey-<i> for several)."""
+    from llmft.eval import run as ev
+    from llmft.eval.passkey import format_passkey_table, run_passkey, write_passkey_report
+
+    lengths = _lengths(args.lengths)
+    try:
+        depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        raise RecipeError([f"--depths: got {args.depths!r}; expected fractions in [0, 1], e.g. 0,0.5,1"]) from None
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise RecipeError([f"--depths: got {args.depths!r}; every depth must be in [0, 1]"])
+    for i, name in enumerate(args.model):
+        device = args.device or ev.device_default()
+        model, tokenizer = ev.load_eval_model(name, args.dtype, device)
+        results = run_passkey(model, tokenizer, lengths, depths, args.trials, args.seed, device, model_name=name)
+        paths = write_passkey_report(results, out if len(args.model) == 1 else out / f"passkey-{i}")
+        print(f"# passkey retrieval: {name}\n" + format_passkey_table(results))
+        print(f"[llmft] passkey report written to {', '.join(str(p) for p in paths.values())}")
 
 
 def _eval_helm(args: argparse.Namespace, out: Path) -> None:
@@ -325,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the merged weights")
     mg.set_defaults(func=cmd_merge)
 
-    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length, HELM core "
-                        "scenarios; compare earlier reports")
+    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length, passkey "
+                        "retrieval, HELM core scenarios; compare earlier reports")
     ev.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="a checkpoint directory, hub id or llmft adapter directory; repeat to compare models")
     ev.add_argument("--ppl", choices=["pg19"], default=None, help="perplexity per byte (and token perplexity)")
@@ -338,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="non-overlapping windows, or sliding windows scoring only the new tokens (PI/YaRN)")
     ev.add_argument("--stride", type=int, default=256, help="sliding-window stride in tokens")
     ev.add_argument("--max-docs", type=int, default=None, help="at most this many books")
+    ev.add_argument("--passkey", action="store_true", help="passkey retrieval over --lengths x --depths")
+    ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: comma-separated key depths in [0, 1]")
+    ev.add_argument("--trials", type=int, default=10, help="passkey: random keys per (length, depth) cell")
     ev.add_argument("--helm", default=None, metavar="SCENARIOS",
                     help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
                     "suite in eval/helm_core.yaml")

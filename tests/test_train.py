@@ -281,3 +281,18 @@ def test_a_step_with_only_prompt_tokens_is_a_zero_loss_not_nan(tmp_path, tiny_mo
     assert all(x == x and x >= 0 for x in result.losses)
     assert "prompt/completion examples are longer than model.max_seq_len=32" in caplog.text
     assert "has no trained tokens" in caplog.text  # the case this test exists for did occur
+
+
+def test_periodic_eval_logs_perplexity_and_passkey(tmp_path, tiny_model, text_file):
+    """eval: every_steps runs ppl-by-length and, with eval.passkey, passkey retrieval; both land in metrics.jsonl."""
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", train={"max_steps": 4},
+                         eval={"every_steps": 2, "lengths": [64, 128], "max_windows": 2,
+                               "passkey": {"lengths": [200], "depths": [0.0, 1.0], "trials": 2}})
+    recipe["model"]["rope"]["factor"] = 8.0  # 32 -> 256 positions: room for the passkey prompt
+    train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ppl = [r for r in rows if "eval/ppl@128" in r]
+    passkey = [r for r in rows if "eval/passkey@200" in r]
+    assert [r["step"] for r in ppl] == [2, 4] and [r["step"] for r in passkey] == [2, 4]
+    assert all(r["eval/ppl@64"] > 1 for r in ppl)
+    assert all(r["eval/passkey@200"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in passkey)  # 4 trials per eval

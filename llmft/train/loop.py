@@ -214,6 +214,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len], ev.max_windows,
                                            device=engine.device)
             metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
+            if ev.passkey is not None:
+                metrics.log(done, _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done))
             engine.model.train()
 
         if recipe.checkpoint.every_steps and done % recipe.checkpoint.every_steps == 0 and done < total_steps:
@@ -233,6 +235,22 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     engine.barrier()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+def _passkey_metrics(engine, tokenizer, cfg, seq_len: int, seed: int) -> dict[str, float]:
+    """Passkey accuracy per length (every rank runs the same prompts: ZeRO-3 needs all ranks in each forward)."""
+    from llmft.eval.passkey import run_passkey
+
+    res = run_passkey(engine.model, tokenizer, cfg.lengths or [seq_len], cfg.depths, cfg.trials, seed=seed,
+                      device=engine.device, progress=False)
+    out = {}
+    for length in res["lengths"]:
+        cells = [c for c in res["cells"] if c["length"] == length and c["accuracy"] is not None]
+        if cells:
+            out[f"eval/passkey@{length}"] = sum(c["correct"] for c in cells) / sum(c["trials"] for c in cells)
+    for reason in sorted({c["reason"] for c in res["cells"] if c["reason"]}):
+        log.warning("eval.passkey: %s", reason)
+    return out
 
 
 def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distributed: bool):
