@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,10 +44,13 @@ def zero3_config(tmp_path) -> str:
 def deepspeed_train(recipe_path, *overrides) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
-    cmd = [deepspeed, "--master_port", str(free_port()), "--num_accelerators", "2", "launch/train.py",
+    port = free_port()
+    cmd = [deepspeed, "--master_port", str(port), "--num_accelerators", "2", "launch/train.py",
            str(recipe_path), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, leaked  # the CPU all-reduce buffers are freed at the end of the run
     return proc
 
 

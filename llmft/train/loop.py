@@ -232,7 +232,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
         print(f"[llmft] final model written to {final_dir}", flush=True)
-    engine.barrier()
+    engine.close()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
 
