@@ -208,6 +208,12 @@ class TrainConfig(_Strict):
         default=None, ge=1, description="Alternative to max_steps: stop after this many training tokens."
     )
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the global grad norm; null disables.")
+    loss_chunk_tokens: int = Field(
+        default=0, ge=0,
+        description="Compute the LM head and cross-entropy this many positions at a time, recomputed in the "
+        "backward pass, so the full (sequence x vocab) fp32 logits never exist (32K x 32000 x 4 B = 4.2 GB per "
+        "sequence). 0: the model's own loss over full logits. Same loss and gradients (llmft/train/loss.py).",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="bf16", description="Compute precision (autocast, or DeepSpeed bf16/fp16); master weights fp32."
     )

@@ -6,8 +6,10 @@ default. The attention backend is chosen once, with one log line saying which an
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,20 @@ def shipped_config_dir(name: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+@functools.cache
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves (one DNS lookup per process)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
 def _hub_unreachable(err: BaseException | None) -> bool:
     """True when ``err`` says the hub could not be reached (no network, or HF_HUB_OFFLINE) and nothing was cached;
     False for every other failure (a gated or missing repo, a bad config)."""
@@ -118,10 +134,12 @@ def load_config(cfg: ModelConfig):
     Raises:
         ModelLoadError: the config cannot be loaded or does not accept the RoPE parameters.
     """
+    shipped = None if Path(cfg.name).expanduser().is_dir() else shipped_config_dir(cfg.name)
     try:
-        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        # no DNS for the hub: read the local cache only, instead of ~25 s of retries before the same fallback
+        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                            local_files_only=shipped is not None and not _hub_resolves())
     except (OSError, ValueError) as e:
-        shipped = None if Path(cfg.name).expanduser().is_dir() else shipped_config_dir(cfg.name)
         if shipped is None or not _hub_unreachable(e):
             raise ModelLoadError(f"cannot load model config {cfg.name!r}: {str(e).splitlines()[0]}") from None
         if cfg.name not in _FALLBACK_LOGGED:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from llmft.config import Recipe, RecipeError
 from llmft.data.packing import attention_kwargs
+from llmft.train.loss import causal_lm_loss
 from llmft.train.optim import build_optimizer, build_scheduler
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,7 +58,7 @@ class PlainEngine:
         if self.isolate:
             batch = attention_kwargs(batch, self.attention, torch.float32)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.model(**batch, num_items_in_batch=num_tokens).loss
+            return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -204,6 +205,8 @@ class DeepSpeedEngine:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.isolate:
             batch = attention_kwargs(batch, self.attention, torch.float32)
+        if self.cfg.loss_chunk_tokens:  # calls the decoder and head directly (ZeRO-3 gathers per submodule)
+            return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
         return self.engine(**batch, num_items_in_batch=num_tokens).loss
 
     def backward(self, loss: torch.Tensor) -> None:
