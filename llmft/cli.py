@@ -403,9 +403,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(func, args: argparse.Namespace) -> int:
-    """Run a command; user errors become messages and exit code 2."""
+    """Run a command; user errors become messages and exit code 2; a run stopped on purpose (preempted: 75,
+    diverged: 3) one message and its own code."""
+    from llmft.train.stop import TrainingStopped
+
     try:
         return func(args)
+    except TrainingStopped as e:
+        print(f"llmft: {type(e).__name__.lower()}: {e}", file=sys.stderr)
+        return e.exit_code
     except _user_errors() as e:
         messages = e.messages if isinstance(e, RecipeError) else [str(e)]
         for line in messages:

@@ -208,6 +208,10 @@ class TrainConfig(_Strict):
         default=None, ge=1, description="Alternative to max_steps: stop after this many training tokens."
     )
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the global grad norm; null disables.")
+    max_bad_steps: int = Field(
+        default=3, ge=1, description="A step whose loss or gradient is not finite is skipped (no update); after "
+        "this many in a row the run stops with a checkpoint of the last good state (exit code 3).",
+    )
     loss_chunk_tokens: int = Field(
         default=0, ge=0,
         description="Compute the LM head and cross-entropy this many positions at a time, recomputed in the "
@@ -281,6 +285,10 @@ class CheckpointConfig(_Strict):
     dir: Path = Field(description="Run output directory.", json_schema_extra=_hint("e.g. runs/llama2-32k"))
     every_steps: int = Field(default=0, ge=0, description="Checkpoint every N optimizer steps (0: only final).")
     keep_last: int = Field(default=2, ge=1, description="Keep this many newest step checkpoints.")
+    every_minutes: float | None = Field(
+        default=None, gt=0, description="Also checkpoint when this many minutes passed since the last one "
+        "(preemptible clusters)."
+    )
 
 
 class WandbConfig(_Strict):

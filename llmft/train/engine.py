@@ -64,9 +64,14 @@ class PlainEngine:
         self.scaler.scale(loss).backward()
 
     def step(self) -> float:
+        """Clip, update, advance the schedule. A non-finite gradient norm skips the update (and the schedule) and
+        is returned as is; with fp16 the grad scaler handles overflow itself."""
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

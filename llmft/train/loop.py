@@ -31,6 +31,7 @@ from llmft.model.build import DTYPES, build_model, count_parameters
 from llmft.train import checkpoint as ckpt
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
 from llmft.train.metrics import MetricsLogger
+from llmft.train.stop import Diverged, Preempted, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -172,55 +173,79 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     interactive = rank == 0 and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=start_step, disable=not interactive, desc="train", unit="step",
                dynamic_ncols=True)
-    engine.model.train()
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
-        # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
-        num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        if num_tokens == 0:  # only prompts/padding: the loss is 0 and so is the gradient (no 0/0)
-            log.warning("step %d has no trained tokens (only prompts or padding)", step + 1)
-            num_tokens = 1
-        lr = engine.lr  # the lr this step's update uses
-        loss_sum = torch.zeros(())
-        for batch in micro_batches:
-            loss = engine.forward(batch, num_tokens)
-            engine.backward(loss)
-            loss_sum += loss.detach().float().cpu()
-        grad_norm = engine.step()
-        step_loss = float(loss_sum)
-        if distributed:  # mean over ranks, for the log only
-            reduced = torch.tensor([step_loss], device=engine.device)
-            dist.all_reduce(reduced)
-            step_loss = float(reduced) / world
-        losses.append(step_loss)
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - t0
-        done = step + 1
+    signals = StopSignals().install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 75
+    bad_steps, saved_at = 0, time.monotonic()
+    try:
+        engine.model.train()
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
+            # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
+            num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            if num_tokens == 0:  # only prompts/padding: the loss is 0 and so is the gradient (no 0/0)
+                log.warning("step %d has no trained tokens (only prompts or padding)", step + 1)
+                num_tokens = 1
+            lr = engine.lr  # the lr this step's update uses
+            loss_sum = torch.zeros(())
+            for batch in micro_batches:
+                loss = engine.forward(batch, num_tokens)
+                engine.backward(loss)
+                loss_sum += loss.detach().float().cpu()
+            grad_norm = engine.step()  # plain engine: skips the update when the gradient is not finite
+            step_loss = float(loss_sum)
+            if distributed:  # mean over ranks, for the log only
+                reduced = torch.tensor([step_loss], device=engine.device)
+                dist.all_reduce(reduced)
+                step_loss = float(reduced) / world
+            losses.append(step_loss)
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                _non_finite_step(engine, built, recipe, run_dir, done, tokens_seen, data, metrics, rank, bad_steps,
+                                 distributed)
 
-        if done % recipe.logging.every_steps == 0 or done == total_steps:
-            row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
-                   "tokens_per_second": tokens_per_step / elapsed, "epoch": data.epoch}
-            metrics.log(done, row)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
-            if rank == 0 and not interactive:
-                print(f"[llmft] step {done}/{total_steps} loss {step_loss:.4f} lr {lr:.2e} grad_norm "
-                      f"{grad_norm:.3f} tok/s {tokens_per_step / elapsed:,.0f}", flush=True)
-        bar.update(1)
+            if done % recipe.logging.every_steps == 0 or done == total_steps:
+                row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                       "tokens_per_second": tokens_per_step / elapsed, "epoch": data.epoch,
+                       **({} if finite else {"skipped": True})}
+                metrics.log(done, row)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+                if rank == 0 and not interactive:
+                    print(f"[llmft] step {done}/{total_steps} loss {step_loss:.4f} lr {lr:.2e} grad_norm "
+                          f"{grad_norm:.3f} tok/s {tokens_per_step / elapsed:,.0f}", flush=True)
+            bar.update(1)
 
-        ev = recipe.eval
-        if ev.every_steps and (done % ev.every_steps == 0 or (ev.at_end and done == total_steps)):
-            # every rank runs the same windows (ZeRO-3 needs all ranks in each forward); rank 0 logs
-            results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len], ev.max_windows,
-                                           device=engine.device)
-            metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
-            if ev.passkey is not None:
-                metrics.log(done, _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done))
-            engine.model.train()
+            ev = recipe.eval
+            if ev.every_steps and (done % ev.every_steps == 0 or (ev.at_end and done == total_steps)):
+                # every rank runs the same windows (ZeRO-3 needs all ranks in each forward); rank 0 logs
+                results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len], ev.max_windows,
+                                               device=engine.device)
+                metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
+                if ev.passkey is not None:
+                    passkey = _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done)
+                    metrics.log(done, passkey)
+                engine.model.train()
 
-        if recipe.checkpoint.every_steps and done % recipe.checkpoint.every_steps == 0 and done < total_steps:
-            _save_checkpoint(engine, built, recipe, run_dir, done, tokens_seen, data, metrics.wandb_id, rank)
-    bar.close()
+            every, minutes = recipe.checkpoint.every_steps, recipe.checkpoint.every_minutes
+            timed = bool(minutes) and time.monotonic() - saved_at > 60 * minutes
+            due = torch.tensor([float(signals.requested), float(timed)], device=engine.device)
+            if distributed:  # every rank stops (and checkpoints) at the same step
+                dist.all_reduce(due, op=dist.ReduceOp.MAX)
+            preempt, timed = bool(due[0]), bool(due[1])
+            if done < total_steps and ((every and done % every == 0) or timed or preempt):
+                _save_checkpoint(engine, built, recipe, run_dir, done, tokens_seen, data, metrics.wandb_id, rank)
+                saved_at = time.monotonic()
+            if preempt and done < total_steps:
+                metrics.close()
+                where = run_dir / "checkpoints" / ckpt.step_dir_name(done)
+                raise Preempted(f"stopped by a signal after step {done}/{total_steps}; checkpoint {where} written. "
+                                "Re-run the same command to resume")
+        bar.close()
+    finally:
+        signals.restore()
 
     # ---- final export -----------------------------------------------------------------------------------
     final_dir = run_dir / "final"
@@ -235,6 +260,32 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     engine.close()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int, data,
+                     metrics: MetricsLogger, rank: int, bad_steps: int, distributed: bool) -> None:
+    """A step whose loss or gradient is not finite: warn; stop once ``train.max_bad_steps`` happened in a row.
+
+    The plain engine skipped the update, so the weights are still the last good ones: they are checkpointed before
+    stopping. DeepSpeed has already applied it (bf16/fp32 ZeRO has no overflow check): stop at once; the newest
+    checkpoint is the last good state.
+
+    Raises:
+        Diverged: too many non-finite steps in a row, or one under DeepSpeed.
+    """
+    if rank == 0:
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row; the run stops at %d)", step,
+                    bad_steps, recipe.train.max_bad_steps)
+    if distributed:
+        metrics.close()
+        raise Diverged(f"step {step}: non-finite loss or gradient under DeepSpeed, which has applied it; resume "
+                       "from the newest checkpoint with a lower train.lr, or check the data around this step")
+    if bad_steps >= recipe.train.max_bad_steps:
+        _save_checkpoint(engine, built, recipe, run_dir, step, tokens_seen, data, metrics.wandb_id, rank)
+        metrics.close()
+        raise Diverged(f"{bad_steps} steps in a row (to step {step}) had a non-finite loss or gradient and were "
+                       f"skipped; the last good weights are in {run_dir / 'checkpoints' / ckpt.step_dir_name(step)}. "
+                       "Fix: lower train.lr, set train.grad_clip, or check the data around these steps")
 
 
 def _passkey_metrics(engine, tokenizer, cfg, seq_len: int, seed: int) -> dict[str, float]:

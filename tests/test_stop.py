@@ -1,0 +1,135 @@
+"""Stopping on purpose: SIGTERM finishes the step, checkpoints and exits 75, and the rerun ends bitwise equal to
+an uninterrupted run; a second signal exits at once; non-finite steps are skipped, and after
+``train.max_bad_steps`` in a row the run stops (exit 3) with a checkpoint of the last good weights."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, tiny_recipe, write_recipe
+from safetensors.torch import load_file
+
+from llmft.cli import main
+from llmft.config import load_recipe
+from llmft.train import checkpoint as ckpt
+from llmft.train.loop import train
+from llmft.train.stop import EXIT_DIVERGED, EXIT_PREEMPTED, Diverged
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    """Read the process output until ``text`` appears; returns what was read."""
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} not seen:\n{seen[-2000:]}")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path, tiny_model, text_file):
+    steps = 30
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "pre", train={"max_steps": steps})
+    path = write_recipe(tmp_path / "pre.yaml", recipe)  # no periodic checkpoints: only the one the signal asks for
+    cmd = [sys.executable, "launch/train.py", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(proc, "step 3/")
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    assert "received SIGTERM: finishing this step" in out and "llmft: preempted: stopped by a signal after step" in out
+    assert "Traceback" not in out
+    stopped = ckpt.latest_complete(tmp_path / "pre")
+    assert stopped is not None and not (tmp_path / "pre" / "final").exists()
+    step = int(stopped.name.split("-")[1])
+    assert 3 <= step < steps
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resume             from {stopped}" in again.stdout
+    rows = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+
+    straight = tiny_recipe(tiny_model, text_file, tmp_path / "straight", train={"max_steps": steps})
+    reference = train(load_recipe(write_recipe(tmp_path / "straight.yaml", straight)))
+    resumed = load_file(tmp_path / "pre" / "final" / "model.safetensors")
+    expected = load_file(reference.final_dir / "model.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)  # bitwise
+
+
+def test_second_signal_exits_at_once(tmp_path, tiny_model, text_file):
+    # long steps (16 micro-batches each), so the second signal lands inside the step the first one let finish
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "twice", train={"max_steps": 200,
+                                                                           "gradient_accumulation_steps": 16})
+    cmd = [sys.executable, "launch/train.py", str(write_recipe(tmp_path / "twice.yaml", recipe))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(proc, "step 2/")
+    proc.send_signal(signal.SIGINT)
+    wait_for(proc, "received SIGINT")  # the first one is handled (signals of one kind coalesce until then)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+
+
+class NaNFrom:
+    """Global forward hook: the LM head's output becomes NaN on the calls numbered in ``calls`` (1-based), as a
+    fault from outside the training code."""
+
+    def __init__(self, calls):
+        self.calls, self.n = set(calls), 0
+
+    def __call__(self, module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.out_features == 512:  # the tiny model's vocabulary
+            self.n += 1
+            if self.n in self.calls:
+                return output * float("nan")
+        return None
+
+
+def run_with_nan(tmp_path, tiny_model, text_file, name, calls, **train_fields):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / name, train={"max_steps": 6, **train_fields})
+    handle = torch.nn.modules.module.register_module_forward_hook(NaNFrom(calls))
+    try:
+        return train(load_recipe(write_recipe(tmp_path / f"{name}.yaml", recipe)))
+    finally:
+        handle.remove()
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, tiny_model, text_file):
+    result = run_with_nan(tmp_path, tiny_model, text_file, "one", calls={5})  # step 3's first micro-batch
+    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, False, False, False]
+    weights = load_file(result.final_dir / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path, tiny_model, text_file, capsys):
+    with pytest.raises(Diverged, match="2 steps in a row"):
+        run_with_nan(tmp_path, tiny_model, text_file, "bad", calls=range(3, 100), max_bad_steps=2)
+    saved = ckpt.latest_complete(tmp_path / "bad")
+    assert saved is not None and saved.name == ckpt.step_dir_name(3)
+    good = tiny_recipe(tiny_model, text_file, tmp_path / "good", train={"max_steps": 1})
+    one_step = train(load_recipe(write_recipe(tmp_path / "good.yaml", good)))  # the same first step, no faults
+    last_good = load_file(saved / "model" / "model.safetensors")
+    expected = load_file(one_step.final_dir / "model.safetensors")
+    assert all(torch.equal(last_good[k], expected[k]) for k in expected)  # steps 2 and 3 changed nothing
+
+    # through the CLI: exit code 3 and one message
+    path = write_recipe(tmp_path / "cli.yaml", tiny_recipe(tiny_model, text_file, tmp_path / "cli",
+                                                           train={"max_steps": 4, "max_bad_steps": 1}))
+    handle = torch.nn.modules.module.register_module_forward_hook(NaNFrom(range(1, 100)))
+    try:
+        capsys.readouterr()
+        assert main(["train", str(path)]) == EXIT_DIVERGED
+    finally:
+        handle.remove()
+    assert "llmft: diverged: 1 steps in a row (to step 1)" in capsys.readouterr().err
