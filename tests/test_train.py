@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,30 @@ def test_incomplete_checkpoints_are_never_picked(tmp_path):
     (run_dir / "checkpoints" / ckpt.step_dir_name(6) / "w.bin").write_bytes(b"x" * 10)  # torn write
     ckpt.staging_dir(run_dir, 8)  # a crash mid-write leaves only .tmp-step-00000008
     assert ckpt.latest_complete(run_dir) == run_dir / "checkpoints" / ckpt.step_dir_name(2)
+
+
+def test_a_damaged_checkpoint_is_skipped_on_resume(tmp_path, tiny_model, text_file, caplog):
+    """Same size, one byte flipped (bit rot, a bad copy): the SHA-256 in the manifest catches it; the rerun resumes
+    from the older checkpoint and still ends bitwise equal to an uninterrupted run."""
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", train={"max_steps": 6},
+                         checkpoint={"every_steps": 2, "keep_last": 3})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    first = train(load_recipe(path))
+    newest = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(4)
+    weights = newest / "state" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert ckpt.is_complete(newest) and "model.safetensors does not match its SHA-256" in ckpt.verify(newest)
+    assert ckpt.latest_complete(tmp_path / "run") == tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(2)
+    assert "is damaged" in caplog.text
+    shutil.rmtree(first.final_dir)
+    again = train(load_recipe(path))
+    assert again.resumed_from == 2
+    expected = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    reference, _ = run(tmp_path, tiny_model, text_file, name="straight", train={"max_steps": 6})
+    straight = load_file(reference.final_dir / "model.safetensors")
+    assert all(torch.equal(expected[k], straight[k]) for k in straight)
 
 
 def test_rotation_keeps_last_k_complete(tmp_path):

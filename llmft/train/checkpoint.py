@@ -13,7 +13,8 @@ Layout of a run directory::
                                       model.safetensors (fp32 master weights; LoRA: the trainable ones only)
                                       + optimizer.pt + scheduler.pt
                                       (single process) or a DeepSpeed checkpoint (deepspeed/)
-        manifest.json                 written last: files and sizes; a directory without it is incomplete
+        manifest.json                 written last: files, sizes and SHA-256; a directory without it is
+                                      incomplete, one whose files do not match it is damaged and skipped
       final/                          the HF export after the last step
 
 A checkpoint is written to ``checkpoints/.tmp-step-*``, fsynced, given its manifest and only then renamed into
@@ -22,7 +23,9 @@ place, so a crash at any moment leaves either the previous checkpoints or a comp
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -51,10 +55,15 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_manifest(ckpt: Path, step: int) -> None:
-    """Record every file and its size; written after all other files are synced."""
+    """Record every file with its size and SHA-256; written after all other files are synced."""
     files = {
-        str(p.relative_to(ckpt)): p.stat().st_size
+        str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(ckpt.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -65,13 +74,29 @@ def write_manifest(ckpt: Path, step: int) -> None:
     tmp.rename(ckpt / MANIFEST)
 
 
+def _listed(manifest: dict) -> dict[str, dict]:
+    # manifests written before hashes were added list sizes only
+    return {f: (v if isinstance(v, dict) else {"size": v}) for f, v in manifest["files"].items()}
+
+
 def is_complete(ckpt: Path) -> bool:
-    """A checkpoint is complete when its manifest exists and every listed file has the listed size."""
+    """A checkpoint is complete when its manifest exists and every listed file has the listed size (cheap: used
+    for rotation; resume uses :func:`verify`)."""
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        return all((ckpt / f).stat().st_size == size for f, size in manifest["files"].items())
-    except (OSError, ValueError, KeyError):
+        return all((ckpt / f).stat().st_size == v["size"] for f, v in _listed(manifest).items())
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when every file listed in the manifest has its size and SHA-256; else what is wrong."""
+    if not is_complete(ckpt):
+        return "no manifest, or a file is missing or has the wrong size"
+    for name, v in _listed(json.loads((ckpt / MANIFEST).read_text())).items():
+        if "sha256" in v and _sha256(ckpt / name) != v["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -84,10 +109,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_complete(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest checkpoint of a run that verifies (sizes and hashes), or None; a newer one that does not is
+    skipped with a warning."""
     for _, path in reversed(list_checkpoints(run_dir)):
-        if is_complete(path):
+        problem = verify(path)
+        if problem is None:
             return path
+        if (path / MANIFEST).is_file():  # a published checkpoint that went bad (an unpublished one never is)
+            log.warning("checkpoint %s is damaged (%s): resuming from an older one", path, problem)
     return None
 
 
