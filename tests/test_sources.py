@@ -437,3 +437,19 @@ def test_spec_validation_messages(tmp_path):
     assert "Extra inputs are not permitted" in spec_error(format="jsonl", path=tmp_path, txt_field="body")
     spec = SourceSpec(format="jsonl", path=tmp_path)
     assert list_files(spec) == [tmp_path / "a.jsonl"]
+
+
+def test_a_huge_line_is_reported_and_skipped_without_losing_the_rest(tmp_path, monkeypatch):
+    import llmft.data.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 1000)
+    path = tmp_path / "huge.jsonl"
+    huge = json.dumps({"text": "x" * 5000}).encode()
+    path.write_bytes(b'{"text": "before"}\n' + huge + b'\n{"text": "after"}\n' + b"y" * 3000)  # no final newline
+    docs, report = read(format="jsonl", path=path)
+    assert [d.text for d in docs] == ["before", "after"] and [d.where for d in docs] == [f"{path}:1", f"{path}:3"]
+    assert report.bad_records == 2
+    assert report.examples == [f"{path}:2: line longer than 1,000 bytes (a damaged file, or raise "
+                               "llmft.data.sources.MAX_RECORD_BYTES)",
+                               f"{path}:4: line longer than 1,000 bytes (a damaged file, or raise "
+                               "llmft.data.sources.MAX_RECORD_BYTES)"]

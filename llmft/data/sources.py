@@ -542,18 +542,29 @@ def _string_field(record: dict, name: str, where: str, on_error: str, report: So
     return value
 
 
+MAX_RECORD_BYTES = 256 * 2**20  # a JSON line longer than this is reported, not parsed (e.g. a file without newlines)
+
+
 def _json_lines(path: Path, on_error: str, report: SourceReport) -> Iterator[tuple[str, dict]]:
     """``(path:line, object)`` for each line of a JSON-lines file that holds a JSON object.
 
-    Blank lines are skipped silently. Malformed JSON, non-UTF-8 bytes, a non-object line and a truncated or
-    corrupt archive are reported; a truncated archive is reported at the line that was cut off.
+    Blank lines are skipped silently. Malformed JSON, non-UTF-8 bytes, a non-object line, a line longer than
+    ``MAX_RECORD_BYTES`` and a truncated or corrupt archive are reported; a truncated archive is reported at the
+    line that was cut off.
     """
     kind = _compression(path)
     lineno = 0
     try:
         with _open_binary(path, kind) as stream:
-            for lineno, raw in enumerate(stream, 1):
+            while raw := stream.readline(MAX_RECORD_BYTES + 1):
+                lineno += 1
                 where = f"{path}:{lineno}"
+                if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):  # skip the rest without holding it
+                    while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
+                    report.bad(where, f"line longer than {MAX_RECORD_BYTES:,} bytes (a damaged file, or raise "
+                               "llmft.data.sources.MAX_RECORD_BYTES)", on_error)
+                    continue
                 if not raw.strip():
                     continue
                 try:
