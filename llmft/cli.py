@@ -24,8 +24,9 @@ EXIT_USER_ERROR = 2
 def _user_errors() -> tuple[type[Exception], ...]:
     from llmft.data.examples import DataError
     from llmft.model.build import ModelLoadError
+    from llmft.train.checkpoint import CheckpointError
 
-    return RecipeError, ModelLoadError, DataError
+    return RecipeError, ModelLoadError, DataError, CheckpointError
 
 
 def setup_logging() -> None:

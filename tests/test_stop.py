@@ -133,3 +133,37 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path, tin
     finally:
         handle.remove()
     assert "llmft: diverged: 1 steps in a row (to step 1)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for one checkpoint of the tiny model, not two (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(tmp_path, tiny_model, text_file,
+                                                                             small_disk, capsys):
+    recipe = tiny_recipe(tiny_model, text_file, small_disk / "run", train={"max_steps": 6},
+                         checkpoint={"every_steps": 2, "keep_last": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint step-00000004" in err and "No space left on device" in err
+    assert "step-00000002) is intact" in err and "Traceback" not in err
+    first = small_disk / "run" / "checkpoints" / ckpt.step_dir_name(2)
+    assert ckpt.latest_complete(small_disk / "run") == first and ckpt.verify(first) is None
+    assert not list((small_disk / "run" / "checkpoints").glob(".tmp-*"))  # the failed staging dir is gone
+
+    # "free space": move the run to a roomy disk and re-run the same recipe there: it resumes from step 2
+    import shutil
+
+    shutil.copytree(small_disk / "run", tmp_path / "run")
+    recipe["checkpoint"]["dir"] = str(tmp_path / "run")
+    resumed = train(load_recipe(write_recipe(tmp_path / "r2.yaml", recipe)))
+    assert resumed.resumed_from == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()

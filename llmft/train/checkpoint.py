@@ -39,6 +39,10 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (no space, a read-only or missing directory); earlier ones are intact."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 

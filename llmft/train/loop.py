@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from llmft.config import Recipe, RecipeError, recipe_to_yaml
@@ -380,8 +381,30 @@ def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) ->
 
 def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
                      data: PackedLoader, wandb_id: str | None, rank: int) -> None:
-    """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes)."""
+    """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes).
+
+    Raises:
+        CheckpointError: a write failed (e.g. no space left); the staging directory is removed and the earlier
+            checkpoints are untouched.
+    """
     tmp = run_dir / "checkpoints" / f".tmp-{ckpt.step_dir_name(step)}"
+    try:
+        _write_checkpoint(engine, built, recipe, run_dir, step, tokens_seen, data, wandb_id, rank, tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OS error
+        if isinstance(e, RuntimeError) and not isinstance(e, OSError) and "writ" not in str(e).lower():
+            raise  # not an I/O failure
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = ckpt.latest_complete(run_dir)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ckpt.CheckpointError(
+            f"could not write checkpoint {ckpt.step_dir_name(step)} in {run_dir / 'checkpoints'}: {why}. The "
+            f"newest complete checkpoint ({newest or 'none yet'}) is intact; free space or fix the directory, then "
+            "re-run the same command to resume from it") from None
+
+
+def _write_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
+                      data: PackedLoader, wandb_id: str | None, rank: int, tmp: Path) -> None:
     if rank == 0:
         tmp = ckpt.staging_dir(run_dir, step)
     engine.barrier()
