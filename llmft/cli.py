@@ -1,4 +1,5 @@
-"""``llmft`` command line: validate, train, merge, eval, report, data (build / inspect / validate), quickstart.
+"""``llmft`` command line: validate, plan, train, merge, eval, report, data (build / inspect / validate),
+quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
 with code 2, without a traceback.
@@ -289,6 +290,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory estimate per device; exit 1 when --gpu-mem is given and it does not fit."""
+    from llmft.plan import estimate_memory, parse_bytes
+
+    if args.gpus < 1:
+        raise RecipeError([f"--gpus: got {args.gpus}; expected the number of data-parallel ranks, at least 1"])
+    mem = parse_bytes(args.gpu_mem) if args.gpu_mem is not None else None
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = estimate_memory(recipe, args.gpus, mem, device=args.device, recipe_name=args.recipe)
+    print(plan.report())
+    return 1 if plan.fits is False else 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from llmft.model.adapters import merge_adapters, parse_adapter_spec
     from llmft.model.build import DTYPES
@@ -309,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                    help="data-parallel ranks to assume (default: $WORLD_SIZE or 1)")
     v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plan", help="estimate peak memory per device (weights, gradients, optimizer states, "
+                        "activations, logits) and, with --gpu-mem, whether it fits and what to change")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.gradient_checkpointing=true")
+    pl.add_argument("--gpus", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                    help="data-parallel ranks; more than 1 plans a DeepSpeed run (default: $WORLD_SIZE or 1)")
+    pl.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                    help="memory per device, e.g. 80GB or 24GiB: say whether it fits (exit 1 if not) and what to "
+                    "change")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="plan a GPU run (default) or a CPU run (everything in host memory)")
+    pl.set_defaults(func=cmd_plan)
 
     t = sub.add_parser("train", help="train a recipe (same as python launch/train.py)")
     add_train_args(t)
