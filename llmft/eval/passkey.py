@@ -348,8 +348,9 @@ def plot_passkey_heatmap(results: dict, path: str | Path, figsize: tuple[float, 
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             a = grid[i, j]
+            dark = not np.isnan(a) and (a < 0.2 or a > 0.8)  # the ends of RdYlGn are dark: white text there
             ax.text(j, i, "n/a" if np.isnan(a) else f"{a:.0%}", ha="center", va="center", fontsize=9,
-                    color="black")
+                    color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="accuracy")
     overall = results.get("accuracy")
     ax.set_title(f"Passkey retrieval: {_short(results['model'])}\n{results['trials']} trials per cell, overall "
