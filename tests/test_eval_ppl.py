@@ -173,3 +173,29 @@ def test_real_gutenberg_books(tiny_model):
     assert len(books) == 1 and len(books[0].ids) > 50_000
     text = strip_gutenberg((SHARED / "gutenberg" / f"{books[0].name}.txt").read_text(encoding="utf-8"))
     assert int(books[0].nbytes.sum()) == len(text.encode("utf-8"))  # every byte of the book, once
+
+
+def test_an_adapter_directory_loads_on_its_base_with_its_rope_config(tiny_model, tmp_path):
+    """--model accepts an llmft adapter export: base from adapter_config.json, RoPE-scaled config.json applied."""
+    from peft import PeftModel
+
+    from llmft.config import LoraConfig
+    from llmft.eval.run import load_eval_model
+    from llmft.model.adapters import apply_lora, export_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    base.config.max_position_embeddings = 64
+    model = apply_lora(base, LoraConfig(rank=4, alpha=8, target_modules="attention"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    export_adapter(tmp_path / "adapter", model, AutoTokenizer.from_pretrained(tiny_model), torch.float32)
+    loaded, _ = load_eval_model(str(tmp_path / "adapter"))
+    assert loaded.config.max_position_embeddings == 64 and loaded.config.rope_parameters["factor"] == 2.0
+    x = torch.randint(0, 500, (1, 48))
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        tiny_model, config=loaded.config), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=0)

@@ -98,21 +98,23 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
     return lengths
 
 
-def tokenize_book(tokenizer, name: str, text: str) -> Book:
+def tokenize_book(tokenizer, name: str, text: str, byte_lengths: np.ndarray | None = None) -> Book:
     """Token ids of ``text`` (no special tokens) and the bytes each token stands for.
 
     Bytes come from the token's own byte string (:func:`token_byte_lengths`); for an unrecognized tokenizer, or
     when those do not add up to the text (a normalizer changed it), from the fast tokenizer's character offsets:
     each character's bytes go to the first token whose span reaches it.
 
+    Args:
+        byte_lengths: ``token_byte_lengths(tokenizer)`` when tokenizing many books with one tokenizer (computed
+            here otherwise).
+
     Raises:
         ValueError: the tokenizer is neither recognized nor a fast tokenizer (no offsets).
     """
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=getattr(tokenizer, "is_fast", False))
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    table = _TABLES.get(id(tokenizer))
-    if table is None and id(tokenizer) not in _TABLES:
-        table = _TABLES[id(tokenizer)] = token_byte_lengths(tokenizer)
+    table = token_byte_lengths(tokenizer) if byte_lengths is None else byte_lengths
     if table is not None:
         nbytes = table[ids]
         # SentencePiece may add one leading space (its dummy prefix) that the text does not have
@@ -129,9 +131,6 @@ def tokenize_book(tokenizer, name: str, text: str) -> Book:
     return Book(name, ids, nbytes)
 
 
-_TABLES: dict[int, np.ndarray | None] = {}
-
-
 def load_books(data: str | Path, tokenizer, max_docs: int | None = None) -> list[Book]:
     """PG-19 books from a directory of ``<id>.txt`` (Gutenberg header/footer stripped), the Hugging Face layout
     (jsonl/parquet rows with ``short_book_title`` and ``text``) or a ``datasets`` hub id (e.g. ``deepmind/pg19``,
@@ -145,10 +144,10 @@ def load_books(data: str | Path, tokenizer, max_docs: int | None = None) -> list
     local = Path(data).expanduser()
     spec = SourceSpec(format="pg19", path=local) if local.exists() else \
         SourceSpec(format="pg19", hub=str(data), split="test")
-    books = []
+    books, table = [], token_byte_lengths(tokenizer)  # the vocabulary's byte lengths, once for all books
     for doc in read_source(spec, on_error="stop"):
         name = doc.meta.get("book_id") or doc.meta.get("short_book_title") or doc.where
-        books.append(tokenize_book(tokenizer, str(name), doc.text))
+        books.append(tokenize_book(tokenizer, str(name), doc.text, table))
         if max_docs is not None and len(books) >= max_docs:
             break
     return books

@@ -35,7 +35,7 @@ def format_ppl_table(models: dict[str, dict[int, dict]], metric: str = "ppl_per_
         head += [f"{n} vs {names[0]}" for n in names[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for length in lengths:
-        rows = [models[n].get(length) or models[n].get(str(length)) or {} for n in names]
+        rows = [models[n].get(length, {}) for n in names]
         cells = [f"{length:,}"] + [_num(r.get(metric, math.nan)) for r in rows] + \
             [_num(r.get("token_ppl", math.nan), 2) for r in rows]
         base = rows[0].get(metric, math.nan)

@@ -27,7 +27,7 @@ def load_eval_model(name: str, dtype: str = "float32", device: str = "cpu", atte
     Raises:
         ModelLoadError: the model, its base or its tokenizer cannot be loaded.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
     try:
@@ -36,13 +36,13 @@ def load_eval_model(name: str, dtype: str = "float32", device: str = "cpu", atte
 
             import peft
 
+            from llmft.model.adapters import unquantized_base_config
+
             base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
             if not base:
                 raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
-            config = AutoConfig.from_pretrained(path)  # the adapter's RoPE-scaled config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=DTYPES[dtype],
+            model = AutoModelForCausalLM.from_pretrained(base, config=unquantized_base_config([path]),
+                                                         dtype=DTYPES[dtype],
                                                          use_safetensors=True, attn_implementation=attention)
             model = peft.PeftModel.from_pretrained(model, path)
         else:

@@ -194,6 +194,18 @@ def export_adapter(out_dir: Path, model: peft.PeftModel, tokenizer, dtype: torch
     tokenizer.save_pretrained(out_dir)
 
 
+def unquantized_base_config(adapter_dirs: list[Path]) -> PretrainedConfig:
+    """The RoPE-scaled base config saved with the adapters (which must agree on RoPE and max length), without a
+    ``quantization_config``: what the base is loaded with to apply or merge them.
+
+    Raises:
+        ModelLoadError: the adapters' RoPE parameters or max lengths differ.
+    """
+    config = _shared_config(adapter_dirs)
+    _drop_quantization(config)
+    return config
+
+
 def _drop_quantization(config: PretrainedConfig) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -283,8 +295,7 @@ def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: P
     if all(w == 0 for w in weights):
         raise ModelLoadError("every adapter weight is 0: the merge would be the base unchanged; give at least one "
                              "adapter a non-zero weight (PATH:WEIGHT)")
-    config = _shared_config(dirs)
-    _drop_quantization(config)  # always merge into the unquantized base
+    config = unquantized_base_config(dirs)  # always merge into the unquantized base
     try:
         model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:

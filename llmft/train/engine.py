@@ -87,7 +87,7 @@ class PlainEngine:
         LoRA), optimizer, scheduler and grad-scaler state."""
         state_dir.mkdir(parents=True, exist_ok=True)
         if self.frozen:  # LoRA: the frozen base is rebuilt from model.name; keep only what trains
-            trainable = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            trainable = {n: p.contiguous() for n, p in self.trainable_state_dict().items()}
             safetensors.torch.save_file(trainable, str(state_dir / "model.safetensors"))
         else:
             safetensors.torch.save_model(self.model, str(state_dir / "model.safetensors"))
