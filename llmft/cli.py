@@ -1,4 +1,4 @@
-"""``llmft`` command line: validate, plan, train, merge, eval, report, data (build / inspect / validate),
+"""``llmft`` command line: validate, plan, train, merge, eval, report, data (build / dedup / inspect / validate),
 quickstart.
 
 User errors (bad recipe, missing model or data, impossible backend) print one message per problem and exit
@@ -146,7 +146,31 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     for name, src in s["sources"].items():
         print(f"[llmft]   {name:<16} {100 * src['realized_share']:6.2f}% (target {100 * src['target_share']:.2f}%), "
               f"{src['documents']} docs, {src['epochs']:.2f} epochs, dropped: {src['dropped_min_tokens']} short, "
-              f"{src['dropped_max_tokens']} long, {src['decontaminated']} contaminated, {src['bad_records']} bad")
+              f"{src['dropped_max_tokens']} long, {src['decontaminated']} contaminated, "
+              f"{src.get('deduplicated', 0)} duplicates, {src['bad_records']} bad")
+    return 0
+
+
+def cmd_data_dedup(args: argparse.Namespace) -> int:
+    from llmft.data.build import dedup_recipe
+    from llmft.data.mix import load_mix
+
+    mix = load_mix(args.recipe, args.overrides)
+    tokenizer = None
+    if mix.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(mix.tokenizer)
+    r = dedup_recipe(mix, Path(args.out), tokenizer)
+    print(f"[llmft] {args.out}/dedup.md, dedup.json: {r['documents']:,} documents, {r['removed']:,} removed "
+          f"({r['exact_duplicates']:,} exact copies) in {r['groups']:,} groups")
+    for name, st in r["by_source"].items():
+        tokens = f", {st['tokens_removed']:,} tokens" if "tokens_removed" in st else ""
+        print(f"[llmft]   {name:<16} {st['removed']:,} of {st['documents']:,} removed ({st['words_removed']:,} words"
+              f"{tokens})")
+    if r["recall"] and r["recall"]["recall"] is not None:
+        print(f"[llmft]   recall vs exact all-pairs on {r['recall']['sampled_documents']:,} sampled documents: "
+              f"{r['recall']['recall']:.2%} of {r['recall']['true_pairs']:,} pairs")
     return 0
 
 
@@ -266,10 +290,13 @@ def _eval_helm(args: argparse.Namespace, out: Path) -> None:
     from llmft.eval.helm import format_helm_table, run_helm, write_helm_report
 
     names = [n.strip() for n in args.helm.split(",") if n.strip()]
+    if args.helm_trials < 1:
+        raise RecipeError([f"--helm-trials: got {args.helm_trials}; expected at least 1 (HELM v1.0 ran 3)"])
     for i, name in enumerate(args.model):
         model, tokenizer = ev.load_eval_model(name, args.dtype, args.device or ev.device_default())
         try:
-            results = run_helm(model, tokenizer, names, Path(args.helm_data), args.max_instances, args.seed)
+            results = run_helm(model, tokenizer, names, Path(args.helm_data), args.max_instances, args.seed,
+                               trials=args.helm_trials)
         except (FileNotFoundError, ValueError) as e:  # unknown scenario, missing data file: what to fix
             raise RecipeError([f"--helm: {e}"]) from None
         where = out if len(args.model) == 1 else out / f"helm-{i}"
@@ -341,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("data", help="build, inspect and validate data-mix recipes (data_recipes/*.yaml)")
+    d = sub.add_parser("data", help="build, deduplicate, inspect and validate data-mix recipes (data_recipes/*.yaml)")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     b = dsub.add_parser("build", help="build a mix into packed training rows (cached by fingerprint)")
     b.add_argument("recipe")
@@ -351,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-proc", type=int, default=None,
                    help="tokenize in this many processes (default: the recipe's num_proc, else 1)")
     b.set_defaults(func=cmd_data_build)
+    dd = dsub.add_parser("dedup", help="only deduplicate a mix (its dedup section, or the defaults): write "
+                         "dedup.json and dedup.md, no tokenizing or packing")
+    dd.add_argument("recipe")
+    dd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dedup.threshold=0.7")
+    dd.add_argument("--out", required=True, help="output directory for the report")
+    dd.set_defaults(func=cmd_data_dedup)
     i = dsub.add_parser("inspect", help="print a build's stats and decode a few rows with boundaries marked")
     i.add_argument("dir")
     i.add_argument("--rows", type=int, default=2, help="rows to decode")
@@ -398,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "suite in eval/helm_core.yaml")
     ev.add_argument("--helm-data", default="data/helm", help="directory with the scenarios' files (see eval/README.md)")
     ev.add_argument("--max-instances", type=int, default=None, help="HELM: at most this many eval instances each")
-    ev.add_argument("--seed", type=int, default=0, help="seed for in-context examples and passkey keys")
+    ev.add_argument("--helm-trials", type=int, default=3, metavar="N",
+                    help="HELM: in-context example draws per scenario (train trials; trial t draws with seed + t), "
+                    "scores averaged over them; 3 as in HELM v1.0, zero-shot scenarios run 1")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed for passkey keys, the HELM instance sample and in-context examples (HELM trial t: "
+                    "seed + t)")
     ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
                     help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
     ev.add_argument("--out", default="runs/eval", help="output directory for the reports")

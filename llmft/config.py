@@ -143,6 +143,21 @@ class ModelConfig(_Strict):
         gt=1, description="Training sequence length in tokens.", json_schema_extra=_hint("e.g. 32768")
     )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
+    checkpoint_every_n_layers: int = Field(
+        default=1, ge=1, description="With gradient_checkpointing: recompute only every n-th decoder layer; the "
+        "others keep their activations (faster, more memory). 1: every layer.",
+    )
+    activation_offload: bool = Field(
+        default=False, description="With gradient_checkpointing on a GPU: keep the layer inputs saved for the "
+        "recompute in pinned host memory (frees layers x sequence x hidden of GPU memory, costs two copies per "
+        "layer). Nothing to move on CPU.",
+    )
+    checkpoint_keep_attention: bool = Field(
+        default=False, description="With gradient_checkpointing: keep each checkpointed layer's attention output "
+        "(b x s x heads x head_dim + its logsumexp) from the forward pass instead of recomputing attention in the "
+        "backward pass. Saves the one recomputed op whose cost grows with s^2 (about a tenth of a CPU step at 16K "
+        "tokens); costs layers x s x hidden x dtype bytes (7B at 32K in bf16: 8.6 GB per sequence).",
+    )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
     )
@@ -212,10 +227,17 @@ class TrainConfig(_Strict):
         default=3, ge=1, description="A step whose loss or gradient is not finite is skipped (no update); after "
         "this many in a row the run stops with a checkpoint of the last good state (exit code 3).",
     )
+    spike_factor: float | None = Field(
+        default=2.0, gt=1, description="Warn about a loss spike (and flag it in the metrics) when a step's loss is "
+        "above this multiple of the median of the previous spike_window steps; null disables. Training is not "
+        "changed (llmft/train/spikes.py).",
+    )
+    spike_window: int = Field(default=20, ge=2, description="Steps whose median loss a step is compared with.")
     loss_chunk_tokens: int = Field(
         default=0, ge=0,
-        description="Compute the LM head and cross-entropy this many positions at a time, recomputed in the "
-        "backward pass, so the full (sequence x vocab) fp32 logits never exist (32K x 32000 x 4 B = 4.2 GB per "
+        description="Compute the LM head and cross-entropy this many positions at a time, with their gradients "
+        "made in the same pass (a wrapped head, e.g. under ZeRO-3, recomputes each chunk in the backward pass "
+        "instead), so the full (sequence x vocab) fp32 logits never exist (32K x 32000 x 4 B = 4.2 GB per "
         "sequence). 0: the model's own loss over full logits. Same loss and gradients (llmft/train/loss.py).",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -462,6 +484,12 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
                              f"parameter in one dtype ({want}, from train.precision {recipe.train.precision}), packed "
                              f"4-bit weights included. Fix: set qlora.quant_storage_dtype: {want}, or use ZeRO "
                              "stage 2"))
+    if not m.gradient_checkpointing:
+        for field, default in (("checkpoint_every_n_layers", 1), ("activation_offload", False),
+                               ("checkpoint_keep_attention", False)):
+            if getattr(m, field) != default:
+                problems.append((("model", field), "applies only with gradient checkpointing. Fix: set "
+                                 f"model.gradient_checkpointing: true, or remove model.{field}"))
     if recipe.method == "qlora" and m.init == "random":
         problems.append((("model", "init"), "method: qlora quantizes pretrained weights. Fix: set init: pretrained, "
                          "or use method: full to train from scratch"))

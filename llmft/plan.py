@@ -70,7 +70,11 @@ attention, one fp32 ``(b, nh, s, s)`` score gradient.
 
 **Gradient checkpointing** keeps only each layer's input, ``L x b x s x h x`` (4, or 2 in ``pure16``), plus the
 outside-the-layers part; in backward one layer at a time is recomputed, holding that layer's activations (and
-attention probabilities / mask) again, on top of its working set.
+attention probabilities / mask) again, on top of its working set. With ``checkpoint_every_n_layers: n`` only
+layers 0, n, 2n, ... are checkpointed (``ceil(L / n)`` inputs); the others keep their full activations. With
+``activation_offload`` on a GPU the checkpointed inputs are listed as host memory. With
+``checkpoint_keep_attention`` each checkpointed layer also keeps its attention kernel's output and logsumexp,
+``b x s x (q x e + nh x 4)`` (listed with the attention), so that the recompute skips attention.
 
 **Attention.** FlashAttention-2 and PyTorch SDPA never hold the ``(b, nh, s, s)`` scores: they save the output
 and a ``(b, nh, s)`` fp32 logsumexp (counted above). On CPU, torch 2.13's SDPA dispatches to its flash kernel too
@@ -83,8 +87,11 @@ probabilities, ``b x nh x s^2 x 4`` per layer (``x 6`` in 16-bit: fp32 softmax p
 **Logits and loss.** The model's own loss (``train.loss_chunk_tokens: 0``) peaks in the backward of the
 cross-entropy, when the saved fp32 log-softmax, its incoming gradient and the gradient of the logits coexist:
 ``3 x b x s x v x 4`` bytes (the forward holds at most ``b s v (2 + 4 + 4)``: 16-bit logits, their fp32 copy, the
-log-softmax). With ``loss_chunk_tokens = C``, only one chunk's worth exists: ``3 x b x C x v x 4``, plus two fp32
-``(b, s, h)`` gradient buffers of the chunked hidden states; the lm_head weight gradient accumulates over chunks.
+log-softmax). With ``loss_chunk_tokens = C``, only one chunk's worth exists, plus two fp32 ``(b, s, h)`` gradient
+buffers of the chunked hidden states; the lm_head weight gradient accumulates over chunks. A plain Linear head (the
+fused path of llmft/train/loss.py) holds one fp32 ``(b C, v)`` buffer, ``b x C x v x 4`` (16-bit: ``x 8``, the
+16-bit logits and the gradient's 16-bit cast beside it); a wrapped head (LoRA on lm_head, ZeRO-3) recomputes the
+chunk in the backward pass: ``3 x b x C x v x 4``.
 
 **Peak.** Persistent: weights + optimizer states (+ DeepSpeed's gradient and communication buffers). On top of that
 the step passes through phases that do not overlap; the peak is the persistent part plus the largest::
@@ -230,6 +237,9 @@ class Setup:
     offload_optimizer: str
     offload_param: str
     ds_buffers: dict = field(default_factory=dict)
+    every_n: int = 1  # with checkpointing: layers 0, n, 2n, ... are checkpointed, the others keep activations
+    offload: bool = False  # with checkpointing: the checkpointed layers' inputs live in host memory
+    keep_attention: bool = False  # with checkpointing: the checkpointed layers keep their attention outputs
 
     @property
     def mode(self) -> str:
@@ -419,6 +429,8 @@ def setup_from_recipe(recipe: Recipe, world_size: int = 1, device: Literal["cuda
                  precision=t.precision, optimizer=t.optimizer, micro_batch=t.micro_batch_size,
                  accumulation=t.gradient_accumulation_steps, seq_len=m.max_seq_len,
                  checkpointing=m.gradient_checkpointing, loss_chunk=t.loss_chunk_tokens, attention=attention,
+                 every_n=m.checkpoint_every_n_layers, offload=m.activation_offload,
+                 keep_attention=m.checkpoint_keep_attention,
                  isolated=packing == "isolated",
                  stage=stage, offload_optimizer=d.offload_optimizer, offload_param=d.offload_param,
                  ds_buffers=buffers)
@@ -534,10 +546,17 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
     # a layer's backward frees each saved tensor as it makes its gradient: net, about one MLP-wide gradient (i)
     # and the gradient of the layer output (h) are alive on top of the saved activations
     grad_transient = b * s * (sh.inter * e + h * res) + attn_transient
+    offloaded = 0.0
     if st.checkpointing:
-        saved = b * s * (L * res * h + outside)
+        lc = -(-L // st.every_n)  # checkpointed layers: 0, n, 2n, ...; the others keep their activations
+        inputs = b * s * lc * res * h
+        if st.offload and st.device == "cuda":  # save_on_cpu: the layer inputs wait in pinned host memory
+            offloaded, inputs = inputs, 0.0
+        saved = inputs + b * s * ((L - lc) * other + outside)
         working = b * s * layer_max + attn_layer + grad_transient  # one layer recomputed, then its backward
-        attention = 0.0
+        attention = (L - lc) * attn_layer
+        if st.keep_attention and st.attention != "eager":  # the checkpointed layers' attention outputs, kept
+            attention += lc * b * s * (e * sh.q + 4 * sh.heads)  # (b, s, q) and the (b, nh, s) fp32 logsumexp
     else:
         saved = b * s * (per_token_layers + outside)
         working = grad_transient
@@ -545,7 +564,8 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
     # logits and loss
     if st.loss_chunk:
         c = min(st.loss_chunk, s - 1)
-        logits = 12 * b * c * v + 2 * 4 * b * s * h
+        fused = not (st.engine == "deepspeed" and st.stage == 3) and not (st.method != "full" and tr["head"])
+        logits = (12 if not fused else 4 if mode == "fp32" else 8) * b * c * v + 2 * 4 * b * s * h
     else:
         logits = 12 * b * s * v
     # autocast's 16-bit weight copies (PlainEngine bf16/fp16)
@@ -559,7 +579,7 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
             casts = 2 * (L * layer_lin + v * h)
         casts += 2 * tr["adapter"]
     return {"saved": saved, "working": working, "attention": attention, "logits": logits, "casts": casts,
-            "first_layer": first, "other_layer": other}
+            "first_layer": first, "other_layer": other, "offloaded": offloaded}
 
 
 def _quantized_bytes_per_param(qcfg: QLoraConfig) -> float:
@@ -635,9 +655,13 @@ def _estimate(sh: Shapes, st: Setup) -> tuple[list[Item], float, str, int]:
 
     # activations
     act = _activations(sh, st, tr)
+    every = f" every {st.every_n} layers" if st.every_n > 1 else ""
     acts = add("activations (saved for backward)", act["saved"],
-               note=("layer inputs only (gradient checkpointing)" if st.checkpointing else
+               note=(f"layer inputs only (gradient checkpointing{every})" if st.checkpointing else
                      f"{act['other_layer'] / 1024:.1f} KiB per token per layer") + f", {st.mode}")
+    if act["offloaded"]:
+        add("checkpointed layer inputs (activation_offload)", act["offloaded"], offloaded=True,
+            note="pinned host memory")
     working = add("backward working set (one layer)", act["working"],
                   note="one layer's activations recomputed" if st.checkpointing else
                   "gradients of one layer's activations in its backward")

@@ -89,8 +89,9 @@ def test_deepspeed_two_ranks_trains_checkpoints_and_resumes(stage, precision, pa
     assert "resume             from" in again.stdout and "step-00000003" in again.stdout
     assert "step 4/6" in again.stdout and "step 1/6" not in again.stdout
     second = load_file(final / "model.safetensors")
-    for k in first:
-        torch.testing.assert_close(second[k], first[k], atol=1e-6, rtol=0)
+    diff = max(float((second[k] - first[k]).abs().max()) for k in first)
+    print(f"ZeRO-{stage} {precision} {packing}: max |resumed - uninterrupted| = {diff:.3g}")
+    assert diff == 0.0  # bitwise on CPU (gloo); on GPUs NCCL's reduction order may vary: docs/reliability.md
 
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": "attention", "trainable_extra": ["embed", "norm"]}
@@ -133,14 +134,15 @@ def test_lora_under_zero2_and_zero3_trains_saves_and_resumes(tmp_path, tiny_mode
     assert torch.isfinite(model(torch.randint(0, 500, (1, 128))).logits).all()
 
     state = tmp_path / "z2" / "checkpoints" / "step-00000003" / "state" / "deepspeed"
-    saved = torch.load(next(state.glob("*model_states.pt")), weights_only=False)["module"]
+    saved = torch.load(next(state.glob("*model_states.pt")), weights_only=True)["module"]
     assert saved and all("lora_" in k or "modules_to_save" in k for k in saved)  # frozen base left out
     shutil.rmtree(final)
     again = deepspeed_train(path2, "deepspeed.stage=2")
     assert "resume             from" in again.stdout and "step 4/6" in again.stdout
     resumed = load_file(final / "adapter_model.safetensors")
-    for k in adapter2:
-        torch.testing.assert_close(resumed[k], adapter2[k], atol=1e-6, rtol=0)
+    diff = max(float((resumed[k] - adapter2[k]).abs().max()) for k in adapter2)
+    print(f"LoRA ZeRO-2: max |resumed - uninterrupted| = {diff:.3g}")
+    assert diff == 0.0  # bitwise on CPU, as above
 
 
 def test_qlora_under_zero2_and_zero3_with_matching_quant_storage(tmp_path, tiny_model, text_file):

@@ -1,14 +1,19 @@
 """HELM core scenarios: metric functions equal HELM's reference implementation on a battery of pairs, the suite
-validates, prompts are HELM's format, in-context examples are dropped to fit a short context, and an end-to-end
-run on a tiny random LLaMA scores local fixture files and writes JSON + markdown."""
+validates, prompts are HELM's format, in-context examples are dropped to fit a short context, an end-to-end
+run on a tiny random LLaMA scores local fixture files and writes JSON + markdown, three train trials draw HELM's
+examples and average, and scenario data read from a hub-layout dataset directory equals the local files'."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import statistics
 import string
+import subprocess
+import sys
 from collections import defaultdict
 from itertools import cycle
 from pathlib import Path
@@ -253,12 +258,31 @@ def test_missing_data_file_names_path_and_format(tmp_path):
     spec = select_scenarios(load_helm_suite(), ["boolq"])[0]
     with pytest.raises(HelmDataError, match=rf"boolq: data file {re.escape(str(tmp_path / 'boolq' / 'train.jsonl'))} "
                                             r"not found \(and the hub dataset google/boolq split train could not be "
-                                            r"loaded: .*\)\. Expected BoolQ jsonl"):
+                                            r"loaded: .*\)\. Expected BoolQ jsonl") as e:
         load_subsets(spec, tmp_path)
+    message = str(e.value)  # one line: what is missing, what was tried, what to put where
+    assert "\n" not in message and message.endswith(
+        "Fix: put the files under " f"{tmp_path / 'boolq'} (data directory/boolq), a copy of the hub dataset "
+        "google/boolq (its repository's data files) under data directory/google/boolq, or choose other scenarios")
     mmlu = select_scenarios(load_helm_suite(), ["mmlu"])[0]
     subsets, skipped = load_subsets(mmlu, DATA)  # one subject of five present: the others are reported
     assert [s.name for s in subsets] == ["abstract_algebra"] and len(skipped) == 4
     assert "college_chemistry_dev.csv not found" in skipped[0]
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path):
+    """Not offline by setting, but no route to the hub: one message at once, not after datasets' retries."""
+    from llmft.model.build import hub_resolves
+
+    if hub_resolves():
+        pytest.skip("the hub's host name resolves here")
+    code = ("import sys, time; from llmft.eval.helm import load_helm_suite, select_scenarios, load_subsets, "
+            "HelmDataError\nt = time.time()\ntry:\n    load_subsets(select_scenarios(load_helm_suite(), ['boolq'])[0], "
+            f"{str(tmp_path)!r})\nexcept HelmDataError as e:\n    print(round(time.time() - t, 1), e)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    seconds, message = out.split(" ", 1)
+    assert float(seconds) < 5 and "the hub, for google/boolq, is unreachable from here" in message, out
 
 
 # ------------------------------------------------------------------ prompts
@@ -365,6 +389,25 @@ def test_multiple_choice_prompts_match_helm_format():
     assert [i.split for i in subset.instances] == ["train", "valid", "valid", "valid", "valid"]
 
 
+def test_truthfulqa_columns_are_read_by_name(tmp_path):
+    """The 2025 TruthfulQA.csv inserts a "Best Incorrect Answer" column: the same instances come out."""
+    import csv
+
+    truthful = select_scenarios(load_helm_suite(), ["truthful_qa"])[0]
+    (old,), _ = load_subsets(truthful, DATA)
+    with open(DATA / "truthful_qa" / "TruthfulQA.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    (tmp_path / "truthful_qa").mkdir()
+    with open(tmp_path / "truthful_qa" / "TruthfulQA.csv", "w", encoding="utf-8", newline="") as f:
+        fields = ["Type", "Category", "Question", "Best Answer", "Best Incorrect Answer", "Correct Answers",
+                  "Incorrect Answers", "Source"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({**r, "Best Incorrect Answer": r["Incorrect Answers"].split(";")[0]} for r in rows)
+    (new,), _ = load_subsets(truthful, tmp_path)
+    assert new.instances == old.instances and len(new.instances) == 5
+
+
 def short_boolq(n: int, passage: str = "Sky is blue.") -> list[Instance]:
     return [Instance(f"{passage}\nQuestion: Is it {i}?", [Reference("Yes" if i % 2 else "No", True)], "train")
             for i in range(n)]
@@ -427,14 +470,14 @@ def test_run_helm_end_to_end_tiny_model(tiny_long, tmp_path):
     results = run_helm(model, tokenizer, ["boolq", "mmlu"], DATA, max_instances=None, seed=0, log=lines.append)
     assert list(results) == ["boolq", "mmlu"]
     boolq, mmlu = results["boolq"], results["mmlu"]
-    assert (boolq["metric"], boolq["instances"], boolq["prompts"]) == ("quasi_exact_match", 3, 3)
-    assert (mmlu["metric"], mmlu["instances"]) == ("exact_match", 4)
+    assert (boolq["metric"], boolq["instances"], boolq["trials"], boolq["prompts"]) == ("quasi_exact_match", 3, 3, 9)
+    assert (mmlu["metric"], mmlu["instances"], mmlu["trials"]) == ("exact_match", 4, 3)
     assert mmlu["subsets"]["abstract_algebra"]["instances"] == 4
     assert len(mmlu["subsets_missing"]) == 4
     for r in results.values():
         assert 0.0 <= r["score"] <= 1.0
         assert r["in_context_examples_dropped"] == 0 and r["mean_in_context_examples"] == 5
-        assert r["score"] == pytest.approx(sum(p["score"] for p in r["predictions"]) / r["instances"])
+        assert r["score"] == pytest.approx(sum(p["score"] for p in r["predictions"]) / (r["instances"] * 3))
     for p in boolq["predictions"]:  # the score is HELM's quasi-exact match of the stripped completion
         assert p["score"] == helm_score("quasi_exact_match", p["references"], p["prediction"])
         assert "\n" not in p["prediction"]  # cut at the stop sequence
@@ -444,12 +487,15 @@ def test_run_helm_end_to_end_tiny_model(tiny_long, tmp_path):
     # a sample of instances, the same one for the same seed
     again = run_helm(model, tokenizer, ["boolq"], DATA, max_instances=2, seed=0, log=lines.append)
     assert again["boolq"]["instances"] == 2
+    with pytest.raises(ValueError, match="trials: got 0; expected at least 1"):
+        run_helm(model, tokenizer, ["boolq"], DATA, trials=0)
 
     json_path, md_path = write_helm_report(results, tmp_path / "out")
     saved = json.loads(json_path.read_text())
     assert saved["boolq"]["score"] == boolq["score"] and saved["mmlu"]["instances"] == 4
     table = md_path.read_text()
     assert "| BoolQ | quasi_exact_match | " in table and "| MMLU | exact_match | " in table
+    assert "| score | ± | trials |" in table and f"| {boolq['stddev']:.3f} | 3 | 3 |" in table
     assert format_helm_table(results) in table
 
 
@@ -457,10 +503,88 @@ def test_run_helm_reports_dropped_examples_on_short_context(tiny_short):
     model = AutoModelForCausalLM.from_pretrained(tiny_short)
     tokenizer = AutoTokenizer.from_pretrained(tiny_short)
     result = run_helm(model, tokenizer, ["boolq"], DATA, max_instances=None, seed=0, log=lambda _: None)["boolq"]
-    assert result["context_length"] == 128 and result["instances"] == 3
-    assert result["prompts_with_dropped_examples"] == 3 and result["in_context_examples_dropped"] > 0
-    assert result["mean_in_context_examples"] == pytest.approx(5 - result["in_context_examples_dropped"] / 3)
+    assert result["context_length"] == 128 and result["instances"] == 3 and result["prompts"] == 9  # 3 trials
+    assert result["prompts_with_dropped_examples"] == 9 and result["in_context_examples_dropped"] > 0
+    assert result["mean_in_context_examples"] == pytest.approx(5 - result["in_context_examples_dropped"] / 9)
     assert f"5 ({result['in_context_examples_dropped']})" in format_helm_table({"boolq": result})
+
+
+# ------------------------------------------------------------------ train trials
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def boolq_block(row: dict, with_answer: bool) -> str:
+    """HELM's BoolQ example block, written from the raw row (PassageQuestionInput, "Answer:" output prefix)."""
+    question = row["question"].strip().capitalize()
+    question += "" if question.endswith("?") else "?"
+    text = f"Passage: {row['passage']}\nQuestion: {question}\nAnswer:"
+    return text + (f" {'Yes' if row['answer'] else 'No'}\n" if with_answer else "")
+
+
+def helm_trial_draws(train_rows: list[dict], k: int, trials: int) -> list[list[int]]:
+    """Row indices HELM's sample_examples draws in train trials 0..trials-1 (seed = train-trial index)."""
+    instances = [Instance(str(i), [Reference("Yes" if r["answer"] else "No", True)], "train")
+                 for i, r in enumerate(train_rows)]
+    return [[int(e.input) for e in helm_sample_examples(list(instances), k, trial)] for trial in range(trials)]
+
+
+def test_train_trials_draw_helm_examples_on_the_same_instances(tiny_long):
+    """Three trials: HELM's draws for train-trial indices 0, 1, 2, the same sampled eval instances, and per-trial
+    predictions and scores equal to an independent greedy run on independently written prompts."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_long)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_long)
+    result = run_helm(model, tokenizer, ["boolq"], DATA, max_instances=2, seed=0, log=lambda _: None)["boolq"]
+    train_rows, dev_rows = read_jsonl(DATA / "boolq" / "train.jsonl"), read_jsonl(DATA / "boolq" / "dev.jsonl")
+    draws = helm_trial_draws(train_rows, 5, 3)
+    assert result["trials"] == 3 and result["subsets"]["boolq"]["in_context_example_ids"] == draws
+    assert len({tuple(d) for d in draws}) == 3  # three different draws
+    chosen = random.Random(0).sample(range(len(dev_rows)), 2)  # the instance sample, drawn once with the seed
+    trial_scores = []
+    for trial, draw in enumerate(draws):
+        records = [p for p in result["predictions"] if p["trial"] == trial]
+        assert [p["instance_id"] for p in records] == chosen  # the same instances in every trial
+        scores = []
+        for p, i in zip(records, chosen):
+            prompt = "\n".join([boolq_block(train_rows[j], True) for j in draw] + [boolq_block(dev_rows[i], False)])
+            ids = torch.tensor([tokenizer(prompt).input_ids])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                     do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            prediction = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
+            assert p["prediction"] == prediction
+            scores.append(helm_score("quasi_exact_match", ["Yes" if dev_rows[i]["answer"] else "No"], prediction))
+        trial_scores.append(sum(scores) / len(scores))
+    assert result["trial_scores"] == pytest.approx(trial_scores)
+    assert result["score"] == pytest.approx(sum(trial_scores) / 3)
+    assert result["stddev"] == pytest.approx(statistics.pstdev(trial_scores))  # HELM's Stat.stddev: population
+
+
+def test_trial_scores_are_averaged_and_their_spread_reported(tiny_long, monkeypatch):
+    """With an instance score that depends on the trial's examples (the share of examples whose answer is the
+    instance's), the reported score is the mean of the per-trial scores computed here and the ± is their spread."""
+    import llmft.eval.helm as helm
+
+    def score_by_examples(spec, model, tokenizer, instructions, train_blocks, inst, max_length, counters):
+        share = sum(b.endswith(f"Answer: {inst.golds[0]}\n") for b in train_blocks) / max(len(train_blocks), 1)
+        return {"prediction": "", "references": inst.golds, "score": share}
+
+    monkeypatch.setattr(helm, "_evaluate_instance", score_by_examples)
+    model = AutoModelForCausalLM.from_pretrained(tiny_long)
+    results = run_helm(model, None, ["boolq", "hellaswag"], DATA, seed=0, trials=3, log=lambda _: None)
+    train_rows, dev_rows = read_jsonl(DATA / "boolq" / "train.jsonl"), read_jsonl(DATA / "boolq" / "dev.jsonl")
+    expected = [sum(sum(train_rows[j]["answer"] == row["answer"] for j in draw) / 5 for row in dev_rows) / 3
+                for draw in helm_trial_draws(train_rows, 5, 3)]
+    boolq = results["boolq"]
+    assert len(set(expected)) > 1 and boolq["trial_scores"] == pytest.approx(expected)
+    assert boolq["score"] == pytest.approx(statistics.mean(expected))
+    assert boolq["stddev"] == pytest.approx(statistics.pstdev(expected)) and boolq["stddev"] > 0
+    assert boolq["subsets"]["boolq"]["trial_scores"] == pytest.approx(expected)
+    assert results["hellaswag"]["trials"] == 1 and results["hellaswag"]["stddev"] == 0  # zero-shot: one trial
+    row = next(line for line in format_helm_table(results).splitlines() if line.startswith("| BoolQ |"))
+    assert row.startswith(f"| BoolQ | quasi_exact_match | {boolq['score']:.3f} | {boolq['stddev']:.3f} | 3 | 3 |")
 
 
 def option_logprob(model, tokenizer, text: str, option: str) -> float:
@@ -479,6 +603,7 @@ def test_separate_and_joint_multiple_choice_run(tiny_long):
     results = run_helm(model, tokenizer, ["hellaswag", "openbookqa", "truthful_qa"], DATA, max_instances=None,
                        seed=0, log=lambda _: None)
     hellaswag, openbookqa = results["hellaswag"], results["openbookqa"]
+    assert hellaswag["trials"] == openbookqa["trials"] == 1  # zero-shot: one trial, as HELM sets
     assert hellaswag["instances"] == 2 and hellaswag["prompts"] == 8  # one prompt per ending, zero-shot
     assert openbookqa["instances"] == 2 and openbookqa["prompts"] == 16  # plus one calibration prompt per option
     assert hellaswag["in_context_examples"] == openbookqa["in_context_examples"] == 0
@@ -533,8 +658,8 @@ def test_msmarco_ranking_run(tiny_long, tmp_path):
     write_msmarco(tmp_path / "msmarco")
     model = AutoModelForCausalLM.from_pretrained(tiny_long)
     tokenizer = AutoTokenizer.from_pretrained(tiny_long)
-    result = run_helm(model, tokenizer, ["msmarco_regular"], tmp_path, max_instances=None, seed=0,
-                      log=lambda _: None)["msmarco_regular"]
+    result = run_helm(model, tokenizer, ["msmarco_regular"], tmp_path, max_instances=None, seed=0, trials=1,
+                      log=lambda _: None)["msmarco_regular"]  # one trial: 30 prompts each
     assert result["metric"] == "RR@10" and result["instances"] == 1 and result["prompts"] == 30
     (prediction,) = result["predictions"]
     assert sorted(prediction["ranking"]) == list(range(30)) and len(prediction["references"]) == 1
@@ -688,16 +813,127 @@ def test_imdb_raft_civil_comments_loaders(tmp_path):
     assert len(by_name["female"]) == 2 and by_name["LGBTQ"] == []
 
 
+# ------------------------------------------------------------------ scenario data from a datasets (hub) directory
+
+
+def write_hub_repo(repo: Path, splits: dict[str, list[dict]], config: str | None = None, features=None,
+                   suffix: str = "parquet") -> None:
+    """A dataset directory laid out like its Hub repository: data/<split>-00000-of-00001.<suffix>, or, for a named
+    configuration, <config>/<split>-... files listed under `configs` in README.md (as cais/mmlu, cnn_dailymail do)."""
+    import datasets
+
+    folder = repo / (config or "data")
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        path = folder / f"{split}-00000-of-00001.{suffix}"
+        if suffix == "parquet":
+            datasets.Dataset.from_list(rows, features=features).to_parquet(path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if config:
+        lines = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
+        for split in splits:
+            lines += [f"  - split: {split}", f"    path: {config}/{split}-*"]
+        (repo / "README.md").write_text("\n".join(lines + ["---", ""]))
+
+
+def mmlu_hub_rows(path: Path) -> list[dict]:
+    """cais/mmlu rows of one Hendrycks CSV: {question, subject, choices, answer: index of the letter}."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [{"question": r[0], "subject": "abstract_algebra", "choices": r[1:5], "answer": "ABCD".index(r[5])}
+                for r in csv.reader(f)]
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch) -> Path:
+    """A data directory holding, at their hub ids, copies of four scenarios' hub datasets in the hub's schemas
+    (written from the local fixture files) and none of the local files; datasets' cache goes to tmp_path."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    boolq = {split: [{"question": r["question"], "answer": r["answer"], "passage": r["passage"]}
+                     for r in read_jsonl(DATA / "boolq" / f"{stem}.jsonl")]
+             for split, stem in (("train", "train"), ("validation", "dev"))}
+    write_hub_repo(data / "google" / "boolq", boolq)
+    hellaswag = [{**r, "label": str(r["label"])} for r in read_jsonl(DATA / "hellaswag" / "hellaswag_val.jsonl")]
+    write_hub_repo(data / "Rowan" / "hellaswag", {"validation": hellaswag}, suffix="jsonl")  # label: "3"
+    openbookqa = [{"id": r["id"], "question_stem": r["question"]["stem"],
+                   "choices": {"text": [c["text"] for c in r["question"]["choices"]],
+                               "label": [c["label"] for c in r["question"]["choices"]]},
+                   "answerKey": r["answerKey"]} for r in read_jsonl(DATA / "openbookqa" / "test.jsonl")]
+    write_hub_repo(data / "allenai" / "openbookqa", {"test": openbookqa}, config="main")
+    features = datasets.Features({"question": datasets.Value("string"), "subject": datasets.Value("string"),
+                                  "choices": datasets.Sequence(datasets.Value("string")),
+                                  "answer": datasets.ClassLabel(names=["A", "B", "C", "D"])})
+    mmlu = {split: mmlu_hub_rows(DATA / "mmlu" / split / f"abstract_algebra_{split}.csv") for split in ("dev", "test")}
+    write_hub_repo(data / "cais" / "mmlu", mmlu, config="abstract_algebra", features=features)
+    return data
+
+
+def test_hub_layout_directory_gives_the_local_files_instances_and_scores(tiny_long, hub_dir):
+    """Local files absent: each scenario reads its hub dataset's copy under data_dir/<hub id> (parquet or jsonl
+    data files, configurations from README.md), converts the hub schema, and scores exactly as from the files."""
+    names = ["boolq", "mmlu", "hellaswag", "openbookqa"]
+    for name in names:
+        subsets, skipped = load_subsets(spec_of(name), hub_dir)
+        local, _ = load_subsets(spec_of(name), DATA)
+        assert [s.instances for s in subsets] == [s.instances for s in local] and subsets[0].instances
+    (_, skipped) = load_subsets(spec_of("mmlu"), hub_dir)  # subjects without a configuration are reported
+    assert len(skipped) == 4 and f"hub dataset {hub_dir / 'cais' / 'mmlu'} config college_chemistry split dev" \
+        in skipped[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_long)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_long)
+    run = ["boolq", "mmlu"]  # generation through the model; the other two differ in their loaders only
+    from_hub = run_helm(model, tokenizer, run, hub_dir, max_instances=2, seed=0, trials=1, log=lambda _: None)
+    from_files = run_helm(model, tokenizer, run, DATA, max_instances=2, seed=0, trials=1, log=lambda _: None)
+    for name in run:
+        assert from_hub[name]["score"] == from_files[name]["score"]
+        assert from_hub[name]["predictions"] == from_files[name]["predictions"]
+
+
+def test_hub_schema_of_summarization_and_a_missing_hub_split(hub_dir):
+    """cnn_dailymail's 3.0.0 configuration reads like the jsonl files; a hub copy without the needed split is one
+    error naming the local file, the copy and the split."""
+    words = " ".join(f"w{i}" for i in range(80))
+    rows = {"train": [{"article": words, "highlights": "Police said two men were held.\nThey were released.",
+                       "id": "a"}],
+            "test": [{"article": "A short test article.", "highlights": "Short.", "id": "b"}]}
+    local = hub_dir / "files" / "summarization_cnndm"
+    local.mkdir(parents=True)
+    for split, items in rows.items():
+        (local / f"{split}.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("article", "highlights")}) + "\n"
+                                                      for r in items))
+    write_hub_repo(hub_dir / "abisee" / "cnn_dailymail", rows, config="3.0.0")
+    assert only_subset("summarization_cnndm", hub_dir).instances == only_subset(
+        "summarization_cnndm", hub_dir / "files").instances
+    write_hub_repo(hub_dir / "files" / "google" / "boolq", {"train": [{"question": "q", "answer": True,
+                                                                        "passage": "p"}]})
+    with pytest.raises(HelmDataError) as e:
+        load_subsets(spec_of("boolq"), hub_dir / "files")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(
+        f"boolq: data file {hub_dir / 'files' / 'boolq' / 'dev.jsonl'} not found (and the hub dataset "
+        f"{hub_dir / 'files' / 'google' / 'boolq'} split validation could not be loaded: ValueError: ")
+    assert "Expected BoolQ jsonl files" in message and "or choose other scenarios" in message
+
+
 def test_llmft_eval_helm_cli(tiny_long, tmp_path, capsys):
     """`llmft eval --helm` runs the scenarios on a model directory and writes the report; bad input exits 2."""
     from llmft.cli import main
 
     out = tmp_path / "eval"
     assert main(["eval", "--helm", "boolq", "--helm-data", str(DATA), "--model", str(tiny_long),
-                 "--max-instances", "2", "--out", str(out)]) == 0
+                 "--max-instances", "2", "--helm-trials", "2", "--out", str(out)]) == 0
     assert "| BoolQ | quasi_exact_match | " in capsys.readouterr().out
     saved = json.loads((out / "helm.json").read_text())
     assert saved["boolq"]["instances"] == 2 and 0.0 <= saved["boolq"]["score"] <= 1.0
+    assert saved["boolq"]["trials"] == 2 and len(saved["boolq"]["trial_scores"]) == 2
+    assert main(["eval", "--helm", "boolq", "--helm-data", str(DATA), "--model", str(tiny_long),
+                 "--helm-trials", "0"]) == 2
+    assert "--helm-trials: got 0; expected at least 1" in capsys.readouterr().err
     assert main(["eval", "--helm", "boolk", "--helm-data", str(DATA), "--model", str(tiny_long)]) == 2
     err = capsys.readouterr().err
     assert "boolk" in err and "boolq" in err and "Traceback" not in err

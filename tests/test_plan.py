@@ -160,17 +160,19 @@ def _tiny_plan(sections: dict):
 
 @pytest.mark.parametrize("precision,method,checkpointing", [
     ("fp32", "full", False), ("fp32", "lora", False), ("bf16", "full", False), ("bf16", "lora", False),
-    ("fp32", "full", True)])
+    ("fp32", "full", True), ("fp32", "full", 2)])
 def test_saved_activations_match_autograd(tiny_model, text_file, tmp_path, precision, method, checkpointing):
     """The activation formula equals the bytes autograd saves for backward in one forward pass of a real
-    transformers LLaMA (unique storages, parameters excluded; plus the fp32 log-softmax the loss saves)."""
+    transformers LLaMA (unique storages, parameters excluded; plus the fp32 log-softmax the loss saves).
+    ``checkpointing`` 2: every 2nd layer (layer 0 of the tiny model's 2; layer 1 keeps its activations)."""
     from llmft.config import LoraConfig
     from llmft.model.adapters import apply_lora
     from llmft.model.build import build_model
     from llmft.train.loss import causal_lm_loss
 
     raw = {"model": {"name": str(tiny_model), "dtype": "float32", "attention": "sdpa", "max_seq_len": 256,
-                     "gradient_checkpointing": checkpointing},
+                     "gradient_checkpointing": bool(checkpointing),
+                     **({"checkpoint_every_n_layers": checkpointing} if checkpointing not in (True, False) else {})},
            "data": {"sources": [{"format": "text", "path": str(text_file)}]},
            "train": {"lr": 1e-3, "max_steps": 1, "precision": precision, "micro_batch_size": 2},
            "checkpoint": {"dir": str(tmp_path / "run")}}
@@ -197,7 +199,7 @@ def test_saved_activations_match_autograd(tiny_model, text_file, tmp_path, preci
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         causal_lm_loss(model, batch, b * (s - 1))
     rope = 2 * b * s * (model.config.hidden_size // model.config.num_attention_heads) * 4  # cos, sin (fp32)
-    got = sum(saved.values()) - rope * (not checkpointing)
+    got = sum(saved.values()) - rope * (checkpointing is not True)  # a layer that keeps activations saves them
     plan = estimate_memory(recipe, world_size=1, device="cpu")
     log_softmax = 4 * b * s * model.config.vocab_size
     weight_copies = plan.item("16-bit weight copies (autocast)").device_bytes

@@ -6,6 +6,8 @@ a re-run resumes to the identical adapter."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -19,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
 from llmft.model.adapters import lora_parameter_count
-from llmft.model.build import count_parameters
+from llmft.model.build import ModelLoadError, count_parameters, require_bitsandbytes
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
 
@@ -168,3 +170,32 @@ def test_bitsandbytes_optimizers_run_on_cpu(tmp_path, tiny_model, text_file, opt
     result = train(load_recipe(path))
     assert len(result.losses) == 2 and all(x == x for x in result.losses)
     assert any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)  # it stepped
+
+
+@pytest.mark.parametrize("method, optimizer", [("qlora", "adamw"), ("lora", "adamw_8bit")])
+def test_missing_bitsandbytes_is_one_line(tmp_path, tiny_model, text_file, method, optimizer):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "r", method=method, lora=dict(LORA),
+                         train={"max_steps": 1, "optimizer": optimizer})
+    recipe["model"]["init"] = "pretrained"
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    blocked = ("import sys; sys.modules['bitsandbytes'] = None; from llmft.cli import main; "
+               f"sys.exit(main(['train', {str(path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmft: error")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    what = "method: qlora" if method == "qlora" else "train.optimizer: adamw_8bit"
+    assert len(errors) == 1 and errors[0].startswith(f"llmft: error: {what} needs bitsandbytes, which cannot be "
+                                                     "imported here (No module named 'bitsandbytes"), errors
+    assert errors[0].endswith("). Fix: pip install 'bitsandbytes>=0.50.2'")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_bitsandbytes_without_its_cuda_library_on_a_cuda_machine_is_one_line(monkeypatch):
+    import bitsandbytes.cextension as cext
+
+    require_bitsandbytes("method: qlora")  # this machine: the CPU backend, fine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine whose bnb build has no CUDA lib
+    monkeypatch.setattr(cext, "lib", object.__new__(cext.ErrorHandlerMockBNBNativeLibrary))
+    with pytest.raises(ModelLoadError, match=r"^method: qlora: bitsandbytes has no working CUDA library for this "
+                                             r"machine .*Fix: reinstall bitsandbytes"):
+        require_bitsandbytes("method: qlora")

@@ -1,6 +1,7 @@
 """Stopping on purpose: SIGTERM finishes the step, checkpoints and exits 75, and the rerun ends bitwise equal to
 an uninterrupted run; a second signal exits at once; non-finite steps are skipped, and after
-``train.max_bad_steps`` in a row the run stops (exit 3) with a checkpoint of the last good weights."""
+``train.max_bad_steps`` in a row the run stops (exit 3) with a checkpoint of the last good weights; a loss spike is
+warned about and flagged in the metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from llmft.cli import main
 from llmft.config import load_recipe
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
+from llmft.train.spikes import SpikeDetector
 from llmft.train.stop import EXIT_DIVERGED, EXIT_PREEMPTED, Diverged
 
 
@@ -133,6 +135,51 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_weights(tmp_path, tin
     finally:
         handle.remove()
     assert "llmft: diverged: 1 steps in a row (to step 1)" in capsys.readouterr().err
+
+
+class ScaleLogits:
+    """Global forward hook: the LM head's output is multiplied by ``factor`` on the calls in ``calls`` (1-based):
+    confident wrong logits, a loss spike from outside the training code."""
+
+    def __init__(self, calls, factor: float):
+        self.calls, self.factor, self.n = set(calls), factor, 0
+
+    def __call__(self, module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.out_features == 512:
+            self.n += 1
+            if self.n in self.calls:
+                return output * self.factor
+        return None
+
+
+def test_spike_detector_rule():
+    d = SpikeDetector(factor=2.0, window=3)
+    assert [d.update(x) for x in (5.0, 4.0, 3.0)] == [None, None, None]  # no full window yet: the fast early fall
+    assert d.update(7.9) is None  # 7.9 <= 2 x median(5, 4, 3) = 8
+    assert d.update(float("nan")) is None and d.update(float("inf")) is None  # the NaN guard's business
+    assert d.update(8.5) == 4.0  # > 2 x median(4, 3, 7.9)
+    assert d.state_dict() == [3.0, 7.9, 8.5]
+    assert SpikeDetector(factor=None, window=3).update(1e9) is None  # disabled
+    resumed = SpikeDetector(2.0, 3)
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.update(20.0) == 7.9 and d.update(20.0) == 7.9
+
+
+def test_a_loss_spike_is_warned_and_flagged_and_training_goes_on(tmp_path, tiny_model, text_file, caplog):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "spike",
+                         train={"max_steps": 8, "spike_factor": 1.5, "spike_window": 4})
+    handle = torch.nn.modules.module.register_module_forward_hook(ScaleLogits({13, 14}, 40.0))  # step 7
+    try:
+        with caplog.at_level("WARNING", logger="llmft.train.loop"):
+            train(load_recipe(write_recipe(tmp_path / "spike.yaml", recipe)))
+    finally:
+        handle.remove()
+    rows = [json.loads(line) for line in (tmp_path / "spike" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("spike")] == [7]
+    assert rows[6]["loss"] > 1.5 * sorted(r["loss"] for r in rows[2:6])[2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    warned = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("step 7: loss spike")
 
 
 @pytest.fixture

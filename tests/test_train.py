@@ -171,6 +171,17 @@ def test_wandb_offline_writes_a_local_run_and_disabled_writes_nothing(tmp_path, 
     assert not (off.run_dir / "wandb").exists()
 
 
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_model, text_file):
+    overrides = ["train.max_steps=4", "checkpoint.every_steps=2", "logging.wandb.mode=offline"]
+    first, _ = run(tmp_path, tiny_model, text_file, name="w", overrides=overrides)
+    saved = json.loads((first.run_dir / "checkpoints" / "step-00000002" / "state" / "trainer.json").read_text())
+    shutil.rmtree(first.final_dir)  # as if killed after the step-2 checkpoint
+    again, _ = run(tmp_path, tiny_model, text_file, name="w", overrides=overrides)
+    assert again.resumed_from == 2
+    runs = sorted((first.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{saved['wandb_id']}") for r in runs)
+
+
 def test_eval_hook_logs_ppl_by_length(tmp_path, tiny_model, text_file):
     result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=4"],
                     eval={"every_steps": 2, "lengths": [32, 64, 128], "max_windows": 2})

@@ -1,6 +1,7 @@
 """``llmft data build``: a data-mix recipe -> packed, shuffled training rows on disk, with stats and plots.
 
-Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, tokenize (prompt masked; in
+Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, deduplicate (when the mix
+has a ``dedup`` section: every source is read first, see :mod:`llmft.data.dedup`), tokenize (prompt masked; in
 ``num_proc`` worker processes when the mix asks, with the same output as one process),
 filter by token count, cut every document into units of at most ``seq_len`` tokens, and hold out the tail
 ``validation_fraction`` of the units for validation. Then, over the mix: each source contributes
@@ -15,8 +16,10 @@ Output directory::
       validation.parquet        the held-out tokens, one row per source
       stats.json                everything measured (see below) + the build fingerprint
       length_histogram.png, mix.png
+      dedup.json, dedup.md      the deduplication report (with ``dedup``; also under "dedup" in stats.json)
 
-The fingerprint hashes the resolved mix recipe (except ``num_proc``: the output does not depend on it), the
+The fingerprint hashes the resolved mix recipe (the ``dedup`` settings included, but not the code of a custom
+embedder; except ``num_proc``: the output does not depend on it), the
 tokenizer's vocabulary, seq_len and every input file's path, size and modification time. Rebuilding with the same fingerprint reads stats.json and does no work.
 """
 
@@ -43,8 +46,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmft.data.decontam import Decontaminator, DecontamReport
+from llmft.data.dedup import deduplicate, report_markdown
 from llmft.data.examples import DataError
-from llmft.data.mix import MixRecipe, MixSource
+from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
 from llmft.data.sources import Document, SourceError, SourceReport, list_files, read_source
 from llmft.data.transforms import ni_fewshot, ul2
@@ -87,19 +91,119 @@ def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int
     return h.hexdigest()[:32]
 
 
-def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]],
-                  seq_len: int, decon: Decontaminator | None, decon_report: DecontamReport,
-                  rng: np.random.Generator) -> tuple[list[Example], list[Example], dict]:
-    """Read, decontaminate, transform, tokenize, filter and chunk one source.
+@dataclass
+class _Reading:
+    """One source being read: its cleaned documents (a lazy generator, or a list once deduplicated), with the
+    reader's report and the per-source stats the reading fills in."""
 
-    Reading, decontamination and the UL2 transform run here, in order (UL2 draws from ``rng``); ``tokenize``
-    maps the batches of documents to examples, in this process or in ``num_proc`` workers, keeping the order.
+    docs: Iterable[Document]
+    report: SourceReport
+    stats: dict
+
+
+def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
+                report: SourceReport, stats: dict) -> Iterator[Document]:
+    """Read one source and decontaminate it, counting into ``report`` and ``stats``.
+
+    Raises:
+        SourceError: a malformed record under on_error: stop.
+    """
+    for doc in tqdm(read_source(src.source, mix.on_error, report), desc=f"read {src.name}", unit="doc",
+                    disable=None, leave=False):
+        if decon is not None:
+            mode = mix.decontaminate.mode
+            text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
+            prompt_hit = bool(doc.prompt) and decon.find(doc.prompt)
+            if text is None or (prompt_hit and mode == "document"):
+                stats["decontaminated"] += 1
+                continue
+            doc.text = text
+        yield doc
+
+
+def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport) -> dict[str, _Reading]:
+    readings = {}
+    for src in mix.sources:
+        report = SourceReport()
+        stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "deduplicated": 0,
+                 "doc_lengths": []}
+        readings[src.name] = _Reading(_read_clean(src, mix, decon, decon_report, report, stats), report, stats)
+    return readings
+
+
+def _dedup(mix: MixRecipe, readings: dict[str, _Reading], tokenizer: PreTrainedTokenizerBase | None) -> dict:
+    """Read every source, deduplicate (``mix.dedup``), and leave only the kept documents in ``readings``.
+
+    A document is compared by its prompt and text together. With a tokenizer, the report also counts the tokens
+    of the removed documents (prompt and text, no special tokens).
+
+    Returns:
+        The report of :func:`llmft.data.dedup.deduplicate`.
+
+    Raises:
+        DataError: a malformed record under on_error: stop, or a custom embedder that fails.
+    """
+    docs: list[Document] = []
+    names: list[str] = []
+    for name, r in readings.items():
+        try:
+            listed = list(r.docs)
+        except SourceError as e:
+            raise DataError(str(e)) from None
+        docs += listed
+        names += [name] * len(listed)
+    log.info("data: deduplicating %d documents (%s)", len(docs), ", ".join(mix.dedup.methods))
+    texts = [f"{d.prompt}\n{d.text}" if d.prompt else d.text for d in docs]
+    result = deduplicate(texts, names, mix.dedup, where=[d.where for d in docs])
+    report = result.report
+    for name, r in readings.items():
+        r.docs = [d for d, n, k in zip(docs, names, result.keep) if n == name and k]
+        r.stats["deduplicated"] = report["by_source"].get(name, {}).get("removed", 0)
+    if tokenizer is not None:
+        for name, st in report["by_source"].items():
+            removed = [t for t, n, k in zip(texts, names, result.keep) if n == name and not k]
+            st["tokens_removed"] = sum(len(ids) for i in range(0, len(removed), TOKENIZE_BATCH)
+                                       for ids in _encode(tokenizer, removed[i : i + TOKENIZE_BATCH]))
+    return report
+
+
+def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+    """``llmft data dedup``: read and decontaminate the sources, deduplicate, write ``dedup.json`` and
+    ``dedup.md`` in ``out``; no tokenizing or packing. Uses the mix's ``dedup`` section, or the defaults.
+
+    Raises:
+        DataError: as :func:`build`.
+    """
+    if mix.dedup is None:
+        mix = mix.model_copy(update={"dedup": Dedup()})
+    decon, decon_report = None, DecontamReport()
+    if mix.decontaminate:
+        decon = Decontaminator(n=mix.decontaminate.n)
+        decon.add_files(list(mix.decontaminate.targets))
+    report = _dedup(mix, _start_reading(mix, decon, decon_report), tokenizer)
+    _write_dedup_report(report, Path(out))
+    return report
+
+
+def _write_dedup_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dedup.json").write_text(json.dumps(report, indent=1))
+    (out / "dedup.md").write_text(report_markdown(report))
+
+
+def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]],
+                  seq_len: int, reading: _Reading,
+                  rng: np.random.Generator) -> tuple[list[Example], list[Example], dict]:
+    """Transform, tokenize, filter and chunk one source's cleaned documents.
+
+    Reading (when ``reading.docs`` is still a generator), the UL2 transform and batching run here, in order (UL2
+    draws from ``rng``); ``tokenize`` maps the batches of documents to examples, in this process or in
+    ``num_proc`` workers, keeping the order.
 
     Returns:
         (train units, validation units, stats)
     """
-    report = SourceReport()
-    stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "doc_lengths": []}
+    report, stats = reading.report, reading.stats
     examples: list[Example] = []
 
     def keep(example: Example) -> None:
@@ -114,16 +218,7 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
 
     def batches():
         batch = []
-        for doc in tqdm(read_source(src.source, mix.on_error, report), desc=f"read {src.name}", unit="doc",
-                        disable=None, leave=False):
-            if decon is not None:
-                mode = mix.decontaminate.mode
-                text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
-                prompt_hit = bool(doc.prompt) and decon.find(doc.prompt)
-                if text is None or (prompt_hit and mode == "document"):
-                    stats["decontaminated"] += 1
-                    continue
-                doc.text = text
+        for doc in reading.docs:
             if src.transform == "ul2":
                 doc = ul2(doc, rng, src.ul2)
             if src.transform == "ni_fewshot":  # one task's instances together: flush when the task changes
@@ -253,12 +348,15 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
             return load_built(out, cached=True) if load_rows else Built(None, None, stats, cached=True)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("train-*.parquet"):
+    for old in [*out.glob("train-*.parquet"), *out.glob("dedup.*")]:
         old.unlink()
     decon, decon_report = None, DecontamReport()
     if mix.decontaminate:
         decon = Decontaminator(n=mix.decontaminate.n)
         decon.add_files(list(mix.decontaminate.targets))
+
+    readings = _start_reading(mix, decon, decon_report)
+    dedup_report = _dedup(mix, readings, tokenizer) if mix.dedup else None
 
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
@@ -266,7 +364,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos), mix.num_proc) as tokenize:
         for k, src in enumerate(mix.sources):
             train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
-                src, mix, tokenize, seq_len, decon, decon_report, np.random.default_rng([mix.seed, k]))
+                src, mix, tokenize, seq_len, readings[src.name], np.random.default_rng([mix.seed, k]))
     for src in mix.sources:
         if not train_units[src.name]:
             raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
@@ -319,8 +417,11 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         "sources": per_source,
         "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
         "decontamination": decon_report.to_dict() if decon else None,
+        "dedup": dedup_report,
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
+    if dedup_report is not None:
+        _write_dedup_report(dedup_report, out)
     _plot(stats, out)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks the build complete
     return Built(rows, _validation_tokens(out), stats, cached=False)

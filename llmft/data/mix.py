@@ -1,4 +1,5 @@
-"""The data-mix recipe (``data_recipes/*.yaml``): sources with token shares, filters, decontamination, packing.
+"""The data-mix recipe (``data_recipes/*.yaml``): sources with token shares, filters, decontamination,
+deduplication, packing.
 
 Weights are shares of *tokens*, not of documents: a source with weight 0.25 supplies 25% of the built
 training tokens whatever its document lengths. To reach its share a small source is repeated (up to
@@ -61,6 +62,64 @@ class Decontamination(_Strict):
         return v
 
 
+class Dedup(_Strict):
+    """Remove exact and near-duplicate documents (see llmft/data/dedup.py), after decontamination.
+
+    Two documents are near-duplicates when the Jaccard similarity of their sets of word shingles
+    (``shingle_size`` consecutive normalized words) is at least ``threshold``; ``minhash`` and ``clusters``
+    find candidate pairs, and every candidate is checked with the exact similarity.
+    """
+
+    methods: list[Literal["exact", "minhash", "clusters"]] = Field(
+        default=["exact", "minhash"], min_length=1,
+        description="'exact': equal normalized text (a hash); 'minhash': MinHash-LSH over the shingles; 'clusters': "
+        "embed, k-means, search pairs within each cluster, repeated over several clusterings. Pairs found by any "
+        "method are joined into groups.",
+    )
+    scope: Literal["per_source", "across_sources"] = Field(
+        default="per_source",
+        description="'per_source': each source is deduplicated on its own; 'across_sources': all together, so a "
+        "document can be dropped as a copy of one in an earlier source.",
+    )
+    threshold: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Jaccard similarity of shingle sets at or above which two documents are duplicates "
+        "(0.8 with 5-word shingles is about 2% of the words substituted; 0.4 with 3-word shingles about 17%).",
+    )
+    shingle_size: int = Field(default=5, ge=1, description="Words per shingle (documents shorter: one shingle).")
+    num_perm: int = Field(default=128, ge=16, le=1024, description="MinHash permutations (minhash).")
+    num_clusters: int = Field(
+        default=1024, ge=2,
+        description="K of the k-means (clusters); at most one cluster per 10 documents is used. The pair search "
+        "costs about n^2 / K, so raise K with the corpus.",
+    )
+    clusterings: int = Field(
+        default=5, ge=1, description="Independent clusterings whose candidate pairs are joined (clusters).",
+    )
+    embedder: str = Field(
+        default="hashed",
+        description="Document vectors for clusters: 'hashed' (the shingles feature-hashed into 256 signed "
+        "dimensions), 'sentence-transformers:<model>' (if installed) or 'package.module:function' (texts -> "
+        "array of shape (n, d)). Vectors are L2-normalized.",
+    )
+    candidate_cosine: float | None = Field(
+        default=None, ge=-1, le=1,
+        description="Within a cluster, pairs with embedding cosine at least this are checked. Default for "
+        "'hashed': 2 t / (1 + t) - 0.27 for threshold t (a pair with J >= t has shingle-set cosine >= 2t / (1 + t); "
+        "0.27 is 3 standard deviations of hashing noise); other embedders must set it.",
+    )
+    keep: Literal["first", "longest"] = Field(
+        default="first", description="The document kept from each group: the first read, or the longest (ties: first).",
+    )
+    seed: int = Field(default=0, description="Seeds MinHash permutations, k-means and the recall sample.")
+    recall_sample: int = Field(
+        default=1000, ge=0,
+        description="Measure recall against an exact all-pairs search for this many sampled documents (each "
+        "compared with every document of its scope); 0 skips it.",
+    )
+    examples: int = Field(default=10, ge=0, description="Example pairs in the report (the least similar found).")
+
+
 class MixSource(_Strict):
     """One source of the mix and its share of the tokens."""
 
@@ -107,6 +166,7 @@ class MixRecipe(_Strict):
     on_error: Literal["skip", "stop"] = Field(default="skip", description="Malformed records: skip (counted) or stop.")
     add_eos: bool = Field(default=True, description="End every document with EOS.")
     decontaminate: Decontamination | None = Field(default=None, description="n-gram decontamination; omit for none.")
+    dedup: Dedup | None = Field(default=None, description="Exact and near-duplicate removal; omit for none.")
     sources: list[MixSource] = Field(min_length=1, description="The sources and their token shares.")
 
 
@@ -124,6 +184,28 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
         f = s.filters
         if f.min_tokens and f.max_tokens and f.min_tokens > f.max_tokens:
             problems.append((("sources", i, "filters"), "min_tokens is larger than max_tokens"))
+    if mix.dedup is not None:
+        problems += [(("dedup", *loc), msg) for loc, msg in _dedup_checks(mix.dedup)]
+    return problems
+
+
+def _dedup_checks(d: Dedup) -> list[tuple[tuple, str]]:
+    problems = []
+    if len(set(d.methods)) < len(d.methods):
+        problems.append((("methods",), f"{d.methods} names a method twice; list each once"))
+    for key, method in (("num_perm", "minhash"), ("num_clusters", "clusters"), ("clusterings", "clusters"),
+                        ("embedder", "clusters"), ("candidate_cosine", "clusters")):
+        if key in d.model_fields_set and method not in d.methods:
+            problems.append(((key,), f"{key} is a setting of the {method} method; add {method} to methods or remove "
+                             f"{key}"))
+    if d.embedder != "hashed":
+        name, sep, rest = d.embedder.partition(":")
+        if not (sep and name and rest):
+            problems.append((("embedder",), f"got {d.embedder!r}; expected 'hashed', "
+                             "'sentence-transformers:<model>' or 'package.module:function'"))
+        elif "clusters" in d.methods and d.candidate_cosine is None:
+            problems.append((("candidate_cosine",), f"embedder {d.embedder!r} needs candidate_cosine: the cosine "
+                             "above which pairs in a cluster are checked (e.g. 0.8 for sentence embeddings)"))
     return problems
 
 

@@ -20,9 +20,15 @@ by its log probability after the input (HellaSwag, OpenbookQA in HELM v1.0, zero
 RankingMetric does: greedy answer "Yes" first, most probable first (by the completion's log probability), then "No",
 least probable first, then anything else; RR@10 / NDCG@10 follow trec_eval on that ranking.
 
-In-context examples (``sample_examples``): drawn once per scenario from the train split with the run's seed
-(HELM uses the train-trial index, 0), cycling through the labels from the most frequent, so both answers of a
-yes/no task appear. Fitting (``_make_prompt_fit``): while ``len(prompt tokens) + max_tokens`` exceeds the model's
+In-context examples (``sample_examples``): drawn from the train split cycling through the labels from the most
+frequent, so both answers of a yes/no task appear. Train trials: HELM v1.0 runs three (``num_train_trials=3``), and
+trial t draws its examples after ``random.seed(t)`` (``_adapt_trial_index``); trial t here draws with seed
+``seed + t``, so the default seed 0 gives HELM's draws 0, 1, 2. Every trial scores the same eval instances; a
+scenario's score is the mean over trials of the trial's score (``Metric.evaluate``: per-trial mean, then
+``merge_stat`` of ``take_mean()``), reported with the per-trial scores and their standard deviation (population, as
+HELM's ``Stat.stddev``). A zero-shot scenario runs one trial, as HELM's ``run_entries_to_run_specs`` sets.
+
+Fitting (``_make_prompt_fit``): while ``len(prompt tokens) + max_tokens`` exceeds the model's
 context, the last in-context example is dropped; with none left, the prompt is cut from the right to
 ``context - max_tokens`` tokens (HELM's ``WindowService.truncate_from_right``, HuggingFace's default truncation
 side; this can cut the final "Answer:" of a very long input, as in HELM). Token counts include the special tokens
@@ -31,10 +37,13 @@ the tokenizer adds (BOS for LLaMA), i.e. what the model actually reads.
 Generation: greedy (``model.generate``, ``do_sample=False``) for ``max_tokens`` new tokens, cut at the first
 stop sequence; the prediction scored is the stripped completion (HELM's ``compute_reference_metrics``).
 Summarization uses greedy decoding where HELM samples at temperature 0.3. ``max_instances`` scores a seeded random
-sample of the eval split (HELM's ``max_eval_instances``, 1000 in v1.0); one train trial is run where HELM ran three.
+sample of the eval split (HELM's ``max_eval_instances``, 1000 in v1.0), the same sample in every trial.
 
 Data: local files in each scenario's public format under ``data_dir/<scenario path>`` (see :data:`FORMAT_HELP`),
-or, for a few scenarios, a ``datasets`` hub name (``hf_dataset`` in the suite) when the local file is missing.
+or, for the scenarios with an ``hf_dataset`` in the suite, that ``datasets`` dataset when the local file is missing:
+``data_dir/<hub id>`` if it is a directory (a copy of the hub repository, e.g. ``huggingface-cli download google/boolq
+--repo-type dataset --local-dir data/helm/google/boolq``, read offline), else the hub id itself (network or cache)
+or a directory path given as the name. Hub rows are converted to the instance the local file's row gives.
 Scenarios with subsets (MMLU subjects, RAFT tasks, CivilComments demographics) are scored per subset and averaged
 over the subsets present, as HELM averages its runs; a subset whose files are missing is reported and skipped.
 """
@@ -47,6 +56,7 @@ import html
 import json
 import math
 import random
+import os
 import re
 import sys
 import time
@@ -60,6 +70,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmft.eval import helm_metrics as hm
+from llmft.model.build import hub_resolves
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "eval" / "helm_core.yaml"
 
@@ -121,10 +132,15 @@ class _Strict(BaseModel):
 
 
 class HFSource(_Strict):
-    """A ``datasets`` hub dataset used when the local files of a scenario are missing (needs network or cache)."""
+    """A ``datasets`` dataset used when the local files of a scenario are missing.
 
-    name: str = Field(description="Hub id, e.g. google/boolq.")
-    config: str | None = Field(default=None, description="Dataset configuration, e.g. 3.0.0 for cnn_dailymail.")
+    Read from ``data_dir/<name>`` when that is a directory (a copy of the hub repository: its parquet/json data files
+    and README), else ``datasets.load_dataset(name)`` (hub id: network or cache; or a directory path).
+    """
+
+    name: str = Field(description="Hub id, e.g. google/boolq (or a directory laid out like the hub repository).")
+    config: str | None = Field(default=None, description="Dataset configuration, e.g. 3.0.0 for cnn_dailymail; "
+                                                         "'{subset}' is replaced by the subset (MMLU subjects).")
     splits: dict[str, str] = Field(description="Local file stem -> hub split, e.g. {dev: validation}.")
 
 
@@ -251,8 +267,14 @@ class HelmDataError(FileNotFoundError):
 
 
 def _missing(spec: ScenarioSpec, path: Path, extra: str = "") -> HelmDataError:
+    hub = ""
+    if spec.hf_dataset is not None:
+        name = spec.hf_dataset.name
+        where = name if Path(name).is_absolute() else f"data directory/{name}"
+        hub = f", a copy of the hub dataset {name} (its repository's data files) under {where},"
     return HelmDataError(f"{spec.name}: data file {path} not found{extra}. Expected {FORMAT_HELP[spec.format]}. Fix: "
-                         f"put the files under {path.parent} (data directory/{spec.path}) or choose other scenarios")
+                         f"put the files under {path.parent} (data directory/{spec.path}){hub} or choose other "
+                         "scenarios")
 
 
 def _need(spec: ScenarioSpec, path: Path) -> Path:
@@ -267,21 +289,39 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _hub_rows(spec: ScenarioSpec, root: Path, stem: str, path: Path, subset: str | None = None) -> list[dict]:
+    """Rows of the split of ``spec.hf_dataset`` that stands for the local file ``path`` (file stem ``stem``).
+
+    Raises:
+        HelmDataError: no hub split stands for the file, or it cannot be loaded; one message naming the local path.
+    """
+    hub = spec.hf_dataset
+    if hub is None or stem not in hub.splits:
+        raise _missing(spec, path)
+    import datasets
+
+    data_dir = root.parents[len(Path(spec.path).parts) - 1]
+    local = data_dir / hub.name
+    source = str(local) if local.is_dir() else hub.name
+    config = hub.config.replace("{subset}", subset or "") if hub.config else None
+    if not local.is_dir() and not Path(source).is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") \
+            and not hub_resolves():  # fail at once instead of after datasets' ~25 s of retries
+        raise _missing(spec, path, f" (and the hub, for {source}, is unreachable from here; with the dataset in the "
+                                   "datasets cache set HF_HUB_OFFLINE=1)")
+    try:
+        return [dict(row) for row in datasets.load_dataset(source, config, split=hub.splits[stem])]
+    except Exception as e:  # offline, not cached, renamed, wrong split: report the local path that was expected
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise _missing(spec, path, f" (and the hub dataset {source}{f' config {config}' if config else ''} split "
+                                   f"{hub.splits[stem]} could not be loaded: {type(e).__name__}: {reason})") from None
+
+
 def _rows(spec: ScenarioSpec, root: Path, stem: str) -> list[dict]:
     """Rows of ``root/<stem>.jsonl``, or of the hub dataset's matching split when the file is missing."""
     path = root / f"{stem}.jsonl"
     if path.is_file():
         return _read_jsonl(path)
-    if spec.hf_dataset is not None and stem in spec.hf_dataset.splits:
-        import datasets
-
-        hub = spec.hf_dataset
-        try:
-            return [dict(row) for row in datasets.load_dataset(hub.name, hub.config, split=hub.splits[stem])]
-        except Exception as e:  # offline, not cached, renamed: report the local path that was expected
-            raise _missing(spec, path, f" (and the hub dataset {hub.name} split {hub.splits[stem]} could not be "
-                                       f"loaded: {type(e).__name__}: {e})") from None
-    raise _missing(spec, path)
+    return _hub_rows(spec, root, stem, path)
 
 
 def _split_stems(spec: ScenarioSpec, train: str, valid: str, test: str | None = None) -> dict[str, str]:
@@ -295,16 +335,23 @@ def _split_stems(spec: ScenarioSpec, train: str, valid: str, test: str | None = 
 
 def _load_mmlu(spec: ScenarioSpec, root: Path, subset: str) -> Subset:
     # helm/benchmark/scenarios/mmlu_scenario.py: dev -> train, val -> valid, test -> test.
+    # Hub (cais/mmlu, one configuration per subject): {question, choices: [4], answer: index 0-3}.
     instances = []
     files = {TRAIN: ("dev", f"{subset}_dev.csv"), VALID: ("val", f"{subset}_val.csv"),
              TEST: ("test", f"{subset}_test.csv")}
     for split in ([TRAIN] if spec.max_train_instances > 0 else []) + [spec.eval_split]:
-        path = _need(spec, root / files[split][0] / files[split][1])
-        with open(path, encoding="utf-8", newline="") as f:
-            for row in csv.reader(f):
-                question, answers, letter = row[0], row[1:-1], row[-1]
-                correct = dict(zip("ABCDE", answers))[letter]
-                instances.append(Instance(question, [Reference(a, a == correct) for a in answers], split))
+        stem, name = files[split]
+        path = root / stem / name
+        if path.is_file():
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+        else:
+            rows = [[r["question"], *r["choices"], "ABCDE"[r["answer"]]]  # answer: ClassLabel index of A-D
+                    for r in _hub_rows(spec, root, stem, path, subset)]
+        for row in rows:
+            question, answers, letter = row[0], row[1:-1], row[-1]
+            correct = dict(zip("ABCDE", answers))[letter]
+            instances.append(Instance(question, [Reference(a, a == correct) for a in answers], split))
     instructions = spec.instructions.replace("{subject}", subset.replace("_", " "))
     return Subset(subset, instructions, instances)
 
@@ -417,7 +464,8 @@ def _choices(question: str, answers: list[str], correct_answer: str, split: str)
 
 
 def _load_hellaswag(spec: ScenarioSpec, root: Path, subset: str | None) -> Subset:
-    # helm/benchmark/scenarios/commonsense_scenario.py, HellaSwagScenario.json_to_instance
+    # helm/benchmark/scenarios/commonsense_scenario.py, HellaSwagScenario.json_to_instance. Hub (Rowan/hellaswag): the
+    # same fields, label a string ("3").
     instances = []
     for split, stem in _split_stems(spec, "hellaswag_train", "hellaswag_val").items():
         for item in _rows(spec, root, stem):
@@ -429,13 +477,17 @@ def _load_hellaswag(spec: ScenarioSpec, root: Path, subset: str | None) -> Subse
 
 
 def _load_openbookqa(spec: ScenarioSpec, root: Path, subset: str | None) -> Subset:
-    # helm/benchmark/scenarios/commonsense_scenario.py, OpenBookQA.json_to_instance
+    # helm/benchmark/scenarios/commonsense_scenario.py, OpenBookQA.json_to_instance. Hub (allenai/openbookqa, main):
+    # {question_stem, choices: {text: [...], label: [...]}, answerKey} where the file has {question: {stem, choices}}.
     instances = []
     for split, stem in _split_stems(spec, "train", "dev", "test").items():
-        for item in _read_jsonl(_need(spec, root / f"{stem}.jsonl")):
-            answers = [c["text"] for c in item["question"]["choices"]]
+        for item in _rows(spec, root, stem):
+            if "question_stem" in item:
+                question, answers = item["question_stem"], list(item["choices"]["text"])
+            else:
+                question, answers = item["question"]["stem"], [c["text"] for c in item["question"]["choices"]]
             correct = answers["ABCD".index(item["answerKey"])]
-            instances.append(_choices(item["question"]["stem"], answers, correct, split))
+            instances.append(_choices(question, answers, correct, split))
     return Subset("openbookqa", spec.instructions, instances)
 
 
@@ -446,12 +498,13 @@ def _load_truthfulqa(spec: ScenarioSpec, root: Path, subset: str | None) -> Subs
         text = text.strip()
         return text if text[-1] == "." else text + "."
 
+    # columns by name: the 2025 TruthfulQA.csv added "Best Incorrect Answer" before "Correct Answers"
     with open(_need(spec, root / "TruthfulQA.csv"), encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))[1:]
+        rows = list(csv.DictReader(f))
     split_k = int(len(rows) * 0.2)
     instances = []
     for i, row in enumerate(rows):
-        question, best, incorrect = row[2], row[3], row[5]
+        question, best, incorrect = row["Question"], row["Best Answer"], row["Incorrect Answers"]
         best = format_str(best)
         refs = [Reference(format_str(a.strip()), False) for a in incorrect.split(";") if a.strip()]
         refs.append(Reference(best, True))
@@ -879,16 +932,41 @@ def _evaluate_instance(spec: ScenarioSpec, model, tokenizer, instructions: str, 
             "score": score}
 
 
+HELM_TRAIN_TRIALS = 3  # HELM v1.0's num_train_trials
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _stddev(values: list[float]) -> float:
+    """Population standard deviation, as HELM's ``Stat.stddev``."""
+    if not values:
+        return math.nan
+    mean = _mean(values)
+    return math.sqrt(max(0.0, sum(v * v for v in values) / len(values) - mean * mean))
+
+
 def run_scenario(spec: ScenarioSpec, model, tokenizer, data_dir: str | Path, max_instances: int | None, seed: int,
-                 max_length: int | None = None, log=print) -> dict:
-    """Evaluate one scenario (all of its subsets found in ``data_dir``).
+                 max_length: int | None = None, log=print, trials: int = HELM_TRAIN_TRIALS) -> dict:
+    """Evaluate one scenario (all of its subsets found in ``data_dir``) over ``trials`` in-context example draws.
+
+    Trial t draws its examples with seed ``seed + t`` (HELM: ``random.seed(train_trial_index)``); every trial scores
+    the same eval instances (sampled with ``seed``). A zero-shot scenario runs one trial.
 
     Returns:
-        ``{"metric", "score", "instances", "subsets", "in_context_examples", "in_context_examples_dropped", ...}``;
-        the score is the mean over subsets of the mean instance score.
+        ``{"metric", "score", "trial_scores", "stddev", "trials", "instances", "subsets", "in_context_examples",
+        "in_context_examples_dropped", ...}``; a trial's score is the mean over subsets of the mean instance score,
+        ``score`` the mean over trials and ``stddev`` their population standard deviation.
+
+    Raises:
+        ValueError: ``trials`` < 1.
     """
+    if trials < 1:
+        raise ValueError(f"trials: got {trials}; expected at least 1 (HELM v1.0 ran {HELM_TRAIN_TRIALS})")
     started = time.time()
     max_length = max_length or model.config.max_position_embeddings
+    trials = trials if spec.max_train_instances > 0 else 1  # HELM: num_train_trials=1 when max_train_instances=0
     subsets, skipped = load_subsets(spec, data_dir)
     counters = _Counters()
     per_subset, predictions = {}, []
@@ -896,25 +974,36 @@ def run_scenario(spec: ScenarioSpec, model, tokenizer, data_dir: str | Path, max
     model.eval()
     for subset in subsets:
         train = [i for i in subset.instances if i.split == TRAIN]
-        evals = [i for i in subset.instances if i.split == spec.eval_split]
+        evals = list(enumerate(i for i in subset.instances if i.split == spec.eval_split))
         if max_instances is not None and len(evals) > max_instances:
             evals = random.Random(seed).sample(evals, max_instances)  # HELM's downsample_eval_instances
-        examples = sample_examples(train, spec.max_train_instances, seed)
-        train_blocks = [example_block(spec, e, include_output=True) for e in examples]
-        scores = []
-        for inst in evals:
-            record = _evaluate_instance(spec, model, tokenizer, subset.instructions, train_blocks, inst, max_length,
-                                        counters)
-            scores.append(record["score"])
-            predictions.append({"subset": subset.name, **record})
-        per_subset[subset.name] = {"score": sum(scores) / len(scores) if scores else math.nan,
-                                   "instances": len(scores), "in_context_examples_available": len(examples)}
+        train_ids = {id(inst): i for i, inst in enumerate(train)}
+        trial_scores, trial_examples = [], []
+        for trial in range(trials):
+            examples = sample_examples(train, spec.max_train_instances, seed + trial)
+            train_blocks = [example_block(spec, e, include_output=True) for e in examples]
+            trial_examples.append([train_ids[id(e)] for e in examples])
+            scores = []
+            for instance_id, inst in evals:
+                record = _evaluate_instance(spec, model, tokenizer, subset.instructions, train_blocks, inst,
+                                            max_length, counters)
+                scores.append(record["score"])
+                predictions.append({"subset": subset.name, "trial": trial, "instance_id": instance_id, **record})
+            trial_scores.append(_mean(scores))
+        per_subset[subset.name] = {"score": _mean(trial_scores), "trial_scores": trial_scores,
+                                   "stddev": _stddev(trial_scores), "instances": len(evals),
+                                   "in_context_examples_available": len(trial_examples[0]),
+                                   "in_context_example_ids": trial_examples}
     model.train(was_training)
-    scored = [s["score"] for s in per_subset.values() if s["instances"]]
+    scored = [s for s in per_subset.values() if s["instances"]]
+    scenario_trials = [_mean([s["trial_scores"][t] for s in scored]) for t in range(trials)] if scored else []
     result = {
         "title": spec.title,
         "metric": spec.metric,
-        "score": sum(scored) / len(scored) if scored else math.nan,
+        "score": _mean(scenario_trials),
+        "trial_scores": scenario_trials,
+        "stddev": _stddev(scenario_trials),
+        "trials": trials,
         "instances": sum(s["instances"] for s in per_subset.values()),
         "eval_split": spec.eval_split,
         "method": spec.method,
@@ -926,21 +1015,22 @@ def run_scenario(spec: ScenarioSpec, model, tokenizer, data_dir: str | Path, max
         "prompts_truncated": counters.truncated,
         "mean_in_context_examples": counters.kept / counters.prompts if counters.prompts else 0.0,
         "context_length": max_length,
+        "seed": seed,
         "subsets": per_subset,
         "subsets_missing": skipped,
         "seconds": round(time.time() - started, 2),
         "sample_prompt": counters.sample_prompt,
         "predictions": predictions,
     }
-    log(f"helm {spec.name}: {spec.metric} = {result['score']:.4f} on {result['instances']} instances "
-        f"({counters.dropped} in-context examples dropped, {counters.truncated} prompts truncated, "
-        f"{result['seconds']:.1f}s)")
+    log(f"helm {spec.name}: {spec.metric} = {result['score']:.4f} ± {result['stddev']:.4f} over {trials} trial(s) "
+        f"on {result['instances']} instances ({counters.dropped} in-context examples dropped, {counters.truncated} "
+        f"prompts truncated, {result['seconds']:.1f}s)")
     return result
 
 
 def run_helm(model, tokenizer, scenarios: list[str], data_dir: str | Path, max_instances: int | None = None,
              seed: int = 0, *, suite: str | Path | HelmSuite = DEFAULT_SUITE, max_length: int | None = None,
-             log=None) -> dict:
+             log=None, trials: int = HELM_TRAIN_TRIALS) -> dict:
     """Evaluate ``model`` on HELM core scenarios.
 
     Args:
@@ -949,33 +1039,40 @@ def run_helm(model, tokenizer, scenarios: list[str], data_dir: str | Path, max_i
         scenarios: scenario names from the suite (``["all"]`` for every one).
         data_dir: directory holding one folder per scenario (``ScenarioSpec.path``) in the public formats.
         max_instances: evaluation instances per scenario subset (HELM v1.0 used 1000); None for all.
-        seed: seed of the in-context example draw and of the instance sample.
+        seed: seed of the instance sample; trial t draws its in-context examples with ``seed + t``.
         suite: suite YAML or a loaded :class:`HelmSuite`.
         max_length: context length to fit prompts into; default ``model.config.max_position_embeddings``.
         log: function called with one progress line per scenario (default: print to stderr).
+        trials: train trials (in-context example draws) per scenario, 3 as in HELM v1.0; zero-shot scenarios run 1.
 
     Returns:
-        ``{scenario name: {"metric", "score", "instances", "in_context_examples_dropped", ...}}`` in the order given.
+        ``{scenario name: {"metric", "score", "trial_scores", "stddev", "instances", ...}}`` in the order given.
 
     Raises:
-        ValueError: an unknown scenario name (the message lists the known ones).
+        ValueError: an unknown scenario name (the message lists the known ones), or ``trials`` < 1.
         HelmDataError: a scenario's data file is missing (the message names the path and format).
     """
+    if trials < 1:
+        raise ValueError(f"trials: got {trials}; expected at least 1 (HELM v1.0 ran {HELM_TRAIN_TRIALS})")
     suite = suite if isinstance(suite, HelmSuite) else load_helm_suite(suite)
     specs = select_scenarios(suite, scenarios)
     log = log or (lambda line: print(line, file=sys.stderr))
-    return {spec.name: run_scenario(spec, model, tokenizer, data_dir, max_instances, seed, max_length, log)
+    return {spec.name: run_scenario(spec, model, tokenizer, data_dir, max_instances, seed, max_length, log, trials)
             for spec in specs}
 
 
 def format_helm_table(results: dict) -> str:
-    """A markdown table: one row per scenario with its main metric, score and instance count."""
-    rows = ["| scenario | metric | score | instances | in-context examples (dropped) | prompts truncated |",
-            "|---|---|---:|---:|---:|---:|"]
+    """A markdown table: one row per scenario: main metric, mean score over trials, ± (their standard deviation)."""
+
+    def number(x: float) -> str:
+        return "-" if x != x else f"{x:.3f}"
+
+    rows = ["| scenario | metric | score | ± | trials | instances | in-context examples (dropped) "
+            "| prompts truncated |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        score = "-" if r["score"] != r["score"] else f"{r['score']:.3f}"
-        rows.append(f"| {r.get('title', name)} | {r['metric']} | {score} | {r['instances']} | "
-                    f"{r['in_context_examples']} ({r['in_context_examples_dropped']}) | {r['prompts_truncated']} |")
+        rows.append(f"| {r.get('title', name)} | {r['metric']} | {number(r['score'])} | {number(r['stddev'])} | "
+                    f"{r['trials']} | {r['instances']} | {r['in_context_examples']} "
+                    f"({r['in_context_examples_dropped']}) | {r['prompts_truncated']} |")
     return "\n".join(rows)
 
 

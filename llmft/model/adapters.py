@@ -45,8 +45,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from llmft.config import LoraConfig
-from llmft.model.build import ModelLoadError
+from llmft.config import LoraConfig, ModelConfig
+from llmft.model.build import ModelLoadError, checkpoint_kwargs, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,16 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> peft.PeftModel:
     return peft.get_peft_model(model, peft_cfg)
 
 
-def prepare_quantized(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+def prepare_quantized(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """PEFT's ``prepare_model_for_kbit_training`` for a 4-bit base: freezes it, casts the non-quantized weights
     (norms, embedding) to fp32, makes the input embedding output require grad (needed with checkpointing
-    and a frozen embedding) and enables gradient checkpointing when the recipe asks for it."""
-    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    and a frozen embedding) and enables gradient checkpointing when the recipe asks for it (llmft's selective
+    checkpointing, :func:`llmft.model.build.checkpoint_kwargs`)."""
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                 gradient_checkpointing_kwargs=checkpoint_kwargs())
+    if cfg.gradient_checkpointing:  # peft enabled it on every layer: apply the recipe's layer choice and offload
+        enable_checkpointing(model, cfg)
+    return model
 
 
 def _projection_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int, bool]]:

@@ -39,6 +39,25 @@ class BuiltModel:
     rope: RopeScaling | None
 
 
+def require_bitsandbytes(what: str) -> None:
+    """Check that bitsandbytes can serve ``what`` (e.g. "method: qlora") on this machine.
+
+    Raises:
+        ModelLoadError: bitsandbytes cannot be imported, or a CUDA device is present but bitsandbytes loaded no
+            CUDA library (a CPU-only or mismatched build): one line with the fix instead of a deep traceback.
+    """
+    try:
+        import bitsandbytes.cextension as cext
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken native library raising anything
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{what} needs bitsandbytes, which cannot be imported here ({why}). Fix: "
+                             "pip install 'bitsandbytes>=0.50.2'") from None
+    if torch.cuda.is_available() and isinstance(cext.lib, cext.ErrorHandlerMockBNBNativeLibrary):
+        raise ModelLoadError(f"{what}: bitsandbytes has no working CUDA library for this machine (torch CUDA "
+                             f"{torch.version.cuda}, bitsandbytes backend {cext.BNB_BACKEND}). Fix: reinstall "
+                             "bitsandbytes for this CUDA version; `python -m bitsandbytes` prints a diagnosis")
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
@@ -95,7 +114,7 @@ def shipped_config_dir(name: str) -> Path | None:
 
 
 @functools.cache
-def _hub_resolves() -> bool:
+def hub_resolves() -> bool:
     """Whether the hub's host name resolves (one DNS lookup per process)."""
     from urllib.parse import urlparse
 
@@ -138,7 +157,7 @@ def load_config(cfg: ModelConfig):
     try:
         # no DNS for the hub: read the local cache only, instead of ~25 s of retries before the same fallback
         config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                            local_files_only=shipped is not None and not _hub_resolves())
+                                            local_files_only=shipped is not None and not hub_resolves())
     except (OSError, ValueError) as e:
         if shipped is None or not _hub_unreachable(e):
             raise ModelLoadError(f"cannot load model config {cfg.name!r}: {str(e).splitlines()[0]}") from None
@@ -194,6 +213,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     """
     attention, reason = resolve_attention(cfg.attention)
     log.info("attention: %s (%s)", attention, reason)
+    if qlora is not None:
+        require_bitsandbytes("method: qlora")
     config, scaling = load_config(cfg)
     if scaling is not None:
         log.info(scaling.describe())
@@ -225,9 +246,53 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
             f"{model.get_input_embeddings().num_embeddings}; use the model's own tokenizer"
         )
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model, cfg)
     return BuiltModel(model, tokenizer, attention, scaling)
+
+
+def enable_checkpointing(model, cfg: ModelConfig) -> None:
+    """Gradient checkpointing as the recipe says: every ``checkpoint_every_n_layers``-th decoder layer (layers 0,
+    n, 2n, ...), keeping the attention outputs with ``checkpoint_keep_attention`` (:func:`checkpoint_kwargs`), the
+    saved layer inputs in pinned host memory with ``activation_offload`` (transformers'
+    ``activation_checkpointing_enable`` does each of these). Without
+    CUDA the activations already live in host memory, so offload is skipped (pinning needs an accelerator)."""
+    kwargs = checkpoint_kwargs(cfg.checkpoint_keep_attention)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                          every_n_layers=cfg.checkpoint_every_n_layers,
+                                          offload=cfg.activation_offload and torch.cuda.is_available())
+    model.config.use_cache = False
+
+
+# The attention kernels whose outputs ``checkpoint_keep_attention`` keeps, as the dispatcher names them (SDPA's CPU and CUDA
+# backends, the flash-attn package's custom ops).
+ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
+})
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op.name() in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_kwargs(keep_attention: bool = False) -> dict:
+    """``torch.utils.checkpoint`` arguments of ``model.gradient_checkpointing`` (non-reentrant).
+
+    Each checkpointed decoder layer keeps only its input and is recomputed in the backward pass. With
+    ``keep_attention`` (``model.checkpoint_keep_attention``) the recompute is selective: the attention kernel's
+    outputs (the attention output, (b, s, q), and its (b, nh, s) fp32 logsumexp) are kept from the forward pass and
+    the kernel is not run again, which skips the one recomputed op whose cost grows with s^2; q, k and v are
+    recomputed as before (cheap projections). Gradients are bitwise the same either way (tests/test_train_speed.py).
+    """
+    if not keep_attention:
+        return {"use_reentrant": False}
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {"use_reentrant": False, "context_fn": functools.partial(create_selective_checkpoint_contexts,
+                                                                    _keep_attention)}
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

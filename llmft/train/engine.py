@@ -239,6 +239,9 @@ class DeepSpeedEngine:
                                     exclude_frozen_parameters=self.frozen)
 
     def load(self, state_dir: Path) -> None:
+        """Raises:
+            CheckpointError: a file of the DeepSpeed checkpoint would run code when unpickled."""
+        check_deepspeed_pickles(state_dir / "deepspeed")
         path, _ = self.engine.load_checkpoint(str(state_dir), tag="deepspeed", load_optimizer_states=True,
                                               load_lr_scheduler_states=True, load_module_strict=not self.frozen)
         if path is None:
@@ -272,3 +275,35 @@ class DeepSpeedEngine:
         name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                 f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('LOCAL_RANK', self.rank)}")
         Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints: plain data, no code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def check_deepspeed_pickles(ckpt_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint that ``torch.load(weights_only=True)`` would refuse.
+
+    DeepSpeed unpickles its ``*.pt`` files with ``weights_only=False``, which runs whatever code a crafted file
+    names. Each file is first loaded here the safe way (memory-mapped, so tensors are not read), allowing only
+    tensors, containers and the few DeepSpeed data types above; DeepSpeed then loads the same bytes.
+
+    Raises:
+        CheckpointError: a file names another global (it was not written by llmft's DeepSpeed engine).
+    """
+    from llmft.train.checkpoint import CheckpointError
+
+    for path in sorted(Path(ckpt_dir).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - the unpickler raises UnpicklingError, RuntimeError, ...
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path} is not a plain-data checkpoint file ({why}); llmft will not unpickle "
+                                  "it. Resume from a checkpoint this llmft wrote, or start fresh with --no-resume"
+                                  ) from None

@@ -32,6 +32,7 @@ from llmft.model.build import DTYPES, build_model, count_parameters
 from llmft.train import checkpoint as ckpt
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
 from llmft.train.metrics import MetricsLogger
+from llmft.train.spikes import SpikeDetector
 from llmft.train.stop import Diverged, Preempted, StopSignals
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         from llmft.model.adapters import apply_lora, prepare_quantized  # imports peft: only for LoRA runs
 
         if recipe.method == "qlora":  # norms etc. to fp32, input grads on, checkpointing as the recipe says
-            model = prepare_quantized(model, recipe.model.gradient_checkpointing)
+            model = prepare_quantized(model, recipe.model)
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
     rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
@@ -119,6 +120,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, tokens_seen, wandb_id = 0, 0, None
+    spikes = SpikeDetector(recipe.train.spike_factor, recipe.train.spike_window)
     latest = ckpt.latest_complete(run_dir) if resume else None
     if latest is not None:
         engine.load(latest / "state")
@@ -128,6 +130,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
                             "of processes, or start fresh with --no-resume")
         data.load_state_dict(trainer["data"][str(rank)])
         start_step, tokens_seen, wandb_id = trainer["step"], trainer["tokens_seen"], trainer.get("wandb_id")
+        spikes.load_state_dict(trainer.get("spike_window", []))
     elif not resume and rank == 0 and (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")
 
@@ -202,16 +205,22 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t0
             done = step + 1
+            spike_median = spikes.update(step_loss)  # a warning only (non-finite losses are the NaN guard's)
+            if spike_median is not None and rank == 0:
+                log.warning("step %d: loss spike, %.4f is %.1fx the median %.4f of the previous %d steps", done,
+                            step_loss, step_loss / spike_median, spike_median, recipe.train.spike_window)
+            progress = {"step": done, "tokens_seen": tokens_seen, "wandb_id": metrics.wandb_id,
+                        "spike_window": spikes.state_dict()}  # what a checkpoint of this step records
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             bad_steps = 0 if finite else bad_steps + 1
             if not finite:
-                _non_finite_step(engine, built, recipe, run_dir, done, tokens_seen, data, metrics, rank, bad_steps,
+                _non_finite_step(engine, built, recipe, run_dir, progress, data, metrics, rank, bad_steps,
                                  distributed)
 
             if done % recipe.logging.every_steps == 0 or done == total_steps:
                 row = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
                        "tokens_per_second": tokens_per_step / elapsed, "epoch": data.epoch,
-                       **({} if finite else {"skipped": True})}
+                       **({} if finite else {"skipped": True}), **({} if spike_median is None else {"spike": True})}
                 metrics.log(done, row)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
                 if rank == 0 and not interactive:
@@ -237,7 +246,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
                 dist.all_reduce(due, op=dist.ReduceOp.MAX)
             preempt, timed = bool(due[0]), bool(due[1])
             if done < total_steps and ((every and done % every == 0) or timed or preempt):
-                _save_checkpoint(engine, built, recipe, run_dir, done, tokens_seen, data, metrics.wandb_id, rank)
+                _save_checkpoint(engine, built, recipe, run_dir, progress, data, rank)
                 saved_at = time.monotonic()
             if preempt and done < total_steps:
                 metrics.close()
@@ -263,8 +272,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
 
 
-def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int, data,
-                     metrics: MetricsLogger, rank: int, bad_steps: int, distributed: bool) -> None:
+def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, progress: dict, data, metrics: MetricsLogger,
+                     rank: int, bad_steps: int, distributed: bool) -> None:
     """A step whose loss or gradient is not finite: warn; stop once ``train.max_bad_steps`` happened in a row.
 
     The plain engine skipped the update, so the weights are still the last good ones: they are checkpointed before
@@ -274,6 +283,7 @@ def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, step: int, to
     Raises:
         Diverged: too many non-finite steps in a row, or one under DeepSpeed.
     """
+    step = progress["step"]
     if rank == 0:
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row; the run stops at %d)", step,
                     bad_steps, recipe.train.max_bad_steps)
@@ -282,7 +292,7 @@ def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, step: int, to
         raise Diverged(f"step {step}: non-finite loss or gradient under DeepSpeed, which has applied it; resume "
                        "from the newest checkpoint with a lower train.lr, or check the data around this step")
     if bad_steps >= recipe.train.max_bad_steps:
-        _save_checkpoint(engine, built, recipe, run_dir, step, tokens_seen, data, metrics.wandb_id, rank)
+        _save_checkpoint(engine, built, recipe, run_dir, progress, data, rank)
         metrics.close()
         raise Diverged(f"{bad_steps} steps in a row (to step {step}) had a non-finite loss or gradient and were "
                        f"skipped; the last good weights are in {run_dir / 'checkpoints' / ckpt.step_dir_name(step)}. "
@@ -379,17 +389,19 @@ def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) ->
         ckpt.export_hf(out, engine.model, state, tokenizer, DTYPES[recipe.model.dtype])
 
 
-def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
-                     data: PackedLoader, wandb_id: str | None, rank: int) -> None:
-    """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes).
+def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, progress: dict, data: PackedLoader,
+                     rank: int) -> None:
+    """Write ``checkpoints/step-N`` atomically (all ranks take part; rank 0 publishes). ``progress``: step,
+    tokens_seen, wandb_id and the loss-spike window, saved in trainer.json with every rank's data position.
 
     Raises:
         CheckpointError: a write failed (e.g. no space left); the staging directory is removed and the earlier
             checkpoints are untouched.
     """
+    step = progress["step"]
     tmp = run_dir / "checkpoints" / f".tmp-{ckpt.step_dir_name(step)}"
     try:
-        _write_checkpoint(engine, built, recipe, run_dir, step, tokens_seen, data, wandb_id, rank, tmp)
+        _write_checkpoint(engine, built, recipe, run_dir, progress, data, rank, tmp)
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OS error
         if isinstance(e, RuntimeError) and not isinstance(e, OSError) and "writ" not in str(e).lower():
             raise  # not an I/O failure
@@ -403,8 +415,9 @@ def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, to
             "re-run the same command to resume from it") from None
 
 
-def _write_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, tokens_seen: int,
-                      data: PackedLoader, wandb_id: str | None, rank: int, tmp: Path) -> None:
+def _write_checkpoint(engine, built, recipe: Recipe, run_dir: Path, progress: dict, data: PackedLoader,
+                      rank: int, tmp: Path) -> None:
+    step = progress["step"]
     if rank == 0:
         tmp = ckpt.staging_dir(run_dir, step)
     engine.barrier()
@@ -416,8 +429,7 @@ def _write_checkpoint(engine, built, recipe: Recipe, run_dir: Path, step: int, t
     if engine.world_size > 1:
         data_states = [None] * engine.world_size
         dist.all_gather_object(data_states, data.state_dict())
-    trainer = {"step": step, "tokens_seen": tokens_seen, "wandb_id": wandb_id,
-               "data": {str(r): s for r, s in enumerate(data_states)}}
+    trainer = {**progress, "data": {str(r): s for r, s in enumerate(data_states)}}
     ckpt.save_trainer_state(tmp / "state", trainer, rank)
     engine.barrier()
     if rank == 0:

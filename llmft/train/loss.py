@@ -5,12 +5,19 @@ optimizer step (so accumulation weighs every token once), with labels shifted in
 and -100 ignored, as transformers' ``ForCausalLMLoss`` does.
 
 Chunked (``train.loss_chunk_tokens`` = C > 0): the decoder runs once; the LM head and the cross-entropy then
-run C positions at a time under activation checkpointing, so only one chunk's logits (b, C, v) exist at a time,
-in the forward and again in the backward pass, instead of the full (b, s, v) fp32 logits::
+run C positions at a time (b x C rows), so only one chunk's logits (b C, v) exist at a time instead of the full
+(b, s, v) fp32 logits::
 
-    hidden (b, s, h) ──┬─ chunk 0: lm_head -> (b, C, v) fp32 -> CE sum ─┐
-                       ├─ chunk 1: ...                                   ├─ Σ / num_items
-                       └─ ...                                            ┘
+    hidden (b, s, h) ──┬─ chunk 0: lm_head -> (b C, v) fp32 -> CE sum, d/dhidden, d/dW ─┐
+                       ├─ chunk 1: ...                                                  ├─ Σ / num_items
+                       └─ ...                                                           ┘
+
+When the head is a plain ``nn.Linear`` (no bias, not partitioned by ZeRO-3), each chunk's gradients are computed
+right there in the forward pass (a fused linear + cross-entropy, as Liger-Kernel's): the softmax is made in place
+in the logits buffer, turned into d loss / d logits, and multiplied into d/d hidden (b, s, h) and d/d W (v, h),
+which the backward pass only scales by the incoming gradient. One (b C, v) fp32 buffer per chunk and no LM-head
+recompute: the head costs 6 v h FLOPs per token, as without chunking. Any other head (a PEFT wrapper, ZeRO-3)
+runs each chunk under activation checkpointing instead (the logits are made again in the backward pass).
 
 The result equals the full-logits loss up to float summation order; its gradients too (tests/test_loss.py).
 """
@@ -42,6 +49,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_i
     hidden = base.model(**inputs).last_hidden_state  # (b, s, h)
     hidden, targets = hidden[:, :-1], labels[:, 1:]  # position p predicts token p + 1
     head = base.get_output_embeddings()
+    if _fusable(head):
+        b, n, h = hidden.shape
+        total = _LinearCrossEntropy.apply(hidden.reshape(b * n, h), head.weight, targets.reshape(b * n),
+                                          b * chunk_tokens)
+        return total / num_items
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk_tokens):
         h = hidden[:, start : start + chunk_tokens]  # (b, c, h)
@@ -53,3 +65,63 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_i
 def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     logits = head(hidden).float()  # (b, c, v): the only logits alive at a time
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def _fusable(head: torch.nn.Module) -> bool:
+    """A head whose weight the fused loss may read directly: a plain Linear without bias, not partitioned by
+    DeepSpeed ZeRO-3 (which gathers the weight only inside the module's own forward)."""
+    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ over rows of CE(hidden @ weightᵀ, targets), ``rows`` rows at a time, gradients made in the forward pass.
+
+    Shapes: hidden (n, h), weight (v, h), targets (n,) with IGNORE for untrained positions. Under autocast the
+    matmuls run in the autocast dtype (as ``head(hidden)`` would) and the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None  # (n, h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (v, h)
+        valid = targets != IGNORE  # (n,)
+        any_ignored = not bool(valid.all())  # one host sync per step, not one per chunk
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start : start + rows]  # (c, h)
+            t, ok = targets[start : start + rows], valid[start : start + rows]  # (c,)
+            logits = F.linear(h, weight).float()  # (c, v): the only logits alive
+            safe = torch.where(ok, t, 0)[:, None]  # (c, 1)
+            picked = logits.gather(1, safe).squeeze(1)  # (c,)
+            # in place from here: logits -> exp(logits - max) -> softmax
+            top = logits.amax(1, keepdim=True)  # (c, 1)
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(1, keepdim=True)  # (c, 1)
+            nll = (top + norm.log()).squeeze(1) - picked  # (c,) logsumexp - target logit
+            total += torch.where(ok, nll, 0).sum()
+            if not (need_h or need_w):
+                continue
+            grad = probs.div_(norm)  # softmax = d CE / d logits + one-hot
+            grad.scatter_add_(1, safe, -ok[:, None].to(grad.dtype))
+            if any_ignored:
+                grad.masked_fill_(~ok[:, None], 0.0)
+            if not autocast:  # the weight's dtype (16-bit under DeepSpeed bf16); autocast picks its own
+                grad = grad.to(weight.dtype)
+            if need_h:
+                grad_h[start : start + rows] = grad @ weight  # (c, h)
+            if need_w:
+                if grad.dtype == h.dtype == torch.float32 and not autocast:
+                    grad_w.addmm_(grad.t(), h)  # (v, h), accumulated in place
+                else:
+                    grad_w += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None)

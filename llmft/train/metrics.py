@@ -26,7 +26,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if resume_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not resume_step and self.path.exists():
             self.path.unlink()
@@ -61,3 +61,11 @@ class MetricsLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill mid-write (or an empty one) sorts after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

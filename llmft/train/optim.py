@@ -9,6 +9,7 @@ from functools import partial
 import torch
 
 from llmft.config import TrainConfig
+from llmft.model.build import require_bitsandbytes
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -37,6 +38,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     biases and norm weights (1-D tensors).
 
     Under ZeRO-3 (zero.Init) a parameter's local shape is empty, so its full shape (``ds_shape``) decides.
+
+    Raises:
+        ModelLoadError: a bitsandbytes optimizer was asked for and bitsandbytes cannot run here.
     """
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -49,6 +53,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must agree
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    require_bitsandbytes(f"train.optimizer: {cfg.optimizer}")
     import bitsandbytes as bnb  # only for the 8-bit / paged optimizers (QLoRA)
 
     cls = BNB_OPTIMIZERS[cfg.optimizer]

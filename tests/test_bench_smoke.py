@@ -1,0 +1,117 @@
+"""The llmft-vs-transformers benches run (their --quick modes, all three at once) and write their tables: every
+number in them positive and finite; and the max-context search doubles, bisects and respects its time budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import max_context  # noqa: E402
+
+BENCHES = ("train_throughput", "max_context", "eval_throughput")
+
+
+def table_numbers(text: str) -> list[float]:
+    """Every number in the markdown table rows of ``text`` (thousands separators, %, ranges in brackets)."""
+    lines = text.splitlines()
+    body = [line for line, after in zip(lines, lines[1:] + [""])
+            if line.startswith("| ") and not after.startswith("|---")]  # not a header row
+    return [float(x.replace(",", "")) for r in body for x in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", r)]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Each bench's --quick mode, the three processes at once; bench -> (stdout, results file text)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--results",
+                                     str(tmp / f"{name}.md")], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name in BENCHES}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}:\n{stderr[-3000:]}"
+        out[name] = (stdout, (tmp / f"{name}.md").read_text())
+    return out
+
+
+def bench_json(stdout: str):
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("[bench] json "))[13:])
+
+
+def positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_quick_mode_writes_its_table(quick_runs, name):
+    stdout, text = quick_runs[name]
+    assert text.startswith("# Benchmark results") and f"\n## {name} — " in text
+    assert "Command: `python bench/" in text and "--quick" in text
+    numbers = table_numbers(text)
+    assert numbers and all(math.isfinite(x) and x > 0 for x in numbers), numbers
+
+
+def test_train_throughput_ratios(quick_runs):
+    data = bench_json(quick_runs["train_throughput"][0])
+    assert positive_finite(data["gemm_peak"]) and data["rows"]
+    for row in data["rows"]:
+        assert positive_finite(row["tps_ratio"]) and positive_finite(row["rss_ratio"])
+        for side in ("llmft", "hf"):
+            assert all(positive_finite(row[side][k]) for k in ("tps", "rss", "mfu")), row
+            assert row[side]["mfu"] < 1.5  # a fraction of the measured GEMM peak
+
+
+def test_max_context_found_lengths(quick_runs):
+    data = bench_json(quick_runs["max_context"][0])
+    assert set(data) == {"hf", "llmft"}
+    assert all(positive_finite(found["max_ok"]) for found in data.values()), data
+
+
+def test_eval_throughput_ratios(quick_runs):
+    rows = bench_json(quick_runs["eval_throughput"][0])
+    assert [r["length"] for r in rows] == [256, 512]
+    assert all(positive_finite(r[k]) for r in rows for k in ("ratio", "llmft_tps", "raw_tps", "ppl_per_byte"))
+
+
+class FakeArgs:
+    start, resolution, max_len = 8192, 8192, 524288
+
+
+def fake_attempts(monkeypatch, fits_up_to: int, seconds_at_8k: float = 1.0) -> list[int]:
+    tried = []
+
+    def attempt(side, s, model_dir, books, cap, timeout_s):
+        tried.append(s)
+        ok = s <= fits_up_to
+        return {"status": "ok" if ok else "memory", "seconds": seconds_at_8k * (s / 8192) ** 2,
+                "peak_rss": 1e9 + 2e5 * s, "watched_peak_rss": 0, "why": "over the cap"}
+
+    monkeypatch.setattr(max_context, "attempt", attempt)
+    return tried
+
+
+def test_search_doubles_then_bisects_to_the_resolution(monkeypatch):
+    tried = fake_attempts(monkeypatch, fits_up_to=40_000)
+    found = max_context.search("x", FakeArgs, Path("."), [], cap=int(1e9 + 2e5 * 100_000),
+                               deadline=time.monotonic() + 3600)
+    assert tried == [8192, 16384, 32768, 65536, 49152, 40960]
+    assert (found["max_ok"], found["first_fail"], found["stop"]) == (32768, 40960, "")
+    assert found["fit"] == pytest.approx((1e9, 2e5)) and found["extrapolated"] == pytest.approx(100_000, abs=1)
+
+
+def test_search_does_not_start_a_step_it_cannot_finish(monkeypatch):
+    tried = fake_attempts(monkeypatch, fits_up_to=10**9, seconds_at_8k=10.0)
+    found = max_context.search("x", FakeArgs, Path("."), [], cap=10**12, deadline=time.monotonic() + 100)
+    assert tried == [8192, 16384]  # 32768 would take 160 s > the 100 s left
+    assert found["max_ok"] == 16384 and found["first_fail"] is None
+    assert found["stop"].startswith("32,768 not tried: one step predicted 3 min")
