@@ -147,7 +147,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         print(f"[llmft]   {name:<16} {100 * src['realized_share']:6.2f}% (target {100 * src['target_share']:.2f}%), "
               f"{src['documents']} docs, {src['epochs']:.2f} epochs, dropped: {src['dropped_min_tokens']} short, "
               f"{src['dropped_max_tokens']} long, {src['decontaminated']} contaminated, "
-              f"{src.get('deduplicated', 0)} duplicates, {src['bad_records']} bad")
+              f"{src.get('deduplicated', 0)} duplicates, {src.get('filtered', 0)} filtered, {src['bad_records']} bad")
     return 0
 
 
@@ -171,6 +171,53 @@ def cmd_data_dedup(args: argparse.Namespace) -> int:
     if r["recall"] and r["recall"]["recall"] is not None:
         print(f"[llmft]   recall vs exact all-pairs on {r['recall']['sampled_documents']:,} sampled documents: "
               f"{r['recall']['recall']:.2%} of {r['recall']['true_pairs']:,} pairs")
+    return 0
+
+
+def cmd_data_report(args: argparse.Namespace) -> int:
+    from llmft.data.build import curate_recipe
+    from llmft.data.examples import DataError
+    from llmft.data.keyword_shift import keyword_shift, write_shift_report
+    from llmft.data.mix import MixRecipe, load_mix
+
+    import numpy as np
+
+    target = Path(args.target)
+    keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
+    if not keywords:
+        raise RecipeError([f"--keywords: got {args.keywords!r}; expected comma-separated words, e.g. woman,man"])
+    if target.is_dir():  # a build: its stats.json holds the resolved recipe; the sources are read again
+        stats_file = target / "stats.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        if "mix" not in stats:
+            raise DataError(f"{target}: no stats.json with the recipe (built before filters existed?); rebuild it or "
+                            "pass the data recipe")
+        mix, out = MixRecipe.model_validate(stats["mix"]), Path(args.out or target)
+    else:
+        if args.out is None:
+            raise RecipeError([f"{target}: --out is required when reporting on a recipe (where to write the report)"])
+        mix, out = load_mix(target, args.overrides), Path(args.out)
+    if not mix.filters:
+        raise DataError(f"{target}: the mix has no filters, so nothing shifted; add a filters section")
+    curated = curate_recipe(mix)
+    texts = [t for c in curated.values() for t in c.texts]
+    keep = np.concatenate([c.keep for c in curated.values()])
+    weights = None if mix.reweight is None else np.concatenate([c.weights for c in curated.values()])
+    report = keyword_shift(texts, keep, weights, keywords)
+    report["by_source"] = {n: keyword_shift(c.texts, c.keep, c.weights, keywords)["keywords"]
+                           for n, c in curated.items()}
+    write_shift_report(report, out)
+    print(f"[llmft] {out}/keyword_shift.md, .json, .png: {report['documents']['filtered']:,} of "
+          f"{report['documents']['unfiltered']:,} documents kept")
+    for k, e in report["keywords"].items():
+        line = f"[llmft]   {k:<16} {e['unfiltered']:10.1f} -> {e['filtered']:10.1f} per 1M words"
+        if e["shift_filtered"] is not None:
+            line += f" ({100 * e['shift_filtered']:+.1f}%)"
+        if e["reweighted"] is not None:
+            line += f", reweighted {e['reweighted']:.1f}"
+            if e["shift_reweighted"] is not None:
+                line += f" ({100 * e['shift_reweighted']:+.1f}%)"
+        print(line)
     return 0
 
 
@@ -384,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dedup.threshold=0.7")
     dd.add_argument("--out", required=True, help="output directory for the report")
     dd.set_defaults(func=cmd_data_dedup)
+    rk = dsub.add_parser("report", help="keyword shift of the filters (and reweighting): frequency per 1M words "
+                         "unfiltered / filtered / reweighted, as keyword_shift.md, .json, .png")
+    rk.add_argument("target", help="a built directory (its recipe is read from stats.json and the sources read again, "
+                    "relative paths from the current directory) or a data recipe")
+    rk.add_argument("overrides", nargs="*", help="key=value overrides (with a recipe)")
+    rk.add_argument("--keywords", required=True, help="comma-separated keywords (whole word, case-insensitive)")
+    rk.add_argument("--out", default=None, help="output directory (default: the built directory)")
+    rk.set_defaults(func=cmd_data_report)
     i = dsub.add_parser("inspect", help="print a build's stats and decode a few rows with boundaries marked")
     i.add_argument("dir")
     i.add_argument("--rows", type=int, default=2, help="rows to decode")

@@ -17,6 +17,13 @@ Output directory::
       stats.json                everything measured (see below) + the build fingerprint
       length_histogram.png, mix.png
       dedup.json, dedup.md      the deduplication report (with ``dedup``; also under "dedup" in stats.json)
+      filters.md                what each filter removed, and the reweighting (with ``filters``; also under
+                                "filters" and "reweight" in stats.json)
+
+With ``filters`` (:mod:`llmft.data.filters`), every source is read first and filtered after deduplication; with
+``reweight`` (:mod:`llmft.data.reweight`) each kept document gets a weight, carried through tokenizing, chunking,
+selection and packing into a ``weight`` column of the train shards (float32 per token, 0 on padding). The
+training loss does not use the weights yet.
 
 The fingerprint hashes the resolved mix recipe (the ``dedup`` settings included, but not the code of a custom
 embedder; except ``num_proc``: the output does not depend on it), the
@@ -48,6 +55,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import deduplicate, report_markdown
 from llmft.data.examples import DataError
+from llmft.data.filters import apply_filters, merge_reports
+from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
 from llmft.data.sources import Document, SourceError, SourceReport, list_files, read_source
@@ -67,6 +76,14 @@ class Built:
     validation_tokens: np.ndarray | None
     stats: dict
     cached: bool
+    weights: torch.Tensor | None = None  # (n, s) float32 per-token weights, with reweight (0 on padding)
+
+
+@dataclass
+class _Unit(Example):
+    """A chunk of a document with the document's reweighting weight."""
+
+    weight: float = 1.0
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -126,7 +143,7 @@ def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: D
     for src in mix.sources:
         report = SourceReport()
         stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "deduplicated": 0,
-                 "doc_lengths": []}
+                 "filtered": 0, "doc_lengths": []}
         readings[src.name] = _Reading(_read_clean(src, mix, decon, decon_report, report, stats), report, stats)
     return readings
 
@@ -167,6 +184,67 @@ def _dedup(mix: MixRecipe, readings: dict[str, _Reading], tokenizer: PreTrainedT
     return report
 
 
+@dataclass
+class Curated:
+    """One source's documents before the ``filters``, what they kept, and the kept documents' weights."""
+
+    texts: list[str]
+    keep: np.ndarray  # (n,) bool
+    weights: np.ndarray | None  # (kept,) with reweight
+
+
+def _filter(mix: MixRecipe, readings: dict[str, _Reading]) -> tuple[dict, dict | None, dict[str, Curated]]:
+    """Read every source, apply ``mix.filters`` and (with ``mix.reweight``) weigh the kept documents; leave only
+    the kept documents in ``readings``, each with ``meta["weight"]``.
+
+    Returns:
+        (the filters report, the reweight report or None, per source: texts, kept mask, weights)
+
+    Raises:
+        DataError: a malformed record under on_error: stop, or a user classifier or embedder that fails.
+    """
+    from llmft.data.reweight import reweight
+
+    results, curated, rw_report = {}, {}, {"by_source": {}} if mix.reweight else None
+    for k, (name, r) in enumerate(readings.items()):
+        try:
+            docs = list(r.docs)
+        except SourceError as e:
+            raise DataError(str(e)) from None
+        texts = [f"{d.prompt}\n{d.text}" if d.prompt else d.text for d in docs]
+        res = apply_filters(texts, name, mix.filters, [d.where for d in docs])
+        results[name] = res
+        weights = None
+        if mix.reweight is not None:
+            rw = reweight(texts, res.keep, mix.reweight, stream=k)
+            weights, rw_report["by_source"][name] = rw.weights, rw.report
+        kept = [d for d, keep in zip(docs, res.keep) if keep]
+        for i, d in enumerate(kept):
+            d.meta["weight"] = float(weights[i]) if weights is not None else 1.0
+        r.docs = kept
+        r.stats["filtered"] = int((~res.keep).sum())
+        curated[name] = Curated(texts, res.keep, weights)
+        log.info("data: %s: filters removed %d of %d documents", name, r.stats["filtered"], len(docs))
+    return merge_reports(results, mix.filters), rw_report, curated
+
+
+def curate_recipe(mix: MixRecipe) -> dict[str, Curated]:
+    """Read, decontaminate, deduplicate, filter and reweight a mix's sources as the build does, without tokenizing
+    (for ``llmft data report``).
+
+    Raises:
+        DataError: as :func:`build`.
+    """
+    decon, decon_report = None, DecontamReport()
+    if mix.decontaminate:
+        decon = Decontaminator(n=mix.decontaminate.n)
+        decon.add_files(list(mix.decontaminate.targets))
+    readings = _start_reading(mix, decon, decon_report)
+    if mix.dedup:
+        _dedup(mix, readings, None)
+    return _filter(mix, readings)[2]
+
+
 def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
     """``llmft data dedup``: read and decontaminate the sources, deduplicate, write ``dedup.json`` and
     ``dedup.md`` in ``out``; no tokenizing or packing. Uses the mix's ``dedup`` section, or the defaults.
@@ -205,9 +283,14 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
     """
     report, stats = reading.report, reading.stats
     examples: list[Example] = []
+    weights: list[float] = []
+    # one example per document unless ni_fewshot (which reweight rejects): the weights queue up in reading order
+    pending_weights: deque[float] = deque()
+    track = mix.reweight is not None
 
     def keep(example: Example) -> None:
         n = len(example)
+        w = pending_weights.popleft() if track else 1.0
         if src.filters.min_tokens and n < src.filters.min_tokens:
             stats["dropped_min_tokens"] += 1
         elif src.filters.max_tokens and n > src.filters.max_tokens:
@@ -215,6 +298,7 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
         else:
             stats["doc_lengths"].append(n)
             examples.append(example)
+            weights.append(w)
 
     def batches():
         batch = []
@@ -229,6 +313,8 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
                 yield src.transform, batch
                 batch = []
             batch.append(doc)
+            if track:
+                pending_weights.append(doc.meta.get("weight", 1.0))
         if batch:
             yield src.transform, batch
 
@@ -240,8 +326,8 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
         raise DataError(str(e)) from None
     stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
                  filtered_by_subset=report.filtered)
-    units = [Example(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len])
-             for e in examples for i in range(0, len(e), seq_len)]
+    units = [_Unit(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len], w)
+             for e, w in zip(examples, weights) for i in range(0, len(e), seq_len)]
     total = sum(len(u) for u in units)
     train_part = total - int(total * mix.validation_fraction)
     train, val, seen = [], [], 0
@@ -348,7 +434,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
             return load_built(out, cached=True) if load_rows else Built(None, None, stats, cached=True)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("train-*.parquet"), *out.glob("dedup.*")]:
+    for old in [*out.glob("train-*.parquet"), *out.glob("dedup.*"), *out.glob("filters.md")]:
         old.unlink()
     decon, decon_report = None, DecontamReport()
     if mix.decontaminate:
@@ -357,6 +443,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
 
     readings = _start_reading(mix, decon, decon_report)
     dedup_report = _dedup(mix, readings, tokenizer) if mix.dedup else None
+    filters_report, reweight_report = _filter(mix, readings)[:2] if mix.filters else (None, None)
 
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
@@ -398,7 +485,8 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
 
     rows = pack_isolated(mixed, seq_len, pad_id=tokenizer.pad_token_id) if mix.packing == "isolated" \
         else pack_concat(mixed, seq_len)
-    _write_rows(rows, out)
+    token_weights = _token_weights(mixed, rows, seq_len) if mix.reweight else None
+    _write_rows(rows, out, token_weights)
     val_table = pa.table({"source": list(val_units),
                           "tokens": [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32)
                                      for us in val_units.values()]})
@@ -418,13 +506,33 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
         "decontamination": decon_report.to_dict() if decon else None,
         "dedup": dedup_report,
+        "filters": filters_report,
+        "reweight": reweight_report,
+        # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
+        "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
     if dedup_report is not None:
         _write_dedup_report(dedup_report, out)
+    if filters_report is not None:
+        (out / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
     _plot(stats, out)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks the build complete
-    return Built(rows, _validation_tokens(out), stats, cached=False)
+    return Built(rows, _validation_tokens(out), stats, cached=False, weights=token_weights)
+
+
+def _token_weights(mixed: list[_Unit], rows: PackedRows, seq_len: int) -> torch.Tensor:
+    """(n, s) float32: each token's unit weight, placed exactly as the packer placed the tokens (0 on padding).
+
+    The packers place examples by their lengths only, so packing stand-in examples whose tokens are the unit's
+    index reproduces the layout, and the packed "token ids" say which unit each position holds.
+    """
+    index = [Example(np.full(len(u), k, dtype=np.int32), u.loss_mask) for k, u in enumerate(mixed)]
+    placed = (pack_isolated(index, seq_len, pad_id=-1) if rows.mode == "isolated" else pack_concat(index, seq_len))
+    ids = placed.input_ids  # (n, s) unit index, -1 on padding
+    assert ids.shape == rows.input_ids.shape
+    w = torch.tensor([u.weight for u in mixed] + [0.0], dtype=torch.float32)
+    return w[ids]  # index -1 -> the trailing 0.0
 
 
 def _histogram(lengths: list[int]) -> dict:
@@ -436,14 +544,17 @@ def _histogram(lengths: list[int]) -> dict:
     return {f"<={e}": int(c) for e, c in zip(edges, counts)}
 
 
-def _write_rows(rows: PackedRows, out: Path) -> None:
+def _write_rows(rows: PackedRows, out: Path, weights: torch.Tensor | None = None) -> None:
     seq_len = rows.input_ids.shape[1]
     for k, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         part = slice(start, start + ROWS_PER_SHARD)
         # one flat int32 buffer per column, viewed as fixed-size lists of seq_len: no per-row conversion
-        table = pa.table({name: pa.FixedSizeListArray.from_arrays(
+        columns = {name: pa.FixedSizeListArray.from_arrays(
             pa.array(getattr(rows, name)[part].to(torch.int32).numpy().reshape(-1)), seq_len)
-            for name in ("input_ids", "labels", "position_ids")})
+            for name in ("input_ids", "labels", "position_ids")}
+        if weights is not None:
+            columns["weight"] = pa.FixedSizeListArray.from_arrays(pa.array(weights[part].numpy().reshape(-1)), seq_len)
+        table = pa.table(columns)
         pq.write_table(table, out / f"train-{k:05d}.parquet")
 
 
@@ -473,7 +584,12 @@ def load_built(out: Path, cached: bool = False) -> Built:
                       int(round(p["efficiency"] * tensors["input_ids"].numel())), p["dropped_tokens"], p["split_examples"])
     if len(rows) != p["rows"]:
         raise DataError(f"{out}: stats.json lists {p['rows']} rows but the shards hold {len(rows)}; rebuild it")
-    return Built(rows, _validation_tokens(out), stats, cached)
+    weights = None
+    if shards and "weight" in pq.read_schema(shards[0]).names:
+        flat = [pq.read_table(s, columns=["weight"]).column("weight").combine_chunks().flatten().to_numpy()
+                for s in shards]
+        weights = torch.from_numpy(np.concatenate(flat).astype(np.float32).reshape(-1, stats["seq_len"]))  # (n, s)
+    return Built(rows, _validation_tokens(out), stats, cached, weights=weights)
 
 
 def _plot(stats: dict, out: Path) -> None:

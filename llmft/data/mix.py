@@ -120,6 +120,79 @@ class Dedup(_Strict):
     examples: int = Field(default=10, ge=0, description="Example pairs in the report (the least similar found).")
 
 
+class TextFilter(_Strict):
+    """One document filter of the mix's ``filters`` list (see llmft/data/filters.py): a score per document, and the
+    document is removed when the score is above ``threshold``.
+
+        filters:
+          - {kind: keywords, words: [damn, hell], patterns: ["\\bf+u+c+k+"], threshold: 0}
+          - {kind: length, min_words: 50}
+          - {kind: classifier, function: mypkg.quality:toxicity, threshold: 0.8, mode: recall}
+    """
+
+    kind: Literal["keywords", "length", "classifier"] = Field(
+        description="'keywords': matches of whole words (case-insensitive) and regexes per 1000 words; 'length': "
+        "words outside [min_words, max_words]; 'classifier': 'package.module:function' (texts -> one score each).",
+    )
+    name: str | None = Field(default=None, description="Name in stats and reports (default: the kind).")
+    sources: list[str] | None = Field(default=None, description="Apply only to these sources (default: all).")
+    words: list[str] = Field(default_factory=list, description="keywords: whole words or phrases, case-insensitive.")
+    patterns: list[str] = Field(default_factory=list, description="keywords: Python regexes, case-insensitive.")
+    min_words: int | None = Field(default=None, ge=0, description="length: remove documents with fewer words.")
+    max_words: int | None = Field(default=None, ge=1, description="length: remove documents with more words.")
+    function: str | None = Field(
+        default=None, description="classifier: 'package.module:function' taking a list of texts, returning a score "
+        "per text (higher = more to remove).",
+    )
+    threshold: float | None = Field(
+        default=None,
+        description="Remove a document whose score is above this. keywords: matches per 1000 words (default 0: any "
+        "match); classifier: required.",
+    )
+    mode: Literal["document", "recall"] = Field(
+        default="document",
+        description="'document': score the whole document; 'recall': score every window of window_words words and "
+        "remove on the highest (filters more: a keyword rate's maximum over windows is at least the document's).",
+    )
+    window_words: int = Field(default=100, ge=10, description="Words per window in recall mode.")
+    examples: int = Field(default=5, ge=0, description="Removed documents shown in the report, per source.")
+
+
+class Reweight(_Strict):
+    """Weights that undo the shift the filters cause (see llmft/data/reweight.py): a smooth linear probe predicts
+    P(unfiltered | x) from document embeddings, and every kept document gets w = p / (1 - p), clipped and
+    normalized to mean 1 over the kept documents of its source. The weights are stored per token (column
+    ``weight`` of the train shards); the training loss does not use them yet."""
+
+    embedder: str = Field(
+        default="hashed",
+        description="'hashed' (words or word n-grams feature-hashed into dim signed dimensions) or "
+        "'package.module:function' (texts -> array (n, d)). Vectors are L2-normalized.",
+    )
+    shingle_size: int = Field(default=1, ge=1, description="hashed: words per feature (1 = bag of words).")
+    dim: int = Field(default=4096, ge=16, le=1 << 20, description="hashed: dimensions.")
+    l2: float = Field(
+        default=1e-2, gt=0,
+        description="L2 penalty (l2 / 2 * |w|^2 added to the class-balanced mean log-loss, features of unit "
+        "variance): strong keeps the probe smooth, so weights follow broad content rather than single documents.",
+    )
+    sample_size: int = Field(default=20000, ge=10, description="Documents sampled uniformly from each set, per source.")
+    min_weight: float = Field(default=0.2, gt=0, description="Clip weights below this (before normalizing).")
+    max_weight: float = Field(default=5.0, gt=0, description="Clip weights above this (before normalizing).")
+    folds: int = Field(
+        default=2, ge=1, le=10,
+        description="Cross-fitting: a document's weight comes from a probe trained on the other folds (1: one probe "
+        "for all, which partly memorizes its training documents and flattens their weights).",
+    )
+    components: int = Field(
+        default=32, ge=0,
+        description="Fit the probe on this many principal components of the embeddings (0: all dimensions). Few "
+        "components keep it smooth: it follows broad content (topics, style) and cannot pick up the filtered words "
+        "themselves, which the kept documents lack anyway.",
+    )
+    seed: int = Field(default=0, description="Seeds the samples and the folds.")
+
+
 class MixSource(_Strict):
     """One source of the mix and its share of the tokens."""
 
@@ -167,6 +240,12 @@ class MixRecipe(_Strict):
     add_eos: bool = Field(default=True, description="End every document with EOS.")
     decontaminate: Decontamination | None = Field(default=None, description="n-gram decontamination; omit for none.")
     dedup: Dedup | None = Field(default=None, description="Exact and near-duplicate removal; omit for none.")
+    filters: list[TextFilter] = Field(
+        default_factory=list, description="Document filters (keywords, length, user classifiers), after dedup."
+    )
+    reweight: Reweight | None = Field(
+        default=None, description="Weights per kept document that undo the filters' shift; needs filters."
+    )
     sources: list[MixSource] = Field(min_length=1, description="The sources and their token shares.")
 
 
@@ -186,6 +265,66 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
             problems.append((("sources", i, "filters"), "min_tokens is larger than max_tokens"))
     if mix.dedup is not None:
         problems += [(("dedup", *loc), msg) for loc, msg in _dedup_checks(mix.dedup)]
+    filter_names = [f.name or f.kind for f in mix.filters]
+    for i, f in enumerate(mix.filters):
+        if filter_names.count(filter_names[i]) > 1:
+            problems.append((("filters", i, "name"), f"{filter_names[i]!r} names two filters; give each its own name"))
+        problems += [(("filters", i, *loc), msg) for loc, msg in _filter_checks(f, names)]
+    if mix.reweight is not None:
+        r = mix.reweight
+        if not mix.filters:
+            problems.append((("reweight",), "reweight undoes the shift of filters, and there are none; add filters "
+                             "or remove reweight"))
+        if r.min_weight >= r.max_weight:
+            problems.append((("reweight", "min_weight"), f"{r.min_weight} is not below max_weight {r.max_weight}"))
+        if r.embedder != "hashed" and not all(r.embedder.partition(":")[::2]):
+            problems.append((("reweight", "embedder"), f"got {r.embedder!r}; expected 'hashed' or "
+                             "'package.module:function'"))
+        for i, s in enumerate(mix.sources):
+            if s.transform == "ni_fewshot":
+                problems.append((("sources", i, "transform"), "ni_fewshot packs many documents into one sequence, "
+                                 "so a document weight has no single place; use transform: none or remove reweight"))
+    return problems
+
+
+_FILTER_KEYS = {"words": "keywords", "patterns": "keywords", "min_words": "length", "max_words": "length",
+                "function": "classifier"}
+
+
+def _filter_checks(f: TextFilter, sources: list[str]) -> list[tuple[tuple, str]]:
+    import re
+
+    problems = []
+    for key, kind in _FILTER_KEYS.items():
+        if key in f.model_fields_set and f.kind != kind:
+            problems.append(((key,), f"{key} is a setting of kind {kind}, not {f.kind}; remove it"))
+    for i, s in enumerate(f.sources or []):
+        if s not in sources:
+            problems.append((("sources", i), f"{s!r} is not a source of this mix (sources: {', '.join(sources)})"))
+    if f.kind == "keywords":
+        if not f.words and not f.patterns:
+            problems.append(((), "a keywords filter needs words or patterns"))
+        for i, pat in enumerate(f.patterns):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                problems.append((("patterns", i), f"{pat!r} is not a valid regex: {e}"))
+    if f.kind == "length":
+        if f.min_words is None and f.max_words is None:
+            problems.append(((), "a length filter needs min_words or max_words"))
+        elif f.min_words is not None and f.max_words is not None and f.min_words > f.max_words:
+            problems.append((("min_words",), f"{f.min_words} is larger than max_words {f.max_words}"))
+        if f.mode == "recall":
+            problems.append((("mode",), "a length filter scores the whole document; remove mode: recall"))
+        if f.threshold is not None:
+            problems.append((("threshold",), "a length filter has no score threshold; use min_words / max_words"))
+    if f.kind == "classifier":
+        if not f.function or not all(f.function.partition(":")[::2]):
+            problems.append((("function",), f"got {f.function!r}; expected 'package.module:function' (texts -> "
+                             "one score each)"))
+        if f.threshold is None:
+            problems.append((("threshold",), "a classifier filter needs threshold: the score above which a document "
+                             "is removed"))
     return problems
 
 
