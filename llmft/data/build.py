@@ -22,8 +22,9 @@ Output directory::
 
 With ``filters`` (:mod:`llmft.data.filters`), every source is read first and filtered after deduplication; with
 ``reweight`` (:mod:`llmft.data.reweight`) each kept document gets a weight, carried through tokenizing, chunking,
-selection and packing into a ``weight`` column of the train shards (float32 per token, 0 on padding). The
-training loss does not use the weights yet.
+selection and packing into a ``weight`` column of the train shards (float32 per token, 0 on padding). Training
+on the build weighs each token's loss by the weight of the predicted token: a step's loss is Σ w·nll / Σ w over
+its trained tokens, so a weight of 2 counts exactly as two copies of the document (:mod:`llmft.train.loss`).
 
 The fingerprint hashes the resolved mix recipe (the ``dedup`` settings included, but not the code of a custom
 embedder; except ``num_proc``: the output does not depend on it), the
@@ -55,7 +56,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import deduplicate, report_markdown
 from llmft.data.examples import DataError
-from llmft.data.filters import apply_filters, merge_reports
+from llmft.data.filters import apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
@@ -225,6 +226,7 @@ def _filter(mix: MixRecipe, readings: dict[str, _Reading]) -> tuple[dict, dict |
         r.stats["filtered"] = int((~res.keep).sum())
         curated[name] = Curated(texts, res.keep, weights)
         log.info("data: %s: filters removed %d of %d documents", name, r.stats["filtered"], len(docs))
+    release_scoring_models()  # the perplexity filter's LM, loaded once for all sources: not kept for training
     return merge_reports(results, mix.filters), rw_report, curated
 
 

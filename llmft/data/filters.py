@@ -8,6 +8,13 @@ Kinds:
 - ``length``: words (whitespace-separated) outside ``[min_words, max_words]``; the score is the word count.
 - ``classifier``: a user function ``package.module:function`` mapping a list of texts to one score each
   (higher = more to remove), e.g. a toxicity or quality model.
+- ``perplexity``: the token perplexity of the document's first ``max_tokens`` tokens under a small causal LM
+  ``model`` (its own tokenizer, with its special tokens): ``exp(mean over predicted tokens of -log p)``. Gibberish,
+  markup and boilerplate score high. A text of fewer than 2 tokens scores 1 (kept: a length filter handles those).
+  The model loads once per build (then released; safetensors weights only, no remote code) and runs under
+  ``torch.no_grad`` on the GPU if there is one, ``batch_size`` texts per forward pass. The build's cache key
+  holds the filter settings (the model's name), not the model's weights: rebuild with ``--force`` after
+  retraining it in place.
 
 Modes. ``document`` scores the whole document. ``recall`` scores every window of ``window_words`` words (cut at
 word boundaries, the last one shorter) and takes the highest: it removes more. For ``keywords`` it removes a
@@ -73,6 +80,8 @@ def _scorer(f: TextFilter) -> Callable[[list[str]], np.ndarray]:
         return lambda texts: np.array([1000 * len(rx.findall(t)) / max(1, len(t.split())) for t in texts])
     if f.kind == "length":
         return lambda texts: np.array([len(t.split()) for t in texts], dtype=np.float64)
+    if f.kind == "perplexity":
+        return lambda texts: perplexities(texts, f.model, f.max_tokens, f.batch_size)
     fn = load_function(f.function, "filters classifier")
 
     def classify(texts: list[str]) -> np.ndarray:
@@ -83,6 +92,73 @@ def _scorer(f: TextFilter) -> Callable[[list[str]], np.ndarray]:
         return scores
 
     return classify
+
+
+_SCORING_LM: dict[str, tuple] = {}  # model name -> (tokenizer, model): one loaded at a time
+
+
+def _scoring_lm(name: str):
+    """The perplexity filter's tokenizer and model, in eval mode, cached for the next source.
+
+    Raises:
+        DataError: the model or tokenizer cannot be loaded.
+    """
+    if name not in _SCORING_LM:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _SCORING_LM.clear()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False, use_safetensors=True,
+                                                         dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise DataError(f"filters perplexity model {name!r}: cannot load it ({str(e).splitlines()[0]}); give a "
+                            "local directory or hub id of a causal LM with safetensors weights") from None
+        model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        _SCORING_LM[name] = tokenizer, model
+    return _SCORING_LM[name]
+
+
+def release_scoring_models() -> None:
+    """Drop the perplexity filter's cached LM (a build run before training must not keep it in memory)."""
+    if _SCORING_LM:
+        import torch
+
+        _SCORING_LM.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def perplexities(texts: Sequence[str], model: str, max_tokens: int = 512, batch_size: int = 16) -> np.ndarray:
+    """(n,) token perplexity of each text's first ``max_tokens`` tokens under the causal LM ``model``.
+
+    Raises:
+        DataError: the model cannot be loaded.
+    """
+    import torch
+
+    tokenizer, lm = _scoring_lm(model)
+    limit = min(max_tokens, getattr(lm.config, "max_position_embeddings", None) or max_tokens)
+    ids = [tokenizer(t)["input_ids"][:limit] for t in texts]
+    out = np.ones(len(texts), dtype=np.float64)  # fewer than 2 tokens: nothing predicted, perplexity 1
+    order = sorted((i for i in range(len(ids)) if len(ids[i]) >= 2), key=lambda i: len(ids[i]))  # similar lengths
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        s = len(ids[part[-1]])
+        tokens = torch.zeros((len(part), s), dtype=torch.long)  # (b, s), right-padded
+        mask = torch.zeros((len(part), s), dtype=torch.long)  # (b, s)
+        for r, i in enumerate(part):
+            tokens[r, : len(ids[i])] = torch.tensor(ids[i])
+            mask[r, : len(ids[i])] = 1
+        with torch.no_grad():
+            logits = lm(input_ids=tokens.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()  # (b, s, v)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:].to(lm.device),
+                                                    reduction="none").cpu()  # (b, s-1): position p predicts p + 1
+        predicted = mask[:, 1:].double()  # (b, s-1)
+        mean = (nll.double() * predicted).sum(1) / predicted.sum(1)  # (b,)
+        out[part] = torch.exp(mean).numpy()
+    return out
 
 
 def score(f: TextFilter, texts: Sequence[str]) -> np.ndarray:
@@ -202,7 +278,8 @@ def report_markdown(filters_report: dict, reweight_report: dict | None = None) -
     if reweight_report:
         lines += ["", "## Reweighting", "",
                   "Weights w = p / (1 - p) of a linear probe for P(unfiltered | x), clipped, mean 1 per source. "
-                  "Stored per token in the train shards' `weight` column; the training loss does not use them yet.",
+                  "Stored per token in the train shards' `weight` column; the training loss is Σ w·nll / Σ w per "
+                  "step.",
                   "", "| source | kept | probe accuracy | weight min | weight max | clipped | effective docs |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for s, st in reweight_report["by_source"].items():

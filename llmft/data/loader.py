@@ -17,10 +17,16 @@ class PackedLoader:
     Each epoch visits every row once in a fresh permutation (``seed + epoch``). With several data-parallel
     ranks, rank r takes positions r, r + world, r + 2*world, ... of that permutation, so ranks never share a
     row. The state is (epoch, batches served in the epoch); restoring it continues at the exact next batch.
+    With ``weights`` (n, s) (per-token loss weights of a reweighted data build), each batch carries its rows'
+    ``weight`` too.
     """
 
-    def __init__(self, rows: PackedRows, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.rows, self.micro_batch_size, self.seed = rows, micro_batch_size, seed
+    def __init__(self, rows: PackedRows, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 weights: torch.Tensor | None = None):
+        if weights is not None and weights.shape != rows.input_ids.shape:
+            raise DataError(f"the per-token weights have shape {tuple(weights.shape)} but the rows "
+                            f"{tuple(rows.input_ids.shape)}; rebuild the data")
+        self.rows, self.micro_batch_size, self.seed, self.weights = rows, micro_batch_size, seed, weights
         self.rank, self.world_size = rank, world_size
         self.num_rows = len(rows)
         self.batches_per_epoch = self.num_rows // world_size // micro_batch_size
@@ -37,15 +43,18 @@ class PackedLoader:
         return torch.randperm(self.num_rows, generator=g)[self.rank :: self.world_size]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next micro-batch: input_ids, labels, position_ids, each (b, s)."""
+        """The next micro-batch: input_ids, labels, position_ids (and weight, with weights), each (b, s)."""
         if self.cursor >= self.batches_per_epoch:
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._epoch_order()
         b = self.micro_batch_size
         idx = self._order[self.cursor * b : (self.cursor + 1) * b]
         self.cursor += 1
-        return {"input_ids": self.rows.input_ids[idx], "labels": self.rows.labels[idx],
-                "position_ids": self.rows.position_ids[idx]}
+        batch = {"input_ids": self.rows.input_ids[idx], "labels": self.rows.labels[idx],
+                 "position_ids": self.rows.position_ids[idx]}
+        if self.weights is not None:
+            batch["weight"] = self.weights[idx]
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "num_rows": self.num_rows}

@@ -128,11 +128,13 @@ class TextFilter(_Strict):
           - {kind: keywords, words: [damn, hell], patterns: ["\\bf+u+c+k+"], threshold: 0}
           - {kind: length, min_words: 50}
           - {kind: classifier, function: mypkg.quality:toxicity, threshold: 0.8, mode: recall}
+          - {kind: perplexity, model: runs/small-lm/final, threshold: 1000}
     """
 
-    kind: Literal["keywords", "length", "classifier"] = Field(
+    kind: Literal["keywords", "length", "classifier", "perplexity"] = Field(
         description="'keywords': matches of whole words (case-insensitive) and regexes per 1000 words; 'length': "
-        "words outside [min_words, max_words]; 'classifier': 'package.module:function' (texts -> one score each).",
+        "words outside [min_words, max_words]; 'classifier': 'package.module:function' (texts -> one score each); "
+        "'perplexity': token perplexity under a small causal LM (gibberish, boilerplate scores high).",
     )
     name: str | None = Field(default=None, description="Name in stats and reports (default: the kind).")
     sources: list[str] | None = Field(default=None, description="Apply only to these sources (default: all).")
@@ -144,10 +146,19 @@ class TextFilter(_Strict):
         default=None, description="classifier: 'package.module:function' taking a list of texts, returning a score "
         "per text (higher = more to remove).",
     )
+    model: str | None = Field(
+        default=None, description="perplexity: the scoring causal LM, a local directory or hub id (its own tokenizer; "
+        "safetensors weights only, no remote code).",
+    )
+    max_tokens: int = Field(
+        default=512, ge=2, description="perplexity: tokens scored per document (or window), the rest cut off; at most "
+        "the model's max_position_embeddings.",
+    )
+    batch_size: int = Field(default=16, ge=1, description="perplexity: documents per forward pass.")
     threshold: float | None = Field(
         default=None,
         description="Remove a document whose score is above this. keywords: matches per 1000 words (default 0: any "
-        "match); classifier: required.",
+        "match); classifier: required; perplexity: required, a perplexity > 1.",
     )
     mode: Literal["document", "recall"] = Field(
         default="document",
@@ -162,7 +173,7 @@ class Reweight(_Strict):
     """Weights that undo the shift the filters cause (see llmft/data/reweight.py): a smooth linear probe predicts
     P(unfiltered | x) from document embeddings, and every kept document gets w = p / (1 - p), clipped and
     normalized to mean 1 over the kept documents of its source. The weights are stored per token (column
-    ``weight`` of the train shards); the training loss does not use them yet."""
+    ``weight`` of the train shards); training weighs each token's loss by them (llmft/train/loss.py)."""
 
     embedder: str = Field(
         default="hashed",
@@ -288,7 +299,8 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
 
 
 _FILTER_KEYS = {"words": "keywords", "patterns": "keywords", "min_words": "length", "max_words": "length",
-                "function": "classifier"}
+                "function": "classifier", "model": "perplexity", "max_tokens": "perplexity",
+                "batch_size": "perplexity"}
 
 
 def _filter_checks(f: TextFilter, sources: list[str]) -> list[tuple[tuple, str]]:
@@ -325,6 +337,16 @@ def _filter_checks(f: TextFilter, sources: list[str]) -> list[tuple[tuple, str]]
         if f.threshold is None:
             problems.append((("threshold",), "a classifier filter needs threshold: the score above which a document "
                              "is removed"))
+    if f.kind == "perplexity":
+        if not f.model:
+            problems.append((("model",), "a perplexity filter needs model: a small causal LM (a local directory or "
+                             "hub id) to score the documents with"))
+        if f.threshold is None:
+            problems.append((("threshold",), "a perplexity filter needs threshold: the perplexity above which a "
+                             "document is removed (measure a sample first, e.g. 2-5x the median of clean text)"))
+        elif f.threshold <= 1:
+            problems.append((("threshold",), f"got {f.threshold:g}; expected a perplexity > 1 (every perplexity is "
+                             ">= 1, so this removes everything)"))
     return problems
 
 

@@ -210,7 +210,8 @@ class DeepSpeedEngine:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.isolate:
             batch = attention_kwargs(batch, self.attention, torch.float32)
-        if self.cfg.loss_chunk_tokens:  # calls the decoder and head directly (ZeRO-3 gathers per submodule)
+        if self.cfg.loss_chunk_tokens or "weight" in batch:  # calls the model directly (ZeRO-3 gathers per
+            # submodule); per-token loss weights need the logits, which the model's own loss does not take
             return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
         return self.engine(**batch, num_items_in_batch=num_tokens).loss
 

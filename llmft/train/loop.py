@@ -31,6 +31,7 @@ from llmft.eval.ppl import perplexity_by_length
 from llmft.model.build import DTYPES, build_model, count_parameters
 from llmft.train import checkpoint as ckpt
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
+from llmft.train.loss import step_divisor
 from llmft.train.metrics import MetricsLogger
 from llmft.train.spikes import SpikeDetector
 from llmft.train.stop import Diverged, Preempted, StopSignals
@@ -101,9 +102,9 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             model = prepare_quantized(model, recipe.model)
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
-                                                                            distributed)
-    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    rows, val_tokens, documents, bad_records, train_tokens, weights = _training_rows(recipe, tokenizer, run_dir,
+                                                                                     rank, distributed)
+    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world, weights=weights)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
 
@@ -168,6 +169,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"{total_steps * tokens_per_step / max(1, rows.input_ids.numel()):.2f} epochs)",
             f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
         ]
+        if weights is not None:  # after the packing line
+            trained = (rows.labels[:, 1:] != -100) & (weights[:, 1:] > 0)  # (n, s-1)
+            lines.insert(-3, f"loss weights       per token, from the data reweight: mean "
+                         f"{float(weights[:, 1:][trained].mean()):.3f} over trained tokens; step loss = "
+                         "Σ w·nll / Σ w")
         print("\n".join("[llmft] " + line for line in lines), flush=True)
     metrics = MetricsLogger(run_dir, recipe, rank, start_step, wandb_id)
 
@@ -185,7 +191,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             t0 = time.perf_counter()
             micro_batches = [data.next_batch() for _ in range(t.gradient_accumulation_steps)]
             # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
-            num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            # (with per-token loss weights: Σ w·nll / Σ w, a weight of 2 counts exactly as two copies of the example)
+            num_tokens = step_divisor(micro_batches)
             if num_tokens == 0:  # only prompts/padding: the loss is 0 and so is the gradient (no 0/0)
                 log.warning("step %d has no trained tokens (only prompts or padding)", step + 1)
                 num_tokens = 1
@@ -319,14 +326,15 @@ def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distribu
     """The packed training rows and the validation tokens, from a data mix / built dir or from data.sources.
 
     Returns:
-        (rows, validation tokens, documents read, bad records, training tokens)
+        (rows, validation tokens, documents read, bad records, training tokens, per-token loss weights (n, s) of a
+        reweighted data build or None)
     """
     seq_len = recipe.model.max_seq_len
     if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
         built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
         sources = built_data.stats["sources"].values()
         return (built_data.rows, built_data.validation_tokens, sum(s["documents"] for s in sources),
-                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"])
+                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"], built_data.weights)
     examples, val_tokens, report = load_examples(recipe.data, tokenizer)
     if recipe.data.packing == "isolated":
         rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
@@ -337,7 +345,7 @@ def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distribu
         log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
                     "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
                     cut_prompts, seq_len)
-    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples)
+    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples), None
 
 
 def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):

@@ -20,6 +20,12 @@ recompute: the head costs 6 v h FLOPs per token, as without chunking. Any other 
 runs each chunk under activation checkpointing instead (the logits are made again in the backward pass).
 
 The result equals the full-logits loss up to float summation order; its gradients too (tests/test_loss.py).
+
+Per-token loss weights (a ``weight`` (b, s) entry of the batch, from a data recipe's ``reweight``): every path
+returns ``Σ w_t · nll_t / num_items``, where ``w_t`` is the weight of the *predicted* token t (labels and weights
+shift together) and the caller passes ``num_items = Σ w_t`` over the trained tokens of the whole step. A weight of
+2 then counts exactly like two copies of the example (tests/test_loss_weights.py). The fused path multiplies each
+row of d loss / d logits by its weight in the forward pass. Without ``weight`` the loss is computed as before.
 """
 
 from __future__ import annotations
@@ -37,34 +43,56 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_i
 
     Args:
         model: the causal LM.
-        batch: ``input_ids``, ``labels`` and what the attention kernel needs (position ids, mask, cu_seq_lens).
-        num_items: trained tokens in the whole optimizer step (the loss divisor).
+        batch: ``input_ids``, ``labels`` and what the attention kernel needs (position ids, mask, cu_seq_lens);
+            optionally ``weight`` (b, s) float, the per-token loss weights.
+        num_items: trained tokens in the whole optimizer step (the loss divisor); with ``weight``, the sum of the
+            weights of the step's trained (predicted) tokens.
         chunk_tokens: 0 for the model's own loss; otherwise positions per chunk of the chunked loss.
     """
+    labels, weight = batch["labels"], batch.get("weight")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weight")}
     if not chunk_tokens:
-        return model(**batch, num_items_in_batch=num_items).loss
+        if weight is None:
+            return model(**batch, num_items_in_batch=num_items).loss
+        logits = model(**inputs).logits[:, :-1].float()  # (b, s-1, v): position p predicts token p + 1
+        nll = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                              reduction="none")  # (b (s-1),), 0 where ignored
+        return (nll * weight[:, 1:].flatten().float()).sum() / num_items
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = base.model(**inputs).last_hidden_state  # (b, s, h)
     hidden, targets = hidden[:, :-1], labels[:, 1:]  # position p predicts token p + 1
+    w = weight[:, 1:].float() if weight is not None else None  # (b, s-1): the predicted token's weight
     head = base.get_output_embeddings()
     if _fusable(head):
         b, n, h = hidden.shape
         total = _LinearCrossEntropy.apply(hidden.reshape(b * n, h), head.weight, targets.reshape(b * n),
-                                          b * chunk_tokens)
+                                          b * chunk_tokens, w.reshape(b * n) if w is not None else None)
         return total / num_items
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk_tokens):
         h = hidden[:, start : start + chunk_tokens]  # (b, c, h)
         t = targets[:, start : start + chunk_tokens]  # (b, c)
-        total = total + checkpoint(_chunk_nll, h, t, head, use_reentrant=False)
+        cw = w[:, start : start + chunk_tokens] if w is not None else None  # (b, c)
+        total = total + checkpoint(_chunk_nll, h, t, head, cw, use_reentrant=False)
     return total / num_items
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+def step_divisor(micro_batches: list[dict[str, torch.Tensor]]) -> float:
+    """The ``num_items`` of an optimizer step: its trained tokens (labels[:, 1:] != IGNORE), or with per-token
+    ``weight`` the sum of those tokens' weights. The loss is then Σ w·nll / Σ w: duplicating an example and
+    giving it weight 2 change numerator and denominator alike, so both give the same loss and gradients."""
+    if "weight" not in micro_batches[0]:
+        return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    return sum(float(b["weight"][:, 1:][b["labels"][:, 1:] != IGNORE].double().sum()) for b in micro_batches)
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     logits = head(hidden).float()  # (b, c, v): the only logits alive at a time
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    if weight is None:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")  # (b c,)
+    return (nll * weight.flatten()).sum()
 
 
 def _fusable(head: torch.nn.Module) -> bool:
@@ -76,12 +104,14 @@ def _fusable(head: torch.nn.Module) -> bool:
 class _LinearCrossEntropy(torch.autograd.Function):
     """Σ over rows of CE(hidden @ weightᵀ, targets), ``rows`` rows at a time, gradients made in the forward pass.
 
-    Shapes: hidden (n, h), weight (v, h), targets (n,) with IGNORE for untrained positions. Under autocast the
+    Shapes: hidden (n, h), weight (v, h), targets (n,) with IGNORE for untrained positions, token_weight (n,) fp32
+    or None: then Σ token_weight · CE, each row's d loss / d logits scaled by its weight. Under autocast the
     matmuls run in the autocast dtype (as ``head(hidden)`` would) and the softmax in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
+                token_weight: torch.Tensor | None = None) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         autocast = torch.is_autocast_enabled(hidden.device.type)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -100,13 +130,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(top).exp_()
             norm = probs.sum(1, keepdim=True)  # (c, 1)
             nll = (top + norm.log()).squeeze(1) - picked  # (c,) logsumexp - target logit
-            total += torch.where(ok, nll, 0).sum()
+            tw = token_weight[start : start + rows] if token_weight is not None else None  # (c,)
+            total += torch.where(ok, nll if tw is None else nll * tw, 0).sum()
             if not (need_h or need_w):
                 continue
             grad = probs.div_(norm)  # softmax = d CE / d logits + one-hot
             grad.scatter_add_(1, safe, -ok[:, None].to(grad.dtype))
             if any_ignored:
                 grad.masked_fill_(~ok[:, None], 0.0)
+            if tw is not None:
+                grad.mul_(tw[:, None])  # d (w · CE) / d logits
             if not autocast:  # the weight's dtype (16-bit under DeepSpeed bf16); autocast picks its own
                 grad = grad.to(weight.dtype)
             if need_h:
@@ -124,4 +157,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+                (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
