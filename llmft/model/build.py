@@ -247,7 +247,41 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         )
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg)
+    if cfg.compile:
+        compile_layers(model)
     return BuiltModel(model, tokenizer, attention, scaling)
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` each decoder layer in place (``model.compile: true``): regional compilation, as torchtune
+    does, instead of the whole model.
+
+    The layers run the same code, so they share one compiled graph (parameters are graph inputs): compile time does
+    not grow with depth, and the embedding, the chunked loss and the optimizer stay eager. ``Module.compile`` keeps
+    the module and its state-dict keys as they were (no ``_orig_mod.`` prefix), so checkpoints and exports are
+    unchanged. Tracing is lazy (at the first forward pass), so modules replaced after this call (PEFT's LoRA Linear
+    layers) and the checkpointing set up before it (traced as one region per layer) are compiled with the layer.
+
+    Returns:
+        The number of layers compiled.
+
+    Raises:
+        ModelLoadError: the model has no transformers decoder layers to compile.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelLoadError(f"model.compile: {type(model).__name__} has no decoder layers that llmft can compile "
+                             "one by one. Fix: remove model.compile")
+    # a KV cache in the training forward would make each layer's graph guard on its own cache slot: one recompile
+    # per layer, and past dynamo's recompile limit (8) the remaining layers would silently run eager
+    model.config.use_cache = False
+    for layer in layers:
+        layer.compile()
+    log.info("compile: torch.compile on each of %d %s layers; the first step compiles them", len(layers),
+             type(layers[0]).__name__)
+    return len(layers)
 
 
 def enable_checkpointing(model, cfg: ModelConfig) -> None:
