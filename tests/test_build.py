@@ -68,10 +68,42 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
     for name, src in built.stats["sources"].items():
         assert abs(src["realized_share"] - src["target_share"]) < 0.01, (name, src)
     assert built.stats["packing"]["efficiency"] == 1.0
+    # the recipe's dedup section ran: its report is in stats.json; the shared data holds no duplicates (the NI
+    # instances share their task header but stay below J 0.8), so nothing is removed
+    dedup = json.loads((tmp_path / "out" / "stats.json").read_text())["dedup"]
+    assert dedup["settings"]["methods"] == ["exact", "minhash"] and dedup["documents"] == 2 + 30
+    assert dedup["removed"] == 0 and dedup["by_source"].keys() == {"books", "natural_instructions"}
+    assert dedup["recall"]["sampled_documents"] == 32 and dedup["methods"]["minhash"]["candidates"] > 0
+    assert all(src["deduplicated"] == 0 for src in built.stats["sources"].values())
     assert (tmp_path / "out" / "mix.png").stat().st_size > 5000
     assert (tmp_path / "out" / "length_histogram.png").stat().st_size > 5000
     again = load_built(tmp_path / "out")
     assert torch.equal(again.rows.input_ids, built.rows.input_ids)
+
+
+def test_cpu_mix_dedup_removes_a_planted_near_copy_of_a_book(tmp_path, monkeypatch, tok):
+    """The shipped recipe's dedup section on the shared books plus an edited copy of one (1 word in 200 changed,
+    so not an exact copy: MinHash must find it): the copy is removed and reported."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    monkeypatch.chdir(REPO)
+    books = tmp_path / "gutenberg"
+    books.mkdir()
+    for f in (SHARED / "gutenberg").glob("*.txt"):
+        (books / f.name).write_bytes(f.read_bytes())
+    words = (books / "84.txt").read_text(encoding="utf-8").split(" ")
+    edited = [w + "x" if i % 200 == 0 else w for i, w in enumerate(words)]
+    (books / "99984.txt").write_text(" ".join(edited), encoding="utf-8")
+    mix = load_mix("data_recipes/cpu_books_ni.yaml", [f"sources.0.source.path={books}"])
+    built = build(mix, tmp_path / "out", tok, 1024)
+    dedup = json.loads((tmp_path / "out" / "stats.json").read_text())["dedup"]
+    assert dedup["documents"] == 3 + 30 and dedup["removed"] == 1 and dedup["exact_duplicates"] == 0
+    assert dedup["groups"] == 1 and dedup["methods"]["minhash"]["pairs"] == 1
+    assert dedup["by_source"]["books"]["removed"] == 1 and built.stats["sources"]["books"]["deduplicated"] == 1
+    assert dedup["by_source"]["books"]["tokens_removed"] > 100_000  # the whole book
+    assert dedup["recall"]["true_pairs"] == dedup["recall"]["found"] == 1
+    pair = dedup["examples"][0]
+    assert {Path(pair["a"]).name, Path(pair["b"]).name} == {"84.txt", "99984.txt"} and 0.8 <= pair["jaccard"] < 1
 
 
 def test_each_unit_appears_exactly_as_often_as_its_epochs(tmp_path, two_sources, tok):

@@ -21,8 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_recipe, write_recipe
+from reweighted import reference, shard_columns, write_reweighted_mix
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from llmft.config import load_recipe
+from llmft.data.packing import attention_kwargs
+from llmft.model.build import build_model
+from llmft.train.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +163,39 @@ def test_qlora_under_zero2_and_zero3_with_matching_quant_storage(tmp_path, tiny_
         assert adapter2[k].numel() > 0, k
         assert float((adapter3[k] - adapter2[k]).norm() / adapter2[k].norm()) < 1e-2, k
     assert rows3[-1]["loss"] == pytest.approx(rows2[-1]["loss"], abs=1e-4)
+
+
+def test_reweighted_build_under_zero2_logs_the_plain_engines_weighted_loss(tmp_path, tiny_model, book_text):
+    """Per-token loss weights (a ``reweight:`` build) on 2 ranks: a step's loss is Σ w·nll / Σ w over the tokens
+    of *all* ranks, so ZeRO-2 with 2 ranks x 2 accumulation logs the same losses as one process with 4
+    accumulation on the same rows (rank r takes rows r, r + 2, ... of the step's 8). A mean of per-rank ratios
+    (each rank dividing by its own Σ w) would not: 3.6e-4 off at step 1, 1.2e-3 at step 2."""
+    mix = write_reweighted_mix(tmp_path, book_text)
+    recipe = tiny_recipe(tiny_model, tmp_path / "a.jsonl", tmp_path / "plain",
+                         train={"max_steps": 2, "gradient_accumulation_steps": 4})
+    recipe["data"] = {"recipe": str(mix)}
+    cfg = load_recipe(write_recipe(tmp_path / "plain.yaml", recipe))
+    plain = train(cfg)
+
+    recipe["checkpoint"]["dir"], recipe["train"]["gradient_accumulation_steps"] = str(tmp_path / "ds"), 2
+    recipe["data"] = {"built": str(tmp_path / "plain" / "data")}  # the same rows, not built again
+    proc = deepspeed_train(write_recipe(tmp_path / "ds.yaml", recipe), "deepspeed.stage=2")
+    assert "2 (DeepSpeed ZeRO-2)" in proc.stdout and "loss weights       per token" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["loss"] for r in rows] == pytest.approx(plain.losses, abs=1e-5)
+
+    # the first step by hand: global Σ w·nll / Σ w over its 8 rows, against the mean of the two ranks' own ratios
+    col = shard_columns(tmp_path / "plain" / "data")
+    order = torch.randperm(len(col["weight"]), generator=torch.Generator().manual_seed(0))[:8]
+    initial = build_model(cfg.model, seed=cfg.train.seed, dtype=torch.float32).model
+
+    def loss_of(idx):
+        batch = {k: (v[idx].long() if k != "weight" else v[idx].float()) for k, v in col.items()}
+        with torch.no_grad():
+            return float(reference(initial, attention_kwargs(batch, "sdpa", torch.float32)))
+
+    global_loss = loss_of(order)
+    per_rank_mean = (loss_of(order[0::2]) + loss_of(order[1::2])) / 2
+    assert abs(rows[0]["loss"] - global_loss) < 1e-5 and abs(plain.losses[0] - global_loss) < 1e-5
+    assert abs(per_rank_mean - global_loss) > 1e-4, (per_rank_mean, global_loss)  # 10x the tolerance

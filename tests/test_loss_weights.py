@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 from conftest import tiny_recipe, write_recipe
+from reweighted import reference, shard_columns, write_reweighted_mix
 from transformers import AutoModelForCausalLM
 
 from llmft.config import load_recipe
@@ -24,17 +22,6 @@ from llmft.data.packing import Example, attention_kwargs, pack_isolated, segment
 from llmft.model.build import build_model
 from llmft.train.loop import train
 from llmft.train.loss import _fusable, causal_lm_loss, step_divisor
-
-
-def reference(model, batch) -> torch.Tensor:
-    """Σ w·nll / Σ w by hand: full fp32 logits, explicit log-softmax, the predicted token's weight."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weight")}
-    logp = torch.log_softmax(model(**inputs).logits.float(), dim=-1)[:, :-1]  # (b, s-1, v)
-    targets = batch["labels"][:, 1:]  # (b, s-1)
-    trained = targets != -100
-    nll = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (b, s-1)
-    w = batch["weight"][:, 1:] * trained
-    return (w * nll).sum() / w.sum()
 
 
 def grads_of(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -129,24 +116,16 @@ def test_weight_two_equals_the_example_twice(tiny_model, chunk):
 
 def test_training_on_a_reweighted_build_logs_the_weighted_loss(tmp_path, tiny_model, book_text, capsys):
     # documents of book text; every third has a marker word that a keyword filter removes, so the probe weighs
-    words = book_text.split()
-    docs = [" ".join(words[i : i + 60]) + (" damn" if k % 3 == 0 else "") for k, i in enumerate(range(0, 60 * 90, 60))]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    mix = {"packing": "isolated", "seed": 0, "validation_fraction": 0.05,
-           "filters": [{"kind": "keywords", "words": ["damn"]}], "reweight": {"components": 4},
-           "sources": [{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(tmp_path / "a.jsonl")}}]}
-    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
+    mix = write_reweighted_mix(tmp_path, book_text)
     recipe = tiny_recipe(tiny_model, tmp_path / "a.jsonl", tmp_path / "run", train={"max_steps": 2})
-    recipe["data"] = {"recipe": str(tmp_path / "mix.yaml")}
+    recipe["data"] = {"recipe": str(mix)}
     cfg = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
     initial = build_model(cfg.model, seed=cfg.train.seed, dtype=torch.float32).model  # the loop's starting weights
     result = train(cfg)
     assert "loss weights       per token" in capsys.readouterr().out
 
     # the first step from the saved shard: the loader's order (randperm of the rows, seed 0), 2 micro x 2 accum
-    table = pq.read_table(sorted((tmp_path / "run" / "data").glob("train-*.parquet"))[0])
-    col = {c: torch.from_numpy(np.stack(table.column(c).to_numpy(zero_copy_only=False))) for c in
-           ("input_ids", "labels", "position_ids", "weight")}
+    col = shard_columns(tmp_path / "run" / "data")
     w = col["weight"]
     assert len(set(w[w > 0].tolist())) > 5  # the weights vary by document
     first = torch.randperm(len(w), generator=torch.Generator().manual_seed(0))[:4]

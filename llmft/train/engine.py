@@ -3,6 +3,7 @@
 Both engines expose the same five operations, so the training loop reads the same for both:
 
     loss = engine.forward(batch, num_tokens)   # sum of token losses / tokens in the whole optimizer step
+                                               # (with N ranks: all ranks' tokens / N, as the grads are averaged)
     engine.backward(loss)
     grad_norm = engine.step()                  # clip, update, advance the lr schedule, zero grads
     engine.save(state_dir) / engine.load(state_dir)

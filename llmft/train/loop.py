@@ -193,6 +193,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
             # (with per-token loss weights: Σ w·nll / Σ w, a weight of 2 counts exactly as two copies of the example)
             num_tokens = step_divisor(micro_batches)
+            if distributed:  # over the tokens of all ranks: DeepSpeed averages the ranks' gradients, so each rank
+                # divides by (global count / world) and the step is Σ_all w·nll / Σ_all w, not a mean of ratios
+                total = torch.tensor([float(num_tokens)], dtype=torch.float64, device=engine.device)
+                dist.all_reduce(total)
+                num_tokens = float(total) / world
             if num_tokens == 0:  # only prompts/padding: the loss is 0 and so is the gradient (no 0/0)
                 log.warning("step %d has no trained tokens (only prompts or padding)", step + 1)
                 num_tokens = 1
@@ -204,7 +209,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
                 loss_sum += loss.detach().float().cpu()
             grad_norm = engine.step()  # plain engine: skips the update when the gradient is not finite
             step_loss = float(loss_sum)
-            if distributed:  # mean over ranks, for the log only
+            if distributed:  # mean over ranks (= Σ_all w·nll / Σ_all w, as divided above), for the log only
                 reduced = torch.tensor([step_loss], device=engine.device)
                 dist.all_reduce(reduced)
                 step_loss = float(reduced) / world
