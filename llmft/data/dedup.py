@@ -249,7 +249,8 @@ def load_embedder(spec: str) -> Callable[[list[str]], np.ndarray] | None:
     """The text embedder named by ``Dedup.embedder`` (None for 'hashed', which works on shingles).
 
     Raises:
-        DataError: sentence-transformers is not installed, or the function cannot be imported.
+        DataError: sentence-transformers is not installed or cannot load the model, or the function cannot be
+            imported.
     """
     if spec == "hashed":
         return None
@@ -260,7 +261,10 @@ def load_embedder(spec: str) -> Callable[[list[str]], np.ndarray] | None:
         except ImportError:
             raise DataError(f"dedup.embedder {spec!r}: sentence-transformers is not installed; pip install "
                             "sentence-transformers, or use embedder: hashed") from None
-        model = SentenceTransformer(rest)
+        try:
+            model = SentenceTransformer(rest)
+        except (OSError, ValueError) as e:  # a missing directory, or a hub id not cached / not found offline
+            raise DataError(f"dedup.embedder {spec!r}: cannot load the model {rest!r}: {e}") from None
         return lambda texts: model.encode(texts, batch_size=64, normalize_embeddings=True)
     try:
         fn = getattr(importlib.import_module(kind), rest)
