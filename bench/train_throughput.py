@@ -2,7 +2,7 @@
 batch and gradient checkpointing; tokens/s, peak RSS and MFU of each, and the ratios.
 
     python bench/train_throughput.py [--runs 4096:off 4096:on 16384:on] [--warmup 1] [--steps 3] [--repeats 2]
-                                     [--chunk 4096] [--quick] [--results bench/RESULTS.md]
+                                     [--chunk 4096] [--compile] [--quick] [--results bench/RESULTS.md]
 
 ``--runs`` lists ``SEQ_LEN:CHECKPOINTING`` (on/off, the same for both sides). Model: LLaMA 4 layers, hidden 256,
 4 heads, MLP 688, vocab 32000, random init (seed 0, the same weights on both sides), fp32, SDPA, one sequence per
@@ -47,7 +47,7 @@ LR = 1e-4
 
 
 def llmft_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, checkpointing: bool, chunk: int,
-                out: Path) -> dict:
+                out: Path, compile_layers: bool = False) -> dict:
     """One llmft run of ``steps`` optimizer steps through ``llmft.train.loop.train``; step-end times recorded by
     wrapping ``PlainEngine.step`` (the loop itself is untouched)."""
     sys.path.insert(0, str(REPO))
@@ -58,7 +58,8 @@ def llmft_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, ch
     recipe = {
         "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",
                   "max_seq_len": seq_len, "gradient_checkpointing": checkpointing,
-                  **({"checkpoint_keep_attention": True} if checkpointing else {})},
+                  **({"checkpoint_keep_attention": True} if checkpointing else {}),
+                  **({"compile": True} if compile_layers else {})},
         "data": {"sources": [{"format": "text", "path": str(p)} for p in books], "packing": "concat"},
         "train": {"lr": LR, "max_steps": steps, "precision": "fp32", "micro_batch_size": 1,
                   "loss_chunk_tokens": chunk, "seed": 0},
@@ -121,7 +122,8 @@ def child_main(args: argparse.Namespace) -> None:
         books = [Path(p) for p in args.books]
         steps = args.warmup + args.steps
         if args.child == "llmft":
-            r = llmft_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", args.chunk, tmp)
+            r = llmft_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", args.chunk, tmp,
+                            args.compile)
         else:
             r = hf_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", tmp)
     ends = r.pop("step_ends")
@@ -136,6 +138,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
     p.add_argument("--repeats", type=int, default=2, help="processes per side and run, alternating the order")
     p.add_argument("--chunk", type=int, default=4096, help="llmft train.loss_chunk_tokens")
+    p.add_argument("--compile", action="store_true", help="llmft side with model.compile (regional torch.compile; "
+                   "the warm-up step absorbs the compile time); transformers' Trainer stays eager, its default")
     p.add_argument("--quick", action="store_true", help="smoke test: 512:on, 1 + 1 steps, 1 repeat")
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file the section is appended to")
     p.add_argument("--child", choices=["llmft", "hf"], help=argparse.SUPPRESS)
@@ -167,7 +171,7 @@ def main() -> None:
                 for side in (("llmft", "hf") if r % 2 == 0 else ("hf", "llmft")):
                     cmd = [__file__, "--child", side, "--seq-len", str(seq_len), "--ckpt", ckpt, "--model-dir",
                            str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                           "--chunk", str(args.chunk), "--books", *books]
+                           "--chunk", str(args.chunk), *(["--compile"] if args.compile else []), "--books", *books]
                     res = run_child(cmd)
                     if res["status"] != "ok":
                         raise SystemExit(f"{side} at {seq_len} failed ({res['status']}):\n{res['stderr_tail']}")
@@ -187,13 +191,15 @@ def main() -> None:
                 "load": statistics.mean(r["load1"] for r in runs_of_side), "n": len(times)}
 
     cmd = (f"python bench/train_throughput.py --runs {' '.join(args.runs)} --warmup {args.warmup} --steps "
-           f"{args.steps} --repeats {args.repeats} --chunk {args.chunk}" + (" --quick" if args.quick else ""))
+           f"{args.steps} --repeats {args.repeats} --chunk {args.chunk}" + (" --compile" if args.compile else "")
+           + (" --quick" if args.quick else ""))
     lines = [
         f"## train_throughput — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Command: `{cmd}`; machine: {machine()}. Model: LLaMA 4 layers, hidden 256, 4 heads, MLP 688, vocab "
         "32000, random init (seed 0), fp32, SDPA, 1 sequence per step, real Gutenberg books, concat rows. llmft: "
-        f"`llmft.train.loop.train` on a recipe, `train.loss_chunk_tokens: {args.chunk}`. transformers: `Trainer`, "
+        f"`llmft.train.loop.train` on a recipe, `train.loss_chunk_tokens: {args.chunk}`"
+        + (", `model.compile: true`" if args.compile else "") + ". transformers: `Trainer`, "
         "same lr, checkpointing and batch, defaults otherwise (adamw_torch_fused). Each side in its own process, "
         f"{args.repeats} processes per side alternating the order, {args.warmup} warm-up step(s) dropped, median "
         f"of the timed steps (range in brackets). Peak RSS: ru_maxrss of the side's process "

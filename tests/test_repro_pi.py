@@ -1,0 +1,78 @@
+"""`llmft repro pi --fast`: the whole Position Interpolation experiment, small, as an integration test of the
+recipes, data reader, training loop, RoPE scaling and both evaluations (docs/results/pi_tiny.md is the full run)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llmft.cli import main
+from llmft.eval.passkey import KEY_HIGH, KEY_LOW
+from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, write_outputs
+
+
+@pytest.mark.slow
+def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
+    out, doc = tmp_path / "repro", tmp_path / "docs" / "pi_tiny.md"
+    assert main(["repro", "pi", "--fast", "--fresh", "--out", str(out), "--doc", str(doc)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    lengths = results["lengths"]
+    assert lengths == [128, 256, 512, 1024] and results["scale"] == "fast" and results["seed"] == 0
+    ppl = results["ppl"]
+    assert set(ppl) == {m[0] for m in METHODS}
+    for row in ppl.values():
+        for n in lengths:
+            r = row[str(n)]
+            assert math.isfinite(r["ppl_per_byte"]) and r["ppl_per_byte"] > 1 and r["tokens"] > 0
+            # the metric is what it says: exp(NLL / bytes)
+            assert r["ppl_per_byte"] == pytest.approx(math.exp(r["nll"] / r["bytes"]), rel=1e-9)
+
+    # the issue's CI assertion: PI + fine-tuning beats the base extrapolating at 8C
+    L = str(lengths[-1])
+    assert ppl["ft_linear"][L]["ppl_per_byte"] < ppl["base"][L]["ppl_per_byte"]
+    ci = [c for c in results["checks"] if c["claim"].startswith("CI check")]
+    assert len(ci) == 1 and ci[0]["holds"] is True
+
+    # scaling without training changes the numbers; each fine-tune produced its own model
+    assert ppl["pi"][L]["nll"] != ppl["base"][L]["nll"] and ppl["yarn"][L]["nll"] != ppl["pi"][L]["nll"]
+    assert len({ppl[k][L]["nll"] for k in ("ft_linear", "ft_none", "ft_yarn", "ft_dynamic")}) == 4
+    for name in ("base", "ft_linear", "ft_none", "ft_yarn", "ft_dynamic", "ft_passkey"):
+        assert (out / name / "final" / "model.safetensors").is_file()
+    cfg = json.loads((out / "ft_linear" / "final" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 8.0
+    assert cfg["max_position_embeddings"] == 1024
+
+    # passkey: both models scored on the whole grid, keys of the training data disjoint from the evaluation's
+    for key in ("ft_linear", "ft_passkey"):
+        pk = results["passkey"][key]
+        assert 0.0 <= pk["accuracy"] <= 1.0 and all(c["accuracy"] is not None for c in pk["cells"])
+    train_keys = {json.loads(line)["completion"].strip(" .")
+                  for line in (out / "passkey_data" / "passkey_train.jsonl").read_text().splitlines()}
+    grid = (len(lengths), len(PASSKEY_DEPTHS), results["settings"]["passkey_trials"])  # as run_passkey draws them
+    eval_keys = {str(k) for k in np.random.default_rng(PASSKEY_EVAL_SEED).integers(KEY_LOW, KEY_HIGH + 1, size=grid).flat}
+    assert len(train_keys) == results["settings"]["passkey_examples"] and not train_keys & eval_keys
+
+    # the report: table rows per method, the checks, the command, and the plots
+    for md in (out / "pi_tiny.md", doc):
+        text = md.read_text()
+        assert all(label in text for _, label, _, _ in METHODS)
+        assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
+    pos = results["nll_by_position"]
+    assert set(pos["rows"]) == set(POSITION_ROWS) and pos["length"] == 1024
+    assert all(len(row) == math.ceil(1023 / pos["bucket"]) for row in pos["rows"].values())
+    # the windows of the table and of the diagnosis are the same: the mean over positions is the table's NLL
+    base = ppl["base"][L]
+    mean_nll = sum(v * min(pos["bucket"], 1023 - i * pos["bucket"]) for i, v in enumerate(pos["rows"]["base"])) / 1023
+    assert mean_nll == pytest.approx(base["nll"] / base["tokens"], rel=1e-5)
+    for png in (out / "pi_tiny_ppl.png", out / "pi_tiny_passkey.png", out / "pi_tiny_positions.png",
+                doc.with_name("pi_tiny_ppl.png")):
+        assert Image.open(png).size[0] > 400
+
+    # text a person appended under the marker survives a regeneration of the doc
+    doc.write_text(doc.read_text() + "\nDiscussion by hand.\n")
+    write_outputs(results, out, doc)
+    assert doc.read_text().count("Discussion by hand.") == 1 and doc.read_text().count("# Position Interpolation") == 1
