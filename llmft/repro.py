@@ -424,20 +424,19 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
     lengths = results["lengths"]
     for key, label, recipe, _ in METHODS:
         ys = [results["ppl"][key][str(n)]["ppl_per_byte"] for n in lengths]
         ax.plot(lengths, ys, marker="o", linestyle="-" if recipe else "--", label=label)
     ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity per byte (held-out, lower is better)")
     ax.set_title(f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, seed {results['seed']})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -469,7 +468,7 @@ def plot_positions(results: dict, path: Path) -> Path:
 
     pos = results["nll_by_position"]
     labels = {k: label for k, label, _, _ in METHODS}
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
     for key, row in pos["rows"].items():
         xs = [min(1 + i * pos["bucket"] + pos["bucket"] / 2, pos["length"] - 1) for i in range(len(row))]
         ax.plot(xs, row, marker=".", label=labels[key])
@@ -478,7 +477,7 @@ def plot_positions(results: dict, path: Path) -> Path:
     ax.set_ylabel("NLL per token (nats, held-out)")
     ax.set_title("Where the loss goes: by position")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
