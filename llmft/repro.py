@@ -115,11 +115,6 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
     """
     if books is not None and (books / "train").is_dir() and (books / "test").is_dir():
         return books / "train", books / "test", f"{books}: its own train/ and test/ books (PG-19 layout)"
-    dest = out / "books"
-    train_dir, test_dir = dest / "train", dest / "test"
-    shutil.rmtree(dest, ignore_errors=True)
-    train_dir.mkdir(parents=True)
-    test_dir.mkdir(parents=True)
     if books is None:
         sources = [REPO / p for p in BUNDLED_BOOKS]
         where = "the two bundled books (Frankenstein, Moby Dick; Project Gutenberg #84, #2701)"
@@ -128,6 +123,11 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
         where = f"{len(sources)} books from {books}"
         if not sources:
             raise RecipeError([f"--books {books}: no .txt books there (nor train/ and test/ directories)"])
+    dest = out / "books"
+    train_dir, test_dir = dest / "train", dest / "test"
+    shutil.rmtree(dest, ignore_errors=True)
+    train_dir.mkdir(parents=True)
+    test_dir.mkdir(parents=True)
     for src in sources:
         head, tail = _cut(_read_text(src), HELD_OUT)
         name = src.name.split(".")[0] + ".txt"

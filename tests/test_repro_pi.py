@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from llmft.cli import main
+from llmft.config import RecipeError
 from llmft.eval.passkey import KEY_HIGH, KEY_LOW
-from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, write_outputs
+from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, prepare_books, write_outputs
 
 
 @pytest.mark.slow
@@ -76,3 +77,29 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     doc.write_text(doc.read_text() + "\nDiscussion by hand.\n")
     write_outputs(results, out, doc)
     assert doc.read_text().count("Discussion by hand.") == 1 and doc.read_text().count("# Position Interpolation") == 1
+
+
+def test_books_are_split_or_taken_as_a_pg19_layout(tmp_path):
+    # a flat directory of books: each split at the first paragraph break after 90% of its characters
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    texts = {"11": "\n\n".join(f"Paragraph {i} of book eleven." for i in range(100)),
+             "22": "\n\n".join(f"Chapter {i}, book twenty-two." for i in range(50))}
+    for name, text in texts.items():
+        (flat / f"{name}.txt").write_text(text)
+    train, test, how = prepare_books(tmp_path / "out", flat)
+    assert "2 books" in how
+    for name, text in texts.items():
+        head, tail = (train / f"{name}.txt").read_text(), (test / f"{name}.txt").read_text()
+        assert head + tail == text and head.endswith("\n\n") and tail.startswith(("Paragraph", "Chapter"))
+        assert 0.88 <= len(head) / len(text) <= 0.93
+    # a PG-19 layout is used as it is: whole held-out books
+    pg19 = tmp_path / "pg19"
+    for split in ("train", "test"):
+        (pg19 / split).mkdir(parents=True)
+        (pg19 / split / "1.txt").write_text(f"a {split} book")
+    assert prepare_books(tmp_path / "out2", pg19)[:2] == (pg19 / "train", pg19 / "test")
+    assert not (tmp_path / "out2" / "books").exists()
+    (tmp_path / "flat" / "nothing-here").mkdir()
+    with pytest.raises(RecipeError, match="no .txt books"):
+        prepare_books(tmp_path / "out3", tmp_path / "flat" / "nothing-here")
