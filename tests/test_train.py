@@ -179,7 +179,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_model, text_f
     again, _ = run(tmp_path, tiny_model, text_file, name="w", overrides=overrides)
     assert again.resumed_from == 2
     runs = sorted((first.run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{saved['wandb_id']}") for r in runs)
+    # each run dir holds run-<id>.wandb (its name ends in -<id>, plus -1 when both runs start in the same second)
+    assert len(runs) == 2 and all((r / f"run-{saved['wandb_id']}.wandb").is_file() for r in runs)
 
 
 def test_eval_hook_logs_ppl_by_length(tmp_path, tiny_model, text_file):
