@@ -21,55 +21,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS, book_paths, load1, machine, peak_rss_bytes, run_child, write_model_dir  # noqa: E402
+from common import RESULTS, book_paths, load1, machine, run_child, write_model_dir  # noqa: E402
 from common import write_section  # noqa: E402
-
-LR = 1e-4
-
-
-def child(model_dir: Path, books: list[Path], seq_len: int, steps: int, compile_: bool, chunk: int,
-          out: Path) -> dict:
-    """One run of ``steps`` optimizer steps; step-end times recorded by wrapping ``PlainEngine.step``."""
-    sys.path.insert(0, str(REPO))
-    from llmft.config import load_recipe
-    from llmft.train import engine
-    from llmft.train.loop import train
-
-    recipe = {
-        "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",
-                  "max_seq_len": seq_len, "compile": compile_},
-        "data": {"sources": [{"format": "text", "path": str(p)} for p in books], "packing": "concat"},
-        "train": {"lr": LR, "max_steps": steps, "precision": "fp32", "micro_batch_size": 1,
-                  "loss_chunk_tokens": chunk, "seed": 0},
-        "checkpoint": {"dir": str(out / "run")},
-        "logging": {"every_steps": 1},
-    }
-    path = out / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    stamps: list[float] = []
-    real_step = engine.PlainEngine.step
-
-    def timed_step(self):
-        norm = real_step(self)
-        stamps.append(time.perf_counter())
-        return norm
-
-    def timed_forward(self, *a, **k):  # the start of the first step (the model is built and the data read)
-        if not stamps:
-            stamps.append(time.perf_counter())
-        return real_forward(self, *a, **k)
-
-    real_forward = engine.PlainEngine.forward
-    engine.PlainEngine.step, engine.PlainEngine.forward = timed_step, timed_forward
-    result = train(load_recipe(path), resume=False)
-    return {"step_ends": stamps, "losses": result.losses, "peak_rss": peak_rss_bytes()}
+from train_throughput import llmft_child  # noqa: E402  the same llmft run, compile on or off
 
 
 def main() -> None:
@@ -87,9 +45,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
-            r = child(Path(args.model_dir), [Path(b) for b in args.books], args.seq_len, args.warmup + args.steps,
-                      args.child == "compiled", args.chunk, Path(tmp))
-        ends = r.pop("step_ends")  # [start of step 1, end of step 1, end of step 2, ...]
+            r = llmft_child(Path(args.model_dir), [Path(b) for b in args.books], args.seq_len,
+                            args.warmup + args.steps, False, args.chunk, Path(tmp), args.child == "compiled")
+        ends = [r.pop("first_forward")] + r.pop("step_ends")  # [start of step 1, end of step 1, end of step 2, ...]
         r["first_step"] = ends[1] - ends[0]
         r["step_seconds"] = [b - a for a, b in zip(ends[args.warmup :], ends[args.warmup + 1 :])]
         print(json.dumps(r))

@@ -27,7 +27,6 @@ used as the CI integration test.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import platform
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from llmft.config import RecipeError, RopeConfig, load_recipe
-from llmft.data.sources import SourceSpec
+from llmft.data.sources import SourceSpec, read_source
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = "recipes/repro"
@@ -91,11 +90,6 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------------- books
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    return (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
-
-
 def _cut(text: str, fraction: float) -> tuple[str, str]:
     """Split ``text`` at the first paragraph break after ``1 - fraction`` of its characters."""
     at = int(len(text) * (1 - fraction))
@@ -119,7 +113,8 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
         sources = [REPO / p for p in BUNDLED_BOOKS]
         where = "the two bundled books (Frankenstein, Moby Dick; Project Gutenberg #84, #2701)"
     else:
-        sources = sorted(p for p in books.iterdir() if p.suffix in (".txt", ".gz") and not p.name.startswith("."))
+        sources = sorted(p for p in books.iterdir()
+                         if p.suffix in (".txt", ".gz", ".zst") and not p.name.startswith("."))
         where = f"{len(sources)} books from {books}"
         if not sources:
             raise RecipeError([f"--books {books}: no .txt books there (nor train/ and test/ directories)"])
@@ -129,7 +124,8 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
     train_dir.mkdir(parents=True)
     test_dir.mkdir(parents=True)
     for src in sources:
-        head, tail = _cut(_read_text(src), HELD_OUT)
+        (doc,) = read_source(SourceSpec(format="text", path=src), on_error="stop")  # .txt, .gz or .zst: one book
+        head, tail = _cut(doc.text, HELD_OUT)
         name = src.name.split(".")[0] + ".txt"
         (train_dir / name).write_text(head, encoding="utf-8")
         (test_dir / name).write_text(tail, encoding="utf-8")
@@ -398,7 +394,8 @@ def ppl_table(results: dict, metric: str = "ppl_per_byte") -> str:
 
 def passkey_table(results: dict) -> str:
     lengths = results["lengths"]
-    lines = ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " | overall | distinct answers | most common answer |",
+    head = " | ".join(f"{n:,}" for n in lengths)
+    lines = [f"| model | {head} | overall | distinct answers | most common answer |",
              "|---|" + "---:|" * (len(lengths) + 3)]
     names = {"ft_linear": "(c) PI x8 + N steps on books", "ft_passkey": "(c) + passkey-aware fine-tune"}
     for key, pk in results["passkey"].items():

@@ -54,7 +54,8 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     train_keys = {json.loads(line)["completion"].strip(" .")
                   for line in (out / "passkey_data" / "passkey_train.jsonl").read_text().splitlines()}
     grid = (len(lengths), len(PASSKEY_DEPTHS), results["settings"]["passkey_trials"])  # as run_passkey draws them
-    eval_keys = {str(k) for k in np.random.default_rng(PASSKEY_EVAL_SEED).integers(KEY_LOW, KEY_HIGH + 1, size=grid).flat}
+    rng = np.random.default_rng(PASSKEY_EVAL_SEED)
+    eval_keys = {str(k) for k in rng.integers(KEY_LOW, KEY_HIGH + 1, size=grid).flat}
     assert len(train_keys) == results["settings"]["passkey_examples"] and not train_keys & eval_keys
 
     # the report: table rows per method, the checks, the command, and the plots
