@@ -395,10 +395,13 @@ def _tokenizer_pool(tokenize: _Tokenize, num_proc: int) -> Iterator[Callable[[It
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of a batch of texts, no special tokens: the fast tokenizer's own batch encoder (parallel in
-    Rust) when there is one, skipping the per-encoding Python conversion of the transformers wrapper."""
+    Rust) when there is one, skipping the per-encoding Python conversion of the transformers wrapper.
+    ``encode_batch_fast`` (tokenizers >= 0.20) also skips the character offsets, which nothing here uses:
+    the same ids (tested), about 25% less time."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -489,9 +492,9 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         else pack_concat(mixed, seq_len)
     token_weights = _token_weights(mixed, rows, seq_len) if mix.reweight else None
     _write_rows(rows, out, token_weights)
-    val_table = pa.table({"source": list(val_units),
-                          "tokens": [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32)
-                                     for us in val_units.values()]})
+    val_table = pa.table({"source": _strings(list(val_units)),
+                          "tokens": _int_lists([np.concatenate([u.tokens for u in us]) if us else np.zeros(0)
+                                                for us in val_units.values()])})
     pq.write_table(val_table, out / "validation.parquet")
 
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
@@ -550,20 +553,50 @@ def _write_rows(rows: PackedRows, out: Path, weights: torch.Tensor | None = None
     seq_len = rows.input_ids.shape[1]
     for k, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
         part = slice(start, start + ROWS_PER_SHARD)
-        # one flat int32 buffer per column, viewed as fixed-size lists of seq_len: no per-row conversion
-        columns = {name: pa.FixedSizeListArray.from_arrays(
-            pa.array(getattr(rows, name)[part].to(torch.int32).numpy().reshape(-1)), seq_len)
-            for name in ("input_ids", "labels", "position_ids")}
+        # one flat buffer per column, viewed as fixed-size lists of seq_len: no per-row conversion
+        columns = {name: _fixed_lists(getattr(rows, name)[part].to(torch.int32), pa.int32())
+                   for name in ("input_ids", "labels", "position_ids")}
         if weights is not None:
-            columns["weight"] = pa.FixedSizeListArray.from_arrays(pa.array(weights[part].numpy().reshape(-1)), seq_len)
-        table = pa.table(columns)
-        pq.write_table(table, out / f"train-{k:05d}.parquet")
+            columns["weight"] = _fixed_lists(weights[part], pa.float32())
+        # zstd over dictionary pages: smaller than the snappy default and faster to write (token ids repeat)
+        pq.write_table(pa.table(columns), out / f"train-{k:05d}.parquet", compression="zstd")
+
+
+# Arrow columns from numpy buffers with ``pa.Array.from_buffers``: ``pa.array`` imports pandas (half a second of
+# every build) to check its input's type.
+
+
+def _fixed_lists(x: torch.Tensor, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    """(n, s) tensor -> n fixed-size lists of s, over the tensor's own buffer."""
+    flat = np.ascontiguousarray(x.numpy().reshape(-1))
+    values = pa.Array.from_buffers(dtype, len(flat), [None, pa.py_buffer(flat)])
+    return pa.FixedSizeListArray.from_arrays(values, x.shape[1])
+
+
+def _int_lists(parts: list[np.ndarray]) -> pa.ListArray:
+    """Variable-length int32 lists."""
+    offsets = np.zeros(len(parts) + 1, np.int32)
+    np.cumsum([len(x) for x in parts], out=offsets[1:])
+    flat = np.concatenate([np.asarray(x, np.int32) for x in parts]) if parts else np.zeros(0, np.int32)
+    values = pa.Array.from_buffers(pa.int32(), len(flat), [None, pa.py_buffer(flat)])
+    return pa.Array.from_buffers(pa.list_(pa.int32()), len(parts), [None, pa.py_buffer(offsets)], children=[values])
+
+
+def _strings(items: list[str]) -> pa.StringArray:
+    data = [x.encode() for x in items]
+    offsets = np.zeros(len(data) + 1, np.int32)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+
+
+def _flat_column(path: Path, name: str, dtype: type) -> np.ndarray:
+    """The values of a list column of a parquet file, concatenated (no nulls), read without pandas (see above)."""
+    values = pq.ParquetFile(path).read(columns=[name]).column(name).combine_chunks().flatten()
+    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * np.dtype(dtype).itemsize)
 
 
 def _validation_tokens(out: Path) -> np.ndarray:
-    table = pq.read_table(out / "validation.parquet")
-    parts = [np.asarray(t, dtype=np.int32) for t in table.column("tokens").to_pylist()]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return _flat_column(out / "validation.parquet", "tokens", np.int32).copy()
 
 
 def load_built(out: Path, cached: bool = False) -> Built:
@@ -579,7 +612,7 @@ def load_built(out: Path, cached: bool = False) -> Built:
     shards = sorted(out.glob("train-*.parquet"))
     tensors = {}
     for name in ("input_ids", "labels", "position_ids"):
-        flat = [pq.read_table(s, columns=[name]).column(name).combine_chunks().flatten().to_numpy() for s in shards]
+        flat = [_flat_column(s, name, np.int32) for s in shards] or [np.zeros(0, np.int32)]
         tensors[name] = torch.from_numpy(np.concatenate(flat).astype(np.int64).reshape(-1, stats["seq_len"]))  # (n, s)
     p = stats["packing"]
     rows = PackedRows(tensors["input_ids"], tensors["labels"], tensors["position_ids"], p["mode"],
@@ -587,21 +620,18 @@ def load_built(out: Path, cached: bool = False) -> Built:
     if len(rows) != p["rows"]:
         raise DataError(f"{out}: stats.json lists {p['rows']} rows but the shards hold {len(rows)}; rebuild it")
     weights = None
-    if shards and "weight" in pq.read_schema(shards[0]).names:
-        flat = [pq.read_table(s, columns=["weight"]).column("weight").combine_chunks().flatten().to_numpy()
-                for s in shards]
-        weights = torch.from_numpy(np.concatenate(flat).astype(np.float32).reshape(-1, stats["seq_len"]))  # (n, s)
+    if shards and "weight" in pq.ParquetFile(shards[0]).schema_arrow.names:
+        flat = [_flat_column(s, "weight", np.float32) for s in shards]
+        weights = torch.from_numpy(np.concatenate(flat).reshape(-1, stats["seq_len"]))  # (n, s)
     return Built(rows, _validation_tokens(out), stats, cached, weights=weights)
 
 
 def _plot(stats: dict, out: Path) -> None:
     """length_histogram.png (documents per length bin, per source) and mix.png (target vs realized shares)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, and half the import time
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.add_subplot()
     names = list(stats["length_histogram"])
     bins = sorted({b for h in stats["length_histogram"].values() for b in h}, key=lambda b: int(b[2:]))
     width = 0.8 / max(1, len(names))
@@ -615,9 +645,9 @@ def _plot(stats: dict, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "length_histogram.png")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig = Figure(figsize=(6, 3.6), dpi=110)
+    ax = fig.add_subplot()
     src = stats["sources"]
     xs = np.arange(len(src))
     ax.bar(xs - 0.2, [100 * s["target_share"] for s in src.values()], 0.4, label="target")
@@ -629,7 +659,6 @@ def _plot(stats: dict, out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "mix.png")
-    plt.close(fig)
 
 
 def build_from_recipe(mix: MixRecipe, out: Path, seq_len: int, tokenizer_name: str, force: bool = False,
