@@ -234,6 +234,31 @@ def test_weight_decay_skips_norms_and_biases(tiny_model):
     assert opt.defaults["betas"] == (0.9, 0.95)
 
 
+def test_fused_adamw_matches_foreach(tiny_model, text_file):
+    """The plain engine's fused AdamW makes the same updates as the foreach one, to float rounding."""
+    from llmft.config import ModelConfig, TrainConfig
+    from llmft.model.build import build_model
+    from llmft.train.optim import build_optimizer
+
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.1, max_steps=1)
+    models = [build_model(ModelConfig(name=str(tiny_model), max_seq_len=32, dtype="float32")).model for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(models[0], cfg, fused=True), build_optimizer(models[1], cfg)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"] and opts[1].defaults["foreach"]
+    x = torch.randint(0, models[0].config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = [[], []]
+    for _ in range(4):
+        for k, (model, opt) in enumerate(zip(models, opts)):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[k].append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0][-1] < losses[0][0] - 0.1
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=0)
+
+
 def test_bf16_autocast_in_a_single_process(tmp_path, tiny_model, text_file):
     result, _ = run(tmp_path, tiny_model, text_file, overrides=["train.max_steps=6", "train.precision=bf16"])
     assert all(0 < x < 10 for x in result.losses) and result.losses[-1] < result.losses[0]

@@ -48,7 +48,7 @@ class PlainEngine:
         self.attention = attention
         self.device = device
         self.cfg = recipe.train
-        self.optimizer = build_optimizer(model, recipe.train)
+        self.optimizer = build_optimizer(model, recipe.train, fused=True)
         self.scheduler = build_scheduler(self.optimizer, recipe.train, total_steps)
         self.amp_dtype = _AMP.get(recipe.train.precision)  # None: plain fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
