@@ -91,8 +91,10 @@ def llmft_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, ch
             "peak_rss": peak_rss_bytes()}
 
 
-def hf_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, checkpointing: bool, out: Path) -> dict:
-    """One transformers ``Trainer`` run of ``steps`` optimizer steps; step-end times from a callback."""
+def hf_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, checkpointing: bool, out: Path,
+             compile_model: bool = False) -> dict:
+    """One transformers ``Trainer`` run of ``steps`` optimizer steps; step-end times from a callback.
+    ``compile_model``: the Trainer's own ``torch_compile=True`` (the whole model through ``torch.compile``)."""
     import datasets
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
@@ -118,7 +120,8 @@ def hf_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, check
     args = TrainingArguments(output_dir=str(out / "hf"), per_device_train_batch_size=1, max_steps=steps,
                              learning_rate=LR, activation_checkpointing=checkpointing,
                              activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-                             save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+                             save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+                             torch_compile=compile_model)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
                       callbacks=[Stamp()])
     result = trainer.train()
@@ -135,7 +138,8 @@ def child_main(args: argparse.Namespace) -> None:
             r = llmft_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", args.chunk, tmp,
                             args.compile)
         else:
-            r = hf_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", tmp)
+            r = hf_child(Path(args.model_dir), books, args.seq_len, steps, args.ckpt == "on", tmp,
+                         args.child == "hf_compile")
     ends = r.pop("step_ends")
     r.pop("first_forward", None)
     r["step_seconds"] = [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])]
@@ -151,9 +155,11 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=4096, help="llmft train.loss_chunk_tokens")
     p.add_argument("--compile", action="store_true", help="llmft side with model.compile (regional torch.compile; "
                    "the warm-up step absorbs the compile time); transformers' Trainer stays eager, its default")
+    p.add_argument("--hf-compile", action="store_true", help="also run the Trainer with its own torch_compile=True "
+                   "(a third side; ratios stay against the eager Trainer, its default)")
     p.add_argument("--quick", action="store_true", help="smoke test: 512:on, 1 + 1 steps, 1 repeat")
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file the section is appended to")
-    p.add_argument("--child", choices=["llmft", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["llmft", "hf", "hf_compile"], help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -177,16 +183,17 @@ def main() -> None:
         model_dir = write_model_dir(tmp / "model", max(s for s, _ in runs))
         books = [str(b) for b in book_paths(tmp)]
         for seq_len, ckpt in runs:
-            got: dict[str, list[dict]] = {"llmft": [], "hf": []}
+            sides = ["llmft", "hf", *(["hf_compile"] if args.hf_compile else [])]
+            got: dict[str, list[dict]] = {side: [] for side in sides}
             for r in range(args.repeats):
-                for side in (("llmft", "hf") if r % 2 == 0 else ("hf", "llmft")):
+                for side in (sides if r % 2 == 0 else sides[::-1]):
                     cmd = [__file__, "--child", side, "--seq-len", str(seq_len), "--ckpt", ckpt, "--model-dir",
                            str(model_dir), "--warmup", str(args.warmup), "--steps", str(args.steps),
                            "--chunk", str(args.chunk), *(["--compile"] if args.compile else []), "--books", *books]
                     res = run_child(cmd)
                     if res["status"] != "ok":
                         raise SystemExit(f"{side} at {seq_len} failed ({res['status']}):\n{res['stderr_tail']}")
-                    print(f"[bench] {side:5s} s={seq_len} ckpt={ckpt} repeat {r}: steps "
+                    print(f"[bench] {side:10s} s={seq_len} ckpt={ckpt} repeat {r}: steps "
                           f"{', '.join(f'{t:.2f}' for t in res['step_seconds'])} s, peak RSS "
                           f"{res['peak_rss'] / 2**20:,.0f} MiB, load {res['load1']:.2f}", flush=True)
                     got[side].append(res)
@@ -203,7 +210,7 @@ def main() -> None:
 
     cmd = (f"python bench/train_throughput.py --runs {' '.join(args.runs)} --warmup {args.warmup} --steps "
            f"{args.steps} --repeats {args.repeats} --chunk {args.chunk}" + (" --compile" if args.compile else "")
-           + (" --quick" if args.quick else ""))
+           + (" --hf-compile" if args.hf_compile else "") + (" --quick" if args.quick else ""))
     lines = [
         f"## train_throughput — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
@@ -211,7 +218,9 @@ def main() -> None:
         "32000, random init (seed 0), fp32, SDPA, 1 sequence per step, real Gutenberg books, concat rows. llmft: "
         f"`llmft.train.loop.train` on a recipe, `train.loss_chunk_tokens: {args.chunk}`"
         + (", `model.compile: true`" if args.compile else "") + ". transformers: `Trainer`, "
-        "same lr, checkpointing and batch, defaults otherwise (adamw_torch_fused). Each side in its own process, "
+        "same lr, checkpointing and batch, defaults otherwise (adamw_torch_fused)"
+        + ("; 'Trainer, torch_compile' adds `torch_compile=True` (ratios stay against the eager Trainer)"
+           if args.hf_compile else "") + ". Each side in its own process, "
         f"{args.repeats} processes per side alternating the order, {args.warmup} warm-up step(s) dropped, median "
         f"of the timed steps (range in brackets). Peak RSS: ru_maxrss of the side's process "
         "(MALLOC_MMAP_THRESHOLD_=131072 for both). MFU: (6 N + 12 L h s) FLOPs per token, N = 11,354,112 matmul "
@@ -226,10 +235,12 @@ def main() -> None:
     table = []
     for seq_len, ckpt, got in rows:
         s_l, s_h = summary(got["llmft"], seq_len), summary(got["hf"], seq_len)
-        table.append({"seq_len": seq_len, "checkpointing": ckpt, "llmft": s_l, "hf": s_h,
+        s_c = summary(got["hf_compile"], seq_len) if got.get("hf_compile") else None
+        table.append({"seq_len": seq_len, "checkpointing": ckpt, "llmft": s_l, "hf": s_h, "hf_compile": s_c,
                       "tps_ratio": s_l["tps"] / s_h["tps"], "rss_ratio": s_l["rss"] / s_h["rss"]})
-        for name, s, tr, rr in (("transformers Trainer", s_h, 1.0, 1.0),
-                                ("llmft", s_l, s_l["tps"] / s_h["tps"], s_l["rss"] / s_h["rss"])):
+        named = [("transformers Trainer", s_h), *([("Trainer, torch_compile", s_c)] if s_c else []), ("llmft", s_l)]
+        for name, s in named:
+            tr, rr = s["tps"] / s_h["tps"], s["rss"] / s_h["rss"]
             lines.append(f"| {seq_len} | {ckpt} | {name} | {s['tps']:,.0f} [{s['min_tps']:,.0f}-{s['max_tps']:,.0f}] "
                          f"| {tr:.2f} | {s['rss'] / 2**20:,.0f} | {rr:.2f} | {s['mfu']:.1%} | {s['load']:.2f} |")
     lines.append("")

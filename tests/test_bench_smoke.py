@@ -1,4 +1,4 @@
-"""The llmft-vs-transformers benches run (their --quick modes, all three at once) and write their tables: every
+"""The llmft-vs-transformers benches and the GPU MFU bench run (their --quick modes, all at once) and write their tables: every
 number in them positive and finite; and the max-context search doubles, bisects and respects its time budget."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "bench"))
 import max_context  # noqa: E402
 
-BENCHES = ("train_throughput", "max_context", "eval_throughput")
+BENCHES = ("train_throughput", "max_context", "eval_throughput", "gpu_mfu")
 
 
 def table_numbers(text: str) -> list[float]:
@@ -30,7 +30,7 @@ def table_numbers(text: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """Each bench's --quick mode, the three processes at once; bench -> (stdout, results file text)."""
+    """Each bench's --quick mode, the processes at once; bench -> (stdout, results file text)."""
     tmp = tmp_path_factory.mktemp("bench")
     procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--results",
                                      str(tmp / f"{name}.md")], cwd=REPO, stdout=subprocess.PIPE,
@@ -115,3 +115,26 @@ def test_search_does_not_start_a_step_it_cannot_finish(monkeypatch):
     assert tried == [8192, 16384]  # 32768 would take 160 s > the 100 s left
     assert found["max_ok"] == 16384 and found["first_fail"] is None
     assert found["stop"].startswith("32,768 not tried: one step predicted 3 min")
+
+
+def test_gpu_mfu_quick_run(quick_runs):
+    rows = bench_json(quick_runs["gpu_mfu"][0])
+    assert [r["seq_len"] for r in rows] == [256] and rows[0]["gpu"] == "CPU"
+    assert all(positive_finite(rows[0][k]) for k in ("tps", "tflops", "mfu", "peak_tflops", "mem_gib"))
+    assert rows[0]["mfu"] < 1.5 and all(math.isfinite(x) for x in rows[0]["losses"])
+
+
+def test_gpu_mfu_counts_the_matmul_weights_of_the_real_model():
+    """The MFU numerator's N equals the Linear weights of the transformers model the bench builds (GQA included)."""
+    import gpu_mfu
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmft.model.tiny import tiny_llama_config
+
+    for cfg in (gpu_mfu.ONE_B, {**gpu_mfu.ONE_B, "num_kv_heads": 32}):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(tiny_llama_config(**cfg))
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert gpu_mfu.matmul_params(cfg) == linear
+    assert 1.0e9 < gpu_mfu.matmul_params(gpu_mfu.ONE_B) < 1.1e9
