@@ -2,7 +2,7 @@
 batch and gradient checkpointing; tokens/s, peak RSS and MFU of each, and the ratios.
 
     python bench/train_throughput.py [--runs 4096:off 4096:on 16384:on] [--warmup 1] [--steps 3] [--repeats 2]
-                                     [--chunk 4096] [--compile] [--quick] [--results bench/RESULTS.md]
+                                     [--chunk 4096] [--compile] [--hf-compile] [--quick] [--results bench/RESULTS.md]
 
 ``--runs`` lists ``SEQ_LEN:CHECKPOINTING`` (on/off, the same for both sides). Model: LLaMA 4 layers, hidden 256,
 4 heads, MLP 688, vocab 32000, random init (seed 0, the same weights on both sides), fp32, SDPA, one sequence per
