@@ -71,34 +71,11 @@ def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dic
     print("\nToken perplexity on held-out text (lower is better):\n\n" + table + "\n", flush=True)
     (out / "ppl.md").write_text(table + "\n")
     (out / "ppl.json").write_text(json.dumps({k: {str(n): r for n, r in v.items()} for k, v in results.items()}, indent=1))
-    plot_ppl(results, out / "ppl_by_length.png", trained_len=base.model.max_seq_len)
+    from llmft.eval.report import plot_ppl  # matplotlib, only here
+
+    plot_ppl(results, out / "ppl_by_length.png", metric="ppl", ylabel="token perplexity (held-out)", log_y=True,
+             title="Context extension with Position Interpolation", trained_len=base.model.max_seq_len,
+             trained_label="base training length")
     print(f"[llmft] wrote {out / 'ppl.md'}, {out / 'ppl.json'} and {out / 'ppl_by_length.png'}", flush=True)
     return results
-
-
-def plot_ppl(results: dict, path: Path, trained_len: int) -> None:
-    """Perplexity against context length, one line per model, log-2 x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for name, res in results.items():
-        xs = sorted(res)
-        ax.plot(xs, [res[n]["ppl"] for n in xs], marker="o", label=name)
-    ax.axvline(trained_len, color="grey", linestyle=":", label=f"base training length ({trained_len})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("token perplexity (held-out)")
-    ax.set_title("Context extension with Position Interpolation")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 

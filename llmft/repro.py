@@ -416,28 +416,15 @@ def passkey_table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> Path:
     """Perplexity per byte against context length, one line per method; fine-tuned methods solid."""
-    import matplotlib
+    from llmft.eval.report import plot_ppl
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
     lengths = results["lengths"]
-    for key, label, recipe, _ in METHODS:
-        ys = [results["ppl"][key][str(n)]["ppl_per_byte"] for n in lengths]
-        ax.plot(lengths, ys, marker="o", linestyle="-" if recipe else "--", label=label)
-    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity per byte (held-out, lower is better)")
-    ax.set_title(f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, seed {results['seed']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    models = {label: {n: results["ppl"][key][str(n)] for n in lengths} for key, label, _, _ in METHODS}
+    return plot_ppl(models, path, ylabel="perplexity per byte (held-out, lower is better)",
+                    title=f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, "
+                          f"seed {results['seed']})",
+                    trained_len=results["context"], trained_label="pre-training length C",
+                    dashed=frozenset(label for _, label, recipe, _ in METHODS if not recipe), legend_outside=True)
 
 
 def position_table(results: dict) -> str:

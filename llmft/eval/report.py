@@ -49,21 +49,50 @@ def format_ppl_table(models: dict[str, dict[int, dict]], metric: str = "ppl_per_
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def plot_ppl(models: dict[str, dict[int, dict]], path: Path, metric: str = "ppl_per_byte", title: str = "") -> Path:
-    """PNG of ``metric`` against context length (log2 axis), one line per model."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+YLABELS = {"ppl_per_byte": "perplexity per byte", "token_ppl": "token perplexity"}
+
+
+def plot_ppl(models: dict[str, dict[int, dict]], path: Path, metric: str = "ppl_per_byte", title: str = "",
+             ylabel: str = "", trained_len: int | None = None, trained_label: str = "training length",
+             dashed: frozenset[str] = frozenset(), log_y: bool = False, legend_outside: bool = False) -> Path:
+    """PNG of ``metric`` against context length (log2 axis), one line per model.
+
+    Args:
+        models: ``{name: {length: {metric: value, ...}}}``; NaN points are left out.
+        trained_len: draw a dotted vertical line there, labelled ``trained_label (trained_len)``.
+        dashed: names drawn dashed (e.g. models used without fine-tuning).
+        log_y: log y axis with plain number labels.
+        legend_outside: legend to the right of the axes (many lines).
+    """
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(10, 4.8) if legend_outside else (7, 4.5), dpi=120)
+    lengths = set()
     for name, results in models.items():
         pts = sorted((int(n), r[metric]) for n, r in results.items() if not math.isnan(r[metric]))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--" if name in dashed else "-",
+                    label=name)
+            lengths.update(p[0] for p in pts)
+    if trained_len is not None:
+        ax.axvline(trained_len, color="grey", linestyle=":", label=f"{trained_label} ({trained_len})")
     ax.set_xscale("log", base=2)
+    if lengths:
+        ax.set_xticks(sorted(lengths), [str(n) for n in sorted(lengths)])
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel({"ppl_per_byte": "perplexity per byte", "token_ppl": "token perplexity"}[metric])
+    ax.set_ylabel(ylabel or YLABELS.get(metric, metric))
     ax.set_title(title or f"{metric.replace('_', ' ')} by context length")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    if legend_outside:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
     return path
 
