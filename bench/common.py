@@ -28,32 +28,41 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "fals
              "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
 
 
-def matmul_params(vocab: int = MODEL["vocab_size"], h: int = MODEL["hidden_size"], layers: int = MODEL["num_layers"],
-                  inter: int = MODEL["intermediate_size"]) -> int:
-    """Weights that take part in a matmul: q, k, v, o (4 h^2), gate, up, down (3 h i) per layer, and the LM head
-    (h v). The embedding (a lookup) and the norms are not counted."""
-    return layers * (4 * h * h + 3 * h * inter) + h * vocab
+def matmul_params(model: dict = MODEL) -> int:
+    """Weights that take part in a matmul: q and o (h x h), k and v (h x kv_dim: h for multi-head attention, less
+    with grouped-query attention), gate, up, down (3 h i) per layer, and the LM head (h v). The embedding (a lookup)
+    and the norms are not counted."""
+    h = model["hidden_size"]
+    kv_dim = h * model.get("num_kv_heads", model["num_heads"]) // model["num_heads"]
+    return model["num_layers"] * (2 * h * h + 2 * h * kv_dim + 3 * h * model["intermediate_size"]) + h * model["vocab_size"]
 
 
-def flops_per_token(seq_len: int) -> float:
+def flops_per_token(seq_len: int, model: dict = MODEL) -> float:
     """Model FLOPs per trained token: 6 N (forward 2 N, backward 4 N; N = :func:`matmul_params`, LM head included)
     plus attention 12 L h s (PaLM, appendix B: QK^T and AV, forward and backward, full s x s with no causal halving).
     Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs)."""
-    return 6 * matmul_params() + 12 * MODEL["num_layers"] * MODEL["hidden_size"] * seq_len
+    return 6 * matmul_params(model) + 12 * model["num_layers"] * model["hidden_size"] * seq_len
 
 
-def gemm_peak(sizes=(2048, 3072, 4096), repeats: int = 5) -> float:
-    """FLOP/s of the best fp32 ``torch.matmul`` of square matrices (best of ``repeats`` per size), with this process's
-    torch thread count (the same as the children's: torch's default)."""
+def gemm_peak(sizes=(2048, 3072, 4096), repeats: int = 5, device: str = "cpu", dtype=None) -> float:
+    """FLOP/s of the best ``torch.matmul`` of square matrices (best of ``repeats`` per size; fp32 unless ``dtype``),
+    with this process's torch thread count (the same as the children's: torch's default); on CUDA each product is
+    timed between synchronizations."""
     import torch
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
         a @ b  # warm-up
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
 
@@ -74,13 +83,14 @@ def book_paths(tmp: Path) -> list[Path]:
     return out
 
 
-def write_model_dir(out: Path, max_len: int) -> Path:
-    """config.json of the bench model (``max_position_embeddings = max_len``) and llmft's tiny tokenizer."""
+def write_model_dir(out: Path, max_len: int, model: dict = MODEL) -> Path:
+    """config.json of ``model`` (the bench model unless given; ``max_position_embeddings = max_len``) and llmft's
+    tiny tokenizer."""
     sys.path.insert(0, str(REPO))
     from llmft.model.tiny import ASSETS, tiny_llama_config
 
     out.mkdir(parents=True, exist_ok=True)
-    tiny_llama_config(max_position_embeddings=max_len, **MODEL).save_pretrained(out)
+    tiny_llama_config(max_position_embeddings=max_len, **model).save_pretrained(out)
     for f in (ASSETS / "tiny-llama").iterdir():
         if f.name.startswith("tokenizer"):
             shutil.copy(f, out / f.name)

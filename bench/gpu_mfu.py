@@ -9,7 +9,8 @@ vocab 32000), random init, built from config; llmft's tiny tokenizer (so the ids
 embedding; the compute is that of the full vocabulary). Training: ``llmft.train.loop.train`` on a recipe,
 ``train.precision: bf16`` (autocast, fp32 master weights, fused AdamW), one sequence per step,
 ``train.loss_chunk_tokens`` = ``--chunk``, gradient checkpointing per run (``SEQ_LEN:on|off``), concat rows of the
-real Gutenberg books. ``--attention auto``: ``flash_attention_2`` when the flash-attn package imports, else
+real Gutenberg books (``bench/train_throughput.py``'s llmft run, which keeps the attention outputs of checkpointed
+layers). ``--attention auto``: ``flash_attention_2`` when the flash-attn package imports, else
 ``sdpa`` (whose CUDA flash backend is FlashAttention-2's algorithm); the table says which ran.
 
 A step's time: between the ends of consecutive optimizer steps, after ``torch.cuda.synchronize()``; the first
@@ -26,95 +27,35 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, REPO, RESULTS, book_paths, peak_rss_bytes, run_child, write_section  # noqa: E402
+from common import (MODEL, RESULTS, book_paths, flops_per_token, gemm_peak, matmul_params,  # noqa: E402
+                    peak_rss_bytes, run_child, write_model_dir, write_section)
+from train_throughput import llmft_child  # noqa: E402  the same llmft run as the CPU benches
 
 ONE_B = {"vocab_size": 32000, "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
          "intermediate_size": 5632}
 H100_BF16_DENSE = 989e12
 
 
-def matmul_params(cfg: dict) -> int:
-    """q and o (h x h), k and v (h x kv_dim), gate, up, down (3 h i) per layer, and the LM head (h v)."""
-    h, kv_dim = cfg["hidden_size"], cfg["hidden_size"] * cfg.get("num_kv_heads", cfg["num_heads"]) // cfg["num_heads"]
-    return cfg["num_layers"] * (2 * h * h + 2 * h * kv_dim + 3 * h * cfg["intermediate_size"]) + h * cfg["vocab_size"]
-
-
-def flops_per_token(cfg: dict, seq_len: int) -> float:
-    return 6 * matmul_params(cfg) + 12 * cfg["num_layers"] * cfg["hidden_size"] * seq_len
-
-
-def bf16_gemm_peak(device: str, sizes=(4096, 8192), repeats: int = 10) -> float:
-    import torch
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        a @ b
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
 def child(args: argparse.Namespace) -> None:
     import torch
-
-    sys.path.insert(0, str(REPO))
-    from llmft.config import load_recipe
-    from llmft.model.tiny import ASSETS, tiny_llama_config
-    from llmft.train import engine
-    from llmft.train.loop import train
 
     cfg = MODEL if args.quick else ONE_B
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = tmp / "model"
-        tiny_llama_config(max_position_embeddings=args.seq_len, **cfg).save_pretrained(model_dir)
-        for f in (ASSETS / "tiny-llama").iterdir():
-            if f.name.startswith("tokenizer"):
-                (model_dir / f.name).write_bytes(f.read_bytes())
-        recipe = {
-            "model": {"name": str(model_dir), "init": "random", "dtype": "bfloat16", "attention": args.attention,
-                      "max_seq_len": args.seq_len, "gradient_checkpointing": args.ckpt == "on"},
-            "data": {"sources": [{"format": "text", "path": str(p)} for p in book_paths(tmp)], "packing": "concat"},
-            "train": {"lr": 1e-5, "max_steps": args.warmup + args.steps, "precision": "bf16" if cuda else "fp32",
-                      "micro_batch_size": 1, "loss_chunk_tokens": args.chunk, "seed": 0},
-            "checkpoint": {"dir": str(tmp / "run")},
-            "logging": {"every_steps": 1},
-        }
-        path = tmp / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        stamps: list[float] = []
-        real_step = engine.PlainEngine.step
-
-        def timed_step(self):
-            norm = real_step(self)
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            return norm
-
-        engine.PlainEngine.step = timed_step
-        result = train(load_recipe(path), resume=False)
-    steps = [b - a for a, b in zip(stamps[args.warmup - 1 :], stamps[args.warmup :])]
-    print(json.dumps({"step_seconds": steps, "losses": result.losses,
-                      "peak_mem": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
-                      "gpu": torch.cuda.get_device_name() if cuda else "CPU",
-                      "peak_flops": bf16_gemm_peak("cuda" if cuda else "cpu", (1024,) if args.quick else (4096, 8192))}))
+        r = llmft_child(write_model_dir(tmp / "model", args.seq_len, cfg), book_paths(tmp), args.seq_len,
+                        args.warmup + args.steps, args.ckpt == "on", args.chunk, tmp, attention=args.attention,
+                        precision="bf16" if cuda else "fp32")
+    ends = r["step_ends"]
+    peak = (gemm_peak((4096, 8192), repeats=10, device="cuda", dtype=torch.bfloat16) if cuda
+            else gemm_peak((1024,)))  # CPU: only the --quick smoke test gets here
+    print(json.dumps({"step_seconds": [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])],
+                      "losses": r["losses"], "peak_mem": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+                      "gpu": torch.cuda.get_device_name() if cuda else "CPU", "peak_flops": peak}))
 
 
 def main() -> None:
@@ -157,7 +98,7 @@ def main() -> None:
         if res["status"] != "ok":
             raise SystemExit(f"{run} failed ({res['status']}):\n{res['stderr_tail']}")
         tps = int(seq_len) / statistics.median(res["step_seconds"])
-        flops = flops_per_token(cfg, int(seq_len)) * tps
+        flops = flops_per_token(int(seq_len), cfg) * tps
         rows.append({"seq_len": int(seq_len), "ckpt": ckpt, "tps": tps, "tflops": flops / 1e12,
                      "mfu": flops / res["peak_flops"], "mfu_spec": flops / H100_BF16_DENSE,
                      "peak_tflops": res["peak_flops"] / 1e12, "mem_gib": res["peak_mem"] / 2**30, "gpu": res["gpu"],

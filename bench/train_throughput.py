@@ -47,22 +47,25 @@ LR = 1e-4
 
 
 def llmft_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, checkpointing: bool, chunk: int,
-                out: Path, compile_layers: bool = False) -> dict:
+                out: Path, compile_layers: bool = False, attention: str = "sdpa", precision: str = "fp32") -> dict:
     """One llmft run of ``steps`` optimizer steps through ``llmft.train.loop.train``; step-end times (and the start
-    of the first forward) recorded by wrapping ``PlainEngine.step`` and ``forward`` (the loop itself is untouched).
-    Also the llmft side of bench/compile.py."""
+    of the first forward) recorded by wrapping ``PlainEngine.step`` and ``forward`` (the loop itself is untouched;
+    on a GPU a step ends after ``torch.cuda.synchronize()``). Also the llmft side of bench/compile.py and
+    bench/gpu_mfu.py."""
     sys.path.insert(0, str(REPO))
+    import torch
+
     from llmft.config import load_recipe
     from llmft.train import engine
     from llmft.train.loop import train
 
     recipe = {
-        "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",
+        "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": attention,
                   "max_seq_len": seq_len, "gradient_checkpointing": checkpointing,
                   **({"checkpoint_keep_attention": True} if checkpointing else {}),
                   **({"compile": True} if compile_layers else {})},
         "data": {"sources": [{"format": "text", "path": str(p)} for p in books], "packing": "concat"},
-        "train": {"lr": LR, "max_steps": steps, "precision": "fp32", "micro_batch_size": 1,
+        "train": {"lr": LR, "max_steps": steps, "precision": precision, "micro_batch_size": 1,
                   "loss_chunk_tokens": chunk, "seed": 0},
         "checkpoint": {"dir": str(out / "run")},
         "logging": {"every_steps": 1},
@@ -71,9 +74,12 @@ def llmft_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, ch
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     stamps: list[float] = []
     real_step = engine.PlainEngine.step
+    cuda = torch.cuda.is_available()
 
     def timed_step(self):
         norm = real_step(self)
+        if cuda:
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         return norm
 

@@ -492,10 +492,9 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         else pack_concat(mixed, seq_len)
     token_weights = _token_weights(mixed, rows, seq_len) if mix.reweight else None
     _write_rows(rows, out, token_weights)
-    val_table = pa.table({"source": _strings(list(val_units)),
-                          "tokens": _int_lists([np.concatenate([u.tokens for u in us]) if us else np.zeros(0)
-                                                for us in val_units.values()])})
-    pq.write_table(val_table, out / "validation.parquet")
+    val_tokens = [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32) for us in val_units.values()]
+    pq.write_table(pa.table({"source": _strings(list(val_units)), "tokens": _int_lists(val_tokens)}),
+                   out / "validation.parquet")
 
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
     stats = {
@@ -523,7 +522,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         (out / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
     _plot(stats, out)
     (out / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks the build complete
-    return Built(rows, _validation_tokens(out), stats, cached=False, weights=token_weights)
+    return Built(rows, np.concatenate(val_tokens), stats, cached=False, weights=token_weights)
 
 
 def _token_weights(mixed: list[_Unit], rows: PackedRows, seq_len: int) -> torch.Tensor:
@@ -566,27 +565,35 @@ def _write_rows(rows: PackedRows, out: Path, weights: torch.Tensor | None = None
 # every build) to check its input's type.
 
 
+def _values(flat: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """A flat numpy array as an arrow array of ``dtype`` over the same buffer."""
+    flat = np.ascontiguousarray(flat)
+    return pa.Array.from_buffers(dtype, len(flat), [None, pa.py_buffer(flat)])
+
+
+def _offsets(lengths: list[int]) -> pa.Buffer:
+    """int32 list/string offsets: 0, then the running sum of ``lengths``."""
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.py_buffer(offsets)
+
+
 def _fixed_lists(x: torch.Tensor, dtype: pa.DataType) -> pa.FixedSizeListArray:
     """(n, s) tensor -> n fixed-size lists of s, over the tensor's own buffer."""
-    flat = np.ascontiguousarray(x.numpy().reshape(-1))
-    values = pa.Array.from_buffers(dtype, len(flat), [None, pa.py_buffer(flat)])
-    return pa.FixedSizeListArray.from_arrays(values, x.shape[1])
+    return pa.FixedSizeListArray.from_arrays(_values(x.numpy().reshape(-1), dtype), x.shape[1])
 
 
 def _int_lists(parts: list[np.ndarray]) -> pa.ListArray:
     """Variable-length int32 lists."""
-    offsets = np.zeros(len(parts) + 1, np.int32)
-    np.cumsum([len(x) for x in parts], out=offsets[1:])
     flat = np.concatenate([np.asarray(x, np.int32) for x in parts]) if parts else np.zeros(0, np.int32)
-    values = pa.Array.from_buffers(pa.int32(), len(flat), [None, pa.py_buffer(flat)])
-    return pa.Array.from_buffers(pa.list_(pa.int32()), len(parts), [None, pa.py_buffer(offsets)], children=[values])
+    return pa.Array.from_buffers(pa.list_(pa.int32()), len(parts), [None, _offsets([len(x) for x in parts])],
+                                 children=[_values(flat, pa.int32())])
 
 
 def _strings(items: list[str]) -> pa.StringArray:
     data = [x.encode() for x in items]
-    offsets = np.zeros(len(data) + 1, np.int32)
-    np.cumsum([len(b) for b in data], out=offsets[1:])
-    return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+    return pa.Array.from_buffers(pa.string(), len(data), [None, _offsets([len(b) for b in data]),
+                                                          pa.py_buffer(b"".join(data))])
 
 
 def _flat_column(path: Path, name: str, dtype: type) -> np.ndarray:

@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -64,8 +65,6 @@ def plot_ppl(models: dict[str, dict[int, dict]], path: Path, metric: str = "ppl_
         log_y: log y axis with plain number labels.
         legend_outside: legend to the right of the axes (many lines).
     """
-    import matplotlib.ticker
-
     fig, ax = plt.subplots(figsize=(10, 4.8) if legend_outside else (7, 4.5), dpi=120)
     lengths = set()
     for name, results in models.items():
