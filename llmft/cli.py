@@ -45,7 +45,7 @@ def setup_logging() -> None:
 
 def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     """The numbers a person checks before launching: batch, tokens, RoPE, parameters."""
-    from llmft.model.build import ModelLoadError, parameter_count_from_config
+    from llmft.model.build import ModelLoadError, architecture_config, parameter_count_from_config
     from llmft.train.loop import total_steps_for
 
     t, m = recipe.train, recipe.model
@@ -57,16 +57,20 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
         f"tokens per step         {per_step:,}",
         f"steps                   {steps} ({steps * per_step:,} tokens)",
     ]
+    try:
+        n = parameter_count_from_config(m)
+        config = architecture_config(m) if m.rope is not None else None
+    except ModelLoadError as e:
+        raise RecipeError([str(e)]) from None
     if m.rope is not None:
         orig = m.rope.original_max_position_embeddings or "the base config's max_position_embeddings"
         lines.append(f"RoPE                    {m.rope.type} x{m.rope.factor:g} from {orig}")
-    try:
-        n = parameter_count_from_config(m)
-    except ModelLoadError as e:
-        raise RecipeError([str(e)]) from None
+        if config is not None:  # what is written, composed with the base's own scaling (llmft/model/rope.py)
+            lines.append(f"  -> config             max_position_embeddings {config.max_position_embeddings}, "
+                         f"rope_parameters {config.rope_parameters}")
     if n and recipe.method in ("lora", "qlora"):
         from llmft.model.adapters import adapter_size_bytes, lora_parameter_count
-        from llmft.model.build import DTYPES, architecture_config
+        from llmft.model.build import DTYPES
 
         try:
             config = architecture_config(m)

@@ -497,6 +497,11 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
             if getattr(m, field) != default:
                 problems.append((("model", field), "applies only with gradient checkpointing. Fix: set "
                                  f"model.gradient_checkpointing: true, or remove model.{field}"))
+    if m.attention == "flash_attention_2" and recipe.train.precision == "fp32":
+        problems.append((("model", "attention"), "flash_attention_2 computes only in bf16 or fp16, but "
+                         "train.precision is fp32, so every forward (training and the evaluations during it) would "
+                         "hand it fp32 tensors. Fix: set train.precision: bf16 (master weights stay fp32), or "
+                         "model.attention: sdpa"))
     if m.compile and m.activation_offload:
         problems.append((("model", "compile"), "cannot be combined with model.activation_offload: torch.compile "
                          "cannot trace the offload's saved-tensor hooks, so every layer would fall back to eager "

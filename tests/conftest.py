@@ -10,7 +10,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests never use the network: hub ids resolve from the cache or llmft's shipped configs at once, with no retries
@@ -23,6 +22,47 @@ def book_text() -> str:
     from llmft.model.tiny import BOOK, read_text
 
     return read_text(BOOK)[:60_000]
+
+
+# SHA-256 of the files as published (Project Gutenberg e-texts #84, body only, and #2701 as released, with BOM,
+# header and footer), which the ``shared_data`` fixture rebuilds byte for byte from llmft/assets.
+BOOK_SHA256 = {"84.txt": "f572837d92b31a857df4f6d0612e54f4bd8003d134367ae6a35ef444b9a8336b",
+               "2701.txt": "dd98b4fafc0baea1a6c2cf0f6563d977399da884efd7b2a6275797268ff146d2"}
+NI_TASK = "task085_unnatural_addsub_arithmetic.json"
+
+
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory) -> Path:
+    """A small public-domain corpus in real layouts, built from the files shipped in ``llmft/assets``:
+
+    - ``gutenberg/84.txt``: Frankenstein, body text only;
+    - ``gutenberg/2701.txt``: Moby Dick as Project Gutenberg publishes it (UTF-8 BOM, license header and footer
+      with the ``*** START OF`` / ``*** END OF`` markers, CRLF line ends), byte-identical to the released e-text;
+    - ``natural_instructions/task085_unnatural_addsub_arithmetic.json``: a Natural Instructions task file (30
+      instances).
+
+    Tests need no folder outside the repository.
+    """
+    import gzip
+    import hashlib
+    import json
+    import shutil
+
+    from llmft.model.tiny import ASSETS
+
+    root = tmp_path_factory.mktemp("shared_data")
+    books = root / "gutenberg"
+    books.mkdir()
+    (books / "84.txt").write_bytes(gzip.decompress((ASSETS / "frankenstein.txt.gz").read_bytes()))
+    frame = json.loads(gzip.decompress((ASSETS / "pg2701_frame.json.gz").read_bytes()))
+    body = gzip.decompress((ASSETS / "mobydick.txt.gz").read_bytes()).decode("utf-8")
+    text = frame["header"] + body + frame["footer"]
+    (books / "2701.txt").write_bytes(text.replace("\n", "\r\n").encode("utf-8"))  # published with CRLF
+    for name, digest in BOOK_SHA256.items():
+        assert hashlib.sha256((books / name).read_bytes()).hexdigest() == digest, name
+    (root / "natural_instructions").mkdir()
+    shutil.copy(ASSETS / "natural_instructions" / NI_TASK, root / "natural_instructions" / NI_TASK)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +80,27 @@ def tiny_model(tmp_path_factory, book_text) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", text=book_text, vocab_size=512,
                            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                            max_position_embeddings=32)
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tmp_path_factory, tiny_model) -> Path:
+    """The tiny LLaMA with its attention and LM-head weights scaled x8: attention is peaked and per-token losses
+    spread (std ~1.3 nats instead of ~0.1), so a token that attends to the wrong example or an extra trained
+    token moves a step's mean loss far beyond float noise. A near-uniform random model hides both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj", "lm_head")):
+                w.mul_(8.0)
+    out = tmp_path_factory.mktemp("sharp") / "model"
+    model.save_pretrained(out)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
 
 
 def tiny_recipe(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> dict:

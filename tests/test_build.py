@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED, tiny_recipe, write_recipe
+from conftest import REPO, tiny_recipe, write_recipe
 from transformers import AutoTokenizer
 
 from llmft.cli import main
@@ -58,11 +58,10 @@ def test_every_shipped_data_recipe_validates(recipe, monkeypatch):
     assert main(["data", "validate", str(recipe.relative_to(REPO)), "--schema-only"]) == 0
 
 
-def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, tok):
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
+def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, tok, shared_data):
     monkeypatch.chdir(REPO)
-    mix = load_mix("data_recipes/cpu_books_ni.yaml")
+    mix = load_mix("data_recipes/cpu_books_ni.yaml", [f"sources.0.source.path={shared_data / 'gutenberg'}",
+                                                      f"sources.1.source.path={shared_data / 'natural_instructions'}"])
     t0 = time.perf_counter()
     built = build(mix, tmp_path / "out", tok, 1024)
     t1 = time.perf_counter()
@@ -84,20 +83,19 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
     assert torch.equal(again.rows.input_ids, built.rows.input_ids)
 
 
-def test_cpu_mix_dedup_removes_a_planted_near_copy_of_a_book(tmp_path, monkeypatch, tok):
+def test_cpu_mix_dedup_removes_a_planted_near_copy_of_a_book(tmp_path, monkeypatch, tok, shared_data):
     """The shipped recipe's dedup section on the shared books plus an edited copy of one (1 word in 200 changed,
     so not an exact copy: MinHash must find it): the copy is removed and reported."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
     monkeypatch.chdir(REPO)
     books = tmp_path / "gutenberg"
     books.mkdir()
-    for f in (SHARED / "gutenberg").glob("*.txt"):
+    for f in (shared_data / "gutenberg").glob("*.txt"):
         (books / f.name).write_bytes(f.read_bytes())
     words = (books / "84.txt").read_text(encoding="utf-8").split(" ")
     edited = [w + "x" if i % 200 == 0 else w for i, w in enumerate(words)]
     (books / "99984.txt").write_text(" ".join(edited), encoding="utf-8")
-    mix = load_mix("data_recipes/cpu_books_ni.yaml", [f"sources.0.source.path={books}"])
+    mix = load_mix("data_recipes/cpu_books_ni.yaml", [f"sources.0.source.path={books}",
+                                                      f"sources.1.source.path={shared_data / 'natural_instructions'}"])
     built = build(mix, tmp_path / "out", tok, 1024)
     dedup = json.loads((tmp_path / "out" / "stats.json").read_text())["dedup"]
     assert dedup["documents"] == 3 + 30 and dedup["removed"] == 1 and dedup["exact_duplicates"] == 0
@@ -264,17 +262,15 @@ def test_training_from_a_built_directory_and_mismatch_errors(tmp_path, tiny_mode
         load_recipe(write_recipe(tmp_path / "r4.yaml", recipe))
 
 
-def test_num_proc_workers_build_the_same_rows_and_stats(tmp_path, two_sources, tok, capsys):
+def test_num_proc_workers_build_the_same_rows_and_stats(tmp_path, two_sources, tok, capsys, shared_data):
     """Two tokenizer worker processes (CLI --num-proc 2) give byte-identical rows and stats to one process, over
     plain, UL2 (seeded in the reading process) and NI few-shot sources; num_proc is not part of the cache key."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
     a, b = two_sources
     path = mix_file(tmp_path, packing="isolated", sources=[
         {"name": "a", "weight": 0.4, "source": {"format": "jsonl", "path": str(a)}},
         {"name": "b", "weight": 0.3, "source": {"format": "jsonl", "path": str(b)}, "transform": "ul2"},
         {"name": "ni", "weight": 0.3, "max_epochs": 50, "transform": "ni_fewshot",
-         "source": {"format": "natural_instructions", "path": str(SHARED / "natural_instructions")}}])
+         "source": {"format": "natural_instructions", "path": str(shared_data / "natural_instructions")}}])
     one = build(load_mix(path), tmp_path / "one", tok, 256)
     assert main(["data", "build", str(path), "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
     two = load_built(tmp_path / "two")

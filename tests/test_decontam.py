@@ -11,7 +11,6 @@ import pytest
 
 from llmft.data.decontam import Decontaminator, DecontamReport, Hit, _words_with_offsets, normalize_words
 
-GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
 
 # 20 words of evaluation text and unrelated training prose around it.
 EVAL = ("The lighthouse keeper counted forty seven gulls circling above the broken pier before the storm "
@@ -29,12 +28,10 @@ def index(*texts: str, n: int = 13, margin: int = 0) -> Decontaminator:
 
 
 @pytest.fixture(scope="module")
-def books() -> Decontaminator:
+def books(shared_data) -> Decontaminator:
     """Both bundled Gutenberg books (84 Frankenstein, stripped; 2701 Moby Dick, with BOM, header, footer)."""
-    if not GUTENBERG.is_dir():
-        pytest.skip(f"bundled Gutenberg books not found at {GUTENBERG}")
     d = Decontaminator()
-    assert d.add_files([GUTENBERG]) == 2
+    assert d.add_files([shared_data / "gutenberg"]) == 2
     assert d.targets == ["gutenberg/2701.txt", "gutenberg/84.txt"]
     return d
 
@@ -138,8 +135,8 @@ def test_span_mode_merges_overlaps_and_applies_the_margin() -> None:
 # ----------------------------------------------------------------------------------------- files
 
 
-def test_quoted_book_passage_is_caught_and_a_paraphrase_is_not(books: Decontaminator) -> None:
-    book = (GUTENBERG / "84.txt").read_text(encoding="utf-8")
+def test_quoted_book_passage_is_caught_and_a_paraphrase_is_not(books: Decontaminator, shared_data) -> None:
+    book = (shared_data / "gutenberg" / "84.txt").read_text(encoding="utf-8")
     tokens = book.split()
     quote = " ".join(tokens[len(tokens) // 2 : len(tokens) // 2 + 20])
     n_quote = len(normalize_words(quote))
@@ -156,8 +153,8 @@ def test_quoted_book_passage_is_caught_and_a_paraphrase_is_not(books: Decontamin
     assert books.find(f"A review. {paraphrase}") == []
 
 
-def test_gutenberg_license_boilerplate_is_not_indexed(books: Decontaminator) -> None:
-    raw = (GUTENBERG / "2701.txt").read_text(encoding="utf-8")
+def test_gutenberg_license_boilerplate_is_not_indexed(books: Decontaminator, shared_data) -> None:
+    raw = (shared_data / "gutenberg" / "2701.txt").read_text(encoding="utf-8")
     assert raw.startswith("\ufeff")
     boilerplate = raw[: raw.index("*** START OF")] + raw[raw.index("*** END OF") :]
     assert len(normalize_words(boilerplate)) > 2500

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,15 +162,13 @@ def test_cli_errors_exit_2(tiny_model, books_dir, tmp_path, capsys):
     assert "--stride 256 must be below every length" in capsys.readouterr().err
 
 
-def test_real_gutenberg_books(tiny_model):
-    if not SHARED.is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
+def test_real_gutenberg_books(tiny_model, shared_data):
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    books = load_books(SHARED / "gutenberg", tok, max_docs=1)
+    books = load_books(shared_data / "gutenberg", tok, max_docs=1)
     from llmft.data.sources import strip_gutenberg
 
     assert len(books) == 1 and len(books[0].ids) > 50_000
-    text = strip_gutenberg((SHARED / "gutenberg" / f"{books[0].name}.txt").read_text(encoding="utf-8"))
+    text = strip_gutenberg((shared_data / "gutenberg" / f"{books[0].name}.txt").read_text(encoding="utf-8"))
     assert int(books[0].nbytes.sum()) == len(text.encode("utf-8"))  # every byte of the book, once
 
 

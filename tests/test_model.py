@@ -11,11 +11,6 @@ from llmft.config import ModelConfig
 from llmft.model.build import ModelLoadError, build_model, count_parameters, resolve_attention
 
 
-def test_auto_attention_falls_back_to_sdpa_without_cuda_and_says_why():
-    impl, reason = resolve_attention("auto")
-    assert impl == "sdpa" and "no CUDA device" in reason
-
-
 def test_explicit_backends_pass_through():
     assert resolve_attention("eager")[0] == "eager" and resolve_attention("sdpa")[0] == "sdpa"
 

@@ -9,7 +9,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.data.packing import (
@@ -41,30 +40,65 @@ def per_token_nll(model, input_ids, labels, **kwargs):
     return nll * (target != IGNORE)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_isolated_packed_losses_equal_each_example_alone(tiny_model, attention):
+@pytest.mark.parametrize("attention, prompt", [("sdpa", 0), ("eager", 0), ("sdpa", 2)])
+def test_isolated_packed_losses_equal_each_example_alone(tiny_model, attention, prompt):
+    """Per-token losses over whole rows: each example's predictions equal the example run alone, and the position
+    before each example's first token (which would predict it from the previous example) and the padding carry
+    no loss at all."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention).eval()
-    examples = make_examples([7, 19, 3, 25, 11, 30, 2, 14], seed=1, prompt=2)
+    examples = make_examples([7, 19, 3, 25, 11, 30, 2, 14], seed=1, prompt=prompt)  # prompt 0: first token trained
     packed = pack_isolated(examples, seq_len=48, pad_id=3)
     batch = {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids}
+    alone = {}
+    for e in examples:
+        alone_ids = torch.from_numpy(e.tokens.astype(np.int64))[None]
+        alone_labels = alone_ids.clone()
+        alone_labels[0, ~torch.from_numpy(e.loss_mask)] = IGNORE
+        with torch.no_grad():
+            alone[tuple(e.tokens.tolist())] = per_token_nll(model, alone_ids, alone_labels)[0]  # (len - 1,)
     with torch.no_grad():
         inputs = attention_kwargs(batch, attention, torch.float32)
         labels = inputs.pop("labels")
-        got = per_token_nll(model, inputs.pop("input_ids"), labels, **inputs)
-        # gather each example's per-token losses from the packed rows, in packing order
-        packed_losses = {}
-        for row in range(len(packed)):
-            pos = packed.position_ids[row]
-            starts = torch.nonzero(pos == 0).flatten().tolist() + [len(pos)]
-            for a, b in zip(starts[:-1], starts[1:]):
-                toks = tuple(packed.input_ids[row, a:b].tolist())
-                packed_losses[toks] = got[row, a : b - 1]  # predictions of tokens a+1 .. b-1
-        for e in examples:
-            alone_ids = torch.from_numpy(e.tokens.astype(np.int64))[None]
-            alone_labels = alone_ids.clone()
-            alone_labels[0, ~torch.from_numpy(e.loss_mask)] = IGNORE
-            ref = per_token_nll(model, alone_ids, alone_labels)[0]
-            torch.testing.assert_close(packed_losses[tuple(e.tokens.tolist())], ref, atol=1e-5, rtol=0)
+        got = per_token_nll(model, inputs.pop("input_ids"), labels, **inputs)  # (n, s - 1)
+    expected = torch.zeros_like(got)  # every position not inside an example: no loss
+    seen = 0
+    for row in range(len(packed)):
+        pos = packed.position_ids[row]
+        starts = torch.nonzero(pos == 0).flatten().tolist() + [len(pos)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            toks = tuple(packed.input_ids[row, a:b].tolist())
+            if toks in alone:
+                expected[row, a : b - 1] = alone[toks]  # predictions of tokens a+1 .. b-1; position a-1 stays 0
+                seen += 1
+    assert seen == len(examples)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", [0, 3])
+def test_isolated_labels_are_exact_per_example(prompt):
+    """Each packed example's labels are its own tokens where trained, -100 on its prompt and on its first token
+    (nothing of the example precedes it), so the trained-token count is exactly sum(loss_mask[1:]) per example;
+    padding is -100."""
+    examples = make_examples([7, 19, 3, 25, 11, 30, 2, 14, 1, 40], seed=7, prompt=prompt)
+    packed = pack_isolated(examples, seq_len=64, pad_id=3)
+    by_tokens = {tuple(e.tokens.tolist()): e for e in examples}
+    placed = 0
+    for row in range(len(packed)):
+        pos, ids, lab = packed.position_ids[row], packed.input_ids[row], packed.labels[row]
+        starts = torch.nonzero(pos == 0).flatten().tolist() + [len(pos)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            e = by_tokens.get(tuple(ids[a:b].tolist()))
+            if e is None:
+                assert (lab[a:b] == IGNORE).all() and (ids[a:b] == 3).all()  # the padding segment
+                continue
+            want = torch.from_numpy(e.tokens.astype(np.int64))
+            want[~torch.from_numpy(e.loss_mask)] = IGNORE
+            want[0] = IGNORE
+            assert torch.equal(lab[a:b], want)
+            assert int((lab[a:b] != IGNORE).sum()) == int(e.loss_mask[1:].sum())
+            placed += 1
+    assert placed == len(examples)
+    assert int((packed.labels != IGNORE).sum()) == sum(int(e.loss_mask[1:].sum()) for e in examples)
 
 
 def test_without_a_mask_sdpa_leaks_across_examples(tiny_model):
@@ -130,11 +164,11 @@ def test_isolated_efficiency_on_a_broad_instruction_length_distribution():
     assert packed.efficiency >= 0.995, packed.efficiency
 
 
-def test_isolated_efficiency_on_one_natural_instructions_task():
+def test_isolated_efficiency_on_one_natural_instructions_task(shared_data):
     """Real NI instances (definition + 2 demonstrations + instance), resampled to 4000 examples. One task's
     lengths are narrow (144-187 tokens): best-fit-decreasing leaves a gap in every row (97.9%); the subset-sum
     completion of pack_bins fills them."""
-    task = json.loads((SHARED / "natural_instructions" / "task085_unnatural_addsub_arithmetic.json").read_text())
+    task = json.loads((shared_data / "natural_instructions" / "task085_unnatural_addsub_arithmetic.json").read_text())
     tok = AutoTokenizer.from_pretrained("llmft/assets/tiny-llama")
     definition = " ".join(task["Definition"]) if isinstance(task["Definition"], list) else task["Definition"]
     demos = "".join(f"Input: {d['input']}\nOutput: {d['output']}\n\n" for d in task["Positive Examples"][:2])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARED
+from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.config import RecipeError
@@ -64,11 +64,9 @@ def scoring_lm(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> tuple[list[str], np.ndarray]:
+def corpus(shared_data) -> tuple[list[str], np.ndarray]:
     """(texts, (n,) bool gibberish): 12 English paragraphs, 6 of them character-shuffled, 6 random token strings."""
-    path = SHARED / "gutenberg" / "2701.txt"
-    if not path.is_file():
-        pytest.skip(f"shared data not found at {path}")
+    path = shared_data / "gutenberg" / "2701.txt"
     book = path.read_text(encoding="utf-8-sig")
     paras = [p for p in (" ".join(x.split()) for x in book.split("\n\n")) if len(p.split()) > 60][50:62]
     rng = random.Random(0)

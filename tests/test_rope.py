@@ -138,3 +138,122 @@ def test_scaled_config_round_trips_through_save_pretrained(tiny_model, tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
     assert again.rope_parameters["rope_type"] == "linear" and again.rope_parameters["factor"] == 5.5
     assert again.max_position_embeddings == 176  # round(32 * 5.5)
+
+
+# ------------------------------------------------------------------ extending a base that is already scaled
+
+
+def scaled_base(tiny_model, tmp_path, rope: RopeConfig):
+    """A copy of the tiny model whose config.json already carries ``rope`` (as a published extended model does)."""
+    import shutil
+
+    out = tmp_path / f"base-{rope.type}"
+    shutil.copytree(tiny_model, out)
+    config = AutoConfig.from_pretrained(out)
+    apply_rope_scaling(config, rope)
+    config.save_pretrained(out)
+    return out
+
+
+def llama3_reference(d: int, factor: float, orig: int, low: float, high: float, theta: float = THETA):
+    """Llama 3.1's frequencies (Meta's reference code): keep short wavelengths, divide long ones, smooth between."""
+    out = []
+    for f in default_inv_freq(d, theta).tolist():
+        wl = 2 * math.pi / f
+        if wl < orig / high:
+            out.append(f)
+        elif wl > orig / low:
+            out.append(f / factor)
+        else:
+            smooth = (orig / wl - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_linear_on_a_linear_base_equals_the_product_in_one_go(tiny_model, tmp_path):
+    """x8 then x2 == x16 over the original length: the cos/sin, the config and the context length."""
+    base8 = scaled_base(tiny_model, tmp_path, RopeConfig(type="linear", factor=8.0))
+    assert AutoConfig.from_pretrained(base8).max_position_embeddings == ORIG * 8
+    twice = extended(base8, RopeConfig(type="linear", factor=2.0))
+    once = extended(tiny_model, RopeConfig(type="linear", factor=16.0))
+    m = torch.arange(ORIG * 16)
+    torch.testing.assert_close(rotary(twice, m), rotary(once, m), atol=0, rtol=0)
+    assert twice.config.rope_parameters == once.config.rope_parameters
+    assert twice.config.max_position_embeddings == once.config.max_position_embeddings == ORIG * 16
+
+
+def test_ntk_on_a_linear_base_raises_theta_under_the_interpolation(tiny_model, tmp_path):
+    base8 = scaled_base(tiny_model, tmp_path, RopeConfig(type="linear", factor=8.0))
+    model = extended(base8, RopeConfig(type="ntk", factor=2.0))
+    d = head_dim(model)
+    m = torch.arange(ORIG * 16)
+    ref = cos_sin(default_inv_freq(d, THETA * 2.0 ** (d / (d - 2))) / 8.0, m)
+    torch.testing.assert_close(rotary(model, m), ref, atol=2e-5, rtol=0)
+    assert model.config.max_position_embeddings == ORIG * 16
+
+
+@pytest.mark.parametrize("kind", ["yarn", "llama3", "ntk"])
+def test_a_llama3_base_extended_x2_matches_an_independent_formula(tiny_model, tmp_path, kind):
+    """A Llama-3.1-style base (llama3 x8 over ORIG) extended x2: yarn and llama3 become x16 over ORIG (not x2 over
+    the base's 8 * ORIG, which would undo the base's interpolation of the low frequencies), ntk raises theta."""
+    base = scaled_base(tiny_model, tmp_path, RopeConfig(type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0))
+    rope = {"yarn": RopeConfig(type="yarn", factor=2.0), "ntk": RopeConfig(type="ntk", factor=2.0),
+            "llama3": RopeConfig(type="llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0)}[kind]
+    model = extended(base, rope)
+    d = head_dim(model)
+    m = torch.arange(ORIG * 16)
+    if kind == "yarn":
+        inv_freq, scale = yarn_reference(d, 16.0, ORIG)
+    elif kind == "llama3":
+        inv_freq, scale = llama3_reference(d, 16.0, ORIG, 1.0, 4.0), 1.0
+    else:
+        inv_freq, scale = llama3_reference(d, 8.0, ORIG, 1.0, 4.0, THETA * 2.0 ** (d / (d - 2))), 1.0
+    torch.testing.assert_close(rotary(model, m), cos_sin(inv_freq, m, scale), atol=2e-5, rtol=0)
+    assert model.config.max_position_embeddings == ORIG * 16
+    if kind != "ntk":
+        assert model.config.rope_parameters["original_max_position_embeddings"] == ORIG
+        assert model.config.rope_parameters["factor"] == 16.0
+
+
+def test_yarn_on_a_yarn_base_is_yarn_of_the_product_over_the_original_length(tiny_model, tmp_path):
+    base = scaled_base(tiny_model, tmp_path, RopeConfig(type="yarn", factor=4.0))
+    model = extended(base, RopeConfig(type="yarn", factor=2.0))
+    inv_freq, scale = yarn_reference(head_dim(model), 8.0, ORIG)
+    m = torch.arange(ORIG * 8)
+    torch.testing.assert_close(rotary(model, m), cos_sin(inv_freq, m, scale), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("base_rope, rope, fix", [
+    (RopeConfig(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+     RopeConfig(type="linear", factor=2.0), "use type llama3, yarn or ntk"),
+    (RopeConfig(type="linear", factor=8.0), RopeConfig(type="yarn", factor=2.0), "use type linear"),
+    (RopeConfig(type="yarn", factor=4.0), RopeConfig(type="dynamic", factor=2.0), "use type yarn"),
+    (RopeConfig(type="dynamic", factor=4.0), RopeConfig(type="linear", factor=2.0), "start from the base"),
+])
+def test_combinations_that_do_not_compose_are_refused_with_the_fix(tiny_model, tmp_path, base_rope, rope, fix):
+    from llmft.model.build import ModelLoadError
+
+    base = scaled_base(tiny_model, tmp_path, base_rope)
+    with pytest.raises(ModelLoadError, match=f"model.rope: the base already has {base_rope.type} RoPE scaling.*{fix}"):
+        extended(base, rope)
+
+
+def test_training_on_a_scaled_base_exports_the_composed_config(tiny_model, tmp_path, text_file):
+    """Progressive extension through the real loop: a x8 linear base trained at x2 more exports linear x16 over the
+    original length, and the reloaded checkpoint computes those angles."""
+    from conftest import tiny_recipe, write_recipe
+
+    from llmft.config import load_recipe
+    from llmft.train.loop import train
+
+    base8 = scaled_base(tiny_model, tmp_path, RopeConfig(type="linear", factor=8.0))
+    recipe = tiny_recipe(base8, text_file, tmp_path / "run", train={"max_steps": 1})
+    recipe["model"].update(rope={"type": "linear", "factor": 2.0}, max_seq_len=512)
+    result = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    config = AutoConfig.from_pretrained(result.final_dir)
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 16.0
+    assert config.max_position_embeddings == ORIG * 16
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    m = torch.arange(ORIG * 16)
+    torch.testing.assert_close(rotary(reloaded, m), rotary(base(tiny_model), m / 16.0), atol=3e-5, rtol=0)

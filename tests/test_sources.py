@@ -25,8 +25,6 @@ from llmft.data.sources import (
     strip_gutenberg,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared test data not found at {SHARED}")
 
 
 def read(on_error: str = "skip", **spec) -> tuple[list[Document], SourceReport]:
@@ -173,9 +171,8 @@ def test_natural_instructions_list_definition_and_bad_instance(tmp_path):
     assert report.examples == [f"{path}#instances[1]: no 'output' (a non-empty list of strings)"]
 
 
-@needs_shared
-def test_natural_instructions_real_task_file():
-    path = SHARED / "natural_instructions" / "task085_unnatural_addsub_arithmetic.json"
+def test_natural_instructions_real_task_file(shared_data):
+    path = shared_data / "natural_instructions" / "task085_unnatural_addsub_arithmetic.json"
     task = json.loads(path.read_text())
     definition = task["Definition"] if isinstance(task["Definition"], str) else "\n".join(task["Definition"])
     docs, report = read(format="natural_instructions", path=path)
@@ -216,18 +213,17 @@ def test_pile_set_filter(tmp_path):
     assert [x.text for x in rest] == ["web"]
 
 
-@needs_shared
-def test_pg19_directory_of_real_books():
-    docs, report = read(format="pg19", path=SHARED / "gutenberg")
+def test_pg19_directory_of_real_books(shared_data):
+    docs, report = read(format="pg19", path=shared_data / "gutenberg")
     assert [(d.where, d.meta) for d in docs] == [
-        (str(SHARED / "gutenberg" / "2701.txt"), {"book_id": "2701"}),
-        (str(SHARED / "gutenberg" / "84.txt"), {"book_id": "84"}),
+        (str(shared_data / "gutenberg" / "2701.txt"), {"book_id": "2701"}),
+        (str(shared_data / "gutenberg" / "84.txt"), {"book_id": "84"}),
     ]
     moby, frankenstein = docs
     assert moby.text.startswith("MOBY-DICK;") and moby.text.endswith("only found another orphan.")
     for boilerplate in ("Project Gutenberg License", "Project Gutenberg-tm", "START OF", "END OF", "gutenberg.org"):
         assert boilerplate not in moby.text
-    assert frankenstein.text == (SHARED / "gutenberg" / "84.txt").read_text(encoding="utf-8").strip()
+    assert frankenstein.text == (shared_data / "gutenberg" / "84.txt").read_text(encoding="utf-8").strip()
     assert report.bad_records == 0
 
 
@@ -243,16 +239,15 @@ def test_pg19_hugging_face_rows(tmp_path):
                     Document(text="Call me Ishmael.", where=f"{path}:1", meta=meta)]
 
 
-@needs_shared
-def test_strip_gutenberg_real_books():
-    raw = (SHARED / "gutenberg" / "2701.txt").read_text(encoding="utf-8")
+def test_strip_gutenberg_real_books(shared_data):
+    raw = (shared_data / "gutenberg" / "2701.txt").read_text(encoding="utf-8")
     assert raw.startswith("\ufeffThe Project Gutenberg EBook")
     body = strip_gutenberg(raw)
     assert body.startswith("MOBY-DICK;")
     assert "Call me Ishmael" in body[:len(body) // 20]
     assert "Project Gutenberg" not in body[:2000] and "Project Gutenberg" not in body[-2000:]
     assert body.endswith("only found another orphan.")
-    plain = (SHARED / "gutenberg" / "84.txt").read_text(encoding="utf-8")
+    plain = (shared_data / "gutenberg" / "84.txt").read_text(encoding="utf-8")
     assert strip_gutenberg(plain) == plain.strip()
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, SHARED
+from conftest import REPO
 from transformers import AutoTokenizer
 
 from llmft.data.build import build
@@ -53,8 +53,8 @@ def test_ul2_sentinels_are_real_vocabulary_tokens(tok, book_text):
         assert tok.decode(ids) == part  # decodable, byte for byte
 
 
-def test_ni_fewshot_packs_many_instances_per_sequence(tok):
-    docs = list(read_source(SourceSpec(format="natural_instructions", path=SHARED / "natural_instructions")))
+def test_ni_fewshot_packs_many_instances_per_sequence(tok, shared_data):
+    docs = list(read_source(SourceSpec(format="natural_instructions", path=shared_data / "natural_instructions")))
     examples = ni_fewshot(docs, tok, seq_len=512)
     assert all(len(e) <= 512 for e in examples) and len(examples) < len(docs) / 3
     answers = [d.text for d in docs]
@@ -67,13 +67,13 @@ def test_ni_fewshot_packs_many_instances_per_sequence(tok):
         assert text.count("Definition:") == 1 and text.startswith(tok.bos_token + head[:40])
 
 
-def test_mix_with_transforms_builds(tmp_path, tok, book_text):
+def test_mix_with_transforms_builds(tmp_path, tok, book_text, shared_data):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": book_text[i : i + 3000]}) + "\n" for i in range(0, 30_000, 3000)))
     mix = {"tokenizer": str(REPO / "llmft/assets/tiny-llama"), "seq_len": 512, "sources": [
         {"name": "ul2", "weight": 0.5, "transform": "ul2", "source": {"format": "jsonl", "path": str(src)}},
         {"name": "ni", "weight": 0.5, "transform": "ni_fewshot", "max_epochs": 20,
-         "source": {"format": "natural_instructions", "path": str(SHARED / "natural_instructions")}}]}
+         "source": {"format": "natural_instructions", "path": str(shared_data / "natural_instructions")}}]}
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(mix))
     built = build(load_mix(path), tmp_path / "out", tok, 512)

@@ -62,16 +62,29 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_attention(requested: str) -> tuple[str, str]:
+def resolve_attention(requested: str, precision: str = "bf16") -> tuple[str, str]:
     """Pick the attention implementation.
+
+    flash-attn computes only in bf16/fp16: with ``precision`` fp32, ``auto`` picks sdpa, and an explicit
+    flash_attention_2 is refused (recipe validation refuses it first, :func:`llmft.config.cross_check`).
+
+    Args:
+        requested: ``model.attention`` (auto, flash_attention_2, sdpa, eager).
+        precision: what every forward computes in: ``train.precision`` (fp32, bf16, fp16) for training, the
+            model's dtype for evaluation.
 
     Returns:
         (implementation, reason) — the reason is logged once.
 
     Raises:
-        ModelLoadError: flash_attention_2 was requested but cannot run here.
+        ModelLoadError: flash_attention_2 was requested but cannot run here, or would be handed fp32.
     """
     if requested == "flash_attention_2":
+        if precision == "fp32":
+            raise ModelLoadError(
+                "model.attention: flash_attention_2 computes only in bf16 or fp16, but the forward would run in fp32."
+                " Fix: set train.precision: bf16 (or evaluate with --dtype bfloat16), or use sdpa"
+            )
         if not flash_attn_available():
             why = "no CUDA device" if not torch.cuda.is_available() else "the flash-attn package is not installed"
             raise ModelLoadError(
@@ -81,6 +94,8 @@ def resolve_attention(requested: str) -> tuple[str, str]:
         return "flash_attention_2", "requested in the recipe"
     if requested == "auto":
         if flash_attn_available():
+            if precision == "fp32":
+                return "sdpa", "auto: flash-attn computes only in bf16/fp16 and this run computes in fp32, using SDPA"
             return "flash_attention_2", "auto: flash-attn is installed and CUDA is available"
         why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
         return "sdpa", f"auto: {why}, using PyTorch SDPA"
@@ -195,7 +210,7 @@ def quantization_config(cfg: QLoraConfig):
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                qlora: QLoraConfig | None = None) -> BuiltModel:
+                qlora: QLoraConfig | None = None, precision: str = "bf16") -> BuiltModel:
     """Load or initialise the model described by ``cfg``.
 
     Args:
@@ -204,6 +219,8 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         dtype: parameter dtype in memory (training keeps fp32 master weights).
         qlora: load the Linear layers 4-bit quantized (bitsandbytes ``Linear4bit``) with these settings; the
             RoPE-scaled config is used all the same. Needs ``cfg.init == "pretrained"``.
+        precision: what the forwards compute in (``train.precision``); picks the attention kernel with
+            ``cfg.attention`` (:func:`resolve_attention`).
 
     Returns:
         A :class:`BuiltModel`.
@@ -211,7 +228,7 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     Raises:
         ModelLoadError: anything about the model that the user must fix.
     """
-    attention, reason = resolve_attention(cfg.attention)
+    attention, reason = resolve_attention(cfg.attention, precision)
     log.info("attention: %s (%s)", attention, reason)
     if qlora is not None:
         require_bitsandbytes("method: qlora")

@@ -15,6 +15,29 @@ dynamic    theta rescaled at run time once the input exceeds L        L (transfo
 yarn       per-frequency ramp between interpolation/extrapolation     L'
 llama3     per-frequency interpolation (Llama 3.1)                    L'
 =========  =========================================================  ===========================
+
+Extending a base that is already scaled (progressive extension 4K -> 32K -> 128K, every Llama-3.1 base): the
+recipe's factor s2 extends the base's *current* context C = its ``max_position_embeddings``, so the target is
+C * s2. With the base scaled by s1 over its original length L0 (C = L0 * s1), the result is one config over L0:
+
+==================  ===========================  ==========================================================
+base                recipe                       result
+==================  ===========================  ==========================================================
+linear s1           linear s2                    linear s1*s2 (exact: positions m / (s1 s2))
+linear s1, llama3   ntk s2                       the base's scaling with theta * s2 ** (d / (d - 2)) (exact:
+                                                 NTK is a new base theta, the scaling stays on top)
+yarn s1             yarn s2                      yarn s1*s2 over L0 (the YaRN paper's progressive recipe:
+                                                 s = 16 then s = 32 from the s = 16 checkpoint)
+llama3 s1           llama3 s2                    llama3 s1*s2 over L0, the base's low/high frequency factors
+llama3 s1           yarn s2                      yarn s1*s2 over L0: the high frequencies stay as llama3 kept
+                                                 them, the lowest are divided by s1*s2 (the base divided them by
+                                                 s1), the ramp between follows YaRN
+anything else       (dynamic bases, dynamic      refused (exit 2) with the fix: no single transformers config
+                    recipes, linear over yarn    has those frequencies, and a checkpoint must reload with plain
+                    or llama3, ...)              transformers
+==================  ===========================  ==========================================================
+
+A base scaled by NTK looks like an unscaled one with a larger ``rope_theta`` and is extended as such.
 """
 
 from __future__ import annotations
@@ -49,46 +72,89 @@ def _head_dim(config: PretrainedConfig) -> int:
     return int(head_dim * partial)
 
 
+_YARN_EXTRAS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+_LLAMA3_EXTRAS = ("low_freq_factor", "high_freq_factor")
+
+
 def apply_rope_scaling(
     config: PretrainedConfig, rope: RopeConfig, max_position_embeddings: int | None = None
 ) -> RopeScaling:
     """Write the scaled RoPE parameters and the new context length into ``config`` (in place).
 
     Args:
-        config: a transformers config of a RoPE model (LLaMA family and similar).
-        rope: the recipe's rope section.
-        max_position_embeddings: the target length; default ``round(original * factor)``.
+        config: a transformers config of a RoPE model (LLaMA family and similar), scaled already or not.
+        rope: the recipe's rope section; its factor extends the base's current context (see the module doc).
+        max_position_embeddings: the target length; default ``round(current * factor)``.
 
     Returns:
-        A :class:`RopeScaling` summary.
+        A :class:`RopeScaling` summary (``factor`` and ``original_length`` over the base's original length).
 
     Raises:
-        ValueError: the config has no RoPE parameters, or transformers rejects the resulting parameters.
+        ValueError: the config has no RoPE parameters, the base's scaling cannot be composed with the recipe's
+            (the message says what to set instead), or transformers rejects the resulting parameters.
     """
     config.standardize_rope_params()
     base = dict(config.rope_parameters or {})
     if "rope_theta" not in base:
         raise ValueError(f"{type(config).__name__} has no rope_theta: this model does not use RoPE")
     theta = float(base["rope_theta"])
-    original = rope.original_max_position_embeddings or int(config.max_position_embeddings)
-    target = max_position_embeddings or round(original * rope.factor)
+    base_type = base.get("rope_type", "default")
+    current = rope.original_max_position_embeddings or int(config.max_position_embeddings)
+    target = max_position_embeddings or round(current * rope.factor)
+    recipe_extras = {k: getattr(rope, k) for k in _YARN_EXTRAS + _LLAMA3_EXTRAS if getattr(rope, k) is not None}
 
     params: dict = {"rope_theta": theta}
     if "partial_rotary_factor" in base:
         params["partial_rotary_factor"] = base["partial_rotary_factor"]
-    if rope.type == "ntk":
-        d = _head_dim(config)
-        params.update(rope_type="default", rope_theta=theta * rope.factor ** (d / (d - 2)))
+    if base_type == "default":
+        original, total = current, rope.factor
+        if rope.type == "ntk":
+            d = _head_dim(config)
+            params.update(rope_type="default", rope_theta=theta * rope.factor ** (d / (d - 2)))
+        else:
+            params.update(rope_type=rope.type, factor=float(rope.factor))
+        if rope.type in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = original
+        params.update(recipe_extras)
     else:
-        params.update(rope_type=rope.type, factor=float(rope.factor))
-    if rope.type in ("yarn", "llama3"):
-        params["original_max_position_embeddings"] = original
-    extras = ["beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
-              "low_freq_factor", "high_freq_factor"]
-    params.update({k: getattr(rope, k) for k in extras if getattr(rope, k) is not None})
+        params, original, total = _compose(config, base, rope, current, recipe_extras)
 
     config.rope_parameters = params
     # transformers' dynamic NTK treats max_position_embeddings as the original length.
     config.max_position_embeddings = original if rope.type == "dynamic" else target
     config.validate_rope()
-    return RopeScaling(rope.type, rope.factor, original, target, params)
+    return RopeScaling(rope.type, total, original, target, params)
+
+
+def _compose(config: PretrainedConfig, base: dict, rope: RopeConfig, current: int,
+             recipe_extras: dict) -> tuple[dict, int, float]:
+    """(rope_parameters, original length L0, total factor over L0) for a recipe on an already-scaled base.
+
+    Raises:
+        ValueError: a combination no single transformers config expresses (the module doc's table), with the fix.
+    """
+    base_type, s1, s2 = base["rope_type"], float(base.get("factor", 1.0)), float(rope.factor)
+    original = int(base.get("original_max_position_embeddings") or round(current / s1))
+    kept = {k: v for k, v in base.items() if k in ("rope_theta", "partial_rotary_factor")}
+    if rope.type == "ntk" and base_type in ("linear", "llama3"):
+        d = _head_dim(config)
+        return {**base, "rope_theta": float(base["rope_theta"]) * s2 ** (d / (d - 2))}, original, s1 * s2
+    if base_type == rope.type == "linear":
+        return {**kept, "rope_type": "linear", "factor": s1 * s2}, original, s1 * s2
+    if rope.type == "yarn" and base_type in ("yarn", "llama3"):
+        carried = {k: v for k, v in base.items() if k in _YARN_EXTRAS and k != "attention_factor"}  # it follows s
+        return ({**kept, "rope_type": "yarn", "factor": s1 * s2, "original_max_position_embeddings": original,
+                 **carried, **recipe_extras}, original, s1 * s2)
+    if base_type == rope.type == "llama3":
+        carried = {k: v for k, v in base.items() if k in _LLAMA3_EXTRAS}
+        return ({**kept, "rope_type": "llama3", "factor": s1 * s2, "original_max_position_embeddings": original,
+                 **carried, **recipe_extras}, original, s1 * s2)
+    composes = {"linear": "type linear (the factors multiply) or ntk", "yarn": "type yarn (yarn s1*s2 over the "
+                f"original {original})", "llama3": "type llama3, yarn or ntk"}.get(base_type)
+    fix = f"use {composes}, or " if composes else ""
+    raise ValueError(
+        f"the base already has {base_type} RoPE scaling (factor {s1:g} over {original} positions); {rope.type} on "
+        "top of it gives frequencies that no single transformers rope config expresses, so the checkpoint would not "
+        f"reload as trained. Fix: {fix}start from the base with its scaling removed from config.json "
+        f"(max_position_embeddings {original}) and a factor over {original} (x{s1 * s2:g} for the same target)"
+    )

@@ -15,6 +15,7 @@ Master weights are fp32; bf16/fp16 compute uses autocast (plain) or DeepSpeed's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -54,11 +55,16 @@ class PlainEngine:
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe.train.precision == "fp16")
         self.frozen = any(not p.requires_grad for p in self.model.parameters())  # e.g. a LoRA base
 
+    def autocast(self) -> torch.autocast:
+        """The precision every forward runs in, training and evaluation alike: autocast to bf16/fp16 over the fp32
+        master weights, or plain fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.isolate:
             batch = attention_kwargs(batch, self.attention, torch.float32)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast():
             return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -206,6 +212,11 @@ class DeepSpeedEngine:
         self.stage = ds_config["zero_optimization"]["stage"]
         self.frozen = any(not p.requires_grad for p in self.model.parameters())  # e.g. a LoRA base
         self._stage0_norm = float("nan")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision every forward runs in: DeepSpeed already holds the module in the training dtype (bf16/fp16
+        or fp32), and its training forward runs without autocast, so evaluation does the same."""
+        return contextlib.nullcontext()
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -92,7 +92,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
     lora = recipe.lora if recipe.method in ("lora", "qlora") else None
-    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora)
+    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora,
+                        precision=recipe.train.precision)
     model, tokenizer = built.model, built.tokenizer
     base_params = count_parameters(model)[1]
     if lora is not None:
@@ -243,12 +244,13 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             ev = recipe.eval
             if ev.every_steps and (done % ev.every_steps == 0 or (ev.at_end and done == total_steps)):
                 # every rank runs the same windows (ZeRO-3 needs all ranks in each forward); rank 0 logs
-                results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len], ev.max_windows,
-                                               device=engine.device)
-                metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
-                if ev.passkey is not None:
-                    passkey = _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done)
-                    metrics.log(done, passkey)
+                with engine.autocast():  # the precision training runs in (flash-attn takes only bf16/fp16)
+                    results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len],
+                                                   ev.max_windows, device=engine.device)
+                    metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
+                    if ev.passkey is not None:
+                        passkey = _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done)
+                        metrics.log(done, passkey)
                 engine.model.train()
 
             every, minutes = recipe.checkpoint.every_steps, recipe.checkpoint.every_minutes
