@@ -109,6 +109,27 @@ def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int
     return h.hexdigest()[:32]
 
 
+def _decontaminator(mix: MixRecipe) -> tuple[Decontaminator | None, DecontamReport]:
+    """The index of the mix's decontamination targets (None without a ``decontaminate`` section) and the report
+    the reading fills in; what each target indexed is logged and goes into ``stats.json``.
+
+    Raises:
+        DataError: a target is missing, malformed, or yields no n-gram.
+    """
+    report = DecontamReport()
+    if not mix.decontaminate:
+        return None, report
+    decon = Decontaminator(n=mix.decontaminate.n)
+    report.targets = decon.entries  # the same objects: the hits each target causes are counted into them
+    for target in mix.decontaminate.targets:
+        try:
+            entry = decon.add_target_path(target)
+        except (OSError, ValueError) as e:
+            raise DataError(str(e)) from None
+        log.info("decontaminate: %s", entry.describe())
+    return decon, report
+
+
 @dataclass
 class _Reading:
     """One source being read: its cleaned documents (a lazy generator, or a list once deduplicated), with the
@@ -237,10 +258,7 @@ def curate_recipe(mix: MixRecipe) -> dict[str, Curated]:
     Raises:
         DataError: as :func:`build`.
     """
-    decon, decon_report = None, DecontamReport()
-    if mix.decontaminate:
-        decon = Decontaminator(n=mix.decontaminate.n)
-        decon.add_files(list(mix.decontaminate.targets))
+    decon, decon_report = _decontaminator(mix)
     readings = _start_reading(mix, decon, decon_report)
     if mix.dedup:
         _dedup(mix, readings, None)
@@ -256,10 +274,7 @@ def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase |
     """
     if mix.dedup is None:
         mix = mix.model_copy(update={"dedup": Dedup()})
-    decon, decon_report = None, DecontamReport()
-    if mix.decontaminate:
-        decon = Decontaminator(n=mix.decontaminate.n)
-        decon.add_files(list(mix.decontaminate.targets))
+    decon, decon_report = _decontaminator(mix)
     report = _dedup(mix, _start_reading(mix, decon, decon_report), tokenizer)
     _write_dedup_report(report, Path(out))
     return report
@@ -441,10 +456,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("train-*.parquet"), *out.glob("dedup.*"), *out.glob("filters.md")]:
         old.unlink()
-    decon, decon_report = None, DecontamReport()
-    if mix.decontaminate:
-        decon = Decontaminator(n=mix.decontaminate.n)
-        decon.add_files(list(mix.decontaminate.targets))
+    decon, decon_report = _decontaminator(mix)
 
     readings = _start_reading(mix, decon, decon_report)
     dedup_report = _dedup(mix, readings, tokenizer) if mix.dedup else None

@@ -20,6 +20,22 @@ that produced each (12 bytes per distinct n-gram, about 1 GB for 10^8 n-grams), 
 ``np.searchsorted``. A training word outside the evaluation vocabulary cannot be part of a match, so its
 windows are skipped without hashing, and the vocabulary does not grow with the training data.
 
+Targets (:meth:`Decontaminator.add_target_path`, one per ``decontaminate.targets`` entry):
+
+- a HELM data directory (``data/helm``: one folder per scenario ``path`` of ``eval/helm_core.yaml``, or a copy of a
+  scenario's hub dataset) or one scenario's folder (``data/helm/mmlu``): read through the same scenario loaders as
+  ``llmft eval --helm`` (:func:`llmft.eval.helm.load_subsets`), so every field a prompt or a reference is built
+  from is indexed (MMLU/TruthfulQA/CivilComments CSV, MS MARCO TSV, CNN/DM ``article``, XSum ``document``,
+  HellaSwag ``ctx`` and endings, NaturalQuestions ``question_text`` and the long-answer passage, RAFT fields,
+  ...). Indexed: the instances each scenario scores (its eval split); the train split only supplies in-context
+  examples, which the prompt shows anyway. Targets are named ``helm/<scenario>/<subset>#<i>``.
+- PG-19-style books (``.txt``), HELM instance files (``.jsonl``/``.json`` with ``input.text``/``references``) or a
+  directory of them (:meth:`Decontaminator.add_files`).
+
+A target that yields no n-gram is an error (:class:`DecontamTargetError`), never a silent no-op; what each target
+gave (files, instances, n-grams, scenarios read or skipped, documents removed per training source) is its
+:class:`TargetReport`. A text shorter than n words cannot be matched and is counted as ``short_texts``.
+
 Two ways to clean a document (:meth:`Decontaminator.clean`):
 
 - ``document``: drop the whole document if it has any hit.
@@ -100,6 +116,35 @@ class Hit:
     start_word: int  # index of its first word among the document's normalized words
 
 
+class DecontamTargetError(ValueError):
+    """A ``decontaminate.targets`` entry that yields no n-gram (wrong path, or a layout not understood)."""
+
+
+@dataclass
+class TargetReport:
+    """What one ``decontaminate.targets`` entry indexed, and the training documents it removed."""
+
+    path: str
+    kind: str  # "helm" (scenario loaders) or "files" (.txt/.jsonl/.json)
+    files: int = 0  # files under the target that were read
+    instances: int = 0  # evaluation items indexed: books, records, HELM instances
+    texts: int = 0  # distinct strings indexed (an instance's input and each reference are indexed apart)
+    short_texts: int = 0  # strings with fewer than n words: no n-gram, cannot be matched
+    ngrams: int = 0  # distinct n-grams this target added
+    scenarios: dict[str, int] = field(default_factory=dict)  # helm: instances indexed per scenario
+    skipped: list[str] = field(default_factory=list)  # helm: scenarios present whose data could not be read
+    missing_subsets: dict[str, list[str]] = field(default_factory=dict)  # helm: subsets without files, per scenario
+    hits_by_source: dict[str, int] = field(default_factory=dict)  # documents (or spans) removed per source
+
+    def describe(self) -> str:
+        what = (f"{len(self.scenarios)} HELM scenarios ({', '.join(f'{k} {v}' for k, v in self.scenarios.items())})"
+                if self.kind == "helm" else f"{self.files} files")
+        missing = "; ".join(f"{k}: {len(v)} subsets without files" for k, v in self.missing_subsets.items())
+        return (f"{self.path}: {what}; {self.instances} items, {self.texts} texts ({self.short_texts} shorter than "
+                f"n words), {self.ngrams} n-grams" + (f"; skipped: {' | '.join(self.skipped)}" if self.skipped else "")
+                + (f"; {missing}" if missing else ""))
+
+
 @dataclass
 class DecontamReport:
     """Counts over all documents passed to :meth:`Decontaminator.clean`, with the first few hits.
@@ -115,9 +160,15 @@ class DecontamReport:
     words_removed: int = 0
     hits_by_source: dict[str, int] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)  # first 20: {"source", "where", "target", "ngram"}
+    targets: list[TargetReport] = field(default_factory=list)  # per decontaminate.targets entry
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _count(self, source: str, entry: TargetReport | None, k: int = 1) -> None:
+        self.hits_by_source[source] = self.hits_by_source.get(source, 0) + k
+        if entry is not None:
+            entry.hits_by_source[source] = entry.hits_by_source.get(source, 0) + k
 
     def _example(self, source: str, where: str, hit: Hit) -> None:
         if len(self.examples) < MAX_EXAMPLES:
@@ -146,16 +197,27 @@ class Decontaminator:
         self._keys = np.zeros(0, dtype=np.uint64)  # sorted distinct n-gram hashes
         self._first = np.zeros(0, dtype=np.int32)  # target index that first produced each key
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (hashes, target ids) not yet merged
+        self.entries: list[TargetReport] = []  # one per add_target_path call
+        self._entry_of: list[int] = []  # target index -> index into entries (-1: added directly)
 
     # ------------------------------------------------------------------------------------------ indexing
 
     def add_target(self, name: str, text: str) -> None:
         """Index one evaluation item (a book, a HELM instance) under ``name``."""
-        self.targets.append(name)
+        self._new_target(name)
         self._index(len(self.targets) - 1, text)
+
+    def _new_target(self, name: str) -> None:
+        self.targets.append(name)
+        self._entry_of.append(len(self.entries) - 1 if self._current is not None else -1)
+
+    _current: TargetReport | None = None  # the add_target_path entry being indexed
 
     def _index(self, target_id: int, text: str) -> None:
         words = normalize_words(text)
+        if self._current is not None:
+            self._current.texts += 1
+            self._current.short_texts += len(words) < self.n
         if len(words) < self.n:
             return
         vocab = self._vocab
@@ -230,6 +292,8 @@ class Decontaminator:
 
     def _add_file(self, path: Path, name: str, text_fields: tuple[str, ...]) -> int:
         kind = _kind(path)
+        if self._current is not None:
+            self._current.files += 1
         opener = gzip.open if path.suffix.lower() == ".gz" else open
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             content = f.read()
@@ -256,11 +320,86 @@ class Decontaminator:
             texts: list[str] = []
             _collect(record, fields, isinstance(record, str), texts)
             if texts:
-                self.targets.append(target)
+                self._new_target(target)
                 for text in texts:
                     self._index(len(self.targets) - 1, text)
                 added += 1
         return added
+
+    def add_target_path(self, path: str | Path) -> TargetReport:
+        """Index one ``decontaminate.targets`` entry: a HELM data directory or scenario folder (read with the
+        scenario loaders of ``llmft eval --helm``), or books / instance files (:meth:`add_files`).
+
+        Returns:
+            The entry's :class:`TargetReport` (also in ``entries``); documents it removes are counted there.
+
+        Raises:
+            FileNotFoundError: the path does not exist.
+            DecontamTargetError: the entry yields no n-gram (the message lists the layouts understood).
+            ValueError: a malformed file (as :meth:`add_files`).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"decontaminate.targets: {path} does not exist")
+        found = _helm_layout(path)
+        entry = TargetReport(str(path), "helm" if found else "files")
+        self.entries.append(entry)
+        self._current, pending = entry, len(self._pending)
+        try:
+            if found:
+                self._add_helm(*found)
+            else:
+                entry.instances = self.add_files([path])
+        finally:
+            self._current = None
+        new = [h for h, _ in self._pending[pending:]]
+        entry.ngrams = len(np.unique(np.concatenate(new))) if new else 0
+        if entry.ngrams == 0:
+            skipped = f" Scenarios present but unreadable: {' | '.join(entry.skipped)}." if entry.skipped else ""
+            raise DecontamTargetError(
+                f"decontaminate.targets: {path} yields no {self.n}-word n-gram ({entry.files} files read, "
+                f"{entry.instances} items, {entry.short_texts} texts shorter than {self.n} words).{skipped} Understood: "
+                "a HELM data directory with one folder per scenario path of eval/helm_core.yaml (mmlu, boolq, "
+                "narrative_qa, natural_qa, quac, hellaswag, openbookqa, truthful_qa, msmarco, summarization_cnndm, "
+                "summarization_xsum, imdb, raft, civil_comments) or one such folder, each in its public layout "
+                "(eval/README.md, HELM core scenarios); PG-19-style .txt books; HELM instance .jsonl/.json files; "
+                "or a directory of those (.gz allowed). Fix: point it at one of these, or remove the entry")
+        return entry
+
+    def _add_helm(self, data_dir: Path, specs: list) -> None:
+        """Index the eval-split instances of each scenario in ``specs`` found under ``data_dir``."""
+        from llmft.eval.helm import TRAIN, HelmDataError, load_subsets
+
+        entry = self._current
+        seen: set[str] = set()  # scenarios share files (NQ, MS MARCO) and CivilComments' subsets share rows
+        files: set[Path] = set()
+        for spec in specs:
+            try:
+                subsets, skipped = load_subsets(spec, data_dir)
+            except (HelmDataError, OSError, ValueError, KeyError) as e:
+                entry.skipped.append(f"{spec.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            loaded = {sub.name for sub in subsets}
+            if missing := [name for name in spec.subsets or [] if name not in loaded]:
+                entry.missing_subsets[spec.name] = missing
+            folder = data_dir / spec.path
+            files.update(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else None
+            count = 0
+            for subset in subsets:
+                for i, inst in enumerate(subset.instances):
+                    if inst.split == TRAIN:
+                        continue  # in-context examples only
+                    texts = [t for t in (inst.input, *(r.text for r in inst.references)) if t not in seen]
+                    count += 1
+                    if not texts:
+                        continue
+                    seen.update(texts)
+                    self._new_target(f"helm/{spec.name}/{subset.name}#{i}")
+                    for text in texts:
+                        self._index(len(self.targets) - 1, text)
+            entry.scenarios[spec.name] = count
+            entry.instances += count
+        entry.files = len(files)
 
     @property
     def num_ngrams(self) -> int:
@@ -289,6 +428,11 @@ class Decontaminator:
         slot[slot == len(self._keys)] = 0
         found = self._keys[slot] == hashes
         return starts[found], slot[found]
+
+    def _entry_for_slot(self, slot: int) -> TargetReport | None:
+        """The add_target_path entry whose item first produced the n-gram at ``slot`` of the sorted keys."""
+        k = self._entry_of[self._first[slot]] if self._entry_of else -1
+        return self.entries[k] if k >= 0 else None
 
     def _hits(self, words: list[str], starts: np.ndarray, slots: np.ndarray) -> list[Hit]:
         return [Hit(" ".join(words[s : s + self.n]), self.targets[self._first[k]], int(s))
@@ -335,7 +479,7 @@ class Decontaminator:
         if mode == "document":
             report.documents_removed += 1
             report.words_removed += len(words)
-            report.hits_by_source[source] = report.hits_by_source.get(source, 0) + 1
+            report._count(source, self._entry_for_slot(int(slots[0])))
             report._example(source, where, self._hits(words, starts[:1], slots[:1])[0])
             return None
 
@@ -356,11 +500,11 @@ class Decontaminator:
             pieces.append(text[cursor : char_start[first]])
             cursor = char_end[last]
             report.words_removed += last - first + 1
+            report._count(source, self._entry_for_slot(int(slots[i])))
             if len(report.examples) < MAX_EXAMPLES:
                 report._example(source, where, self._hits(words, starts[i : i + 1], slots[i : i + 1])[0])
         pieces.append(text[cursor:])
         report.spans_removed += len(spans)
-        report.hits_by_source[source] = report.hits_by_source.get(source, 0) + len(spans)
         kept = "".join(pieces)
         if kept.strip():
             return kept
@@ -394,3 +538,22 @@ def _collect(obj: Any, fields: frozenset[str], wanted: bool, out: list[str]) -> 
     elif isinstance(obj, list):
         for value in obj:
             _collect(value, fields, wanted, out)
+
+
+def _helm_layout(path: Path) -> tuple[Path, list] | None:
+    """(data directory, scenario specs) when ``path`` is a HELM data directory or one scenario's folder, else None.
+
+    A HELM data directory holds a folder named by a scenario's ``path`` (or a copy of its hub dataset); a scenario
+    folder is one whose name is a scenario's ``path`` and whose parent is then the data directory.
+    """
+    if not path.is_dir():
+        return None
+    from llmft.eval.helm import load_helm_suite
+
+    scenarios = load_helm_suite().scenarios
+    inside = [s for s in scenarios if (path / s.path).is_dir()
+              or (s.hf_dataset is not None and (path / s.hf_dataset.name).is_dir())]
+    if inside:
+        return path, inside
+    named = [s for s in scenarios if s.path == path.name]
+    return (path.parent, named) if named else None
