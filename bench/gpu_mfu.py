@@ -50,12 +50,50 @@ def child(args: argparse.Namespace) -> None:
         r = llmft_child(write_model_dir(tmp / "model", args.seq_len, cfg), book_paths(tmp), args.seq_len,
                         args.warmup + args.steps, args.ckpt == "on", args.chunk, tmp, attention=args.attention,
                         precision="bf16" if cuda else "fp32")
+        from llmft.config import load_recipe
+        from llmft.plan import estimate_memory
+
+        plan = estimate_memory(load_recipe(tmp / "recipe.yaml"), device="cuda" if cuda else "cpu")  # the same run
     ends = r["step_ends"]
     peak = (gemm_peak((4096, 8192), repeats=10, device="cuda", dtype=torch.bfloat16) if cuda
             else gemm_peak((1024,)))  # CPU: only the --quick smoke test gets here
     print(json.dumps({"step_seconds": [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])],
                       "losses": r["losses"], "peak_mem": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
-                      "gpu": torch.cuda.get_device_name() if cuda else "CPU", "peak_flops": peak}))
+                      "gpu": torch.cuda.get_device_name() if cuda else "CPU", "peak_flops": peak,
+                      "plan_bytes": plan.total_bytes}))
+
+
+def run(spec: str, warmup: int, steps: int, attention: str, chunk: int, quick: bool) -> dict:
+    """One ``SEQ_LEN:on|off`` run in its own process: tokens/s, MFU (measured peak and datasheet), peak memory and
+    ``llmft plan``'s estimate for the same recipe.
+
+    Raises:
+        SystemExit: the run failed (its stderr's tail in the message).
+    """
+    seq_len, ckpt = spec.split(":")
+    res = run_child([__file__, "--child", "--seq-len", seq_len, "--ckpt", ckpt, "--warmup", str(warmup),
+                     "--steps", str(steps), "--attention", attention, "--chunk", str(chunk),
+                     *(["--quick"] if quick else [])])
+    if res["status"] != "ok":
+        raise SystemExit(f"{spec} failed ({res['status']}):\n{res['stderr_tail']}")
+    tps = int(seq_len) / statistics.median(res["step_seconds"])
+    flops = flops_per_token(int(seq_len), MODEL if quick else ONE_B) * tps
+    return {"seq_len": int(seq_len), "ckpt": ckpt, "tps": tps, "tflops": flops / 1e12, "mfu": flops / res["peak_flops"],
+            "mfu_spec": flops / H100_BF16_DENSE, "peak_tflops": res["peak_flops"] / 1e12,
+            "mem_gib": res["peak_mem"] / 2**30, "plan_gib": res["plan_bytes"] / 2**30, "gpu": res["gpu"],
+            "losses": res["losses"]}
+
+
+def resolve_attention(requested: str) -> str:
+    """``auto``: flash_attention_2 when the flash-attn package imports, else sdpa."""
+    if requested != "auto":
+        return requested
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2"
+    except ImportError:
+        return "sdpa"
 
 
 def main() -> None:
@@ -81,29 +119,13 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("bench/gpu_mfu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "--quick runs a CPU smoke test")
-    if args.attention == "auto":
-        try:
-            import flash_attn  # noqa: F401
-
-            args.attention = "flash_attention_2"
-        except ImportError:
-            args.attention = "sdpa"
+    args.attention = resolve_attention(args.attention)
     cfg = MODEL if args.quick else ONE_B
     rows = []
-    for run in args.runs:
-        seq_len, ckpt = run.split(":")
-        res = run_child([__file__, "--child", "--seq-len", seq_len, "--ckpt", ckpt, "--warmup", str(args.warmup),
-                         "--steps", str(args.steps), "--attention", args.attention, "--chunk", str(args.chunk),
-                         *(["--quick"] if args.quick else [])])
-        if res["status"] != "ok":
-            raise SystemExit(f"{run} failed ({res['status']}):\n{res['stderr_tail']}")
-        tps = int(seq_len) / statistics.median(res["step_seconds"])
-        flops = flops_per_token(int(seq_len), cfg) * tps
-        rows.append({"seq_len": int(seq_len), "ckpt": ckpt, "tps": tps, "tflops": flops / 1e12,
-                     "mfu": flops / res["peak_flops"], "mfu_spec": flops / H100_BF16_DENSE,
-                     "peak_tflops": res["peak_flops"] / 1e12, "mem_gib": res["peak_mem"] / 2**30, "gpu": res["gpu"],
-                     "losses": res["losses"]})
-        print(f"[bench] {run}: {tps:,.0f} tokens/s, MFU {rows[-1]['mfu']:.1%}, losses {res['losses']}", flush=True)
+    for spec in args.runs:
+        rows.append(run(spec, args.warmup, args.steps, args.attention, args.chunk, args.quick))
+        print(f"[bench] {spec}: {rows[-1]['tps']:,.0f} tokens/s, MFU {rows[-1]['mfu']:.1%}, losses "
+              f"{rows[-1]['losses']}", flush=True)
     print("[bench] json " + json.dumps(rows))
     cmd = (f"python bench/gpu_mfu.py --runs {' '.join(args.runs)} --warmup {args.warmup} --steps {args.steps} "
            f"--attention {args.attention} --chunk {args.chunk}" + (" --quick" if args.quick else ""))
@@ -120,10 +142,11 @@ def main() -> None:
         f"{args.warmup} warm-up steps dropped, median of {args.steps}. MFU: (6 N + 12 L h s) x tokens/s / the best bf16 "
         "square matmul measured on this GPU in each run (and / 989 TFLOP/s, the H100 SXM dense bf16 datasheet peak).",
         "",
-        "| seq | checkpointing | tokens/s | model TFLOP/s | measured bf16 peak (TFLOP/s) | MFU | MFU vs datasheet | " + mem + " |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| seq | checkpointing | tokens/s | model TFLOP/s | measured bf16 peak (TFLOP/s) | MFU | MFU vs datasheet | " + mem
+        + " | llmft plan (GiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {r['seq_len']} | {r['ckpt']} | {r['tps']:,.0f} | {r['tflops']:.3g} | {r['peak_tflops']:.3g} | "
-          f"{r['mfu']:.1%} | {100 * r['mfu_spec']:.3g}% | {r['mem_gib']:.1f} |" for r in rows],
+          f"{r['mfu']:.1%} | {100 * r['mfu_spec']:.3g}% | {r['mem_gib']:.1f} | {r['plan_gib']:.1f} |" for r in rows],
         "",
     ]
     print("\n".join(lines))

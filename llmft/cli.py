@@ -295,6 +295,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
+    from llmft.model.build import resolve_attention
+
+    # flash-attn computes only in bf16/fp16: the kernel follows --dtype (auto: sdpa in float32)
+    args.attention, reason = resolve_attention(args.attention, {"float32": "fp32", "bfloat16": "bf16",
+                                                                "float16": "fp16"}[args.dtype])
+    logging.getLogger("llmft").info("attention: %s (%s)", args.attention, reason)
     if args.passkey:
         _eval_passkey(args, out)
     if args.helm is not None:
@@ -309,7 +315,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            "keeps length - stride tokens of context. Fix: lower --stride or drop that length"])
     try:
         result = ev.run_ppl(args.model, args.data, lengths, args.mode, args.stride, args.max_docs,
-                            out, args.dtype, args.device or ev.device_default(), args.wandb_project, args.wandb_mode)
+                            out, args.dtype, args.device or ev.device_default(), args.wandb_project, args.wandb_mode,
+                            attention=args.attention)
     except (SourceError, ValueError) as e:
         raise RecipeError([f"llmft eval: {e}"]) from None
     from llmft.eval.report import format_ppl_table
@@ -334,7 +341,7 @@ def _eval_passkey(args: argparse.Namespace, out: Path) -> None:
         raise RecipeError([f"--depths: got {args.depths!r}; every depth must be in [0, 1]"])
     for i, name in enumerate(args.model):
         device = args.device or ev.device_default()
-        model, tokenizer = ev.load_eval_model(name, args.dtype, device)
+        model, tokenizer = ev.load_eval_model(name, args.dtype, device, args.attention)
         results = run_passkey(model, tokenizer, lengths, depths, args.trials, args.seed, device, model_name=name)
         paths = write_passkey_report(results, out if len(args.model) == 1 else out / f"passkey-{i}")
         print(f"# passkey retrieval: {name}\n" + format_passkey_table(results))
@@ -350,7 +357,7 @@ def _eval_helm(args: argparse.Namespace, out: Path) -> None:
     if args.helm_trials < 1:
         raise RecipeError([f"--helm-trials: got {args.helm_trials}; expected at least 1 (HELM v1.0 ran 3)"])
     for i, name in enumerate(args.model):
-        model, tokenizer = ev.load_eval_model(name, args.dtype, args.device or ev.device_default())
+        model, tokenizer = ev.load_eval_model(name, args.dtype, args.device or ev.device_default(), args.attention)
         try:
             results = run_helm(model, tokenizer, names, Path(args.helm_data), args.max_instances, args.seed,
                                trials=args.helm_trials)
@@ -506,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
     ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ev.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
+                    help="attention kernel; auto: flash_attention_2 on CUDA with flash-attn and a 16-bit --dtype, "
+                    "else sdpa (flash_attention_2 with --dtype float32 is refused: flash-attn takes only bf16/fp16)")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--wandb-project", default=None, help="also log to this wandb project")
     ev.add_argument("--wandb-mode", choices=["online", "offline"], default="offline")

@@ -196,7 +196,8 @@ class DataConfig(_Strict):
         default=0.0,
         ge=0.0,
         lt=1.0,
-        description="Hold out this fraction of the tokens of each training file (its tail) for validation.",
+        description="Hold out this fraction of the tokens of each training source (the tail of its files, in "
+        "reading order) for validation.",
     )
     add_eos: bool = Field(default=True, description="Append the EOS token after each document.")
     packing: Literal["concat", "isolated"] = Field(

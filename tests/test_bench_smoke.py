@@ -138,3 +138,23 @@ def test_gpu_mfu_counts_the_matmul_weights_of_the_real_model():
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert gpu_mfu.matmul_params(cfg) == linear
     assert 1.0e9 < gpu_mfu.matmul_params(gpu_mfu.ONE_B) < 1.1e9
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_version_runs_every_check(tmp_path):
+    """bench/gpu_check.py --quick: the GPU check's own code on CPU (tiny sizes, SDPA vs the eager block mask, CPU
+    bitsandbytes, DeepSpeed ZeRO-2 on one gloo rank): every check passes and the table lands in the results file."""
+    results = tmp_path / "check.md"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--quick", "--results", str(results)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("[gpu_check] json "))[17:])
+    assert [r["check"] for r in rows] == ["fa2_packing", "mfu_8k", "qlora", "eval_fa2", "zero2"]
+    assert all(r["ok"] for r in rows)
+    by = {r["check"]: r for r in rows}
+    assert by["fa2_packing"]["mean_abs_diff"] < 1e-4  # sdpa and eager block masks agree in fp32
+    assert len(by["zero2"]["losses"]) == 4 and min(by["qlora"]["losses"][-2:]) < by["qlora"]["losses"][0]
+    assert {"eval/ppl@256", "eval/passkey@256"} <= set(by["eval_fa2"]["evals"])
+    text = results.read_text()
+    assert "\n## gpu_check — " in text and "5/5 checks passed" in text and "CPU (smoke version" in text
+    assert text.count("| pass |") == 5

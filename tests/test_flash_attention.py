@@ -91,3 +91,21 @@ def test_explicit_flash_attention_refused_in_fp32_or_without_the_package(monkeyp
     monkeypatch.setattr(build, "flash_attn_available", lambda: False)
     with pytest.raises(build.ModelLoadError, match="cannot run here"):
         build.resolve_attention("flash_attention_2", "bf16")
+
+
+def test_llmft_eval_runs_flash_attention_in_its_dtype_and_refuses_float32(tiny_model, tmp_path, book_text, capsys):
+    """``llmft eval --attention flash_attention_2``: float32 is refused (exit 2, what to set); bfloat16 runs the
+    kernel in bf16 only."""
+    from llmft.cli import main
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "1.txt").write_text(book_text[:4000], encoding="utf-8")
+    args = ["eval", "--ppl", "pg19", "--data", str(books), "--model", str(tiny_model), "--lengths", "32",
+            "--attention", "flash_attention_2", "--out", str(tmp_path / "out")]
+    with cpu_flash_attention() as calls:
+        assert main(args) == 2
+        assert "only in bf16 or fp16" in capsys.readouterr().err and calls["dense"] == 0
+        assert main([*args, "--dtype", "bfloat16"]) == 0
+    assert calls["dense"] > 0 and calls["torch.float32"] == 0
+    assert json.loads((tmp_path / "out" / "ppl.json").read_text())

@@ -143,14 +143,14 @@ def test_scaled_config_round_trips_through_save_pretrained(tiny_model, tmp_path)
 # ------------------------------------------------------------------ extending a base that is already scaled
 
 
-def scaled_base(tiny_model, tmp_path, rope: RopeConfig):
+def scaled_base(tiny_model, tmp_path, rope: RopeConfig, max_pos: int | None = None):
     """A copy of the tiny model whose config.json already carries ``rope`` (as a published extended model does)."""
     import shutil
 
     out = tmp_path / f"base-{rope.type}"
     shutil.copytree(tiny_model, out)
     config = AutoConfig.from_pretrained(out)
-    apply_rope_scaling(config, rope)
+    apply_rope_scaling(config, rope, max_pos)
     config.save_pretrained(out)
     return out
 
@@ -194,26 +194,30 @@ def test_ntk_on_a_linear_base_raises_theta_under_the_interpolation(tiny_model, t
 
 @pytest.mark.parametrize("kind", ["yarn", "llama3", "ntk"])
 def test_a_llama3_base_extended_x2_matches_an_independent_formula(tiny_model, tmp_path, kind):
-    """A Llama-3.1-style base (llama3 x8 over ORIG) extended x2: yarn and llama3 become x16 over ORIG (not x2 over
-    the base's 8 * ORIG, which would undo the base's interpolation of the low frequencies), ntk raises theta."""
+    """A Llama-3.1-shaped base (llama3 factor 8 over ORIG, serving 16 * ORIG positions) extended x2 to 32 * ORIG:
+    yarn becomes YaRN over ORIG with s = 32 (not x2 over the base's 16 * ORIG, which would undo the base's
+    interpolation of the low frequencies), llama3 becomes llama3 factor 16 over ORIG, ntk raises theta."""
     base = scaled_base(tiny_model, tmp_path, RopeConfig(type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                        high_freq_factor=4.0))
+                                                        high_freq_factor=4.0), max_pos=16 * ORIG)
     rope = {"yarn": RopeConfig(type="yarn", factor=2.0), "ntk": RopeConfig(type="ntk", factor=2.0),
             "llama3": RopeConfig(type="llama3", factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0)}[kind]
     model = extended(base, rope)
     d = head_dim(model)
-    m = torch.arange(ORIG * 16)
+    m = torch.arange(ORIG * 32)
     if kind == "yarn":
-        inv_freq, scale = yarn_reference(d, 16.0, ORIG)
+        inv_freq, scale = yarn_reference(d, 32.0, ORIG)
     elif kind == "llama3":
         inv_freq, scale = llama3_reference(d, 16.0, ORIG, 1.0, 4.0), 1.0
     else:
         inv_freq, scale = llama3_reference(d, 8.0, ORIG, 1.0, 4.0, THETA * 2.0 ** (d / (d - 2))), 1.0
-    torch.testing.assert_close(rotary(model, m), cos_sin(inv_freq, m, scale), atol=2e-5, rtol=0)
-    assert model.config.max_position_embeddings == ORIG * 16
+    torch.testing.assert_close(rotary(model, m), cos_sin(inv_freq, m, scale), atol=3e-5, rtol=0)
+    assert model.config.max_position_embeddings == ORIG * 32
     if kind != "ntk":
         assert model.config.rope_parameters["original_max_position_embeddings"] == ORIG
-        assert model.config.rope_parameters["factor"] == 16.0
+        assert model.config.rope_parameters["factor"] == {"yarn": 32.0, "llama3": 16.0}[kind]
+    if kind == "yarn":  # transformers' YaRN check (it warns on every load otherwise): factor = L' / L0
+        params = model.config.rope_parameters
+        assert params["factor"] == model.config.max_position_embeddings / params["original_max_position_embeddings"]
 
 
 def test_yarn_on_a_yarn_base_is_yarn_of_the_product_over_the_original_length(tiny_model, tmp_path):

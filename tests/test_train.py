@@ -211,8 +211,13 @@ def test_cli_help_lists_subcommands():
     assert all(cmd in out for cmd in ("validate", "train", "quickstart"))
 
 
-def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_model, text_file, capsys):
-    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", model={"attention": "flash_attention_2"})
+def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_model, text_file, capsys,
+                                                                 monkeypatch):
+    from llmft.model import build
+
+    monkeypatch.setattr(build, "flash_attn_available", lambda: False)  # as here, also on a machine that has it
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", model={"attention": "flash_attention_2"},
+                         train={"precision": "bf16"})
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err

@@ -78,8 +78,8 @@ def split_tail(examples: list[Example], fraction: float) -> tuple[list[Example],
 def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list[Example], np.ndarray, DataReport]:
     """Tokenize the training and validation text.
 
-    The last ``validation_fraction`` of each training file's tokens is held out and joined with the
-    ``validation`` files into one validation token stream.
+    The last ``validation_fraction`` of each *source*'s tokens (all of its files, in reading order) is held out
+    and joined with the ``validation`` sources into one validation token stream.
 
     Returns:
         (training examples, validation tokens, report)

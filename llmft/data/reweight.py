@@ -26,8 +26,9 @@ test corpus (tests/test_filters.py: a filter removing 14% of one class and 6% of
 90-100% of the keyword shift; all 4096 hashed dimensions with the same folds, 50-70%.
 
 The weights go with each document through tokenizing, chunking, selection and packing into the ``weight`` column
-of the train shards (one float per token; 0 on padding). NOTE: the training loss does not read them yet; that is
-a separate change to the loss.
+of the train shards (one float per token; 0 on padding), and the training loss uses them: a step's loss is
+Σ w·nll / Σ w over its trained tokens, w of the predicted token (:mod:`llmft.train.loss`), so a weight of 2 counts
+as two copies of the document.
 """
 
 from __future__ import annotations

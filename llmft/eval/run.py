@@ -61,7 +61,7 @@ def max_context(model) -> int | None:
 
 def run_ppl(models: list[str], data: str, lengths: list[int], mode: str, stride: int, max_docs: int | None,
             out: Path, dtype: str = "float32", device: str = "cpu", wandb_project: str | None = None,
-            wandb_mode: str = "offline") -> dict:
+            wandb_mode: str = "offline", attention: str = "sdpa") -> dict:
     """Perplexity per byte of every model on the same books; writes ppl.json/md/png under ``out``.
 
     Raises:
@@ -73,7 +73,7 @@ def run_ppl(models: list[str], data: str, lengths: list[int], mode: str, stride:
 
     results, books, tok_vocab = {}, None, None
     for name in models:
-        model, tokenizer = load_eval_model(name, dtype, device)
+        model, tokenizer = load_eval_model(name, dtype, device, attention)
         if books is None or tokenizer.get_vocab() != tok_vocab:  # re-tokenize only for another tokenizer
             books = load_books(data, tokenizer, max_docs)
             tok_vocab = tokenizer.get_vocab()

@@ -18,7 +18,8 @@ llama3     per-frequency interpolation (Llama 3.1)                    L'
 
 Extending a base that is already scaled (progressive extension 4K -> 32K -> 128K, every Llama-3.1 base): the
 recipe's factor s2 extends the base's *current* context C = its ``max_position_embeddings``, so the target is
-C * s2. With the base scaled by s1 over its original length L0 (C = L0 * s1), the result is one config over L0:
+L' = C * s2. With the base scaled by s1 over its original length L0 (C = L0 * s1 for linear and YaRN bases;
+Llama 3.1 has s1 = 8 and C = 131072 = 16 * 8192), the result is one config over L0:
 
 ==================  ===========================  ==========================================================
 base                recipe                       result
@@ -26,18 +27,21 @@ base                recipe                       result
 linear s1           linear s2                    linear s1*s2 (exact: positions m / (s1 s2))
 linear s1, llama3   ntk s2                       the base's scaling with theta * s2 ** (d / (d - 2)) (exact:
                                                  NTK is a new base theta, the scaling stays on top)
-yarn s1             yarn s2                      yarn s1*s2 over L0 (the YaRN paper's progressive recipe:
-                                                 s = 16 then s = 32 from the s = 16 checkpoint)
+yarn s1             yarn s2                      yarn over L0 with s = L' / L0 (the YaRN paper's progressive
+                                                 recipe: s = 16, then s = 32 from the s = 16 checkpoint)
 llama3 s1           llama3 s2                    llama3 s1*s2 over L0, the base's low/high frequency factors
-llama3 s1           yarn s2                      yarn s1*s2 over L0: the high frequencies stay as llama3 kept
-                                                 them, the lowest are divided by s1*s2 (the base divided them by
-                                                 s1), the ramp between follows YaRN
+                                                 (Meta's factor: 8 serves 16 * L0)
+llama3 s1           yarn s2                      yarn over L0 with s = L' / L0 (Llama 3.1 x2: 262144 / 8192 =
+                                                 32): the high frequencies stay as llama3 kept them, the lowest
+                                                 are divided by s, the ramp between follows YaRN
 anything else       (dynamic bases, dynamic      refused (exit 2) with the fix: no single transformers config
                     recipes, linear over yarn    has those frequencies, and a checkpoint must reload with plain
                     or llama3, ...)              transformers
 ==================  ===========================  ==========================================================
 
-A base scaled by NTK looks like an unscaled one with a larger ``rope_theta`` and is extended as such.
+A base scaled by NTK looks like an unscaled one with a larger ``rope_theta`` and is extended as such. YaRN's
+attention factor (0.1 ln s + 1 on cos and sin, so attention logits scale by its square) follows the new s unless
+``rope.attention_factor`` sets it: 1.35 for Llama 3.1 x2 (s = 32), whose llama3 scaling had none.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def apply_rope_scaling(
             params["original_max_position_embeddings"] = original
         params.update(recipe_extras)
     else:
-        params, original, total = _compose(config, base, rope, current, recipe_extras)
+        params, original, total = _compose(config, base, rope, current, target, recipe_extras)
 
     config.rope_parameters = params
     # transformers' dynamic NTK treats max_position_embeddings as the original length.
@@ -126,7 +130,7 @@ def apply_rope_scaling(
     return RopeScaling(rope.type, total, original, target, params)
 
 
-def _compose(config: PretrainedConfig, base: dict, rope: RopeConfig, current: int,
+def _compose(config: PretrainedConfig, base: dict, rope: RopeConfig, current: int, target: int,
              recipe_extras: dict) -> tuple[dict, int, float]:
     """(rope_parameters, original length L0, total factor over L0) for a recipe on an already-scaled base.
 
@@ -143,13 +147,14 @@ def _compose(config: PretrainedConfig, base: dict, rope: RopeConfig, current: in
         return {**kept, "rope_type": "linear", "factor": s1 * s2}, original, s1 * s2
     if rope.type == "yarn" and base_type in ("yarn", "llama3"):
         carried = {k: v for k, v in base.items() if k in _YARN_EXTRAS and k != "attention_factor"}  # it follows s
-        return ({**kept, "rope_type": "yarn", "factor": s1 * s2, "original_max_position_embeddings": original,
-                 **carried, **recipe_extras}, original, s1 * s2)
+        s = target / original  # YaRN's s = L' / L over the original length, as transformers checks it
+        return ({**kept, "rope_type": "yarn", "factor": s, "original_max_position_embeddings": original,
+                 **carried, **recipe_extras}, original, s)
     if base_type == rope.type == "llama3":
         carried = {k: v for k, v in base.items() if k in _LLAMA3_EXTRAS}
         return ({**kept, "rope_type": "llama3", "factor": s1 * s2, "original_max_position_embeddings": original,
                  **carried, **recipe_extras}, original, s1 * s2)
-    composes = {"linear": "type linear (the factors multiply) or ntk", "yarn": "type yarn (yarn s1*s2 over the "
+    composes = {"linear": "type linear (the factors multiply) or ntk", "yarn": "type yarn (yarn over the "
                 f"original {original})", "llama3": "type llama3, yarn or ntk"}.get(base_type)
     fix = f"use {composes}, or " if composes else ""
     raise ValueError(
