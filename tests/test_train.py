@@ -338,7 +338,7 @@ def test_natural_instructions_trains_on_answers_only(tmp_path, tiny_model, share
     assert len(result.losses) == 3 and all(0 < x < 10 for x in result.losses)
 
 
-def test_a_step_with_only_prompt_tokens_is_a_zero_loss_not_nan(tmp_path, tiny_model, caplog):
+def test_a_step_with_only_prompt_tokens_is_a_zero_loss_not_nan(tmp_path, tiny_model, caplog, shared_data):
     """At 32 tokens every NI example is split, and some steps hold only prompt chunks."""
 
     spec = {"format": "natural_instructions", "path": str(shared_data / "natural_instructions")}
