@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, RESULTS, book_paths, flops_per_token, gemm_peak, load1, machine,  # noqa: E402
+from common import (REPO, RESULTS, book_paths, flops_per_token, gemm_peak, machine,  # noqa: E402
                     peak_rss_bytes, run_child, write_model_dir, write_section)
 
 LR = 1e-4

@@ -243,13 +243,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(args.tokenizer or s["tokenizer"])
     rows = built.rows
     for r in range(min(args.rows, len(rows))):
-        pos, ids_row = rows.position_ids[r], rows.input_ids[r]
+        row = rows.batch([r])
+        pos, ids_row, labels_row = row["position_ids"][0], row["input_ids"][0], row["labels"][0]
         # a segment starts where position ids restart (isolated) or at a BOS token (a document, in concat rows)
         is_start = (pos == 0) | (ids_row == tok.bos_token_id if tok.bos_token_id is not None else False)
         starts = torch.nonzero(is_start).flatten().tolist() + [len(pos)]
         pieces = []
         for a, b in zip(starts[:-1], starts[1:]):
-            ids, labels = rows.input_ids[r, a:b], rows.labels[r, a:b]
+            ids, labels = ids_row[a:b], labels_row[a:b]
             trained = tok.decode(ids[labels != -100])
             pieces.append(f"<<segment {a}:{b}, {int((labels != -100).sum())} tokens trained>> " + tok.decode(ids)[: args.chars]
                           + ("" if len(trained) else " <<context only>>"))

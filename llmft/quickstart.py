@@ -15,7 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmft.config import RecipeError, RopeConfig, load_recipe

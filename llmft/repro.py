@@ -364,7 +364,7 @@ def checks(ppl: dict[str, dict[int, dict]], lengths: list[int]) -> list[dict]:
         return ppl[key][n][metric]
 
     return [
-        {"claim": f"(c) PI + fine-tuning: ppl at 8C <= ppl at C", "holds": v("ft_linear", L) <= v("ft_linear", C),
+        {"claim": "(c) PI + fine-tuning: ppl at 8C <= ppl at C", "holds": v("ft_linear", L) <= v("ft_linear", C),
          "numbers": f"{v('ft_linear', L):.3f} at {L} vs {v('ft_linear', C):.3f} at {C} (per byte)"},
         {"claim": "(a) the base at 8C is >= 10x worse than at C (token perplexity, as the paper's table)",
          "holds": v("base", L, "token_ppl") >= 10 * v("base", C, "token_ppl"),

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import yaml
+
+from llmft.data.store import RowStore
 
 
 def write_reweighted_mix(tmp_path: Path, book_text: str) -> Path:
@@ -26,10 +27,9 @@ def write_reweighted_mix(tmp_path: Path, book_text: str) -> Path:
 
 
 def shard_columns(data_dir: Path) -> dict[str, torch.Tensor]:
-    """input_ids, labels, position_ids, weight (n, s) of the first train shard of a built mix."""
-    table = pq.read_table(sorted(Path(data_dir).glob("train-*.parquet"))[0])
-    return {c: torch.from_numpy(np.stack(table.column(c).to_numpy(zero_copy_only=False))) for c in
-            ("input_ids", "labels", "position_ids", "weight")}
+    """input_ids, labels, position_ids, weight (n, s) of every row of a built mix."""
+    store = RowStore(Path(data_dir) / "rows")
+    return store.batch(np.arange(len(store)))
 
 
 def reference(model, batch) -> torch.Tensor:

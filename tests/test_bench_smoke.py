@@ -141,6 +141,24 @@ def test_gpu_mfu_counts_the_matmul_weights_of_the_real_model():
 
 
 @pytest.mark.slow
+def test_row_store_bench_measures_both_sides(tmp_path):
+    """bench/row_store.py at 1 M and 4 M tokens: two ranks' data memory from the store stays at a batch while the
+    in-memory rows grow with the corpus, and every rank read about half the store."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "row_store.py"), "--sizes", "1,4", "--baseline-max", "4",
+                          "--seq-len", "1024", "--results", str(tmp_path / "r.md")], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = bench_json(out.stdout)
+    assert [r["tokens"] for r in runs] == [999_424, 3_999_744]
+    for r in runs:
+        assert r["disk"] == r["tokens"] * 2.25  # uint16 ids + 2 bits per token
+        for rank in range(2):
+            assert r["store"][rank]["data_rss"] < 16 * 2**20 < r["in_memory"][rank]["data_rss"]
+            assert abs(r["store"][rank]["read_bytes"] - r["disk"] / 2) < 0.05 * r["disk"]
+    assert runs[1]["in_memory"][0]["data_rss"] > 3 * runs[0]["in_memory"][0]["data_rss"]  # grows with the corpus
+    assert "## row_store — " in (tmp_path / "r.md").read_text()
+
+
 def test_gpu_check_smoke_version_runs_every_check(tmp_path):
     """bench/gpu_check.py --quick: the GPU check's own code on CPU (tiny sizes, SDPA vs the eager block mask, CPU
     bitsandbytes, DeepSpeed ZeRO-2 on one gloo rank): every check passes and the table lands in the results file."""

@@ -80,7 +80,7 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
     assert (tmp_path / "out" / "mix.png").stat().st_size > 5000
     assert (tmp_path / "out" / "length_histogram.png").stat().st_size > 5000
     again = load_built(tmp_path / "out")
-    assert torch.equal(again.rows.input_ids, built.rows.input_ids)
+    assert torch.equal(again.rows.materialize()[0].input_ids, built.rows.materialize()[0].input_ids)
 
 
 def test_cpu_mix_dedup_removes_a_planted_near_copy_of_a_book(tmp_path, monkeypatch, tok, shared_data):
@@ -113,7 +113,7 @@ def test_each_unit_appears_exactly_as_often_as_its_epochs(tmp_path, two_sources,
         {"name": "a", "weight": 0.5, "source": {"format": "jsonl", "path": str(a)}},
         {"name": "b", "weight": 0.5, "source": {"format": "jsonl", "path": str(b)}, "max_epochs": 3}])
     built = build(load_mix(path), tmp_path / "out", tok, 256)
-    rows, stats = built.rows, built.stats["sources"]
+    rows, stats = built.rows.materialize()[0], built.stats["sources"]
     placed = Counter()  # every packed segment (an isolated unit), by its tokens
     for r in range(len(rows)):
         pos = rows.position_ids[r]
@@ -160,8 +160,9 @@ def test_second_build_is_a_cache_hit(tmp_path, two_sources, tok):
     second = build(mix, tmp_path / "out", tok, 256)
     t2 = time.perf_counter()
     assert not first.cached and second.cached
-    for name in ("input_ids", "labels", "position_ids"):  # the shards read back exactly as packed
-        assert torch.equal(getattr(first.rows, name), getattr(second.rows, name))
+    first_rows, second_rows = first.rows.materialize()[0], second.rows.materialize()[0]
+    for name in ("input_ids", "labels", "position_ids"):  # the cached store reads back as built
+        assert torch.equal(getattr(first_rows, name), getattr(second_rows, name))
     assert second.validation_tokens.dtype == np.int32 and len(second.validation_tokens) > 0
     assert np.array_equal(first.validation_tokens, second.validation_tokens)
     stats_only = build(mix, tmp_path / "out", tok, 256, load_rows=False)  # what `llmft data build` does
@@ -186,7 +187,7 @@ def test_decontamination_removes_the_planted_document(tmp_path, two_sources, tok
     assert built.stats["decontamination"]["documents_removed"] == 1
     assert built.stats["sources"]["a"]["documents"] == len(docs)
     planted = tok(eval_text, add_special_tokens=False)["input_ids"][:8]
-    flat = built.rows.input_ids.flatten().tolist()
+    flat = built.rows.materialize()[0].input_ids.flatten().tolist()
     assert not any(flat[i : i + 8] == planted for i in range(len(flat) - 8))
 
 
@@ -274,8 +275,11 @@ def test_num_proc_workers_build_the_same_rows_and_stats(tmp_path, two_sources, t
     one = build(load_mix(path), tmp_path / "one", tok, 256)
     assert main(["data", "build", str(path), "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
     two = load_built(tmp_path / "two")
+    one_rows, two_rows = one.rows.materialize()[0], two.rows.materialize()[0]
     for field in ("input_ids", "labels", "position_ids"):
-        assert torch.equal(getattr(one.rows, field), getattr(two.rows, field)), field
+        assert torch.equal(getattr(one_rows, field), getattr(two_rows, field)), field
+    for f in ("tokens.bin", "trained.bin", "starts.bin", "index.json"):  # byte-identical for any num_proc
+        assert (tmp_path / "one" / "rows" / f).read_bytes() == (tmp_path / "two" / "rows" / f).read_bytes(), f
     drop = lambda s: {k: v for k, v in s.items() if k != "build_seconds"}  # noqa: E731
     assert drop(one.stats) == drop(two.stats)
     assert main(["data", "build", str(path), "--out", str(tmp_path / "one")]) == 0  # same fingerprint

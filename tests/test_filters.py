@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -175,7 +174,7 @@ def test_build_records_filters_carries_weights_and_keys_the_cache(tmp_path, tok)
     # the weights: one per kept document, constant over each packed segment, 0 on padding, same after a reload
     expected = curate_recipe(load_mix(path))["a"].weights
     assert len(expected) == len(kept) and expected.mean() == pytest.approx(1.0)
-    w, rows = built.weights, built.rows
+    rows, w = built.rows.materialize()
     assert w.shape == rows.input_ids.shape and w.dtype == torch.float32
     seg_w = []
     for r in range(len(rows)):
@@ -188,15 +187,15 @@ def test_build_records_filters_carries_weights_and_keys_the_cache(tmp_path, tok)
             else:
                 assert torch.all(w[r, s:e] == 0)
     assert np.allclose(sorted(seg_w), sorted(expected), atol=1e-6)  # every kept document once (1 epoch)
-    assert "weight" in pq.read_schema(next(out.glob("train-*.parquet"))).names
-    assert torch.equal(load_built(out).weights, w)
+    assert (out / "rows" / "weight.bin").stat().st_size == 4 * w.numel()
+    assert torch.equal(load_built(out).rows.materialize()[1], w)
 
     # the cache key covers the filters and the reweighting
     assert build(load_mix(path), out, tok, 1024, load_rows=False).cached
     assert not build(load_mix(path, ["reweight.l2=0.1"]), out, tok, 1024, load_rows=False).cached
     assert not build(load_mix(path, ["filters.1.threshold=0.01"]), out, tok, 1024, load_rows=False).cached
     plain = build(load_mix(mix_file(tmp_path, texts)), out, tok, 1024)
-    assert plain.weights is None and plain.stats["filters"] is None and not (out / "filters.md").exists()
+    assert not plain.rows.has_weights and not (out / "rows" / "weight.bin").exists() and plain.stats["filters"] is None and not (out / "filters.md").exists()
 
     missing = mix_file(tmp_path, texts, filters=[{"kind": "classifier", "function": "no_such_mod:f", "threshold": 1}])
     with pytest.raises(DataError, match="cannot import f from no_such_mod"):

@@ -4,7 +4,6 @@ transformers (same logits, RoPE settings kept), runs are deterministic, a SIGKIL
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess

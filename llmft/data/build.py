@@ -9,10 +9,13 @@ filter by token count, cut every document into units of at most ``seq_len`` toke
 ``max_epochs`` passes). The units of all sources are shuffled together and packed (``concat`` or
 ``isolated``).
 
-Output directory::
+Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` only once complete, ``stats.json``
+last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
 
     OUT/
-      train-00000.parquet ...   input_ids, labels, position_ids: one packed row each (list<int32>)
+      rows/                     the packed rows, memory-mapped by training (:mod:`llmft.data.store`): token ids
+                                (uint16 when the vocabulary allows, else int32), trained-token and segment-start
+                                bits, per-token weights with ``reweight``; 2.25 bytes per token with a 16-bit vocabulary
       validation.parquet        the held-out tokens, one row per source
       stats.json                everything measured (see below) + the build fingerprint
       length_histogram.png, mix.png
@@ -22,7 +25,7 @@ Output directory::
 
 With ``filters`` (:mod:`llmft.data.filters`), every source is read first and filtered after deduplication; with
 ``reweight`` (:mod:`llmft.data.reweight`) each kept document gets a weight, carried through tokenizing, chunking,
-selection and packing into a ``weight`` column of the train shards (float32 per token, 0 on padding). Training
+selection and packing into ``rows/weight.bin`` (float32 per token, 0 on padding). Training
 on the build weighs each token's loss by the weight of the predicted token: a step's loss is Σ w·nll / Σ w over
 its trained tokens, so a weight of 2 counts exactly as two copies of the document (:mod:`llmft.train.loss`).
 
@@ -39,6 +42,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -61,11 +65,11 @@ from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
 from llmft.data.sources import Document, SourceError, SourceReport, list_files, read_source
+from llmft.data.store import RowStore, StoreError, write_store
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # bump when the on-disk layout or the build algorithm changes
-ROWS_PER_SHARD = 2048
+FORMAT_VERSION = 3  # bump when the on-disk layout or the build algorithm changes
 TOKENIZE_BATCH = 256
 
 
@@ -73,11 +77,10 @@ TOKENIZE_BATCH = 256
 class Built:
     """A built data directory, loaded."""
 
-    rows: PackedRows | None  # None for a cache hit built with load_rows=False
+    rows: RowStore | None  # memory-mapped (with per-token weights after reweight); None: cache hit, load_rows=False
     validation_tokens: np.ndarray | None
     stats: dict
     cached: bool
-    weights: torch.Tensor | None = None  # (n, s) float32 per-token weights, with reweight (0 on padding)
 
 
 @dataclass
@@ -439,11 +442,11 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
           load_rows: bool = True) -> Built:
     """Build (or reuse) the mix in ``out``.
 
-    ``load_rows=False`` skips reading the shards back on a cache hit (the CLI needs only the stats).
+    ``load_rows=False`` skips opening the rows on a cache hit (the CLI needs only the stats).
 
     Raises:
-        DataError: malformed data under on_error: stop, an empty source, or a share a source cannot supply
-            within its max_epochs.
+        DataError: malformed data under on_error: stop, an empty source, a share a source cannot supply
+            within its max_epochs, or the output cannot be written (e.g. a full disk; the previous build is kept).
     """
     out = Path(out)
     fp = fingerprint(mix, tokenizer, seq_len)
@@ -454,8 +457,8 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
             return load_built(out, cached=True) if load_rows else Built(None, None, stats, cached=True)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("train-*.parquet"), *out.glob("dedup.*"), *out.glob("filters.md")]:
-        old.unlink()
+    for stale in out.glob(".staging-*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     decon, decon_report = _decontaminator(mix)
 
     readings = _start_reading(mix, decon, decon_report)
@@ -503,10 +506,7 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     rows = pack_isolated(mixed, seq_len, pad_id=tokenizer.pad_token_id) if mix.packing == "isolated" \
         else pack_concat(mixed, seq_len)
     token_weights = _token_weights(mixed, rows, seq_len) if mix.reweight else None
-    _write_rows(rows, out, token_weights)
     val_tokens = [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32) for us in val_units.values()]
-    pq.write_table(pa.table({"source": _strings(list(val_units)), "tokens": _int_lists(val_tokens)}),
-                   out / "validation.parquet")
 
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
     stats = {
@@ -528,13 +528,49 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
-    if dedup_report is not None:
-        _write_dedup_report(dedup_report, out)
-    if filters_report is not None:
-        (out / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
-    _plot(stats, out)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))  # written last: marks the build complete
-    return Built(rows, np.concatenate(val_tokens), stats, cached=False, weights=token_weights)
+    stage = out / f".staging-{os.getpid()}"
+    need_gb = rows.input_ids.numel() * (2.25 if len(tokenizer) <= 65536 else 4.25) / 1e9
+    try:
+        index = write_store(rows, stage / "rows", len(tokenizer), token_weights)
+        stats["packing"]["store_bytes"] = index["bytes"]
+        del rows, token_weights, mixed  # the rows are on disk now; training maps them
+        pq.write_table(pa.table({"source": _strings(list(val_units)), "tokens": _int_lists(val_tokens)}),
+                       stage / "validation.parquet")
+        if dedup_report is not None:
+            _write_dedup_report(dedup_report, stage)
+        if filters_report is not None:
+            (stage / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
+        _plot(stats, stage)
+        (stage / "stats.json").write_text(json.dumps(stats, indent=1))
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise DataError(f"writing the build to {stage} failed ({e}); the previous build in {out} is untouched. "
+                        f"Free disk space (the rows need about {need_gb:.2f} GB) and build again") from None
+    _publish(stage, out)
+    return load_built(out)
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move a complete build from ``stage`` into ``out``, replacing the previous one.
+
+    ``stats.json``, which marks a build complete, is removed first and put back last, and everything else moves by
+    rename on the same file system: an interruption here leaves no loadable build (the next run rebuilds), never old
+    rows with new stats.
+    """
+    (out / "stats.json").unlink(missing_ok=True)
+    trash = out / f".old-{os.getpid()}"
+    trash.mkdir(exist_ok=True)
+    old = [out / "rows", out / "validation.parquet", out / "filters.md", *out.glob("dedup.*"), *out.glob("*.png"),
+           *out.glob("train-*.parquet")]  # train-*.parquet: the rows of builds before the row store
+    for path in old:
+        if path.exists():
+            os.replace(path, trash / path.name)
+    for path in stage.iterdir():
+        if path.name != "stats.json":
+            os.replace(path, out / path.name)
+    os.replace(stage / "stats.json", out / "stats.json")
+    stage.rmdir()
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _token_weights(mixed: list[_Unit], rows: PackedRows, seq_len: int) -> torch.Tensor:
@@ -560,19 +596,6 @@ def _histogram(lengths: list[int]) -> dict:
     return {f"<={e}": int(c) for e, c in zip(edges, counts)}
 
 
-def _write_rows(rows: PackedRows, out: Path, weights: torch.Tensor | None = None) -> None:
-    seq_len = rows.input_ids.shape[1]
-    for k, start in enumerate(range(0, len(rows), ROWS_PER_SHARD)):
-        part = slice(start, start + ROWS_PER_SHARD)
-        # one flat buffer per column, viewed as fixed-size lists of seq_len: no per-row conversion
-        columns = {name: _fixed_lists(getattr(rows, name)[part].to(torch.int32), pa.int32())
-                   for name in ("input_ids", "labels", "position_ids")}
-        if weights is not None:
-            columns["weight"] = _fixed_lists(weights[part], pa.float32())
-        # zstd over dictionary pages: smaller than the snappy default and faster to write (token ids repeat)
-        pq.write_table(pa.table(columns), out / f"train-{k:05d}.parquet", compression="zstd")
-
-
 # Arrow columns from numpy buffers with ``pa.Array.from_buffers``: ``pa.array`` imports pandas (half a second of
 # every build) to check its input's type.
 
@@ -588,11 +611,6 @@ def _offsets(lengths: list[int]) -> pa.Buffer:
     offsets = np.zeros(len(lengths) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.py_buffer(offsets)
-
-
-def _fixed_lists(x: torch.Tensor, dtype: pa.DataType) -> pa.FixedSizeListArray:
-    """(n, s) tensor -> n fixed-size lists of s, over the tensor's own buffer."""
-    return pa.FixedSizeListArray.from_arrays(_values(x.numpy().reshape(-1), dtype), x.shape[1])
 
 
 def _int_lists(parts: list[np.ndarray]) -> pa.ListArray:
@@ -619,30 +637,27 @@ def _validation_tokens(out: Path) -> np.ndarray:
 
 
 def load_built(out: Path, cached: bool = False) -> Built:
-    """Load a built directory.
+    """Open a built directory: its rows memory-mapped (nothing read until a batch asks), its validation tokens.
 
     Raises:
-        DataError: the directory is not a complete build.
+        DataError: the directory is not a complete build of this llmft's format.
     """
     out = Path(out)
     if not (out / "stats.json").is_file():
         raise DataError(f"{out} is not a built data directory (no stats.json); build it with `llmft data build`")
     stats = json.loads((out / "stats.json").read_text())
-    shards = sorted(out.glob("train-*.parquet"))
-    tensors = {}
-    for name in ("input_ids", "labels", "position_ids"):
-        flat = [_flat_column(s, name, np.int32) for s in shards] or [np.zeros(0, np.int32)]
-        tensors[name] = torch.from_numpy(np.concatenate(flat).astype(np.int64).reshape(-1, stats["seq_len"]))  # (n, s)
+    if not (out / "rows").is_dir() and any(out.glob("train-*.parquet")):
+        raise DataError(f"{out} was built by an older llmft (parquet rows, not a row store); rebuild it with "
+                        "`llmft data build --force`")
+    try:
+        rows = RowStore(out / "rows")
+    except StoreError as e:
+        raise DataError(str(e)) from None
     p = stats["packing"]
-    rows = PackedRows(tensors["input_ids"], tensors["labels"], tensors["position_ids"], p["mode"],
-                      int(round(p["efficiency"] * tensors["input_ids"].numel())), p["dropped_tokens"], p["split_examples"])
-    if len(rows) != p["rows"]:
-        raise DataError(f"{out}: stats.json lists {p['rows']} rows but the shards hold {len(rows)}; rebuild it")
-    weights = None
-    if shards and "weight" in pq.ParquetFile(shards[0]).schema_arrow.names:
-        flat = [_flat_column(s, "weight", np.float32) for s in shards]
-        weights = torch.from_numpy(np.concatenate(flat).reshape(-1, stats["seq_len"]))  # (n, s)
-    return Built(rows, _validation_tokens(out), stats, cached, weights=weights)
+    if (len(rows), rows.seq_len) != (p["rows"], stats["seq_len"]):
+        raise DataError(f"{out}: stats.json lists {p['rows']} rows of {stats['seq_len']} but rows/ holds {len(rows)} "
+                        f"of {rows.seq_len}; rebuild it with `llmft data build --force`")
+    return Built(rows, _validation_tokens(out), stats, cached)
 
 
 def _plot(stats: dict, out: Path) -> None:

@@ -93,6 +93,15 @@ class PackedRows:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """input_ids, labels, position_ids of rows ``idx``, each (b, s): the interface the loader serves from, shared
+        with the memory-mapped :class:`llmft.data.store.RowStore`."""
+        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "position_ids": self.position_ids[idx]}
+
 
 def pack_concat(examples: list[Example], seq_len: int) -> PackedRows:
     """Concatenate all examples and cut into rows of ``seq_len``; the last partial row is dropped (reported)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import shutil
 import sys
@@ -103,9 +102,9 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             model = prepare_quantized(model, recipe.model)
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    rows, val_tokens, documents, bad_records, train_tokens, weights = _training_rows(recipe, tokenizer, run_dir,
-                                                                                     rank, distributed)
-    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world, weights=weights)
+    rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
+                                                                           distributed)
+    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
 
@@ -167,14 +166,12 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
             f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
             f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
-            f"{total_steps * tokens_per_step / max(1, rows.input_ids.numel()):.2f} epochs)",
+            f"{total_steps * tokens_per_step / max(1, len(rows) * seq_len):.2f} epochs)",
             f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
         ]
-        if weights is not None:  # after the packing line
-            trained = (rows.labels[:, 1:] != -100) & (weights[:, 1:] > 0)  # (n, s-1)
+        if getattr(rows, "has_weights", False):  # a reweighted build's row store; after the packing line
             lines.insert(-3, f"loss weights       per token, from the data reweight: mean "
-                         f"{float(weights[:, 1:][trained].mean()):.3f} over trained tokens; step loss = "
-                         "Σ w·nll / Σ w")
+                         f"{rows.index['weight_mean']:.3f} over trained tokens; step loss = Σ w·nll / Σ w")
         print("\n".join("[llmft] " + line for line in lines), flush=True)
     metrics = MetricsLogger(run_dir, recipe, rank, start_step, wandb_id)
 
@@ -333,15 +330,15 @@ def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distribu
     """The packed training rows and the validation tokens, from a data mix / built dir or from data.sources.
 
     Returns:
-        (rows, validation tokens, documents read, bad records, training tokens, per-token loss weights (n, s) of a
-        reweighted data build or None)
+        (rows: the memory-mapped row store of a data build (with per-token loss weights after reweight) or packed
+        rows in memory, validation tokens, documents read, bad records, training tokens)
     """
     seq_len = recipe.model.max_seq_len
     if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
         built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
         sources = built_data.stats["sources"].values()
         return (built_data.rows, built_data.validation_tokens, sum(s["documents"] for s in sources),
-                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"], built_data.weights)
+                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"])
     examples, val_tokens, report = load_examples(recipe.data, tokenizer)
     if recipe.data.packing == "isolated":
         rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
@@ -352,7 +349,7 @@ def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distribu
         log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
                     "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
                     cut_prompts, seq_len)
-    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples), None
+    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples)
 
 
 def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
