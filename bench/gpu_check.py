@@ -159,7 +159,7 @@ def check_qlora(quick: bool) -> dict:
     import torch
 
     cuda = _cuda()
-    seq_len, steps = (128, 4) if quick else (4096, 8)
+    seq_len, steps, accum = (128, 6, 4) if quick else (4096, 8, 1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model_dir = _saved_model(tmp, seq_len, MODEL if quick else QLORA_MODEL, "bfloat16")
@@ -168,13 +168,14 @@ def check_qlora(quick: bool) -> dict:
                        lora={"rank": 64, "alpha": 16, "target_modules": "all_linear"},
                        qlora={"quant_type": "nf4", "double_quant": True,
                               "compute_dtype": "bfloat16" if cuda else "float32"},
-                       train={"optimizer": "paged_adamw_32bit" if cuda else "adamw", "lr": 1e-3})
+                       train={"optimizer": "paged_adamw_32bit" if cuda else "adamw", "lr": 1e-3,
+                              "gradient_accumulation_steps": accum})
         torch.cuda.reset_peak_memory_stats() if cuda else None
         losses, seconds, _ = _train(path)
-    fell = min(losses[-2:]) < losses[0]
+    fell = sum(losses[-2:]) < sum(losses[:2])  # the mean of the last two steps below the first two
     return {"ok": all(math.isfinite(x) for x in losses) and fell,
             "summary": f"NF4 + double quant, r=64 all linear, {'paged_adamw_32bit' if cuda else 'adamw'}, {seq_len} "
-                       f"tokens: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps, {seconds:.0f} s, peak "
+                       f"tokens: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps of {accum} rows, {seconds:.0f} s, peak "
                        f"{_peak_mem():.1f} GiB", "losses": losses}
 
 
@@ -202,7 +203,7 @@ def check_zero2(quick: bool) -> dict:
         tmp = Path(tmp)
         model_dir = write_model_dir(tmp / "model", seq_len, MODEL)
         path = _recipe(model_dir, book_paths(tmp), tmp, seq_len, 4, model={"init": "random", "attention": "sdpa"},
-                       train={"lr": 3e-4})
+                       train={"lr": 1e-3})
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(29500 + os.getpid() % 1000)]
         launcher += ["--num_gpus", "1"] if cuda else ["--num_accelerators", "1"]
         env = {**os.environ, **({} if cuda else {"DS_ACCELERATOR": "cpu"})}

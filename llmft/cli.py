@@ -23,7 +23,7 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from llmft.data.examples import DataError
+    from llmft.data.sources import DataError
     from llmft.model.build import ModelLoadError
     from llmft.train.checkpoint import CheckpointError
 
@@ -186,7 +186,7 @@ def cmd_data_dedup(args: argparse.Namespace) -> int:
 
 def cmd_data_report(args: argparse.Namespace) -> int:
     from llmft.data.build import curate_recipe
-    from llmft.data.examples import DataError
+    from llmft.data.sources import DataError
     from llmft.data.keyword_shift import keyword_shift, write_shift_report
     from llmft.data.mix import MixRecipe, load_mix
 

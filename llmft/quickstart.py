@@ -15,10 +15,10 @@ import logging
 import os
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmft.config import RecipeError, RopeConfig, load_recipe
-from llmft.data.examples import load_examples
+from llmft.data.build import load_built
 from llmft.eval.ppl import format_table, perplexity_by_length
 from llmft.model.rope import apply_rope_scaling
 from llmft.train.loop import train
@@ -55,8 +55,7 @@ def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dic
     train(ext)
 
     print("[llmft] quickstart 3/3: held-out perplexity by context length", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(ext_dir / "final")
-    _, val_tokens, _ = load_examples(ext.data, tokenizer)
+    val_tokens = load_built(ext_dir / "data").validation_tokens  # the held-out tail the extension run built
     lengths = [base.model.max_seq_len * 2**i for i in range(4)]  # 128 .. 1024
     pi_config = AutoConfig.from_pretrained(base_dir / "final")
     apply_rope_scaling(pi_config, RopeConfig(type="linear", factor=ext.model.rope.factor))

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
 from llmft.data.build import build, load_built
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.mix import load_mix
 from llmft.train.loop import train
 
@@ -297,3 +297,44 @@ def test_a_build_does_not_import_pandas(tmp_path, two_sources):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-2:] == ["0", "False"], done.stdout + done.stderr
     assert (tmp_path / "out" / "stats.json").is_file() and (tmp_path / "out" / "mix.png").is_file()
+
+
+def test_data_sources_build_as_an_inline_mix_of_every_source_whole(tmp_path, two_sources, tok, book_text):
+    """data.sources is a mix with natural shares: every unit of every source exactly once, the recipe's held-out
+    tail per source plus the validation sources whole, built by the same builder; weights are refused with it."""
+    from llmft.config import DataConfig
+    from llmft.data.mix import inline_mix
+    from llmft.data.sources import SourceSpec
+
+    a, b = two_sources
+    (tmp_path / "sub").mkdir()
+    b_docs = [json.loads(x)["text"] for x in b.read_text().splitlines()][:8]  # a third of a's size
+    b2 = jsonl(tmp_path / "sub" / "a.jsonl", b_docs)  # the same stem as a
+    held = tmp_path / "held.txt"
+    held.write_text(book_text[-3000:])
+    data = DataConfig(sources=[SourceSpec(format="jsonl", path=a), SourceSpec(format="jsonl", path=b2)],
+                      validation=[SourceSpec(format="text", path=held)], validation_fraction=0.1, packing="isolated")
+    mix = inline_mix(data)
+    assert [s.name for s in mix.sources] == ["a", "a-2"] and mix.shares == "natural"
+    built = build(mix, tmp_path / "out", tok, 64)
+    stats = built.stats
+    for name, src in stats["sources"].items():
+        assert src["epochs"] == 1.0 and src["selected_tokens"] == src["available_tokens"], name  # all, once
+        assert abs(src["realized_share"] - src["available_tokens"] / stats["total_tokens"]) < 1e-12
+    assert stats["total_tokens"] == sum(s["available_tokens"] for s in stats["sources"].values())
+    assert stats["sources"]["a"]["available_tokens"] > 2 * stats["sources"]["a-2"]["available_tokens"]
+    rows = built.rows.materialize()[0]
+    assert rows.real_tokens == stats["total_tokens"]  # isolated packing places every selected token
+    held_tokens = len(tok(book_text[-3000:], add_special_tokens=False)["input_ids"]) + 2  # BOS + EOS
+    assert stats["validation_tokens"][f"validation:{held}"] == held_tokens
+    tails = [stats["validation_tokens"][n] for n in ("a", "a-2")]
+    for name, tail in zip(("a", "a-2"), tails):
+        whole = tail + stats["sources"][name]["available_tokens"]
+        assert 0.1 * whole - 64 <= tail <= 0.1 * whole  # the tail, in whole units of at most 64 tokens
+    assert len(built.validation_tokens) == held_tokens + sum(tails)
+
+    path = mix_file(tmp_path, shares="natural", sources=[
+        {"name": "a", "weight": 2, "source": {"format": "jsonl", "path": str(a)}}])
+    with pytest.raises(RecipeError) as info:
+        load_mix(path)
+    assert any("sources.0.weight" in m and "shares: natural" in m for m in info.value.messages)

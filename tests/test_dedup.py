@@ -27,7 +27,7 @@ from llmft.data.build import build
 from llmft.data.decontam import normalize_words
 from llmft.data.dedup import Shingler, all_pairs, deduplicate, hashed_embedding, jaccard
 from llmft.data.dedup_corpus import planted_corpus
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.mix import Dedup, load_mix
 
 N = 1500

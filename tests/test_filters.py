@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 from llmft.cli import main
 from llmft.config import RecipeError
 from llmft.data.build import build, curate_recipe, load_built
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.filters import apply_filters
 from llmft.data.keyword_shift import keyword_shift
 from llmft.data.mix import Reweight, TextFilter, load_mix

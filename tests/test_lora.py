@@ -65,8 +65,9 @@ def test_lora_loss_falls(trained):
     result, _ = trained
     losses = result.losses
     assert len(losses) == 10 and all(x == x for x in losses)
-    # the random tiny model starts at ln(512) = 6.238 on every batch, so any fall is learning (measured: -0.09)
-    assert losses[0] == pytest.approx(6.238, abs=0.01)
+    # the random tiny model starts near ln(512) = 6.238 (6.22-6.29 over the batches of the book), so any fall
+    # below that is learning (measured: -0.09)
+    assert losses[0] == pytest.approx(6.238, abs=0.05)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     assert max(losses[-3:]) < losses[0] - 0.05, losses
 

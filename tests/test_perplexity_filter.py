@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.config import RecipeError
 from llmft.data.build import build
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.filters import apply_filters, perplexities
 from llmft.data.mix import TextFilter, load_mix
 from llmft.model.tiny import BOOK, make_tiny_model, read_text

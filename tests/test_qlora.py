@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_recipe, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
@@ -65,7 +65,7 @@ def test_qlora_trains_a_4bit_base(trained, tiny_model, capsys):
         AutoConfig.from_pretrained(tiny_model), load_recipe(path).lora)
 
 
-def test_saved_adapter_reloads_on_the_unquantized_base(trained, tiny_model):
+def test_saved_adapter_reloads_on_the_unquantized_base(trained, tiny_model, book_text):
     result, _ = trained
     final = result.final_dir
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= {p.name for p in final.iterdir()}
@@ -77,13 +77,17 @@ def test_saved_adapter_reloads_on_the_unquantized_base(trained, tiny_model):
     base = AutoModelForCausalLM.from_pretrained(tiny_model, config=config, dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, final).eval()
     assert not any("Linear4bit" in type(m).__name__ for m in reloaded.modules())
-    x = torch.randint(0, 500, (2, 128))
-    result.model.eval()
+    bare = AutoModelForCausalLM.from_pretrained(tiny_model, config=config, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_model)(book_text[30_000:34_000], add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids[:128], ids[128:256]])  # book text: random ids hit rare embeddings, where one logit in
+    result.model.eval()  # 10^5 swings by up to 0.5 between the NF4 and the fp32 base
     with torch.no_grad():
-        plain, quantized = reloaded(x).logits, result.model(x).logits
+        plain, quantized, no_adapter = reloaded(x).logits, result.model(x).logits, bare(x).logits
     assert torch.isfinite(plain).all()
-    # same adapter on W0 vs dequant(quant(W0)): close, not equal (measured max |diff| 0.011)
-    assert 0 < (plain - quantized).abs().max() < 0.1
+    # same adapter on W0 vs dequant(quant(W0)): close, not equal (measured mean |diff| 0.0013-0.0016), and far
+    # below what the adapter itself changes (mean 0.17)
+    diff, effect = (plain - quantized).abs().mean(), (plain - no_adapter).abs().mean()
+    assert 0 < diff < 0.01 and diff < effect / 20, (diff, effect)
 
 
 def test_merge_into_the_unquantized_base_keeps_rope(trained, tiny_model, tmp_path):

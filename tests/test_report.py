@@ -1,5 +1,5 @@
 """``llmft report RUN_DIR``: learning curves and the fit diagnosis, on real tiny training runs that overfit (a
-2K-token book slice, high lr, many epochs) and underfit (a few low-lr steps), plus the rule edges."""
+1.4K-token book slice, high lr, many epochs) and underfit (a few low-lr steps), plus the rule edges."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from llmft.train.loop import train
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, book_text):
     tmp = tmp_path_factory.mktemp("fit")
-    (tmp / "small.txt").write_text(book_text[:6000])
+    (tmp / "small.txt").write_text(book_text[:3000])
     for name, steps, lr, every in (("over", 56, 1e-2, 8), ("under", 12, 3e-4, 3)):
         recipe = tiny_recipe(tiny_model, tmp / "small.txt", tmp / name,
                              train={"max_steps": steps, "lr": lr, "warmup_steps": 2, "schedule": "constant"},

@@ -19,7 +19,7 @@ import yaml
 
 from llmft.cli import main
 from llmft.data.build import build, load_built
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.loader import PackedLoader
 from llmft.data.mix import load_mix
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
@@ -181,13 +181,12 @@ def test_a_build_that_fails_while_writing_keeps_the_previous_build(tmp_path, boo
 
     import llmft.data.build as build_module
 
-    real = build_module.write_store
+    class FillsTheDisk(StoreWriter):  # the store is written in full, then the next write fails
+        def close(self) -> dict:
+            super().close()
+            raise OSError(28, "No space left on device")
 
-    def fills_the_disk(*args, **kwargs):  # the store is written in full, then the next write fails
-        real(*args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(build_module, "write_store", fills_the_disk)
+    monkeypatch.setattr(build_module, "StoreWriter", FillsTheDisk)
     with pytest.raises(DataError, match=r"No space left on device.*previous build in .* is untouched"):
         build(load_mix(_mix(tmp_path, book_text, 40)), out, tok, 128)  # a changed input: a real rebuild
     after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -195,7 +194,7 @@ def test_a_build_that_fails_while_writing_keeps_the_previous_build(tmp_path, boo
     again = load_built(out)
     assert torch.equal(again.rows.materialize()[0].input_ids, first.rows.materialize()[0].input_ids)
 
-    monkeypatch.setattr(build_module, "write_store", real)
+    monkeypatch.setattr(build_module, "StoreWriter", StoreWriter)
     second = build(load_mix(tmp_path / "mix.yaml"), out, tok, 128)
     assert not second.cached and len(second.rows) > len(first.rows)
     assert sorted(p.name for p in out.iterdir()) == sorted(["rows", "validation.parquet", "stats.json", "mix.png",

@@ -275,9 +275,8 @@ def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, sharp
     sharpened tiny LLaMA: with a near-uniform one, a step that lets examples attend to each other, or that trains
     each example's first token, moves the mean by less than the tolerance."""
     tiny_model = sharp_model
-    from llmft.data.examples import load_examples
+    from llmft.data.build import load_built
     from llmft.data.loader import PackedLoader
-    from llmft.data.packing import pack_isolated
     from transformers import AutoTokenizer
 
     rng = __import__("random").Random(0)
@@ -288,8 +287,8 @@ def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, sharp
     result, path = run(tmp_path, tiny_model, data, overrides=overrides)
     recipe = load_recipe(path, overrides)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    examples, _, _ = load_examples(recipe.data, tok)
-    rows = pack_isolated(examples, 128, pad_id=tok.pad_token_id)
+    rows = load_built(tmp_path / "run" / "data").rows  # the rows the run built, served in the run's order
+    assert rows.index["real_tokens"] == sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)  # + BOS, EOS
     loader = PackedLoader(rows, micro_batch_size=2, seed=0)
     from llmft.model.build import build_model
 
@@ -315,15 +314,13 @@ def test_natural_instructions_trains_on_answers_only(tmp_path, tiny_model, share
     """Real NI task: prompt (definition + demos + input) is context only; loss on the answer and EOS."""
     from transformers import AutoTokenizer
 
-    from llmft.config import DataConfig
-    from llmft.data.examples import DataReport, tokenize_source
-    from llmft.data.sources import SourceSpec
+    from llmft.data.build import encode_documents
+    from llmft.data.sources import SourceReport, SourceSpec, read_source
 
     spec = {"format": "natural_instructions", "path": str(shared_data / "natural_instructions")}
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = DataConfig(sources=[SourceSpec(**spec)])
     task = json.loads(next((shared_data / "natural_instructions").glob("*.json")).read_text())
-    examples = tokenize_source(cfg.sources[0], tok, cfg, DataReport())
+    examples = encode_documents(list(read_source(SourceSpec(**spec), "stop", SourceReport())), tok)
     assert len(examples) == len(task["Instances"]) == 30
     for e, inst in zip(examples, task["Instances"]):
         trained = tok.decode(e.tokens[e.loss_mask])
@@ -346,7 +343,7 @@ def test_a_step_with_only_prompt_tokens_is_a_zero_loss_not_nan(tmp_path, tiny_mo
     recipe["data"] = {"sources": [spec], "packing": "isolated"}
     result = train(load_recipe(write_recipe(tmp_path / "ni.yaml", recipe)))
     assert all(x == x and x >= 0 for x in result.losses)
-    assert "prompt/completion examples are longer than model.max_seq_len=32" in caplog.text
+    assert "prompt/completion examples are longer than seq_len=32" in caplog.text
     assert "has no trained tokens" in caplog.text  # the case this test exists for did occur
 
 

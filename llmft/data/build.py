@@ -4,10 +4,13 @@ Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate,
 has a ``dedup`` section: every source is read first, see :mod:`llmft.data.dedup`), tokenize (prompt masked; in
 ``num_proc`` worker processes when the mix asks, with the same output as one process),
 filter by token count, cut every document into units of at most ``seq_len`` tokens, and hold out the tail
-``validation_fraction`` of the units for validation. Then, over the mix: each source contributes
-``weight * total`` tokens, made of whole passes over its units plus a seeded random part-pass (at most
-``max_epochs`` passes). The units of all sources are shuffled together and packed (``concat`` or
-``isolated``).
+``validation_fraction`` of the units for validation (``validation_sources`` are held out whole). Then, over the
+mix: each source contributes ``weight * total`` tokens (``shares: natural``: in proportion to its size), made
+of whole passes over its units plus a seeded random part-pass (at most ``max_epochs`` passes). The units of all
+sources are shuffled together, then packed (``concat`` or ``isolated``) and written a window of
+``PACK_WINDOW_TOKENS`` at a time (:func:`llmft.data.packing.pack_stream`): the build holds the selected units and
+one window of rows, not all the rows. Still in memory for the whole build: every source's tokenized units
+(about 5 bytes per token read), so a build needs memory for the sources it reads; streaming them is to come.
 
 Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` only once complete, ``stats.json``
 last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
@@ -53,23 +56,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import deduplicate, report_markdown
-from llmft.data.examples import DataError
 from llmft.data.filters import apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
-from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated, special_ids
-from llmft.data.sources import Document, SourceError, SourceReport, list_files, read_source
-from llmft.data.store import RowStore, StoreError, write_store
+from llmft.data.packing import Example, pack_stream, special_ids
+from llmft.data.sources import DataError, Document, SourceError, SourceReport, SourceSpec, list_files, read_source
+from llmft.data.store import RowStore, StoreError, StoreWriter
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # bump when the on-disk layout or the build algorithm changes
+PACK_WINDOW_TOKENS = 4 * 2**20  # rows are packed and written a window at a time: ~120 MB of rows in memory
 TOKENIZE_BATCH = 256
 
 
@@ -102,7 +104,7 @@ def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int
     h = hashlib.sha256()
     h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json", exclude={"num_proc"}), "seq_len": seq_len,
                          "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True).encode())
-    inputs = [f for s in mix.sources for f in list_files(s.source)]
+    inputs = [f for spec in [*(s.source for s in mix.sources), *mix.validation_sources] for f in list_files(spec)]
     if mix.decontaminate:
         for t in mix.decontaminate.targets:
             inputs += sorted(p for p in t.rglob("*") if p.is_file()) if t.is_dir() else [t]
@@ -345,7 +347,12 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
     except SourceError as e:
         raise DataError(str(e)) from None
     stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
-                 filtered_by_subset=report.filtered)
+                 filtered_by_subset=report.filtered,
+                 cut_prompts=sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all()))
+    if stats["cut_prompts"]:
+        log.warning("%s: %d prompt/completion examples are longer than seq_len=%d: their later chunks are trained "
+                    "without the whole prompt. Raise the row length (model.max_seq_len) to keep them whole.",
+                    src.name, stats["cut_prompts"], seq_len)
     units = [_Unit(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len], w)
              for e, w in zip(examples, weights) for i in range(0, len(e), seq_len)]
     total = sum(len(u) for u in units)
@@ -357,22 +364,49 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
     return train, val, stats
 
 
+def _validation_source(spec: SourceSpec, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]]
+                       ) -> np.ndarray:
+    """Every token of a held-out source (``validation_sources``), documents in reading order.
+
+    Raises:
+        DataError: a malformed record under on_error: stop.
+    """
+    report = SourceReport()
+
+    def batches():
+        docs = iter(read_source(spec, mix.on_error, report))
+        while batch := [d for _, d in zip(range(TOKENIZE_BATCH), docs)]:
+            yield "none", batch
+
+    try:
+        parts = [e.tokens for examples in tokenize(batches()) for e in examples]
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def encode_documents(docs: list[Document], tokenizer: PreTrainedTokenizerBase, add_eos: bool = True) -> list[Example]:
+    """Each document as an :class:`Example` ``[BOS] prompt text [EOS]``, trained on ``text [EOS]`` (plain text has
+    no prompt, so every token is trained): how every build turns documents into tokens."""
+    bos, eos = special_ids(tokenizer, add_eos)
+    prompts = _encode(tokenizer, [d.prompt for d in docs]) if any(d.prompt for d in docs) \
+        else [[] for _ in docs]  # plain text: no prompts to encode
+    texts = _encode(tokenizer, [d.text for d in docs])
+    return [Example.from_parts(bos, p, t, eos) for p, t in zip(prompts, texts)]
+
+
 class _Tokenize:
-    """(transform, documents) -> examples: ``[BOS] prompt text [EOS]``, or NI few-shot sequences. Picklable, so
+    """(transform, documents) -> examples: :func:`encode_documents`, or NI few-shot sequences. Picklable, so
     the same object runs in the worker processes of ``num_proc``."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, add_eos: bool):
         self.tokenizer, self.seq_len, self.add_eos = tokenizer, seq_len, add_eos
-        self.bos, self.eos = special_ids(tokenizer, add_eos)
 
     def __call__(self, job: tuple[str, list[Document]]) -> list[Example]:
         transform, docs = job
         if transform == "ni_fewshot":  # many instances of a task per sequence, after one header
             return ni_fewshot(docs, self.tokenizer, self.seq_len, self.add_eos)
-        prompts = _encode(self.tokenizer, [d.prompt for d in docs]) if any(d.prompt for d in docs) \
-            else [[] for _ in docs]  # plain text: no prompts to encode
-        texts = _encode(self.tokenizer, [d.text for d in docs])
-        return [Example.from_parts(self.bos, p, t, self.eos) for p, t in zip(prompts, texts)]
+        return encode_documents(docs, self.tokenizer, self.add_eos)
 
 
 _WORKER: _Tokenize | None = None
@@ -472,11 +506,16 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         for k, src in enumerate(mix.sources):
             train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
                 src, mix, tokenize, seq_len, readings[src.name], np.random.default_rng([mix.seed, k]))
+        held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)
+                    for spec in mix.validation_sources}
     for src in mix.sources:
         if not train_units[src.name]:
             raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
                             f"({per_source[src.name]['documents']} read)")
     available = {name: sum(len(u) for u in units) for name, units in train_units.items()}
+    if mix.shares == "natural":  # every source in proportion to its size: all of each, once
+        weights = np.array([available[s.name] for s in mix.sources], dtype=np.float64)
+        weights /= weights.sum()
     caps = [available[s.name] * s.max_epochs / w for s, w in zip(mix.sources, weights)]
     total = mix.total_tokens or int(min(caps))
     for s, w in zip(mix.sources, weights):
@@ -503,38 +542,41 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     for st in per_source.values():
         st["realized_share"] = st["selected_tokens"] / selected
 
-    rows = pack_isolated(mixed, seq_len, pad_id=tokenizer.pad_token_id) if mix.packing == "isolated" \
-        else pack_concat(mixed, seq_len)
-    token_weights = _token_weights(mixed, rows, seq_len) if mix.reweight else None
-    val_tokens = [np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32) for us in val_units.values()]
-
-    histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
-    stats = {
-        "fingerprint": fp,
-        "seq_len": seq_len,
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "packing": {"mode": rows.mode, "rows": len(rows), "efficiency": rows.efficiency,
-                    "dropped_tokens": rows.dropped_tokens, "split_examples": rows.split_examples},
-        "total_tokens": selected,
-        "validation_tokens": {n: sum(len(u) for u in us) for n, us in val_units.items()},
-        "sources": per_source,
-        "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
-        "decontamination": decon_report.to_dict() if decon else None,
-        "dedup": dedup_report,
-        "filters": filters_report,
-        "reweight": reweight_report,
-        # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
-        "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
-        "build_seconds": round(time.perf_counter() - t0, 3),
-    }
+    val_parts = {name: np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32)
+                 for name, us in val_units.items()} | held_out
+    del train_units, val_units
     stage = out / f".staging-{os.getpid()}"
-    need_gb = rows.input_ids.numel() * (2.25 if len(tokenizer) <= 65536 else 4.25) / 1e9
+    reweighted = mix.reweight is not None
     try:
-        index = write_store(rows, stage / "rows", len(tokenizer), token_weights)
-        stats["packing"]["store_bytes"] = index["bytes"]
-        del rows, token_weights, mixed  # the rows are on disk now; training maps them
-        pq.write_table(pa.table({"source": _strings(list(val_units)), "tokens": _int_lists(val_tokens)}),
+        # packed and written a window at a time; each unit is released once it is in a row
+        with StoreWriter(stage / "rows", seq_len, len(tokenizer), mix.packing, weights=reweighted) as writer:
+            for rows, token_weights in pack_stream(_drain(mixed), seq_len, mix.packing, tokenizer.pad_token_id,
+                                                   PACK_WINDOW_TOKENS, weights=reweighted):
+                writer.append(rows, token_weights)
+        index = writer.index
+        histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
+        stats = {
+            "fingerprint": fp,
+            "seq_len": seq_len,
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "packing": {"mode": mix.packing, "rows": index["rows"],
+                        "efficiency": index["real_tokens"] / max(1, index["rows"] * seq_len),
+                        "dropped_tokens": index["dropped_tokens"], "split_examples": index["split_examples"],
+                        "store_bytes": index["bytes"]},
+            "total_tokens": selected,
+            "validation_tokens": {n: len(t) for n, t in val_parts.items()},
+            "sources": per_source,
+            "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
+            "decontamination": decon_report.to_dict() if decon else None,
+            "dedup": dedup_report,
+            "filters": filters_report,
+            "reweight": reweight_report,
+            # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
+            "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        pq.write_table(pa.table({"source": _strings(list(val_parts)), "tokens": _int_lists(list(val_parts.values()))}),
                        stage / "validation.parquet")
         if dedup_report is not None:
             _write_dedup_report(dedup_report, stage)
@@ -544,10 +586,18 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         (stage / "stats.json").write_text(json.dumps(stats, indent=1))
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
+        need_gb = selected * (2.25 if len(tokenizer) <= 65536 else 4.25) / 1e9
         raise DataError(f"writing the build to {stage} failed ({e}); the previous build in {out} is untouched. "
                         f"Free disk space (the rows need about {need_gb:.2f} GB) and build again") from None
     _publish(stage, out)
     return load_built(out)
+
+
+def _drain(items: list) -> Iterator:
+    """The items of ``items`` in order, each dropped from the list as it is handed out (the list ends empty)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -571,20 +621,6 @@ def _publish(stage: Path, out: Path) -> None:
     os.replace(stage / "stats.json", out / "stats.json")
     stage.rmdir()
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _token_weights(mixed: list[_Unit], rows: PackedRows, seq_len: int) -> torch.Tensor:
-    """(n, s) float32: each token's unit weight, placed exactly as the packer placed the tokens (0 on padding).
-
-    The packers place examples by their lengths only, so packing stand-in examples whose tokens are the unit's
-    index reproduces the layout, and the packed "token ids" say which unit each position holds.
-    """
-    index = [Example(np.full(len(u), k, dtype=np.int32), u.loss_mask) for k, u in enumerate(mixed)]
-    placed = (pack_isolated(index, seq_len, pad_id=-1) if rows.mode == "isolated" else pack_concat(index, seq_len))
-    ids = placed.input_ids  # (n, s) unit index, -1 on padding
-    assert ids.shape == rows.input_ids.shape
-    w = torch.tensor([u.weight for u in mixed] + [0.0], dtype=torch.float32)
-    return w[ids]  # index -1 -> the trailing 0.0
 
 
 def _histogram(lengths: list[int]) -> dict:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmft.data.decontam import normalize_words
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.mix import Dedup
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.mix import TextFilter
 
 EXCERPT_CHARS = 200

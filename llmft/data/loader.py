@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llmft.data.examples import DataError
+from llmft.data.sources import DataError
 from llmft.data.packing import PackedRows
 from llmft.data.store import RowStore
 

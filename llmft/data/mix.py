@@ -14,6 +14,9 @@ so shares are met to within a unit even for book-length documents.
         max_epochs: 2
 
 Relative paths start at the current working directory.
+
+``data.sources`` in a training recipe is a mix too (:func:`inline_mix`): every source whole, once
+(``shares: natural``), built by the same builder into ``<checkpoint.dir>/data``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from llmft.config import RecipeError, load_validated
+from llmft.config import DataConfig, RecipeError, load_validated
 from llmft.data.sources import SourceSpec
 from llmft.data.transforms import UL2Config
 
@@ -208,7 +211,8 @@ class MixSource(_Strict):
     """One source of the mix and its share of the tokens."""
 
     name: str = Field(min_length=1, description="Short name used in stats and plots (e.g. rp_book).")
-    weight: float = Field(gt=0, description="Share of the training tokens (weights are normalized to sum 1).")
+    weight: float = Field(default=1.0, gt=0, description="Share of the training tokens (weights are normalized to sum "
+                          "1; equal shares when omitted). Not used with shares: natural.")
     source: SourceSpec = Field(description="Where and in which format the documents are.")
     transform: Literal["none", "ul2", "ni_fewshot"] = Field(
         default="none",
@@ -241,6 +245,17 @@ class MixRecipe(_Strict):
     validation_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Hold out this fraction of every source's tokens (its tail)."
     )
+    shares: Literal["weights", "natural"] = Field(
+        default="weights",
+        description="'weights': each source supplies its weight's share of the tokens. 'natural': each source in "
+        "proportion to its size, so every source is taken whole, once (unless total_tokens asks for less); what "
+        "data.sources in a training recipe builds.",
+    )
+    validation_sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="Held-out sources, tokenized whole into the validation tokens (beside each training source's "
+        "validation_fraction).",
+    )
     seed: int = Field(default=0, description="Seeds subsampling and the order of the mixed rows.")
     num_proc: int = Field(
         default=1, ge=1,
@@ -264,6 +279,9 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
     problems = []
     names = [s.name for s in mix.sources]
     for i, s in enumerate(mix.sources):
+        if mix.shares == "natural" and "weight" in s.model_fields_set:
+            problems.append((("sources", i, "weight"), "with shares: natural every source counts by its size; remove "
+                             "the weight, or use shares: weights"))
         if names.count(s.name) > 1:
             problems.append((("sources", i, "name"), f"{s.name!r} is used twice; give every source its own name"))
         if s.transform == "ni_fewshot" and s.source.format != "natural_instructions":
@@ -382,6 +400,22 @@ def load_mix(path: str | Path, overrides: list[str] | None = None, check_paths: 
         RecipeError: every problem, with file, line and YAML path.
     """
     return load_validated(path, MixRecipe, overrides, context={"check_paths": check_paths}, checks=_checks)
+
+
+def inline_mix(data: DataConfig) -> MixRecipe:
+    """The data mix that ``data.sources`` in a training recipe stands for: every source whole, once (natural
+    shares), with the recipe's packing, held-out fraction, EOS, bad-record policy and validation sources. Each
+    source is named after its file or dataset (``source-2`` etc. when two share a name)."""
+    names: list[str] = []
+    for spec in data.sources:
+        base = (spec.path.name.split(".")[0] if spec.path is not None else str(spec.hub).split("/")[-1]) or "source"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return MixRecipe(packing=data.packing, validation_fraction=data.validation_fraction, on_error=data.on_error,
+                     add_eos=data.add_eos, shares="natural", validation_sources=data.validation,
+                     sources=[MixSource(name=n, source=s) for n, s in zip(names, data.sources)])
 
 
 def resolve_lengths(mix: MixRecipe, seq_len: int | None, tokenizer: str | None, where: str) -> tuple[int, str]:

@@ -39,6 +39,7 @@ additive -inf. With sdpa, ``position_ids`` alone do NOT isolate: transformers th
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,7 +248,11 @@ def _largest_unused(pool: _Pool, room: int, used: dict[int, int]) -> int | None:
 def pack_isolated(examples: list[Example], seq_len: int, pad_id: int) -> PackedRows:
     """Bin-pack whole examples into rows; per-example position ids and labels (see module doc)."""
     items, split = _chunks(examples, seq_len)
-    bins = pack_bins([len(e) for e in items], seq_len)
+    return _layout(items, pack_bins([len(e) for e in items], seq_len), seq_len, pad_id, split)
+
+
+def _layout(items: list[Example], bins: list[list[int]], seq_len: int, pad_id: int, split: int) -> PackedRows:
+    """Rows holding ``bins`` of ``items`` (each bin's items in their original order), padded to ``seq_len``."""
     n = len(bins)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.int64)  # (n, s)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.int64)  # (n, s)
@@ -269,6 +274,117 @@ def pack_isolated(examples: list[Example], seq_len: int, pad_id: int) -> PackedR
         real += at
         position_ids[row, at:] = torch.arange(seq_len - at)  # padding: one more segment of its own
     return PackedRows(input_ids, labels, position_ids, "isolated", real, 0, split)
+
+
+# ------------------------------------------------------------------------------- packing a stream
+
+
+def _row_weights(members: list[list[Example]], seq_len: int) -> torch.Tensor:
+    """(n, s) float32: each placed example's ``weight`` (1.0 without one) over its tokens, 0 on padding."""
+    w = torch.zeros((len(members), seq_len), dtype=torch.float32)
+    for r, row in enumerate(members):
+        at = 0
+        for e in row:
+            w[r, at : at + len(e)] = getattr(e, "weight", 1.0)
+            at += len(e)
+    return w
+
+
+def pack_stream(examples: Iterable[Example], seq_len: int, mode: str, pad_id: int, window_tokens: int,
+                weights: bool = False, min_fill: float = 0.99) -> Iterator[tuple[PackedRows, torch.Tensor | None]]:
+    """Pack a stream of examples a window at a time: the rows (and, with ``weights``, each token's example
+    ``weight``, 0 on padding), chunk by chunk, so that memory holds one window of rows, not all of them.
+
+    ``concat``: the same rows as :func:`pack_concat` over the whole stream, for any window (the tokens past the
+    last full row of a window start the next one; the final partial row is dropped and counted).
+    ``isolated``: :func:`pack_bins` over each window of about ``window_tokens`` tokens; the items of the rows
+    less than ``min_fill`` full go back into the next window (at most a quarter window of them), so that only
+    the last rows of the stream are left part-empty. One window (a stream shorter than ``window_tokens``) gives
+    exactly :func:`pack_isolated`'s rows.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode == "concat":
+        yield from _concat_stream(examples, seq_len, window_tokens, weights)
+    elif mode == "isolated":
+        yield from _isolated_stream(examples, seq_len, pad_id, window_tokens, weights, min_fill)
+    else:
+        raise ValueError(f"packing mode {mode!r}; expected concat or isolated")
+
+
+def _concat_stream(examples: Iterable[Example], seq_len: int, window_tokens: int,
+                   weights: bool) -> Iterator[tuple[PackedRows, torch.Tensor | None]]:
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (tokens, loss mask, weights) not yet in a row
+    held = 0
+
+    def rows(final: bool):
+        nonlocal parts, held
+        tokens = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        trained = np.concatenate([p[1] for p in parts])
+        w = np.concatenate([p[2] for p in parts])
+        n = len(tokens) // seq_len
+        cut = n * seq_len
+        parts = [] if final else [(tokens[cut:], trained[cut:], w[cut:])]
+        held = len(tokens) - cut
+        ids = torch.from_numpy(tokens[:cut]).view(n, seq_len)  # (n, s)
+        labels = ids.clone()
+        labels[~torch.from_numpy(trained[:cut]).view(n, seq_len)] = IGNORE
+        pos = torch.arange(seq_len).expand(n, seq_len).contiguous()  # (n, s)
+        dropped = held if final else 0
+        return (PackedRows(ids, labels, pos, "concat", cut, dropped, 0),
+                torch.from_numpy(w[:cut]).view(n, seq_len) if weights else None)
+
+    for e in examples:
+        parts.append((e.tokens, e.loss_mask, np.full(len(e), getattr(e, "weight", 1.0), np.float32)))
+        held += len(e)
+        if held >= window_tokens + seq_len:
+            yield rows(final=False)
+    if parts:
+        yield rows(final=True)
+
+
+def _isolated_stream(examples: Iterable[Example], seq_len: int, pad_id: int, window_tokens: int, weights: bool,
+                     min_fill: float) -> Iterator[tuple[PackedRows, torch.Tensor | None]]:
+    carry: list[Example] = []  # the items of the last window's part-empty rows
+    window: list[Example] = []
+    held, split = 0, 0
+
+    def rows(final: bool):
+        nonlocal carry, window, held, split
+        items = carry + window
+        bins = [sorted(b) for b in pack_bins([len(e) for e in items], seq_len)]
+        keep, back, back_tokens = [], [], 0
+        for b in bins:
+            fill = sum(len(items[i]) for i in b)
+            if not final and fill < min_fill * seq_len and back_tokens + fill <= window_tokens // 4:
+                back += b
+                back_tokens += fill
+            else:
+                keep.append(b)
+        carry, window, held = [items[i] for i in sorted(back)], [], back_tokens
+        packed = _layout(items, keep, seq_len, pad_id, split)
+        split = 0
+        return packed, _row_weights([[items[i] for i in b] for b in keep], seq_len) if weights else None
+
+    for e in examples:
+        chunks, n_split = _chunks([e], seq_len)
+        if n_split:
+            chunks = [_weighted(c, e) for c in chunks]
+        split += n_split
+        window += chunks
+        held += len(e)
+        if held >= window_tokens:
+            yield rows(final=False)
+    if window or carry:
+        yield rows(final=True)
+
+
+def _weighted(chunk: Example, whole: Example) -> Example:
+    """A chunk of ``whole`` that keeps its weight (if it has one)."""
+    if hasattr(whole, "weight"):
+        chunk.weight = whole.weight  # type: ignore[attr-defined]
+    return chunk
 
 
 # ------------------------------------------------------------------------------- isolation at run time

@@ -145,6 +145,11 @@ class SourceError(Exception):
     """A malformed record under ``on_error="stop"``, or a source that does not fit its spec at all."""
 
 
+class DataError(Exception):
+    """Bad input data under ``on_error: stop``, no usable data, or a build that cannot be read or written (the
+    message names the file, and the line where there is one). The CLI exits 2 with it."""
+
+
 @dataclass
 class SourceReport:
     """What reading one source found: documents yielded and malformed records with their locations."""

@@ -23,9 +23,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from llmft.config import Recipe, RecipeError, recipe_to_yaml
-from llmft.data.examples import DataError, load_examples
 from llmft.data.loader import PackedLoader
-from llmft.data.packing import pack_concat, pack_isolated
+from llmft.data.sources import DataError
 from llmft.eval.ppl import perplexity_by_length
 from llmft.model.build import DTYPES, build_model, count_parameters
 from llmft.train import checkpoint as ckpt
@@ -102,8 +101,10 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             model = prepare_quantized(model, recipe.model)
         model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
     seq_len, t = recipe.model.max_seq_len, recipe.train
-    rows, val_tokens, documents, bad_records, train_tokens = _training_rows(recipe, tokenizer, run_dir, rank,
-                                                                           distributed)
+    built_data = _training_data(recipe, tokenizer, run_dir / "data", rank, distributed)
+    rows, val_tokens, stats = built_data.rows, built_data.validation_tokens, built_data.stats
+    documents = sum(s["documents"] for s in stats["sources"].values())
+    bad_records = sum(s["bad_records"] for s in stats["sources"].values())
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
     total_steps = total_steps_for(recipe, world)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
@@ -158,7 +159,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
             + ")",
             *adapter_line,
-            f"data               {documents} documents, {train_tokens:,} train tokens, "
+            f"data               {documents} documents, {stats['total_tokens']:,} train tokens, "
             f"{len(val_tokens):,} validation tokens, {bad_records} bad records skipped",
             f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
             + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
@@ -326,40 +327,16 @@ def _passkey_metrics(engine, tokenizer, cfg, seq_len: int, seed: int) -> dict[st
     return out
 
 
-def _training_rows(recipe: Recipe, tokenizer, run_dir: Path, rank: int, distributed: bool):
-    """The packed training rows and the validation tokens, from a data mix / built dir or from data.sources.
-
-    Returns:
-        (rows: the memory-mapped row store of a data build (with per-token loss weights after reweight) or packed
-        rows in memory, validation tokens, documents read, bad records, training tokens)
-    """
-    seq_len = recipe.model.max_seq_len
-    if recipe.data.recipe is not None or recipe.data.built is not None:  # a data mix, built once, cached
-        built_data = _build_mix(recipe, tokenizer, run_dir / "data", rank, distributed)
-        sources = built_data.stats["sources"].values()
-        return (built_data.rows, built_data.validation_tokens, sum(s["documents"] for s in sources),
-                sum(s["bad_records"] for s in sources), built_data.stats["total_tokens"])
-    examples, val_tokens, report = load_examples(recipe.data, tokenizer)
-    if recipe.data.packing == "isolated":
-        rows = pack_isolated(examples, seq_len, pad_id=tokenizer.pad_token_id)
-    else:
-        rows = pack_concat(examples, seq_len)
-    cut_prompts = sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all())
-    if cut_prompts and rank == 0:
-        log.warning("%d prompt/completion examples are longer than model.max_seq_len=%d: their later chunks "
-                    "are trained without the whole prompt. Raise model.max_seq_len to keep them whole.",
-                    cut_prompts, seq_len)
-    return rows, val_tokens, report.documents, report.bad_records, sum(len(e) for e in examples)
-
-
-def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
-    """Build the data mix on rank 0 (a no-op when cached), then load it on every rank; or load a built dir.
+def _training_data(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: bool):
+    """The training rows and validation tokens: the recipe's data mix (``data.recipe``, or ``data.sources`` as an
+    inline mix) built into ``out`` on rank 0 (a no-op when cached), then opened on every rank; or the directory
+    ``data.built``.
 
     Raises:
         RecipeError: the mix or the built directory does not match the model's tokenizer or max_seq_len.
     """
     from llmft.data.build import build, load_built, tokenizer_hash
-    from llmft.data.mix import load_mix
+    from llmft.data.mix import inline_mix, load_mix
 
     if recipe.data.built is not None:
         built = load_built(recipe.data.built)
@@ -372,8 +349,11 @@ def _build_mix(recipe: Recipe, tokenizer, out: Path, rank: int, distributed: boo
                                "model's; rebuild it with the model's tokenizer"])
         return built
 
-    where = str(recipe.data.recipe)
-    mix = load_mix(where)
+    if recipe.data.sources:
+        mix, where = inline_mix(recipe.data), "data.sources"
+    else:
+        where = str(recipe.data.recipe)
+        mix = load_mix(where)
     if mix.seq_len is not None and mix.seq_len != recipe.model.max_seq_len:
         raise RecipeError([f"{where}: seq_len is {mix.seq_len} but model.max_seq_len is {recipe.model.max_seq_len}; "
                            "remove seq_len from the data recipe or make them equal"])
