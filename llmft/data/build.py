@@ -16,7 +16,7 @@ Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` 
 last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
 
     OUT/
-      rows/                     the packed rows, memory-mapped by training (:mod:`llmft.data.store`): token ids
+      rows/                     the packed rows, read a batch at a time by training (:mod:`llmft.data.store`): token ids
                                 (uint16 when the vocabulary allows, else int32), trained-token and segment-start
                                 bits, per-token weights with ``reweight``; 2.25 bytes per token with a 16-bit vocabulary
       validation.parquet        the held-out tokens, one row per source
@@ -79,7 +79,7 @@ TOKENIZE_BATCH = 256
 class Built:
     """A built data directory, loaded."""
 
-    rows: RowStore | None  # memory-mapped (with per-token weights after reweight); None: cache hit, load_rows=False
+    rows: RowStore | None  # on disk, read per batch (with per-token weights after reweight); None: load_rows=False
     validation_tokens: np.ndarray | None
     stats: dict
     cached: bool
@@ -590,7 +590,8 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         raise DataError(f"writing the build to {stage} failed ({e}); the previous build in {out} is untouched. "
                         f"Free disk space (the rows need about {need_gb:.2f} GB) and build again") from None
     _publish(stage, out)
-    return load_built(out)
+    val_tokens = np.concatenate([np.asarray(t, np.int32) for t in val_parts.values()])  # what validation.parquet holds
+    return Built(RowStore(out / "rows"), val_tokens, stats, cached=False)
 
 
 def _drain(items: list) -> Iterator:
@@ -673,7 +674,7 @@ def _validation_tokens(out: Path) -> np.ndarray:
 
 
 def load_built(out: Path, cached: bool = False) -> Built:
-    """Open a built directory: its rows memory-mapped (nothing read until a batch asks), its validation tokens.
+    """Open a built directory: its row store (nothing read until a batch asks) and its validation tokens.
 
     Raises:
         DataError: the directory is not a complete build of this llmft's format.

@@ -1,6 +1,6 @@
 """Serving packed rows to the training loop: seeded epochs, data-parallel sharding, exact resume.
 
-The rows are either in memory (:class:`PackedRows`) or a memory-mapped store of a data build
+The rows are either in memory (:class:`PackedRows`) or the on-disk row store of a data build
 (:class:`llmft.data.store.RowStore`): the loader only asks them for the rows of each batch, so a rank reads (and
 holds) the rows it serves, not the corpus.
 

@@ -100,20 +100,26 @@ class PackedRows:
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """input_ids, labels, position_ids of rows ``idx``, each (b, s): the interface the loader serves from, shared
-        with the memory-mapped :class:`llmft.data.store.RowStore`."""
+        with the on-disk :class:`llmft.data.store.RowStore`."""
         return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "position_ids": self.position_ids[idx]}
 
 
 def pack_concat(examples: list[Example], seq_len: int) -> PackedRows:
     """Concatenate all examples and cut into rows of ``seq_len``; the last partial row is dropped (reported)."""
-    tokens = np.concatenate([e.tokens for e in examples]).astype(np.int64)
+    tokens = np.concatenate([e.tokens for e in examples])
     trained = np.concatenate([e.loss_mask for e in examples])
+    cut = len(tokens) // seq_len * seq_len
+    return _concat_rows(tokens[:cut], trained[:cut], seq_len, dropped=len(tokens) - cut)
+
+
+def _concat_rows(tokens: np.ndarray, trained: np.ndarray, seq_len: int, dropped: int) -> PackedRows:
+    """Concat rows from a whole number of rows of ``tokens``, labelled where ``trained``."""
     n = len(tokens) // seq_len
-    input_ids = torch.from_numpy(tokens[: n * seq_len]).view(n, seq_len)  # (n, s)
+    input_ids = torch.from_numpy(tokens.astype(np.int64)).view(n, seq_len)  # (n, s)
     labels = input_ids.clone()
-    labels[~torch.from_numpy(trained[: n * seq_len]).view(n, seq_len)] = IGNORE
+    labels[~torch.from_numpy(trained).view(n, seq_len)] = IGNORE
     position_ids = torch.arange(seq_len).expand(n, seq_len).contiguous()  # (n, s)
-    return PackedRows(input_ids, labels, position_ids, "concat", n * seq_len, len(tokens) - n * seq_len, 0)
+    return PackedRows(input_ids, labels, position_ids, "concat", n * seq_len, dropped, 0)
 
 
 def _chunks(examples: list[Example], seq_len: int) -> tuple[list[Example], int]:
@@ -320,20 +326,14 @@ def _concat_stream(examples: Iterable[Example], seq_len: int, window_tokens: int
 
     def rows(final: bool):
         nonlocal parts, held
-        tokens = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        tokens = np.concatenate([p[0] for p in parts])
         trained = np.concatenate([p[1] for p in parts])
         w = np.concatenate([p[2] for p in parts])
-        n = len(tokens) // seq_len
-        cut = n * seq_len
+        cut = len(tokens) // seq_len * seq_len
         parts = [] if final else [(tokens[cut:], trained[cut:], w[cut:])]
         held = len(tokens) - cut
-        ids = torch.from_numpy(tokens[:cut]).view(n, seq_len)  # (n, s)
-        labels = ids.clone()
-        labels[~torch.from_numpy(trained[:cut]).view(n, seq_len)] = IGNORE
-        pos = torch.arange(seq_len).expand(n, seq_len).contiguous()  # (n, s)
-        dropped = held if final else 0
-        return (PackedRows(ids, labels, pos, "concat", cut, dropped, 0),
-                torch.from_numpy(w[:cut]).view(n, seq_len) if weights else None)
+        packed = _concat_rows(tokens[:cut], trained[:cut], seq_len, dropped=held if final else 0)
+        return packed, torch.from_numpy(w[:cut]).view(-1, seq_len) if weights else None
 
     for e in examples:
         parts.append((e.tokens, e.loss_mask, np.full(len(e), getattr(e, "weight", 1.0), np.float32)))

@@ -170,7 +170,7 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             f"{total_steps * tokens_per_step / max(1, len(rows) * seq_len):.2f} epochs)",
             f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
         ]
-        if getattr(rows, "has_weights", False):  # a reweighted build's row store; after the packing line
+        if rows.has_weights:  # a reweighted build; after the packing line
             lines.insert(-3, f"loss weights       per token, from the data reweight: mean "
                          f"{rows.index['weight_mean']:.3f} over trained tokens; step loss = Σ w·nll / Σ w")
         print("\n".join("[llmft] " + line for line in lines), flush=True)
