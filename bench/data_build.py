@@ -5,7 +5,7 @@ run (ratio), plus the cached rebuild time.
 
 Text: the bundled books (Frankenstein, Moby Dick) split into ~2,000-character documents, written as jsonl
 ``--copies`` times. The pipeline reads, tokenizes (with BOS/EOS), chunks, mixes, packs (concat, 2048) and writes
-parquet; the baselines only tokenize the same documents in batches of 256: the transformers tokenizer call, and
+the row store (and the validation tokens as parquet); the baselines only tokenize the same documents in batches of 256: the transformers tokenizer call, and
 the Rust tokenizer's ``encode_batch_fast`` (no offsets), which the build itself uses. Baselines and build
 alternate ``--repeats`` times (medians); then the build runs once with ``--num-proc`` tokenizer workers (spawned
 processes, one tokenizer thread each).
