@@ -65,8 +65,12 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
     t0 = time.perf_counter()
     built = build(mix, tmp_path / "out", tok, 1024)
     t1 = time.perf_counter()
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert build(mix, tmp_path / "out", tok, 1024).cached  # the first cached call pays one-off imports
+    t2 = time.perf_counter()
     assert build(mix, tmp_path / "out", tok, 1024).cached
-    assert time.perf_counter() - t1 < 0.1 * (t1 - t0)  # a rebuild with unchanged inputs: < 10% of the first
+    assert time.perf_counter() - t2 < 0.1 * (t1 - t0)  # a rebuild with unchanged inputs: < 10% of the first
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == written  # nothing rewritten
     for name, src in built.stats["sources"].items():
         assert abs(src["realized_share"] - src["target_share"]) < 0.01, (name, src)
     assert built.stats["packing"]["efficiency"] == 1.0
