@@ -5,13 +5,15 @@ then holds, at two or three sizes, with the raw tokenizer on the same text as th
 
 Sizes are millions of training tokens (the mix's ``total_tokens``). The corpus is generated from the bundled books
 (Frankenstein, Moby Dick): documents are random windows of their text, 1K-30K tokens long (log-uniform), written
-as jsonl. Four sources with equal shares (25% each) and different sizes: ``big`` holds 10x the tokens its share
-needs, ``mid`` 2x, ``small`` 1.5x, ``tight`` 1.2x. Concat packing at ``--seq-len``, no dedup or filters.
+as jsonl shards of about 1/32 of a share each (a sharded corpus, as RedPajama, the Pile and OIG are published). Four
+sources with equal shares (25% each) and different sizes: ``big`` holds 10x the tokens its share needs, ``mid``
+2x, ``small`` 1.5x, ``tight`` 1.2x. Concat packing at ``--seq-len``, no dedup or filters.
 
 Per size, each in a child process: the build (peak RSS, seconds, tokens/s of text read and tokenized, bytes read per
-source against the bytes its share needs), the raw fast tokenizer over the same files (``encode_batch_fast`` in
-batches of 256 documents: the speed baseline), and two training ranks serving an epoch of the built rows
-(``bench/row_store.py``'s child: resident memory over a no-data baseline).
+source against the bytes its share needs), the raw fast tokenizer over the first shards of every source, up to
+``--sample-mb`` each (``encode_batch_fast`` in batches of 256 documents: the speed baseline, and each source's
+tokens per byte, which turns a share's tokens into the bytes it needs), and two training ranks serving an epoch of
+the built rows (``bench/row_store.py``'s child: resident memory over a no-data baseline).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ SOURCES = {"big": 10.0, "mid": 2.0, "small": 1.5, "tight": 1.2}  # corpus size /
 CHARS_PER_TOKEN = 3.2  # the tiny BPE on the books (measured when the corpus is written)
 
 
+SHARDS_PER_SHARE = 32
+
+
 def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
-    """One jsonl per source, documents 1K-30K tokens of book text; returns {source: {"path", "tokens"}} (tokens
-    counted with the tokenizer)."""
+    """One directory of jsonl shards per source, documents 1K-30K tokens of book text; returns
+    {source: {"path", "bytes"}}."""
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -51,16 +56,23 @@ def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
     sources = {}
     for name, ratio in SOURCES.items():
         want_chars = ratio * total_tokens / 4 * chars_per_token
-        path = out / f"{name}.jsonl"
-        written = 0
-        with open(path, "w") as f:
-            while written < want_chars:
-                n = int(math.exp(rng.uniform(math.log(1000), math.log(30_000))) * chars_per_token)
-                start = int(rng.integers(0, len(text) - n))
-                doc = text[start : start + n]
-                f.write(json.dumps({"text": doc}) + "\n")
-                written += len(doc)
-        sources[name] = {"path": str(path), "bytes": path.stat().st_size}
+        shard_chars = total_tokens / 4 / SHARDS_PER_SHARE * chars_per_token
+        path = out / name
+        path.mkdir()
+        written, shard = 0, 0
+        while written < want_chars:
+            with open(path / f"{shard:05d}.jsonl", "w") as f:
+                in_shard = 0
+                while in_shard < shard_chars and written < want_chars:
+                    n = int(math.exp(rng.uniform(math.log(1000), math.log(30_000))) * chars_per_token)
+                    start = int(rng.integers(0, len(text) - n))
+                    doc = text[start : start + n]
+                    f.write(json.dumps({"text": doc}) + "\n")
+                    written += len(doc)
+                    in_shard += len(doc)
+            shard += 1
+        sources[name] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.iterdir()),
+                         "shards": shard}
     return sources
 
 
@@ -71,7 +83,8 @@ def child_build(args: argparse.Namespace) -> None:
     from llmft.model.tiny import ASSETS
 
     t0 = time.perf_counter()
-    built = build_from_recipe(load_mix(args.mix), Path(args.out), args.seq_len, str(ASSETS / "tiny-llama"),
+    mix = load_mix(args.mix)
+    built = build_from_recipe(mix, Path(args.out), args.seq_len, str(ASSETS / "tiny-llama"),
                               load_rows=False)
     seconds = time.perf_counter() - t0
     s = built.stats
@@ -79,28 +92,36 @@ def child_build(args: argparse.Namespace) -> None:
                       "read_tokens": sum(v["available_tokens"] + s["validation_tokens"].get(k, 0)
                                          for k, v in s["sources"].items()),
                       "sources": {k: {x: v[x] for x in ("available_tokens", "selected_tokens", "realized_share",
-                                                         "documents")} for k, v in s["sources"].items()}}))
+                                                         "documents", "target_tokens", "bytes_read", "bytes_total",
+                                                         "files_read", "files_total")}
+                                  for k, v in s["sources"].items()},
+                      "validation_fraction": mix.validation_fraction}))
 
 
 def child_tokenize(args: argparse.Namespace) -> None:
-    """The raw fast tokenizer over the same files: read the jsonl, encode_batch_fast in batches of 256."""
+    """The raw fast tokenizer over the first shards of each source directory (up to ``--sample-mb`` each): read the
+    jsonl, encode_batch_fast in batches of 256; per source, the tokens and bytes it covered."""
     from transformers import AutoTokenizer
 
     from llmft.model.tiny import ASSETS
 
     backend = AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").backend_tokenizer
-    t0, tokens = time.perf_counter(), 0
-    for path in args.files.split(","):
-        batch = []
-        with open(path) as f:
-            for line in f:
-                batch.append(json.loads(line)["text"])
-                if len(batch) == 256:
-                    tokens += sum(len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=False))
-                    batch = []
-        if batch:
-            tokens += sum(len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=False))
-    print(json.dumps({"seconds": time.perf_counter() - t0, "tokens": tokens}))
+    seconds, tokens, per_source = 0.0, 0, {}
+    for source in args.files.split(","):
+        got, size = 0, 0
+        for path in sorted(Path(source).iterdir()):
+            if size >= args.sample_mb * 2**20:
+                break
+            size += path.stat().st_size
+            with open(path) as f:
+                texts = [json.loads(line)["text"] for line in f]
+            t0 = time.perf_counter()
+            for i in range(0, len(texts), 256):
+                got += sum(len(e.ids) for e in backend.encode_batch_fast(texts[i : i + 256], add_special_tokens=False))
+            seconds += time.perf_counter() - t0
+        tokens += got
+        per_source[Path(source).name] = {"tokens": got, "bytes": size}
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "sources": per_source}))
 
 
 def ranks(store: Path) -> list[dict]:
@@ -125,6 +146,7 @@ def main() -> None:
     p.add_argument("--sizes", default="10,30", help="millions of training tokens, comma-separated")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--sample-mb", type=float, default=64, help="MiB per source the raw tokenizer reads")
     p.add_argument("--dir", default=None, help="where to write the corpora (default: a temporary directory)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--child", choices=["build", "tokenize"], help=argparse.SUPPRESS)
@@ -152,7 +174,7 @@ def main() -> None:
                            str(tmp / "out"), "--seq-len", str(args.seq_len)], timeout_s=7200)
             if b["status"] != "ok":
                 raise SystemExit(f"the build failed ({b['status']}): {b['stderr_tail']}")
-            t = run_child([str(Path(__file__)), "--child", "tokenize", "--files",
+            t = run_child([str(Path(__file__)), "--child", "tokenize", "--sample-mb", str(args.sample_mb), "--files",
                            ",".join(s["path"] for s in sources.values())], timeout_s=7200)
             r = ranks(tmp / "out" / "rows")
             table.append((size, sources, b, t, r))
@@ -162,28 +184,34 @@ def main() -> None:
     lines = [f"## data_scale — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"`python bench/data_scale.py --sizes {args.sizes} --seq-len {args.seq_len} --num-proc {args.num_proc}` "
              f"on {machine()}.", "",
-             "Four jsonl sources of book-text documents (1K-30K tokens), 25% shares; `big` holds 10x what its share "
-             "needs, `mid` 2x, `small` 1.5x, `tight` 1.2x. Concat packing, tiny-llama BPE. Build: peak RSS of the "
-             "build process (sampled every 50 ms). Tokens/s: tokens read and tokenized per second (all sources, "
-             "whole), against `encode_batch_fast` alone on the same files. Read/needed: the bytes the build read "
-             "from `big` over the bytes its share needs.", "",
+             "Four sources of jsonl shards (each about 1/32 of a share) of book-text documents (1K-30K tokens), 25% "
+             "shares; `big` holds 10x what its share needs, `mid` 2x, `small` 1.5x, `tight` 1.2x. Concat packing, "
+             "tiny-llama BPE. Build: peak RSS of the build process (sampled every 50 ms). Tokens/s: tokens read and "
+             "tokenized per second, against `encode_batch_fast` alone on the first shards of every source. "
+             "Read/needed: the bytes the build read from a source over the bytes its share needs (its tokens, plus "
+             "the held-out fraction, at the source's tokens per byte).", "",
              "| training tokens | text read (tokens) | build peak RSS | bytes/token built | build s | tokens/s vs raw "
-             "tokenizer | `big` read / needed | realized shares | rank data RSS (2 ranks) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "tokenizer | read / needed: big, mid, small, tight | realized shares | rank data RSS (2 ranks) |",
+             "|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for size, sources, b, t, r in table:
         shares = ", ".join(f"{v['realized_share']:.3f}" for v in b["sources"].values())
-        big = b["sources"]["big"]
+        ratios = []
+        for name, v in b["sources"].items():
+            per_byte = t["sources"][name]["tokens"] / t["sources"][name]["bytes"]
+            ratios.append(v["bytes_read"] / (v["target_tokens"] / (1 - b["validation_fraction"]) / per_byte))
         lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {b['read_tokens'] / 1e6:,.1f} M | "
                      f"{b['watched_peak_rss'] / GB:.2f} GB | {b['watched_peak_rss'] / b['total_tokens']:.1f} | "
                      f"{b['seconds']:.0f} | {b['read_tokens'] / b['seconds'] / (t['tokens'] / t['seconds']):.2f} | "
-                     f"{big['available_tokens'] / big['selected_tokens']:.1f} | {shares} | "
+                     + ", ".join(f"{x:.2f}" for x in ratios) + f" | {shares} | "
                      + " / ".join(f"{x['data_rss'] / MB:.1f} MiB" for x in r) + " |")
     if len(table) >= 2:
         (s0, _, b0, _, _), (s1, _, b1, _, _) = table[0], table[-1]
         slope = (b1["watched_peak_rss"] - b0["watched_peak_rss"]) / (b1["total_tokens"] - b0["total_tokens"])
-        lines += ["", f"Build RSS grows by {slope:.1f} bytes per training token between {s0:g} M and {s1:g} M "
-                  f"(the whole corpus read: {b1['read_tokens'] / b1['total_tokens']:.1f} tokens read per token built); "
-                  f"extrapolated to Together's 1.5 B-token phase 1: {(b1['watched_peak_rss'] + slope * (1.5e9 - b1['total_tokens'])) / GB:,.0f} GB."]
+        lines += ["", f"Build peak RSS at {s1:g} M is {b1['watched_peak_rss'] / b0['watched_peak_rss']:.2f}x the "
+                  f"{s0:g} M figure: it grows by {slope:.2f} bytes per training token "
+                  f"({b1['read_tokens'] / b1['total_tokens']:.2f} tokens read per token built); extrapolated to "
+                  f"Together's 1.5 B-token phase 1: "
+                  f"{(b1['watched_peak_rss'] + slope * (1.5e9 - b1['total_tokens'])) / GB:,.2f} GB."]
     lines.append("")
     write_section(args.results, lines)
     print("\n".join(lines))

@@ -157,7 +157,10 @@ def cmd_data_build(args: argparse.Namespace) -> int:
         print(f"[llmft]   {name:<16} {100 * src['realized_share']:6.2f}% (target {100 * src['target_share']:.2f}%), "
               f"{src['documents']} docs, {src['epochs']:.2f} epochs, dropped: {src['dropped_min_tokens']} short, "
               f"{src['dropped_max_tokens']} long, {src['decontaminated']} contaminated, "
-              f"{src.get('deduplicated', 0)} duplicates, {src.get('filtered', 0)} filtered, {src['bad_records']} bad")
+              f"{src.get('deduplicated', 0)} duplicates, {src.get('filtered', 0)} filtered, {src['bad_records']} bad"
+              + ("" if src.get("read_whole", True) else "; stopped reading at its share's need"
+                 + (f" ({src['files_read']} of {src['files_total']} files, {src['read_fraction']:.1%} of the bytes)"
+                    if src.get("read_fraction") is not None else "")))
     return 0
 
 

@@ -160,21 +160,23 @@ def test_row_store_bench_measures_both_sides(tmp_path):
 
 
 def test_data_scale_bench_reports_build_and_rank_memory(tmp_path):
-    """bench/data_scale.py at 0.3 M and 0.6 M training tokens: the build meets its shares, reads every source whole
-    (the oversized one ~10x its share: what sampled reading will cut), and the table has a row per size."""
+    """bench/data_scale.py at 0.3 M and 0.6 M training tokens: the build meets its shares, reads each source about
+    as far as its share needs (the oversized one holds 10x that; at these sizes a document is ~1/10 of a share,
+    hence the margin), and the table has a row per size."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / "data_scale.py"), "--sizes", "0.3,0.6", "--seq-len",
                           "1024", "--results", str(tmp_path / "r.md")], cwd=REPO, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "r.md").read_text()
-    assert "## data_scale — " in text and "Build RSS grows by" in text
+    assert "## data_scale — " in text and "Build peak RSS at 0.6 M is" in text
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]
     assert len(rows) == 2
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         shares = [float(x) for x in cells[7].split(",")]
         assert all(abs(s - 0.25) < 0.01 for s in shares), shares
-        assert 8 < float(cells[6]) < 12  # `big` read whole: ~10x what its share needs
+        read = [float(x) for x in cells[6].split(",")]  # big, mid, small, tight: bytes read / needed
+        assert all(0.9 < x < 1.5 for x in read), read
         assert float(cells[2].split()[0]) > 0 and "MiB" in cells[8]
 
 

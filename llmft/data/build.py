@@ -3,14 +3,24 @@
 Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, deduplicate (when the mix
 has a ``dedup`` section: every source is read first, see :mod:`llmft.data.dedup`), tokenize (prompt masked; in
 ``num_proc`` worker processes when the mix asks, with the same output as one process),
-filter by token count, cut every document into units of at most ``seq_len`` tokens, and hold out the tail
-``validation_fraction`` of the units for validation (``validation_sources`` are held out whole). Then, over the
-mix: each source contributes ``weight * total`` tokens (``shares: natural``: in proportion to its size), made
-of whole passes over its units plus a seeded random part-pass (at most ``max_epochs`` passes). The units of all
-sources are shuffled together, then packed (``concat`` or ``isolated``) and written a window of
-``PACK_WINDOW_TOKENS`` at a time (:func:`llmft.data.packing.pack_stream`): the build holds the selected units and
-one window of rows, not all the rows. Still in memory for the whole build: every source's tokenized units
-(about 5 bytes per token read), so a build needs memory for the sources it reads; streaming them is to come.
+filter by token count, cut every document into units of at most ``seq_len`` tokens, written to a per-source spill
+in the staging directory (:mod:`llmft.data.units`: 3 bytes per token on disk, 16 bytes per unit in memory), and
+hold out the tail ``validation_fraction`` of the units for validation (``validation_sources`` are held out whole).
+
+When a source's need is known before it is read (``total_tokens`` with weighted shares, and no ``dedup`` or
+``filters``, which read every source first), its files are read in a seeded random order and reading stops once
+its units hold the ``weight * total`` training tokens it needs (character budgets, see :func:`_source_units`):
+a source 20x larger than its share is read about 1/20 (plus 2% and the rest of the last file started), in whole
+files, so a sharded corpus is sampled by shard. ``stats.json`` records per source the files and bytes read of
+the total (``read_fraction``) and whether it was read whole. Otherwise every source is read whole.
+
+Then, over the mix: each source contributes ``weight * total`` tokens (``shares: natural``: in proportion to its
+size), made of whole passes over its units plus a seeded random part-pass (at most ``max_epochs`` passes). The
+units of all sources are shuffled together (an index per unit), read back from the spills in that order, packed
+(``concat`` or ``isolated``) and written a window of ``PACK_WINDOW_TOKENS`` at a time
+(:func:`llmft.data.packing.pack_stream`). Without dedup and filters the build's memory therefore does not grow
+with the corpus or the mix: a window of rows, the tokenizing jobs in flight, per-unit and per-document scalars,
+and the validation tokens. Dedup and filters still hold every document's text (to come: signatures only).
 
 Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` only once complete, ``stats.json``
 last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
@@ -46,10 +56,11 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,12 +78,35 @@ from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, pack_stream, special_ids
 from llmft.data.sources import DataError, Document, SourceError, SourceReport, SourceSpec, list_files, read_source
 from llmft.data.store import RowStore, StoreError, StoreWriter
+from llmft.data.units import UnitSpill
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3  # bump when the on-disk layout or the build algorithm changes
+FORMAT_VERSION = 4  # bump when the on-disk layout or the build algorithm changes
 PACK_WINDOW_TOKENS = 4 * 2**20  # rows are packed and written a window at a time: ~120 MB of rows in memory
-TOKENIZE_BATCH = 256
+PROGRESS_LOG_SECONDS = 30  # without a terminal, progress is logged this often
+TOKENIZE_BATCH = 256  # documents per tokenizing job, or fewer when they reach:
+TOKENIZE_BATCH_CHARS = 1 << 20  # (a batch of 256 books would be ~100 MB of text, times the jobs in flight)
+
+
+class _LogLines:
+    """A file for tqdm that logs each progress line (for a build whose output goes to a log, not a terminal)."""
+
+    def write(self, text: str) -> None:
+        if text := text.strip("\r\n "):
+            log.info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _progress(desc: str, total: int | None = None, unit: str = "tok", iterable: Iterable | None = None) -> tqdm:
+    """Progress of a build stage (count, rate, ETA when ``total`` is known): a bar on a terminal; otherwise the same
+    line logged every ``PROGRESS_LOG_SECONDS``, once a stage has run that long."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, leave=False, file=_LogLines(),
+                mininterval=PROGRESS_LOG_SECONDS, delay=PROGRESS_LOG_SECONDS)
 
 
 @dataclass
@@ -83,13 +117,6 @@ class Built:
     validation_tokens: np.ndarray | None
     stats: dict
     cached: bool
-
-
-@dataclass
-class _Unit(Example):
-    """A chunk of a document with the document's reweighting weight."""
-
-    weight: float = 1.0
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -146,14 +173,13 @@ class _Reading:
 
 
 def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
-                report: SourceReport, stats: dict) -> Iterator[Document]:
+                report: SourceReport, stats: dict, files: list[Path] | None) -> Iterator[Document]:
     """Read one source and decontaminate it, counting into ``report`` and ``stats``.
 
     Raises:
         SourceError: a malformed record under on_error: stop.
     """
-    for doc in tqdm(read_source(src.source, mix.on_error, report), desc=f"read {src.name}", unit="doc",
-                    disable=None, leave=False):
+    for doc in read_source(src.source, mix.on_error, report, files):
         if decon is not None:
             mode = mix.decontaminate.mode
             text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
@@ -167,11 +193,12 @@ def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, de
 
 def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport) -> dict[str, _Reading]:
     readings = {}
-    for src in mix.sources:
+    for k, src in enumerate(mix.sources):
         report = SourceReport()
         stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "deduplicated": 0,
                  "filtered": 0, "doc_lengths": []}
-        readings[src.name] = _Reading(_read_clean(src, mix, decon, decon_report, report, stats), report, stats)
+        docs = _read_clean(src, mix, decon, decon_report, report, stats, _reading_order(mix, k))
+        readings[src.name] = _Reading(docs, report, stats)
     return readings
 
 
@@ -191,7 +218,7 @@ def _dedup(mix: MixRecipe, readings: dict[str, _Reading], tokenizer: PreTrainedT
     names: list[str] = []
     for name, r in readings.items():
         try:
-            listed = list(r.docs)
+            listed = list(_progress(f"read {name} (for dedup)", unit="doc", iterable=r.docs))
         except SourceError as e:
             raise DataError(str(e)) from None
         docs += listed
@@ -235,7 +262,7 @@ def _filter(mix: MixRecipe, readings: dict[str, _Reading]) -> tuple[dict, dict |
     results, curated, rw_report = {}, {}, {"by_source": {}} if mix.reweight else None
     for k, (name, r) in enumerate(readings.items()):
         try:
-            docs = list(r.docs)
+            docs = list(_progress(f"read {name} (for filters)", unit="doc", iterable=r.docs))
         except SourceError as e:
             raise DataError(str(e)) from None
         texts = [f"{d.prompt}\n{d.text}" if d.prompt else d.text for d in docs]
@@ -291,26 +318,50 @@ def _write_dedup_report(report: dict, out: Path) -> None:
     (out / "dedup.md").write_text(report_markdown(report))
 
 
-def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]],
-                  seq_len: int, reading: _Reading,
-                  rng: np.random.Generator) -> tuple[list[Example], list[Example], dict]:
-    """Transform, tokenize, filter and chunk one source's cleaned documents.
+class _Checkpoint:
+    """A marker between tokenizing jobs: it comes out of the tokenizer pool after every job before it."""
+
+
+CHECKPOINT = _Checkpoint()
+
+
+def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator], seq_len: int,
+                  reading: _Reading, rng: np.random.Generator, spill: UnitSpill, need: int | None) -> int:
+    """Transform, tokenize, filter and chunk one source's cleaned documents into ``spill``; fill ``reading.stats``.
 
     Reading (when ``reading.docs`` is still a generator), the UL2 transform and batching run here, in order (UL2
     draws from ``rng``); ``tokenize`` maps the batches of documents to examples, in this process or in
     ``num_proc`` workers, keeping the order.
 
+    With ``need`` (the training tokens the source's share takes), reading stops once the units hold ``need``
+    training tokens after the validation split. The reader works to a budget of characters: it stops at the
+    budget, every batch read so far is tokenized, and the budget grows by the characters the missing tokens take at
+    the measured characters per kept token (plus 2%), until enough tokens are kept or the source ends. What is
+    read therefore depends on the data alone, not on ``num_proc`` or timing; the first budget assumes 2
+    characters per token (below what BPE vocabularies give on text), so it never reads past the need.
+
     Returns:
-        (train units, validation units, stats)
+        The number of training units: the units from that index on are the validation tail.
+
+    Raises:
+        DataError: a malformed record under on_error: stop.
+        OSError: the spill cannot be written.
     """
     report, stats = reading.report, reading.stats
-    examples: list[Example] = []
-    weights: list[float] = []
     # one example per document unless ni_fewshot (which reweight rejects): the weights queue up in reading order
     pending_weights: deque[float] = deque()
     track = mix.reweight is not None
+    vf = mix.validation_fraction
+    chars, budget, stop = 0, math.inf if need is None else need * 2.0, False
+    cut_prompts = 0
+    progress = _progress(f"read and tokenize {src.name}" + (f" (to its need of {need:,} tokens)" if need else ""),
+                         None if need is None else math.ceil(need / (1 - vf)))  # the held-out tail read too
+
+    def train_tokens(total: int) -> int:
+        return total - int(total * vf)
 
     def keep(example: Example) -> None:
+        nonlocal cut_prompts
         n = len(example)
         w = pending_weights.popleft() if track else 1.0
         if src.filters.min_tokens and n < src.filters.min_tokens:
@@ -319,49 +370,73 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
             stats["dropped_max_tokens"] += 1
         else:
             stats["doc_lengths"].append(n)
-            examples.append(example)
-            weights.append(w)
+            cut_prompts += n > seq_len and not example.loss_mask[1:].all()
+            for i in range(0, n, seq_len):
+                spill.append(example.tokens[i : i + seq_len], example.loss_mask[i : i + seq_len], w)
+            progress.update(n)
 
     def batches():
-        batch = []
+        nonlocal chars
+        batch, size = [], 0
         for doc in reading.docs:
             if src.transform == "ul2":
                 doc = ul2(doc, rng, src.ul2)
             if src.transform == "ni_fewshot":  # one task's instances together: flush when the task changes
                 if batch and doc.meta.get("task") != batch[-1].meta.get("task"):
                     yield src.transform, batch
-                    batch = []
-            elif len(batch) == TOKENIZE_BATCH:
+                    batch, size = [], 0
+            elif len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
                 yield src.transform, batch
-                batch = []
+                batch, size = [], 0
             batch.append(doc)
+            n = len(doc.text) + len(doc.prompt)
+            size += n
+            chars += n
             if track:
                 pending_weights.append(doc.meta.get("weight", 1.0))
+            if chars >= budget:  # every batch so far is tokenized before reading on
+                yield src.transform, batch
+                batch, size = [], 0
+                yield CHECKPOINT
+                if stop:
+                    return
         if batch:
             yield src.transform, batch
 
+    jobs = tokenize(batches())
     try:
-        for tokenized in tokenize(batches()):
-            for e in tokenized:
+        for out in jobs:
+            if out is CHECKPOINT:
+                if train_tokens(spill.tokens) >= need:
+                    stop = True
+                    break
+                per_char = spill.tokens / chars
+                missing = need - train_tokens(spill.tokens)
+                budget = chars + (missing / (1 - vf) / per_char * 1.02 if per_char > 0 else chars)
+                continue
+            for e in out:
                 keep(e)
+            progress.set_postfix_str(f"{report.documents:,} docs", refresh=False)
     except SourceError as e:
         raise DataError(str(e)) from None
+    finally:
+        progress.close()
+        for gen in (jobs, reading.docs):  # stop reading: close the generators (and the file being read)
+            if hasattr(gen, "close"):
+                gen.close()
+    files = list_files(src.source) if src.source.hub is None else []
+    bytes_total = sum(f.stat().st_size for f in files)
     stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
-                 filtered_by_subset=report.filtered,
-                 cut_prompts=sum(1 for e in examples if len(e) > seq_len and not e.loss_mask[1:].all()))
-    if stats["cut_prompts"]:
+                 filtered_by_subset=report.filtered, cut_prompts=cut_prompts, read_whole=not stop,
+                 files_read=report.files_read, files_total=len(files), bytes_read=report.bytes_read,
+                 bytes_total=bytes_total, read_fraction=report.bytes_read / bytes_total if bytes_total else None)
+    if cut_prompts:
         log.warning("%s: %d prompt/completion examples are longer than seq_len=%d: their later chunks are trained "
                     "without the whole prompt. Raise the row length (model.max_seq_len) to keep them whole.",
-                    src.name, stats["cut_prompts"], seq_len)
-    units = [_Unit(e.tokens[i : i + seq_len], e.loss_mask[i : i + seq_len], w)
-             for e, w in zip(examples, weights) for i in range(0, len(e), seq_len)]
-    total = sum(len(u) for u in units)
-    train_part = total - int(total * mix.validation_fraction)
-    train, val, seen = [], [], 0
-    for u in units:  # whole units: the validation tail starts at a unit boundary
-        (train if seen < train_part else val).append(u)
-        seen += len(u)
-    return train, val, stats
+                    src.name, cut_prompts, seq_len)
+    spill.close()
+    starts = np.frombuffer(spill.starts, np.int64)
+    return int(np.searchsorted(starts, train_tokens(spill.tokens), side="left"))  # whole units: the tail starts at one
 
 
 def _validation_source(spec: SourceSpec, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator[list[Example]]]
@@ -425,9 +500,10 @@ def _worker_run(job: tuple[str, list[Document]]) -> list[Example]:
 def _tokenizer_pool(tokenize: _Tokenize, num_proc: int) -> Iterator[Callable[[Iterable], Iterator[list[Example]]]]:
     """A function mapping batches to examples in order: in this process (``num_proc`` 1) or in ``num_proc``
     spawned workers, with at most ``4 * num_proc`` batches in flight so memory stays bounded while this
-    process keeps reading."""
+    process keeps reading. A :data:`CHECKPOINT` among the batches comes out after every batch before it, before
+    any batch after it is read."""
     if num_proc == 1:
-        yield lambda jobs: map(tokenize, jobs)
+        yield lambda jobs: (job if job is CHECKPOINT else tokenize(job) for job in jobs)
         return
     # spawn, not fork: the Rust tokenizer's thread pool does not survive a fork. One Rust thread per worker.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -436,6 +512,11 @@ def _tokenizer_pool(tokenize: _Tokenize, num_proc: int) -> Iterator[Callable[[It
         def ordered(jobs: Iterable) -> Iterator[list[Example]]:
             pending: deque = deque()
             for job in jobs:
+                if job is CHECKPOINT:
+                    while pending:
+                        yield pending.popleft().get()
+                    yield job
+                    continue
                 pending.append(pool.apply_async(_worker_run, (job,)))
                 if len(pending) >= 4 * num_proc:
                     yield pending.popleft().get()
@@ -457,19 +538,31 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _select(units: list[Example], target: int, rng: np.random.Generator) -> list[Example]:
-    """Whole passes over ``units`` plus a random part-pass, until ``target`` tokens (overshoot < one unit)."""
-    available = sum(len(u) for u in units)
+def _select(lengths: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of whole passes over the units of ``lengths`` plus a random part-pass, until ``target`` tokens
+    (overshoot < one unit)."""
+    available = int(lengths.sum())
     full = int(target // available)
-    chosen = units * full
     remainder = target - full * available
-    got = 0
-    for i in rng.permutation(len(units)):
-        if got >= remainder:
-            break
-        chosen.append(units[i])
-        got += len(units[i])
-    return chosen
+    order = rng.permutation(len(lengths))
+    part = 0 if remainder <= 0 else min(len(order), int(np.searchsorted(np.cumsum(lengths[order]), remainder)) + 1)
+    return np.concatenate([np.tile(np.arange(len(lengths)), full), order[:part]])
+
+
+def _sampling(mix: MixRecipe) -> bool:
+    """Whether each source's token need is known before reading it, so its reading can stop at the need: a
+    ``total_tokens`` with weighted shares, and no dedup or filters (which read every source first)."""
+    return mix.total_tokens is not None and mix.shares == "weights" and not mix.dedup and not mix.filters
+
+
+def _reading_order(mix: MixRecipe, k: int) -> list[Path] | None:
+    """The files of source ``k`` in a seeded random order when its reading may stop early (a sample of whole
+    shards, not the first ones), else None (every file, in :func:`list_files` order)."""
+    spec = mix.sources[k].source
+    if not _sampling(mix) or spec.hub is not None:
+        return None
+    files = list_files(spec)
+    return [files[i] for i in np.random.default_rng([mix.seed, k, 1]).permutation(len(files))]
 
 
 def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, force: bool = False,
@@ -480,7 +573,8 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
 
     Raises:
         DataError: malformed data under on_error: stop, an empty source, a share a source cannot supply
-            within its max_epochs, or the output cannot be written (e.g. a full disk; the previous build is kept).
+            within its max_epochs, a file removed while it is read, or the output cannot be written (e.g. a
+            full disk; the previous build is kept).
     """
     out = Path(out)
     fp = fingerprint(mix, tokenizer, seq_len)
@@ -489,116 +583,146 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
         if stats.get("fingerprint") == fp:
             log.info("data: %s is up to date (fingerprint %s): nothing to build", out, fp)
             return load_built(out, cached=True) if load_rows else Built(None, None, stats, cached=True)
-    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".staging-*"):  # left by a build that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    decon, decon_report = _decontaminator(mix)
+    stage = out / f".staging-{os.getpid()}"
+    stage.mkdir()
+    try:
+        stats, val_tokens = _build(mix, stage, tokenizer, seq_len, fp)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise DataError(f"reading the sources or writing the build to {stage} failed ({e}); the previous build in "
+                        f"{out} is untouched. If the disk is full, free space (the rows take 2.25 bytes per token "
+                        "with a 16-bit vocabulary, the staging files 3 per token read) and build again") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _publish(stage, out)
+    return Built(RowStore(out / "rows"), val_tokens, stats, cached=False)
 
+
+def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int, fp: str
+           ) -> tuple[dict, np.ndarray]:
+    """Build the mix into the empty directory ``stage``: read, tokenize into per-source spills, select, pack,
+    write rows, validation tokens, reports and ``stats.json`` (last).
+
+    Returns:
+        (the stats, the validation tokens written)
+
+    Raises:
+        DataError: as :func:`build`.
+        OSError: a source cannot be read or the output cannot be written.
+    """
+    t0 = time.perf_counter()
+    decon, decon_report = _decontaminator(mix)
     readings = _start_reading(mix, decon, decon_report)
     dedup_report = _dedup(mix, readings, tokenizer) if mix.dedup else None
     filters_report, reweight_report = _filter(mix, readings)[:2] if mix.filters else (None, None)
 
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
-    per_source, train_units, val_units = {}, {}, {}
-    with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos), mix.num_proc) as tokenize:
+    (stage / "units").mkdir()
+    with ExitStack() as cleanup:  # the spills are closed and removed on errors too
+        spills = [cleanup.enter_context(UnitSpill(stage / "units" / str(k), len(tokenizer)))
+                  for k in range(len(mix.sources))]
+        n_train, per_source = [], {}
+        with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos), mix.num_proc) as tokenize:
+            for k, src in enumerate(mix.sources):
+                need = round(weights[k] * mix.total_tokens) if _sampling(mix) else None
+                t1 = time.perf_counter()
+                n_train.append(_source_units(src, mix, tokenize, seq_len, readings[src.name],
+                                             np.random.default_rng([mix.seed, k]), spills[k], need))
+                st = per_source[src.name] = readings[src.name].stats
+                log.info("data: %s: %s tokens from %d documents in %.1f s (%s tokens/s)%s", src.name,
+                         f"{spills[k].tokens:,}", st["documents"], time.perf_counter() - t1,
+                         f"{spills[k].tokens / max(1e-9, time.perf_counter() - t1):,.0f}",
+                         "" if st["read_whole"] else f"; stopped at its need: {st['bytes_read']:,} of "
+                         f"{st['bytes_total']:,} bytes read ({st['files_read']} of {st['files_total']} files)")
+            held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)
+                        for spec in mix.validation_sources}
         for k, src in enumerate(mix.sources):
-            train_units[src.name], val_units[src.name], per_source[src.name] = _source_units(
-                src, mix, tokenize, seq_len, readings[src.name], np.random.default_rng([mix.seed, k]))
-        held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)
-                    for spec in mix.validation_sources}
-    for src in mix.sources:
-        if not train_units[src.name]:
-            raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
-                            f"({per_source[src.name]['documents']} read)")
-    available = {name: sum(len(u) for u in units) for name, units in train_units.items()}
-    if mix.shares == "natural":  # every source in proportion to its size: all of each, once
-        weights = np.array([available[s.name] for s in mix.sources], dtype=np.float64)
-        weights /= weights.sum()
-    caps = [available[s.name] * s.max_epochs / w for s, w in zip(mix.sources, weights)]
-    total = mix.total_tokens or int(min(caps))
-    for s, w in zip(mix.sources, weights):
-        need = w * total / available[s.name]
-        if need > s.max_epochs * (1 + 1e-9):
-            raise DataError(
-                f"source {s.name!r} has {available[s.name]:,} tokens; a {w:.1%} share of {total:,} tokens needs "
-                f"{need:.2f} passes > max_epochs {s.max_epochs:g}. Lower total_tokens or its weight, or raise "
-                "its max_epochs"
-            )
+            if n_train[k] == 0:
+                raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
+                                f"({per_source[src.name]['documents']} read)")
+        lengths = [np.frombuffer(sp.lengths, np.int32)[:n] for sp, n in zip(spills, n_train)]
+        available = {s.name: int(ls.sum()) for s, ls in zip(mix.sources, lengths)}
+        if mix.shares == "natural":  # every source in proportion to its size: all of each, once
+            weights = np.array([available[s.name] for s in mix.sources], dtype=np.float64)
+            weights /= weights.sum()
+        caps = [available[s.name] * s.max_epochs / w for s, w in zip(mix.sources, weights)]
+        total = mix.total_tokens or int(min(caps))
+        for s, w in zip(mix.sources, weights):
+            need = w * total / available[s.name]
+            if need > s.max_epochs * (1 + 1e-9):
+                raise DataError(
+                    f"source {s.name!r} has {available[s.name]:,} tokens; a {w:.1%} share of {total:,} tokens needs "
+                    f"{need:.2f} passes > max_epochs {s.max_epochs:g}. Lower total_tokens or its weight, or raise "
+                    "its max_epochs"
+                )
 
-    rng = np.random.default_rng(mix.seed)
-    mixed: list[Example] = []
-    for s, w in zip(mix.sources, weights):
-        chosen = _select(train_units[s.name], round(w * total), rng)
-        st = per_source[s.name]
-        st.update(available_tokens=available[s.name], target_share=float(w), target_tokens=round(w * total),
-                  selected_tokens=sum(len(u) for u in chosen), units=len(chosen),
-                  epochs=sum(len(u) for u in chosen) / available[s.name])
-        mixed += chosen
-    order = rng.permutation(len(mixed))
-    mixed = [mixed[i] for i in order]
-    selected = sum(len(u) for u in mixed)
-    for st in per_source.values():
-        st["realized_share"] = st["selected_tokens"] / selected
+        rng = np.random.default_rng(mix.seed)
+        chosen = []
+        for k, (s, w) in enumerate(zip(mix.sources, weights)):
+            chosen.append(_select(lengths[k], round(w * total), rng))
+            took = int(lengths[k][chosen[k]].sum())
+            per_source[s.name].update(available_tokens=available[s.name], target_share=float(w),
+                                      target_tokens=round(w * total), selected_tokens=took, units=len(chosen[k]),
+                                      epochs=took / available[s.name])
+        # (units,) which source and which of its units, in the order they are packed
+        which = np.concatenate([np.full(len(c), k, np.int32) for k, c in enumerate(chosen)])
+        unit = np.concatenate(chosen)
+        order = rng.permutation(len(which))
+        which, unit = which[order], unit[order]
+        del chosen, order
+        selected = sum(st["selected_tokens"] for st in per_source.values())
+        for st in per_source.values():
+            st["realized_share"] = st["selected_tokens"] / selected
 
-    val_parts = {name: np.concatenate([u.tokens for u in us]) if us else np.zeros(0, np.int32)
-                 for name, us in val_units.items()} | held_out
-    del train_units, val_units
-    stage = out / f".staging-{os.getpid()}"
-    reweighted = mix.reweight is not None
-    try:
-        # packed and written a window at a time; each unit is released once it is in a row
+        val_parts = {s.name: sp.tokens_of(n, len(sp)) for s, sp, n in zip(mix.sources, spills, n_train)} | held_out
+        reweighted = mix.reweight is not None
+        # packed and written a window at a time; each unit is read back from its spill when it is packed
         with StoreWriter(stage / "rows", seq_len, len(tokenizer), mix.packing, weights=reweighted) as writer:
-            for rows, token_weights in pack_stream(_drain(mixed), seq_len, mix.packing, tokenizer.pad_token_id,
-                                                   PACK_WINDOW_TOKENS, weights=reweighted):
-                writer.append(rows, token_weights)
-        index = writer.index
-        histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
-        stats = {
-            "fingerprint": fp,
-            "seq_len": seq_len,
-            "tokenizer": getattr(tokenizer, "name_or_path", ""),
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "packing": {"mode": mix.packing, "rows": index["rows"],
-                        "efficiency": index["real_tokens"] / max(1, index["rows"] * seq_len),
-                        "dropped_tokens": index["dropped_tokens"], "split_examples": index["split_examples"],
-                        "store_bytes": index["bytes"]},
-            "total_tokens": selected,
-            "validation_tokens": {n: len(t) for n, t in val_parts.items()},
-            "sources": per_source,
-            "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
-            "decontamination": decon_report.to_dict() if decon else None,
-            "dedup": dedup_report,
-            "filters": filters_report,
-            "reweight": reweight_report,
-            # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
-            "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
-            "build_seconds": round(time.perf_counter() - t0, 3),
-        }
-        pq.write_table(pa.table({"source": _strings(list(val_parts)), "tokens": _int_lists(list(val_parts.values()))}),
-                       stage / "validation.parquet")
-        if dedup_report is not None:
-            _write_dedup_report(dedup_report, stage)
-        if filters_report is not None:
-            (stage / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
-        _plot(stats, stage)
-        (stage / "stats.json").write_text(json.dumps(stats, indent=1))
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        need_gb = selected * (2.25 if len(tokenizer) <= 65536 else 4.25) / 1e9
-        raise DataError(f"writing the build to {stage} failed ({e}); the previous build in {out} is untouched. "
-                        f"Free disk space (the rows need about {need_gb:.2f} GB) and build again") from None
-    _publish(stage, out)
+            units = (spills[k][i] for k, i in zip(which.tolist(), unit.tolist()))
+            with _progress(f"pack ({mix.packing}) and write", selected) as progress:
+                for rows, token_weights in pack_stream(units, seq_len, mix.packing, tokenizer.pad_token_id,
+                                                       PACK_WINDOW_TOKENS, weights=reweighted):
+                    writer.append(rows, token_weights)
+                    progress.update(rows.real_tokens)
+    (stage / "units").rmdir()
+    index = writer.index
+    histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
+    stats = {
+        "fingerprint": fp,
+        "seq_len": seq_len,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "packing": {"mode": mix.packing, "rows": index["rows"],
+                    "efficiency": index["real_tokens"] / max(1, index["rows"] * seq_len),
+                    "dropped_tokens": index["dropped_tokens"], "split_examples": index["split_examples"],
+                    "store_bytes": index["bytes"]},
+        "total_tokens": selected,
+        "validation_tokens": {n: len(t) for n, t in val_parts.items()},
+        "sources": per_source,
+        "length_histogram": {n: _histogram(lengths) for n, lengths in histograms.items()},
+        "decontamination": decon_report.to_dict() if decon else None,
+        "dedup": dedup_report,
+        "filters": filters_report,
+        "reweight": reweight_report,
+        # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
+        "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    pq.write_table(pa.table({"source": _strings(list(val_parts)), "tokens": _int_lists(list(val_parts.values()))}),
+                   stage / "validation.parquet")
+    if dedup_report is not None:
+        _write_dedup_report(dedup_report, stage)
+    if filters_report is not None:
+        (stage / "filters.md").write_text(filters_markdown(filters_report, reweight_report))
+    _plot(stats, stage)
+    (stage / "stats.json").write_text(json.dumps(stats, indent=1))
     val_tokens = np.concatenate([np.asarray(t, np.int32) for t in val_parts.values()])  # what validation.parquet holds
-    return Built(RowStore(out / "rows"), val_tokens, stats, cached=False)
-
-
-def _drain(items: list) -> Iterator:
-    """The items of ``items`` in order, each dropped from the list as it is handed out (the list ends empty)."""
-    items.reverse()
-    while items:
-        yield items.pop()
+    return stats, val_tokens
 
 
 def _publish(stage: Path, out: Path) -> None:

@@ -158,6 +158,8 @@ class SourceReport:
     bad_records: int = 0
     examples: list[str] = field(default_factory=list)  # the first 20 "where: reason"
     filtered: int = 0  # well-formed records dropped by subsets / exclude_subsets
+    files_read: int = 0  # local files opened (a file is counted when its reading starts)
+    bytes_read: int = 0  # their sizes on disk (compressed where they are)
 
     def bad(self, where: str, reason: str, on_error: str) -> None:
         """Count a malformed record and keep it as an example.
@@ -1248,21 +1250,42 @@ _READERS = {
 }
 
 
-def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport | None = None) -> Iterator[Document]:
+def _read_files(files: list[Path], spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
+    """The documents of ``files`` in order, counting each file's size into ``report`` as its reading starts.
+
+    Raises:
+        SourceError: as the format's reader, or a file that no longer exists (removed since it was listed).
+    """
+    reader = _READERS[spec.format]
+    for path in files:
+        try:
+            size = path.stat().st_size
+            report.files_read += 1
+            report.bytes_read += size
+            yield from reader(path, spec, on_error, report)
+        except FileNotFoundError:
+            raise SourceError(f"{path}: the file was removed while the build was reading the source (it was listed "
+                              "when the source was opened); restore it or take it out of the source, and build "
+                              "again") from None
+
+
+def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport | None = None,
+                files: list[Path] | None = None) -> Iterator[Document]:
     """Yield the documents of one source, file by file in :func:`list_files` order, or row by row from a hub.
 
     Args:
         spec: the source.
         on_error: ``"skip"`` counts, logs and skips a malformed record; ``"stop"`` raises on the first one.
-        report: counters to update (documents, bad records, filtered); a fresh one when None.
+        report: counters to update (documents, bad records, filtered, files and bytes read); a fresh one when None.
+        files: read these of the source's files, in this order, instead of :func:`list_files` (a local source).
 
     Returns:
         An iterator of documents; nothing is read before iteration starts.
 
     Raises:
         SourceError: a malformed record under ``on_error="stop"``, or a source that does not fit its spec
-            (missing column, template column not in the header, a query sqlite rejects), or a hub dataset
-            that cannot be loaded or breaks off while streaming.
+            (missing column, template column not in the header, a query sqlite rejects), a file removed while
+            the source is read, or a hub dataset that cannot be loaded or breaks off while streaming.
         ValueError: ``on_error`` is neither "skip" nor "stop".
     """
     if on_error not in ("skip", "stop"):
@@ -1271,8 +1294,7 @@ def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport |
     if spec.hub is not None:
         docs = _read_hub(spec, on_error, report)
     else:
-        reader = _READERS[spec.format]
-        docs = (doc for path in list_files(spec) for doc in reader(path, spec, on_error, report))
+        docs = _read_files(list_files(spec) if files is None else files, spec, on_error, report)
     for doc in docs:
         report.documents += 1
         yield doc

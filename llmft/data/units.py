@@ -1,0 +1,114 @@
+"""A source's tokenized units on disk while a build selects from them.
+
+The build cuts every document into units of at most ``seq_len`` tokens, then takes each source's share of units
+and shuffles the units of all sources together before packing. Holding the units in memory costs about 5 bytes
+per token read (int32 ids and a bool loss mask); at Together's scale that is tens of gigabytes. A
+:class:`UnitSpill` appends them to two flat files in the build's staging directory instead (token ids as uint16
+when the vocabulary allows, else int32; the loss mask one byte per token) and keeps only each unit's offset,
+length and reweighting weight in memory: 16 bytes per unit, whatever its length. Units are read back one at a
+time with ``os.pread``, into fresh arrays, so that a read unit is released once it is packed (no memory map:
+mapped pages would count against the build's resident memory, see :mod:`llmft.data.store`).
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmft.data.packing import Example
+
+
+@dataclass
+class Unit(Example):
+    """A chunk of a document, with the document's reweighting weight."""
+
+    weight: float = 1.0
+
+
+class UnitSpill:
+    """Units appended to ``<path>.tokens`` and ``<path>.mask``, read back by index once :meth:`close` is called;
+    a context manager that removes the files on exit.
+
+    Args:
+        path: the files' common stem, in a directory that exists (the build's staging directory).
+        vocab_size: the tokenizer's size; ids are stored as uint16 up to 65,536 ids.
+
+    Raises:
+        OSError: the files cannot be created or written (e.g. a full disk).
+    """
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path = Path(path)
+        self.dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        self._tokens = open(self.path.with_suffix(".tokens"), "wb")
+        self._mask = open(self.path.with_suffix(".mask"), "wb")
+        self.starts = array("q")  # (units,) offset of each unit, in tokens
+        self.lengths = array("i")  # (units,)
+        self.weights = array("f")  # (units,)
+        self.tokens = 0
+        self._fds: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def append(self, tokens: np.ndarray, loss_mask: np.ndarray, weight: float = 1.0) -> None:
+        """Write one unit: ``tokens`` (n,) ids and ``loss_mask`` (n,) bool."""
+        self._tokens.write(memoryview(np.ascontiguousarray(tokens, self.dtype)))
+        self._mask.write(memoryview(np.ascontiguousarray(loss_mask, np.bool_).view(np.uint8)))
+        self.starts.append(self.tokens)
+        self.lengths.append(len(tokens))
+        self.weights.append(weight)
+        self.tokens += len(tokens)
+
+    def close(self) -> None:
+        """Finish writing and open the files for reading."""
+        self._tokens.close()
+        self._mask.close()
+        self._fds = (os.open(self.path.with_suffix(".tokens"), os.O_RDONLY),
+                     os.open(self.path.with_suffix(".mask"), os.O_RDONLY))
+
+    def __getitem__(self, i: int) -> Unit:
+        """Unit ``i``: (n,) int32 ids, (n,) bool mask, its weight."""
+        start, n = self.starts[i], self.lengths[i]
+        return Unit(self._read(0, start, n, self.dtype).astype(np.int32),
+                    self._read(1, start, n, np.dtype(np.uint8)).view(np.bool_), float(self.weights[i]))
+
+    def tokens_of(self, first: int, last: int) -> np.ndarray:
+        """The token ids of units ``first`` to ``last - 1``, concatenated: (tokens,) int32."""
+        if first >= last:
+            return np.zeros(0, np.int32)
+        start = self.starts[first]
+        end = self.starts[last - 1] + self.lengths[last - 1]
+        return self._read(0, start, end - start, self.dtype).astype(np.int32)
+
+    def _read(self, which: int, start: int, n: int, dtype: np.dtype) -> np.ndarray:
+        out = np.empty(n, dtype)
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):  # pread may return fewer bytes than asked
+            got = os.preadv(self._fds[which], [view[done:]], (start * dtype.itemsize) + done)
+            if got == 0:
+                raise OSError(f"{self.path}: unit data ends early (the staging directory was changed during the build)")
+            done += got
+        return out
+
+    def __enter__(self) -> UnitSpill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Close and delete the files."""
+        for f in (self._tokens, self._mask):
+            f.close()
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+        for suffix in (".tokens", ".mask"):
+            self.path.with_suffix(suffix).unlink(missing_ok=True)
