@@ -336,6 +336,11 @@ def test_data_sources_build_as_an_inline_mix_of_every_source_whole(tmp_path, two
         whole = tail + stats["sources"][name]["available_tokens"]
         assert 0.1 * whole - 64 <= tail <= 0.1 * whole  # the tail, in whole units of at most 64 tokens
     assert len(built.validation_tokens) == held_tokens + sum(tails)
+    from llmft.data.build import encode_documents
+    from llmft.data.sources import read_source
+    a_tokens = np.concatenate([e.tokens for e in encode_documents(list(read_source(SourceSpec(format="jsonl", path=a))),
+                                                                  tok)])
+    assert np.array_equal(built.validation_tokens[: tails[0]], a_tokens[len(a_tokens) - tails[0] :])  # a's last tokens
 
     path = mix_file(tmp_path, shares="natural", sources=[
         {"name": "a", "weight": 2, "source": {"format": "jsonl", "path": str(a)}}])

@@ -132,7 +132,7 @@ def test_a_file_damaged_during_the_build_is_one_clear_error_and_the_previous_bui
         tmp_path, corpus, tok, monkeypatch, capsys, damage):
     path = mix_file(tmp_path / "mix.yaml", corpus, on_error="stop")
     assert main(["data", "build", str(path), "--out", str(tmp_path / "out")]) == 0
-    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    before = {p: p.is_file() and p.read_bytes() for p in (tmp_path / "out").rglob("*")}
     (corpus["small"]).touch()  # a new fingerprint: the next run builds again
     victim = corpus["small"]
     real = sources._READERS["jsonl"]
@@ -154,6 +154,6 @@ def test_a_file_damaged_during_the_build_is_one_clear_error_and_the_previous_bui
         assert f"{victim}: the file was removed while the build was reading the source" in err
     else:
         assert re.search(rf"{re.escape(str(victim))}:\d+: malformed JSON", err), err
-    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    after = {p: p.is_file() and p.read_bytes() for p in (tmp_path / "out").rglob("*")}
     assert after == before  # no staging directory left, the previous build byte-identical
     assert load_built(tmp_path / "out").rows is not None
