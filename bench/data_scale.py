@@ -35,15 +35,11 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import RESULTS, machine, run_child, write_section  # noqa: E402
 
 SOURCES = {"big": 10.0, "mid": 2.0, "small": 1.5, "tight": 1.2}  # corpus size / tokens its 25% share needs
-CHARS_PER_TOKEN = 3.2  # the tiny BPE on the books (measured when the corpus is written)
-
-
 SHARDS_PER_SHARE = 32
 
 
 def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
-    """One directory of jsonl shards per source, documents 1K-30K tokens of book text; returns
-    {source: {"path", "bytes"}}."""
+    """One directory of jsonl shards per source, documents 1K-30K tokens of book text; returns {source: directory}."""
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -71,8 +67,7 @@ def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
                     written += len(doc)
                     in_shard += len(doc)
             shard += 1
-        sources[name] = {"path": str(path), "bytes": sum(f.stat().st_size for f in path.iterdir()),
-                         "shards": shard}
+        sources[name] = str(path)
     return sources
 
 
@@ -167,7 +162,7 @@ def main() -> None:
             total = int(size * 1e6)
             sources = write_corpus(tmp, total)
             mix = {"seq_len": args.seq_len, "total_tokens": total, "packing": "concat", "num_proc": args.num_proc,
-                   "sources": [{"name": n, "weight": 1, "source": {"format": "jsonl", "path": s["path"]}}
+                   "sources": [{"name": n, "weight": 1, "source": {"format": "jsonl", "path": s}}
                                for n, s in sources.items()]}
             (tmp / "mix.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
             b = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / "mix.yaml"), "--out",
@@ -175,7 +170,7 @@ def main() -> None:
             if b["status"] != "ok":
                 raise SystemExit(f"the build failed ({b['status']}): {b['stderr_tail']}")
             t = run_child([str(Path(__file__)), "--child", "tokenize", "--sample-mb", str(args.sample_mb), "--files",
-                           ",".join(s["path"] for s in sources.values())], timeout_s=7200)
+                           ",".join(sources.values())], timeout_s=7200)
             r = ranks(tmp / "out" / "rows")
             table.append((size, sources, b, t, r))
             print(f"{size:g} M: build peak {b['watched_peak_rss'] / GB:.2f} GB in {b['seconds']:.0f} s; "

@@ -65,7 +65,7 @@ def shards_in(built, tok) -> set[int]:
 
 def test_a_share_needing_a_twentieth_reads_about_a_twentieth(tmp_path, corpus, tok):
     built = build(load_mix(mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
-    big, small = built.stats["sources"]["big"], built.stats["sources"]["small"]
+    big = built.stats["sources"]["big"]
     assert big["target_tokens"] == 8000
     assert not big["read_whole"]
     big_tokens = sum(len(ids) for f in corpus["big"].iterdir() for line in f.read_text().splitlines()

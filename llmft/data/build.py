@@ -170,10 +170,11 @@ class _Reading:
     docs: Iterable[Document]
     report: SourceReport
     stats: dict
+    files: list[Path]  # the local files it reads, in reading order ([] for a hub source)
 
 
 def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
-                report: SourceReport, stats: dict, files: list[Path] | None) -> Iterator[Document]:
+                report: SourceReport, stats: dict, files: list[Path]) -> Iterator[Document]:
     """Read one source and decontaminate it, counting into ``report`` and ``stats``.
 
     Raises:
@@ -197,8 +198,9 @@ def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: D
         report = SourceReport()
         stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "deduplicated": 0,
                  "filtered": 0, "doc_lengths": []}
-        docs = _read_clean(src, mix, decon, decon_report, report, stats, _reading_order(mix, k))
-        readings[src.name] = _Reading(docs, report, stats)
+        files = _reading_order(mix, k)
+        readings[src.name] = _Reading(_read_clean(src, mix, decon, decon_report, report, stats, files), report, stats,
+                                      files)
     return readings
 
 
@@ -337,8 +339,9 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
     training tokens after the validation split. The reader works to a budget of characters: it stops at the
     budget, every batch read so far is tokenized, and the budget grows by the characters the missing tokens take at
     the measured characters per kept token (plus 2%), until enough tokens are kept or the source ends. What is
-    read therefore depends on the data alone, not on ``num_proc`` or timing; the first budget assumes 2
-    characters per token (below what BPE vocabularies give on text), so it never reads past the need.
+    read therefore depends on the data alone, not on ``num_proc`` or timing. The first budget assumes 2
+    characters per token, below what BPE vocabularies give on natural-language text, so that it stays under the
+    need there.
 
     Returns:
         The number of training units: the units from that index on are the validation tail.
@@ -424,11 +427,10 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
         for gen in (jobs, reading.docs):  # stop reading: close the generators (and the file being read)
             if hasattr(gen, "close"):
                 gen.close()
-    files = list_files(src.source) if src.source.hub is None else []
-    bytes_total = sum(f.stat().st_size for f in files)
+    bytes_total = sum(f.stat().st_size for f in reading.files)
     stats.update(documents=report.documents, bad_records=report.bad_records, bad_examples=report.examples,
                  filtered_by_subset=report.filtered, cut_prompts=cut_prompts, read_whole=not stop,
-                 files_read=report.files_read, files_total=len(files), bytes_read=report.bytes_read,
+                 files_read=report.files_read, files_total=len(reading.files), bytes_read=report.bytes_read,
                  bytes_total=bytes_total, read_fraction=report.bytes_read / bytes_total if bytes_total else None)
     if cut_prompts:
         log.warning("%s: %d prompt/completion examples are longer than seq_len=%d: their later chunks are trained "
@@ -555,13 +557,15 @@ def _sampling(mix: MixRecipe) -> bool:
     return mix.total_tokens is not None and mix.shares == "weights" and not mix.dedup and not mix.filters
 
 
-def _reading_order(mix: MixRecipe, k: int) -> list[Path] | None:
-    """The files of source ``k`` in a seeded random order when its reading may stop early (a sample of whole
-    shards, not the first ones), else None (every file, in :func:`list_files` order)."""
+def _reading_order(mix: MixRecipe, k: int) -> list[Path]:
+    """The local files of source ``k`` in reading order: a seeded random order when its reading may stop early (a
+    sample of whole shards, not the first ones), else :func:`list_files` order; [] for a hub source."""
     spec = mix.sources[k].source
-    if not _sampling(mix) or spec.hub is not None:
-        return None
+    if spec.hub is not None:
+        return []
     files = list_files(spec)
+    if not _sampling(mix):
+        return files
     return [files[i] for i in np.random.default_rng([mix.seed, k, 1]).permutation(len(files))]
 
 
@@ -590,13 +594,13 @@ def build(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase, seq_len
     stage.mkdir()
     try:
         stats, val_tokens = _build(mix, stage, tokenizer, seq_len, fp)
-    except OSError as e:
+    except BaseException as e:  # an error or an interrupt: no partial build is left
         shutil.rmtree(stage, ignore_errors=True)
-        raise DataError(f"reading the sources or writing the build to {stage} failed ({e}); the previous build in "
-                        f"{out} is untouched. If the disk is full, free space (the rows take 2.25 bytes per token "
-                        "with a 16-bit vocabulary, the staging files 3 per token read) and build again") from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DataError(f"reading the sources or writing the build to {stage} failed ({e}); the previous build "
+                            f"in {out} is untouched. If the disk is full, free space (the rows take 2.25 bytes per "
+                            "token with a 16-bit vocabulary, the staging files 3 per token read) and build again"
+                            ) from None
         raise
     _publish(stage, out)
     return Built(RowStore(out / "rows"), val_tokens, stats, cached=False)
@@ -633,10 +637,11 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                 t1 = time.perf_counter()
                 n_train.append(_source_units(src, mix, tokenize, seq_len, readings[src.name],
                                              np.random.default_rng([mix.seed, k]), spills[k], need))
+                seconds = time.perf_counter() - t1
                 st = per_source[src.name] = readings[src.name].stats
                 log.info("data: %s: %s tokens from %d documents in %.1f s (%s tokens/s)%s", src.name,
-                         f"{spills[k].tokens:,}", st["documents"], time.perf_counter() - t1,
-                         f"{spills[k].tokens / max(1e-9, time.perf_counter() - t1):,.0f}",
+                         f"{spills[k].tokens:,}", st["documents"], seconds,
+                         f"{spills[k].tokens / max(1e-9, seconds):,.0f}",
                          "" if st["read_whole"] else f"; stopped at its need: {st['bytes_read']:,} of "
                          f"{st['bytes_total']:,} bytes read ({st['files_read']} of {st['files_total']} files)")
             held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)

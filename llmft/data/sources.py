@@ -1277,7 +1277,8 @@ def read_source(spec: SourceSpec, on_error: str = "skip", report: SourceReport |
         spec: the source.
         on_error: ``"skip"`` counts, logs and skips a malformed record; ``"stop"`` raises on the first one.
         report: counters to update (documents, bad records, filtered, files and bytes read); a fresh one when None.
-        files: read these of the source's files, in this order, instead of :func:`list_files` (a local source).
+        files: read these of the source's files, in this order, instead of :func:`list_files` (a local source; a
+            hub source ignores it).
 
     Returns:
         An iterator of documents; nothing is read before iteration starts.

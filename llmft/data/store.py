@@ -49,6 +49,16 @@ from llmft.data.packing import IGNORE, PackedRows
 FORMAT, VERSION = "llmft-rows", 1
 
 
+def read_at(f, buf: memoryview | np.ndarray, offset: int) -> int:
+    """Read into ``buf`` from byte ``offset`` of ``f``, an unbuffered binary file: one positional read (``preadv``,
+    where the OS has it: no shared file position, no copy), else seek + readinto. Returns the bytes read (fewer only
+    at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(f.fileno(), [buf], offset)
+    f.seek(offset)  # no preadv (Windows, older macOS)
+    return f.readinto(buf)
+
+
 class StoreError(ValueError):
     """A directory that is not a complete row store (missing files, sizes that disagree with the index)."""
 
@@ -211,11 +221,7 @@ class RowStore:
         for k, r in enumerate(idx.tolist()):
             if not 0 <= r < self.num_rows:
                 raise IndexError(f"row {r} of a store of {self.num_rows} rows")
-            if hasattr(os, "preadv"):
-                got = os.preadv(f.fileno(), [raw[k]], r * row_bytes)
-            else:  # no preadv (Windows, older macOS): seek + readinto
-                f.seek(r * row_bytes)
-                got = f.readinto(raw[k])
+            got = read_at(f, raw[k], r * row_bytes)
             if got != row_bytes:
                 raise StoreError(f"{self.path / name}: row {r} read {got} of {row_bytes} bytes; the file changed "
                                  "while training read it. Rebuild the data with `llmft data build --force`")

@@ -6,13 +6,13 @@ per token read (int32 ids and a bool loss mask); at Together's scale that is ten
 :class:`UnitSpill` appends them to two flat files in the build's staging directory instead (token ids as uint16
 when the vocabulary allows, else int32; the loss mask one byte per token) and keeps only each unit's offset,
 length and reweighting weight in memory: 16 bytes per unit, whatever its length. Units are read back one at a
-time with ``os.pread``, into fresh arrays, so that a read unit is released once it is packed (no memory map:
-mapped pages would count against the build's resident memory, see :mod:`llmft.data.store`).
+time with a positional read (:func:`llmft.data.store.read_at`) into fresh arrays, so that a read unit is released
+once it is packed (no memory map: mapped pages would count against the build's resident memory, see
+:mod:`llmft.data.store`).
 """
 
 from __future__ import annotations
 
-import os
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llmft.data.packing import Example
+from llmft.data.store import read_at
 
 
 @dataclass
@@ -50,7 +51,7 @@ class UnitSpill:
         self.lengths = array("i")  # (units,)
         self.weights = array("f")  # (units,)
         self.tokens = 0
-        self._fds: tuple[int, int] | None = None
+        self._readers: tuple | None = None  # (tokens, mask) opened for reading by close()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -68,8 +69,8 @@ class UnitSpill:
         """Finish writing and open the files for reading."""
         self._tokens.close()
         self._mask.close()
-        self._fds = (os.open(self.path.with_suffix(".tokens"), os.O_RDONLY),
-                     os.open(self.path.with_suffix(".mask"), os.O_RDONLY))
+        self._readers = (open(self.path.with_suffix(".tokens"), "rb", buffering=0),  # noqa: SIM115 (kept open)
+                         open(self.path.with_suffix(".mask"), "rb", buffering=0))
 
     def __getitem__(self, i: int) -> Unit:
         """Unit ``i``: (n,) int32 ids, (n,) bool mask, its weight."""
@@ -87,13 +88,8 @@ class UnitSpill:
 
     def _read(self, which: int, start: int, n: int, dtype: np.dtype) -> np.ndarray:
         out = np.empty(n, dtype)
-        view = memoryview(out).cast("B")
-        done = 0
-        while done < len(view):  # pread may return fewer bytes than asked
-            got = os.preadv(self._fds[which], [view[done:]], (start * dtype.itemsize) + done)
-            if got == 0:
-                raise OSError(f"{self.path}: unit data ends early (the staging directory was changed during the build)")
-            done += got
+        if read_at(self._readers[which], out.view(np.uint8), start * dtype.itemsize) != out.nbytes:
+            raise OSError(f"{self.path}: unit data ends early (the staging directory was changed during the build)")
         return out
 
     def __enter__(self) -> UnitSpill:
@@ -104,11 +100,7 @@ class UnitSpill:
 
     def remove(self) -> None:
         """Close and delete the files."""
-        for f in (self._tokens, self._mask):
+        for f in (self._tokens, self._mask, *(self._readers or ())):
             f.close()
-        if self._fds is not None:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = None
         for suffix in (".tokens", ".mask"):
             self.path.with_suffix(suffix).unlink(missing_ok=True)
