@@ -1,7 +1,7 @@
 """Data-scale benchmark: how `llmft data build`'s memory and time grow with the mix, and what a training rank
 then holds, at two or three sizes, with the raw tokenizer on the same text as the speed baseline.
 
-    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1]
+    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1] [--dedup]
 
 Sizes are millions of training tokens (the mix's ``total_tokens``). The corpus is generated from the bundled books
 (Frankenstein, Moby Dick): documents are random windows of their text, 1K-30K tokens long (log-uniform), written
@@ -14,6 +14,12 @@ source against the bytes its share needs), the raw fast tokenizer over the first
 ``--sample-mb`` each (``encode_batch_fast`` in batches of 256 documents: the speed baseline, and each source's
 tokens per byte, which turns a share's tokens into the bytes it needs), and two training ranks serving an epoch of
 the built rows (``bench/row_store.py``'s child: resident memory over a no-data baseline).
+
+``--dedup``: documents are random runs of the books' sentences (so distinct documents are not near-duplicates), and
+in each shard 5% of the documents are exact copies and 5% near copies (1 word in 50 changed) of earlier ones in
+that shard. Each size is built twice on the same corpus, with and without Together's dedup section (exact +
+MinHash, 256 permutations, Jaccard 0.8 over 5-word shingles, keep longest): the table gives both peak RSS and the
+difference per document scanned, against the stated cost (256 * 4 bytes of signature while deciding).
 """
 
 from __future__ import annotations
@@ -36,14 +42,21 @@ from common import RESULTS, machine, run_child, write_section  # noqa: E402
 
 SOURCES = {"big": 10.0, "mid": 2.0, "small": 1.5, "tight": 1.2}  # corpus size / tokens its 25% share needs
 SHARDS_PER_SHARE = 32
+COPIES = 0.05  # --dedup: the share of a shard's documents that are exact copies, and again near copies
+DEDUP = {"methods": ["exact", "minhash"], "scope": "across_sources", "threshold": 0.8, "shingle_size": 5,
+         "num_perm": 256, "keep": "longest"}  # data_recipes/together_32k_pretrain.yaml's
 
 
-def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
-    """One directory of jsonl shards per source, documents 1K-30K tokens of book text; returns {source: directory}."""
+def write_corpus(out: Path, total_tokens: int, seed: int = 0, copies: bool = False) -> dict:
+    """One directory of jsonl shards per source, documents 1K-30K tokens of book text (with ``copies``: runs of
+    random sentences, and planted copies); returns {source: directory}."""
     import numpy as np
     from transformers import AutoTokenizer
 
+    from llmft.data.dedup_corpus import sentences
     from llmft.model.tiny import ASSETS, read_text
+
+    pool = sentences() if copies else None
 
     text = read_text(ASSETS / "frankenstein.txt.gz") + read_text(ASSETS / "mobydick.txt.gz")
     tok = AutoTokenizer.from_pretrained(ASSETS / "tiny-llama")
@@ -58,11 +71,24 @@ def write_corpus(out: Path, total_tokens: int, seed: int = 0) -> dict:
         written, shard = 0, 0
         while written < want_chars:
             with open(path / f"{shard:05d}.jsonl", "w") as f:
-                in_shard = 0
+                in_shard, earlier = 0, []
                 while in_shard < shard_chars and written < want_chars:
                     n = int(math.exp(rng.uniform(math.log(1000), math.log(30_000))) * chars_per_token)
-                    start = int(rng.integers(0, len(text) - n))
-                    doc = text[start : start + n]
+                    u = rng.random()
+                    if copies and earlier and u < 2 * COPIES:  # a copy of an earlier document of the shard
+                        doc = earlier[int(rng.integers(len(earlier)))]
+                        if u >= COPIES:  # near copy: 1 word in 50 changed
+                            doc = " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(doc.split(" ")))
+                    elif copies:
+                        parts, size = [], 0
+                        while size < n:
+                            parts.append(pool[int(rng.integers(len(pool)))])
+                            size += len(parts[-1]) + 1
+                        doc = " ".join(parts)
+                        earlier.append(doc)
+                    else:
+                        start = int(rng.integers(0, len(text) - n))
+                        doc = text[start : start + n]
                     f.write(json.dumps({"text": doc}) + "\n")
                     written += len(doc)
                     in_shard += len(doc)
@@ -83,12 +109,13 @@ def child_build(args: argparse.Namespace) -> None:
                               load_rows=False)
     seconds = time.perf_counter() - t0
     s = built.stats
-    print(json.dumps({"seconds": seconds, "total_tokens": s["total_tokens"],
+    print(json.dumps({"seconds": seconds, "total_tokens": s["total_tokens"], "dedup": s["dedup"] and {
+                          k: s["dedup"][k] for k in ("documents", "removed", "exact_duplicates")},
                       "read_tokens": sum(v["available_tokens"] + s["validation_tokens"].get(k, 0)
                                          for k, v in s["sources"].items()),
                       "sources": {k: {x: v[x] for x in ("available_tokens", "selected_tokens", "realized_share",
                                                          "documents", "target_tokens", "bytes_read", "bytes_total",
-                                                         "files_read", "files_total")}
+                                                         "files_read", "files_total", "deduplicated")}
                                   for k, v in s["sources"].items()},
                       "validation_fraction": mix.validation_fraction}))
 
@@ -144,6 +171,8 @@ def main() -> None:
     p.add_argument("--sample-mb", type=float, default=64, help="MiB per source the raw tokenizer reads")
     p.add_argument("--dir", default=None, help="where to write the corpora (default: a temporary directory)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--dedup", action="store_true", help="sentence-run documents with planted copies; each size "
+                   "built with and without dedup")
     p.add_argument("--child", choices=["build", "tokenize"], help=argparse.SUPPRESS)
     p.add_argument("--mix", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -160,15 +189,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             tmp = Path(tmp)
             total = int(size * 1e6)
-            sources = write_corpus(tmp, total)
+            sources = write_corpus(tmp, total, copies=args.dedup)
             mix = {"seq_len": args.seq_len, "total_tokens": total, "packing": "concat", "num_proc": args.num_proc,
                    "sources": [{"name": n, "weight": 1, "source": {"format": "jsonl", "path": s}}
                                for n, s in sources.items()]}
+            plain = None
+            if args.dedup:  # the same corpus without dedup first: the baseline of the dedup cost
+                (tmp / "plain.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
+                plain = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / "plain.yaml"), "--out",
+                                   str(tmp / "plain"), "--seq-len", str(args.seq_len)], timeout_s=7200)
+                if plain["status"] != "ok":
+                    raise SystemExit(f"the build failed ({plain['status']}): {plain['stderr_tail']}")
+                mix["dedup"] = DEDUP
             (tmp / "mix.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
             b = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / "mix.yaml"), "--out",
                            str(tmp / "out"), "--seq-len", str(args.seq_len)], timeout_s=7200)
             if b["status"] != "ok":
                 raise SystemExit(f"the build failed ({b['status']}): {b['stderr_tail']}")
+            b["plain"] = plain
             t = run_child([str(Path(__file__)), "--child", "tokenize", "--sample-mb", str(args.sample_mb), "--files",
                            ",".join(sources.values())], timeout_s=7200)
             r = ranks(tmp / "out" / "rows")
@@ -176,9 +214,10 @@ def main() -> None:
             print(f"{size:g} M: build peak {b['watched_peak_rss'] / GB:.2f} GB in {b['seconds']:.0f} s; "
                   f"rank data RSS {[round(x['data_rss'] / MB, 1) for x in r]} MiB", flush=True)
 
-    lines = [f"## data_scale — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             f"`python bench/data_scale.py --sizes {args.sizes} --seq-len {args.seq_len} --num-proc {args.num_proc}` "
-             f"on {machine()}.", "",
+    flag = " --dedup" if args.dedup else ""
+    lines = [f"## data_scale{flag} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
+             f"`python bench/data_scale.py --sizes {args.sizes} --seq-len {args.seq_len} --num-proc {args.num_proc}"
+             f"{flag}` on {machine()}.", "",
              "Four sources of jsonl shards (each about 1/32 of a share) of book-text documents (1K-30K tokens), 25% "
              "shares; `big` holds 10x what its share needs, `mid` 2x, `small` 1.5x, `tight` 1.2x. Concat packing, "
              "tiny-llama BPE. Build: peak RSS of the build process (sampled every 50 ms). Tokens/s: tokens read and "
@@ -193,7 +232,8 @@ def main() -> None:
         ratios = []
         for name, v in b["sources"].items():
             per_byte = t["sources"][name]["tokens"] / t["sources"][name]["bytes"]
-            ratios.append(v["bytes_read"] / (v["target_tokens"] / (1 - b["validation_fraction"]) / per_byte))
+            kept = 1 - v["deduplicated"] / v["documents"]  # with dedup, the share needs this much more text
+            ratios.append(v["bytes_read"] / (v["target_tokens"] / (1 - b["validation_fraction"]) / per_byte / kept))
         lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {b['read_tokens'] / 1e6:,.1f} M | "
                      f"{b['watched_peak_rss'] / GB:.2f} GB | {b['watched_peak_rss'] / b['total_tokens']:.1f} | "
                      f"{b['seconds']:.0f} | {b['read_tokens'] / b['seconds'] / (t['tokens'] / t['seconds']):.2f} | "
@@ -207,6 +247,19 @@ def main() -> None:
                   f"({b1['read_tokens'] / b1['total_tokens']:.2f} tokens read per token built); extrapolated to "
                   f"Together's 1.5 B-token phase 1: "
                   f"{(b1['watched_peak_rss'] + slope * (1.5e9 - b1['total_tokens'])) / GB:,.2f} GB."]
+    if args.dedup:
+        lines += ["", "Dedup (Together's settings: exact + MinHash, 256 permutations, keep longest; sentence-run "
+                  f"documents, {COPIES:.0%} exact and {COPIES:.0%} near copies per shard; read/needed above counts "
+                  "the removed documents as needed reading): peak RSS of the same build with and without dedup.", "",
+                  "| training tokens | documents scanned | removed (exact) | peak RSS without | peak RSS with dedup | "
+                  "difference | per document scanned | build s without / with |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for size, sources, b, t, r in table:
+            d, p = b["dedup"], b["plain"]
+            diff = b["watched_peak_rss"] - p["watched_peak_rss"]
+            lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {d['documents']:,} | {d['removed']:,} "
+                         f"({d['exact_duplicates']:,}) | {p['watched_peak_rss'] / GB:.3f} GB | "
+                         f"{b['watched_peak_rss'] / GB:.3f} GB | {diff / MB:+.1f} MiB | "
+                         f"{diff / d['documents'] / 1024:+.2f} KiB | {p['seconds']:.0f} / {b['seconds']:.0f} |")
     lines.append("")
     write_section(args.results, lines)
     print("\n".join(lines))

@@ -162,16 +162,19 @@ def test_row_store_bench_measures_both_sides(tmp_path):
 def test_data_scale_bench_reports_build_and_rank_memory(tmp_path):
     """bench/data_scale.py at 0.3 M and 0.6 M training tokens: the build meets its shares, reads each source about
     as far as its share needs (the oversized one holds 10x that; at these sizes a document is ~1/10 of a share,
-    hence the margin), and the table has a row per size."""
+    hence the margin), and the table has a row per size; with --dedup, each size also built without dedup."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / "data_scale.py"), "--sizes", "0.3,0.6", "--seq-len",
-                          "1024", "--results", str(tmp_path / "r.md")], cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+                          "1024", "--dedup", "--results", str(tmp_path / "r.md")], cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "r.md").read_text()
-    assert "## data_scale — " in text and "Build peak RSS at 0.6 M is" in text
+    assert "## data_scale --dedup — " in text and "Build peak RSS at 0.6 M is" in text
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]
-    assert len(rows) == 2
-    for line in rows:
+    assert len(rows) == 4  # the main table, and the dedup table (without / with)
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert int(cells[1]) > 0 and cells[3].endswith("GB") and cells[4].endswith("GB")
+    for line in rows[:2]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         shares = [float(x) for x in cells[7].split(",")]
         assert all(abs(s - 0.25) < 0.01 for s in shares), shares

@@ -1,26 +1,38 @@
 """``llmft data build``: a data-mix recipe -> packed, shuffled training rows on disk, with stats and plots.
 
-Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, deduplicate (when the mix
-has a ``dedup`` section: every source is read first, see :mod:`llmft.data.dedup`), tokenize (prompt masked; in
+Pipeline, per source: read documents (:mod:`llmft.data.sources`), decontaminate, filter (``filters``, batch by
+batch as they are read), deduplicate (``dedup``: two readings, see below), tokenize (prompt masked; in
 ``num_proc`` worker processes when the mix asks, with the same output as one process),
 filter by token count, cut every document into units of at most ``seq_len`` tokens, written to a per-source spill
 in the staging directory (:mod:`llmft.data.units`: 3 bytes per token on disk, 16 bytes per unit in memory), and
 hold out the tail ``validation_fraction`` of the units for validation (``validation_sources`` are held out whole).
 
-When a source's need is known before it is read (``total_tokens`` with weighted shares, and no ``dedup`` or
-``filters``, which read every source first), its files are read in a seeded random order and reading stops once
-its units hold the ``weight * total`` training tokens it needs (character budgets, see :func:`_source_units`):
-a source 20x larger than its share is read about 1/20 (plus 2% and the rest of the last file started), in whole
-files, so a sharded corpus is sampled by shard. ``stats.json`` records per source the files and bytes read of
-the total (``read_fraction``) and whether it was read whole. Otherwise every source is read whole.
+Dedup (:class:`_Dedup`) never holds the texts: a first reading of every source (the scan) computes each kept
+document's features in the workers (exact hash, MinHash signature, shingles) into a
+:class:`llmft.data.dedup.DedupIndex` (in memory: ``num_perm * 4`` bytes per document while deciding, under 100
+bytes otherwise; the shingles and excerpts spill to the staging directory); the duplicates are decided over all of
+them; a second reading yields only the documents kept (by their position in the reading order; a file changed in
+between is an error) and counts the tokens of the removed ones for the report.
+
+When a source's need is known before it is read (``total_tokens`` with weighted shares, and no ``reweight``,
+whose probe reads every source first), its files are read in a seeded random order and reading stops once its
+units hold the ``weight * total`` training tokens it needs (character budgets, see :func:`_source_units`): a
+source 20x larger than its share is read about 1/20 (plus 2% and the rest of the last file started), in whole
+files, so a sharded corpus is sampled by shard. Filtered documents simply take more reading. With dedup the scan
+stops at the need at the source's measured characters per token plus ``SCAN_MARGIN``; if the kept documents then
+hold too few tokens, the scan reads on and the decision is taken again over everything scanned (the sources whose
+kept documents changed are tokenized again), so the result depends only on the data and the seed. Duplicates are
+then found among what was read, which is what the rows are made of. ``stats.json`` records per source the files
+and bytes read of the total (``read_fraction``) and whether it was read whole. Otherwise every source is read
+whole.
 
 Then, over the mix: each source contributes ``weight * total`` tokens (``shares: natural``: in proportion to its
 size), made of whole passes over its units plus a seeded random part-pass (at most ``max_epochs`` passes). The
 units of all sources are shuffled together (an index per unit), read back from the spills in that order, packed
 (``concat`` or ``isolated``) and written a window of ``PACK_WINDOW_TOKENS`` at a time
-(:func:`llmft.data.packing.pack_stream`). Without dedup and filters the build's memory therefore does not grow
-with the corpus or the mix: a window of rows, the tokenizing jobs in flight, per-unit and per-document scalars,
-and the validation tokens. Dedup and filters still hold every document's text (to come: signatures only).
+(:func:`llmft.data.packing.pack_stream`). The build's memory therefore does not grow with the corpus or the
+mix beyond per-unit and per-document numbers: a window of rows, the jobs in flight, 16 bytes per unit, dedup's
+features, and the validation tokens. Only ``reweight`` holds a source's texts (its probe sees them all).
 
 Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` only once complete, ``stats.json``
 last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
@@ -36,8 +48,9 @@ last: a build that fails or is interrupted leaves the previous build as it was, 
       filters.md                what each filter removed, and the reweighting (with ``filters``; also under
                                 "filters" and "reweight" in stats.json)
 
-With ``filters`` (:mod:`llmft.data.filters`), every source is read first and filtered after deduplication; with
-``reweight`` (:mod:`llmft.data.reweight`) each kept document gets a weight, carried through tokenizing, chunking,
+With ``filters`` (:mod:`llmft.data.filters`) documents are filtered as they are read, before deduplication; with
+``reweight`` (:mod:`llmft.data.reweight`) a source's documents are filtered all at once after deduplication and
+each kept document gets a weight, carried through tokenizing, chunking,
 selection and packing into ``rows/weight.bin`` (float32 per token, 0 on padding). Training
 on the build weighs each token's loss by the weight of the predicted token: a step's loss is Σ w·nll / Σ w over
 its trained tokens, so a weight of 2 counts exactly as two copies of the document (:mod:`llmft.train.loss`).
@@ -57,11 +70,13 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +86,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from llmft.data.decontam import Decontaminator, DecontamReport
-from llmft.data.dedup import deduplicate, report_markdown
-from llmft.data.filters import apply_filters, merge_reports, release_scoring_models
+from llmft.data.dedup import DedupIndex, Features, Shingler, report_markdown
+from llmft.data.dedup import features as dedup_features
+from llmft.data.filters import FilterResult, FilterTally, apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, pack_stream, special_ids
@@ -82,11 +98,15 @@ from llmft.data.units import UnitSpill
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 4  # bump when the on-disk layout or the build algorithm changes
+FORMAT_VERSION = 5  # bump when the on-disk layout or the build algorithm changes
 PACK_WINDOW_TOKENS = 4 * 2**20  # rows are packed and written a window at a time: ~120 MB of rows in memory
 PROGRESS_LOG_SECONDS = 30  # without a terminal, progress is logged this often
 TOKENIZE_BATCH = 256  # documents per tokenizing job, or fewer when they reach:
 TOKENIZE_BATCH_CHARS = 1 << 20  # (a batch of 256 books would be ~100 MB of text, times the jobs in flight)
+FILTER_BATCH = 256  # documents the filters score at a time while reading (or fewer, up to TOKENIZE_BATCH_CHARS)
+ESTIMATE_CHARS = 1 << 18  # a deduplicated source's characters per token are measured on its first this many (or
+# on 2 characters per token of its need, if fewer)
+SCAN_MARGIN = 1.1  # a deduplicated, sampled source is scanned to its need plus 10% (duplicates, dropped documents)
 
 
 class _LogLines:
@@ -164,23 +184,44 @@ def _decontaminator(mix: MixRecipe) -> tuple[Decontaminator | None, DecontamRepo
 
 @dataclass
 class _Reading:
-    """One source being read: its cleaned documents (a lazy generator, or a list once deduplicated), with the
-    reader's report and the per-source stats the reading fills in."""
+    """One source being read: its cleaned documents (a lazy generator), with the reader's report, the per-source
+    stats the reading fills in, and the filters' tally when the reading filters."""
 
-    docs: Iterable[Document]
+    docs: Iterable[Document] | None
     report: SourceReport
     stats: dict
     files: list[Path]  # the local files it reads, in reading order ([] for a hub source)
+    tally: FilterTally | None = None  # with filters applied while reading
 
 
-def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
-                report: SourceReport, stats: dict, files: list[Path]) -> Iterator[Document]:
-    """Read one source and decontaminate it, counting into ``report`` and ``stats``.
+def _text(doc: Document) -> str:
+    """What dedup and filters see of a document: its prompt and text together."""
+    return f"{doc.prompt}\n{doc.text}" if doc.prompt else doc.text
+
+
+def _clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
+           reading: _Reading) -> Iterator[tuple[int, Document]]:
+    """Read one source, decontaminate it and (with ``reading.tally``) filter it, counting into the reading's report,
+    stats and tally. Yields (the document's position among the documents the source's reader yields, the document).
+
+    The filters score batches of up to ``FILTER_BATCH`` documents or ``TOKENIZE_BATCH_CHARS`` characters (the
+    perplexity filter's LM scores a batch at a time), so reading runs at most one such batch ahead.
 
     Raises:
         SourceError: a malformed record under on_error: stop.
+        DataError: a user classifier that fails.
     """
-    for doc in read_source(src.source, mix.on_error, report, files):
+    stats, tally = reading.stats, reading.tally
+    batch: list[tuple[int, Document]] = []
+    size = 0
+
+    def filtered() -> list[tuple[int, Document]]:
+        result = apply_filters([_text(d) for _, d in batch], src.name, mix.filters, [d.where for _, d in batch])
+        tally.add(result)
+        stats["filtered"] += int((~result.keep).sum())
+        return [b for b, k in zip(batch, result.keep) if k]
+
+    for raw, doc in enumerate(read_source(src.source, mix.on_error, reading.report, reading.files)):
         if decon is not None:
             mode = mix.decontaminate.mode
             text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
@@ -189,55 +230,254 @@ def _read_clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, de
                 stats["decontaminated"] += 1
                 continue
             doc.text = text
-        yield doc
+        if tally is None:
+            yield raw, doc
+            continue
+        batch.append((raw, doc))
+        size += len(doc.text) + len(doc.prompt)
+        if len(batch) >= FILTER_BATCH or size >= TOKENIZE_BATCH_CHARS:
+            kept, batch, size = filtered(), [], 0
+            yield from kept
+    if batch:
+        yield from filtered()
 
 
-def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport) -> dict[str, _Reading]:
+def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
+                   filters: bool = True) -> dict[str, _Reading]:
+    """Every source's reading, not started; with ``filters`` (and a ``filters`` section) they filter as they read."""
     readings = {}
     for k, src in enumerate(mix.sources):
-        report = SourceReport()
         stats = {"dropped_min_tokens": 0, "dropped_max_tokens": 0, "decontaminated": 0, "deduplicated": 0,
                  "filtered": 0, "doc_lengths": []}
-        files = _reading_order(mix, k)
-        readings[src.name] = _Reading(_read_clean(src, mix, decon, decon_report, report, stats, files), report, stats,
-                                      files)
+        r = _Reading(None, SourceReport(), stats, _reading_order(mix, k),
+                     FilterTally(mix.filters) if filters and mix.filters else None)
+        r.docs = (d for _, d in _clean(src, mix, decon, decon_report, r))
+        readings[src.name] = r
     return readings
 
 
-def _dedup(mix: MixRecipe, readings: dict[str, _Reading], tokenizer: PreTrainedTokenizerBase | None) -> dict:
-    """Read every source, deduplicate (``mix.dedup``), and leave only the kept documents in ``readings``.
+class _ScratchDecontamReport(DecontamReport):
+    """The report of a second reading of documents already checked: it counts nothing into the targets."""
 
-    A document is compared by its prompt and text together. With a tokenizer, the report also counts the tokens
-    of the removed documents (prompt and text, no special tokens).
+    def _count(self, source: str, entry, k: int = 1) -> None:
+        super()._count(source, None, k)
 
-    Returns:
-        The report of :func:`llmft.data.dedup.deduplicate`.
+
+KEPT, REMOVED = 1, 2  # a scanned document's status after deduplication (0: never added to the index)
+
+
+@dataclass
+class _Scan:
+    """Deduplication's first reading of one source."""
+
+    docs: Iterator[tuple[int, Document]]  # the cleaned and filtered documents, read on where the scan stopped
+    files: dict[str, tuple[int, int]]  # (size, mtime) of each file read, to check that the second reading is the same
+    raw: array = field(default_factory=lambda: array("q"))  # (added,) reading position of each document added
+    index: array = field(default_factory=lambda: array("q"))  # (added,) its index in the DedupIndex
+    chars: int = 0
+    exhausted: bool = False
+    status: np.ndarray | None = None  # (last added position + 1,) uint8: 0, KEPT or REMOVED
+    rest: Iterator | None = None  # the second reading, after the documents handed out
+    removed: list[str] = field(default_factory=list)  # removed documents met by the second reading, to count
+    tokens_removed: int = 0
+
+
+class _Dedup:
+    """Deduplication in two readings of each source, holding per-document features but never the texts.
+
+    :meth:`scan` reads a source (decontaminated and filtered), computes every document's dedup features (in the
+    ``num_proc`` workers of ``work``) and adds them to a :class:`DedupIndex`: signatures and scalars in memory,
+    shingles and excerpts spilled to ``workdir``. :meth:`decide` groups the duplicates among all documents scanned
+    so far. :meth:`reread` reads the source again and yields the documents kept (span-mode decontamination applied
+    again, counted nowhere); :meth:`drain` reads on through the scanned part, tokenizing only the removed documents,
+    to count their tokens for the report.
+
+    With a token need per source (sampling), a scan stops at a character budget: the need (plus the held-out tail)
+    at the characters per token measured on the source's first ``ESTIMATE_CHARS`` characters (or 2 per token of
+    the need, if fewer), plus ``SCAN_MARGIN``.
+    If the documents kept then hold fewer training tokens than the need, :meth:`top_up` scans further and decides
+    again (every decision is taken over all documents scanned, so the result depends only on the data).
 
     Raises:
-        DataError: a malformed record under on_error: stop, or a custom embedder that fails.
+        OSError: the spill files cannot be written.
     """
-    docs: list[Document] = []
-    names: list[str] = []
-    for name, r in readings.items():
+
+    def __init__(self, mix: MixRecipe, readings: dict[str, _Reading], decon: Decontaminator | None,
+                 decon_report: DecontamReport, workdir: Path, work: Callable[[Iterable], Iterator],
+                 tokenizer: PreTrainedTokenizerBase | None):
+        self.mix, self.readings, self.decon, self.work, self.tokenizer = mix, readings, decon, work, tokenizer
+        self.index = DedupIndex(mix.dedup, workdir)
+        self.scans = []
+        for src in mix.sources:
+            reading = readings[src.name]
+            self.scans.append(_Scan(_clean(src, mix, decon, decon_report, reading),
+                                    {str(f): _file_state(f) for f in reading.files}))
+        self.report: dict | None = None
+
+    def __enter__(self) -> _Dedup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.index.remove()
+
+    def scan(self, k: int, need: int | None = None, budget: float | None = None) -> None:
+        """Scan source ``k`` on: to its end, or with ``need`` (training tokens) to the first budget, or to ``budget``
+        characters read in all.
+
+        Raises:
+            DataError: a malformed record under on_error: stop, or a custom embedder that fails.
+        """
+        sc, src = self.scans[k], self.mix.sources[k]
+        vf = self.mix.validation_fraction
+        target = budget if budget is not None else math.inf
+        sample: list[str] | None = [] if need is not None and budget is None else None  # texts for the estimate
+        pending: deque[list[tuple[int, str, str]]] = deque()  # (position, text, where) of the batches in flight
+        custom = self.mix.dedup.embedder != "hashed" and "clusters" in self.mix.dedup.methods
+        progress = _progress(f"scan {src.name} for dedup", None if math.isinf(target) else int(target), unit="char")
+
+        def jobs():
+            nonlocal sample, target
+            batch, size = [], 0
+            while sc.chars < target:
+                item = next(sc.docs, None)
+                if item is None:
+                    sc.exhausted = True
+                    break
+                raw, doc = item
+                text = _text(doc)
+                batch.append((raw, text, doc.where))
+                size += len(text)
+                sc.chars += len(text)
+                if sample is not None:
+                    sample.append(text)
+                    if sc.chars >= min(ESTIMATE_CHARS, 2 * need):  # the budget: the need at the measured chars/token
+                        tokens = sum(len(ids) + 2 for ids in _encode(self.tokenizer, sample))  # + BOS, EOS
+                        target = need / (1 - vf) * sc.chars / max(1, tokens) * SCAN_MARGIN
+                        progress.total, sample = int(target), None
+                if len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
+                    pending.append(batch)
+                    yield "dedup", [t for _, t, _ in batch]
+                    batch, size = [], 0
+            if batch:
+                pending.append(batch)
+                yield "dedup", [t for _, t, _ in batch]
+
         try:
-            listed = list(_progress(f"read {name} (for dedup)", unit="doc", iterable=r.docs))
+            for feats in self.work(jobs()):
+                batch = pending.popleft()
+                first = len(self.index)
+                self.index.add(feats, src.name, [w for _, _, w in batch], [t for _, t, _ in batch] if custom else None)
+                sc.raw.extend(r for r, _, _ in batch)
+                sc.index.extend(range(first, first + len(batch)))
+                progress.update(sum(len(t) for _, t, _ in batch))
+                progress.set_postfix_str(f"{len(sc.raw):,} docs", refresh=False)
         except SourceError as e:
             raise DataError(str(e)) from None
-        docs += listed
-        names += [name] * len(listed)
-    log.info("data: deduplicating %d documents (%s)", len(docs), ", ".join(mix.dedup.methods))
-    texts = [f"{d.prompt}\n{d.text}" if d.prompt else d.text for d in docs]
-    result = deduplicate(texts, names, mix.dedup, where=[d.where for d in docs])
-    report = result.report
-    for name, r in readings.items():
-        r.docs = [d for d, n, k in zip(docs, names, result.keep) if n == name and k]
-        r.stats["deduplicated"] = report["by_source"].get(name, {}).get("removed", 0)
-    if tokenizer is not None:
-        for name, st in report["by_source"].items():
-            removed = [t for t, n, k in zip(texts, names, result.keep) if n == name and not k]
-            st["tokens_removed"] = sum(len(ids) for i in range(0, len(removed), TOKENIZE_BATCH)
-                                       for ids in _encode(tokenizer, removed[i : i + TOKENIZE_BATCH]))
-    return report
+        finally:
+            progress.close()
+
+    def decide(self) -> list[int]:
+        """Group the duplicates among every document scanned; returns the sources whose kept documents changed.
+
+        Raises:
+            DataError: a custom embedder fails.
+        """
+        result = self.index.finish()
+        self.report = result.report
+        changed = []
+        for k, (sc, src) in enumerate(zip(self.scans, self.mix.sources)):
+            raw, idx = np.array(sc.raw, dtype=np.int64), np.array(sc.index, dtype=np.int64)
+            status = np.zeros(raw[-1] + 1 if len(raw) else 0, dtype=np.uint8)
+            status[raw] = np.where(result.keep[idx], KEPT, REMOVED)
+            if sc.status is None or not np.array_equal(status, sc.status):
+                changed.append(k)
+            sc.status = status
+            self.readings[src.name].stats["deduplicated"] = int((status == REMOVED).sum())
+        return changed
+
+    def top_up(self, needs: list[int | None], train_tokens: list[int]) -> list[int]:
+        """Scan on every source whose kept documents hold fewer than its ``needs`` training tokens and that has more to
+        read, at the characters per kept training token measured so far (plus SCAN_MARGIN), and decide again.
+
+        Returns:
+            The sources whose kept documents changed (to tokenize again); [] when none is short or can read more.
+        """
+        short = [k for k, (need, got) in enumerate(zip(needs, train_tokens))
+                 if need is not None and got < need and not self.scans[k].exhausted]
+        for k in short:
+            sc = self.scans[k]
+            per_token = sc.chars / train_tokens[k] if train_tokens[k] else 2 * sc.chars / max(1, needs[k])
+            log.info("data: %s: %s of %s training tokens kept after dedup: reading on", self.mix.sources[k].name,
+                     f"{train_tokens[k]:,}", f"{needs[k]:,}")
+            # at least SCAN_MARGIN more than so far: each reading on tokenizes the source again
+            self.scan(k, budget=sc.chars + max((needs[k] - train_tokens[k]) * per_token * SCAN_MARGIN,
+                                               (SCAN_MARGIN - 1) * sc.chars))
+        return self.decide() if short else []
+
+    def reread(self, k: int) -> Iterator[Document]:
+        """The documents of source ``k`` that dedup kept, read again (in the scan's order).
+
+        Raises:
+            DataError: a file of the source changed since the scan.
+        """
+        sc, src, reading = self.scans[k], self.mix.sources[k], self.readings[self.mix.sources[k].name]
+        for f, state in sc.files.items():
+            if _file_state(Path(f)) != state:
+                raise DataError(f"{f}: the file changed while the build was reading it (between dedup's two "
+                                "readings); build again once the files stay as they are")
+        sc.rest = enumerate(read_source(src.source, self.mix.on_error, SourceReport(), reading.files))
+        sc.tokens_removed = 0
+        span = self.decon is not None and self.mix.decontaminate.mode == "span"
+        scratch = _ScratchDecontamReport()
+
+        def docs() -> Iterator[Document]:
+            for raw, doc in sc.rest:
+                if raw >= len(sc.status):
+                    return
+                if sc.status[raw] == KEPT:
+                    if span:  # the cut the scan made, made again
+                        doc.text = self.decon.clean(doc.text, "span", src.name, doc.where, scratch)
+                    yield doc
+                elif sc.status[raw] == REMOVED:
+                    self._count_removed(sc, _text(doc))
+
+        return docs()
+
+    def drain(self, k: int) -> None:
+        """Read on through the scanned part of source ``k`` after :meth:`reread` stopped, counting the tokens of the
+        removed documents into the report."""
+        sc = self.scans[k]
+        for raw, doc in sc.rest:
+            if raw >= len(sc.status):
+                break
+            if sc.status[raw] == REMOVED:
+                self._count_removed(sc, _text(doc))
+        self._count_removed(sc, None)
+        sc.rest = None
+
+    def final_report(self) -> dict:
+        """The report of the last decision, with the tokens of the removed documents per source (with a tokenizer,
+        once every source was drained)."""
+        if self.tokenizer is not None:
+            for sc, src in zip(self.scans, self.mix.sources):
+                if src.name in self.report["by_source"]:
+                    self.report["by_source"][src.name]["tokens_removed"] = sc.tokens_removed
+        return self.report
+
+    def _count_removed(self, sc: _Scan, text: str | None) -> None:
+        """Queue a removed document's text for counting (None: count what is queued)."""
+        if self.tokenizer is None:
+            return
+        if text is not None:
+            sc.removed.append(text)
+        if sc.removed and (text is None or len(sc.removed) == TOKENIZE_BATCH):
+            sc.tokens_removed += sum(len(ids) for ids in _encode(self.tokenizer, sc.removed))
+            sc.removed.clear()
+
+
+def _file_state(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -249,54 +489,69 @@ class Curated:
     weights: np.ndarray | None  # (kept,) with reweight
 
 
-def _filter(mix: MixRecipe, readings: dict[str, _Reading]) -> tuple[dict, dict | None, dict[str, Curated]]:
-    """Read every source, apply ``mix.filters`` and (with ``mix.reweight``) weigh the kept documents; leave only
-    the kept documents in ``readings``, each with ``meta["weight"]``.
+def _curate(mix: MixRecipe, k: int, docs: Iterable[Document]) -> tuple[list[Document], Curated, FilterResult, dict | None]:
+    """Filter and reweight one source's documents all at once (the reweighting probe needs them all).
 
     Returns:
-        (the filters report, the reweight report or None, per source: texts, kept mask, weights)
+        (the kept documents, each with ``meta["weight"]``; their curation; the filters' result; the reweight report)
 
     Raises:
         DataError: a malformed record under on_error: stop, or a user classifier or embedder that fails.
     """
     from llmft.data.reweight import reweight
 
-    results, curated, rw_report = {}, {}, {"by_source": {}} if mix.reweight else None
-    for k, (name, r) in enumerate(readings.items()):
-        try:
-            docs = list(_progress(f"read {name} (for filters)", unit="doc", iterable=r.docs))
-        except SourceError as e:
-            raise DataError(str(e)) from None
-        texts = [f"{d.prompt}\n{d.text}" if d.prompt else d.text for d in docs]
-        res = apply_filters(texts, name, mix.filters, [d.where for d in docs])
-        results[name] = res
-        weights = None
-        if mix.reweight is not None:
-            rw = reweight(texts, res.keep, mix.reweight, stream=k)
-            weights, rw_report["by_source"][name] = rw.weights, rw.report
-        kept = [d for d, keep in zip(docs, res.keep) if keep]
-        for i, d in enumerate(kept):
-            d.meta["weight"] = float(weights[i]) if weights is not None else 1.0
-        r.docs = kept
-        r.stats["filtered"] = int((~res.keep).sum())
-        curated[name] = Curated(texts, res.keep, weights)
-        log.info("data: %s: filters removed %d of %d documents", name, r.stats["filtered"], len(docs))
-    release_scoring_models()  # the perplexity filter's LM, loaded once for all sources: not kept for training
-    return merge_reports(results, mix.filters), rw_report, curated
+    name = mix.sources[k].name
+    try:
+        docs = list(_progress(f"read {name} (for filters)", unit="doc", iterable=docs))
+    except SourceError as e:
+        raise DataError(str(e)) from None
+    texts = [_text(d) for d in docs]
+    res = apply_filters(texts, name, mix.filters, [d.where for d in docs])
+    weights, rw_report = None, None
+    if mix.reweight is not None:
+        rw = reweight(texts, res.keep, mix.reweight, stream=k)
+        weights, rw_report = rw.weights, rw.report
+    kept = [d for d, keep in zip(docs, res.keep) if keep]
+    for i, d in enumerate(kept):
+        d.meta["weight"] = float(weights[i]) if weights is not None else 1.0
+    log.info("data: %s: filters removed %d of %d documents", name, int((~res.keep).sum()), len(docs))
+    return kept, Curated(texts, res.keep, weights), res, rw_report
+
+
+def _dedup_pass(mix: MixRecipe, readings: dict[str, _Reading], decon: Decontaminator | None,
+                decon_report: DecontamReport, workdir: Path, work: Callable,
+                tokenizer: PreTrainedTokenizerBase | None) -> _Dedup:
+    """Scan every source whole and decide (``llmft data dedup`` and ``llmft data report``); the caller exits it."""
+    dd = _Dedup(mix, readings, decon, decon_report, workdir, work, tokenizer)
+    try:
+        for k in range(len(mix.sources)):
+            dd.scan(k)
+        dd.decide()
+    except BaseException:
+        dd.index.remove()
+        raise
+    return dd
 
 
 def curate_recipe(mix: MixRecipe) -> dict[str, Curated]:
     """Read, decontaminate, deduplicate, filter and reweight a mix's sources as the build does, without tokenizing
-    (for ``llmft data report``).
+    (for ``llmft data report``; it holds each source's texts, which its report is about).
 
     Raises:
         DataError: as :func:`build`.
     """
     decon, decon_report = _decontaminator(mix)
-    readings = _start_reading(mix, decon, decon_report)
-    if mix.dedup:
-        _dedup(mix, readings, None)
-    return _filter(mix, readings)[2]
+    readings = _start_reading(mix, decon, decon_report, filters=False)
+    curated = {}
+    with tempfile.TemporaryDirectory(prefix="llmft-curate-") as tmp, \
+            _tokenizer_pool(_Tokenize(None, 0, True, mix.dedup), 1) as work:
+        dd = _dedup_pass(mix, readings, decon, decon_report, Path(tmp), work, None) if mix.dedup else None
+        with dd or ExitStack():
+            for k, src in enumerate(mix.sources):
+                docs = dd.reread(k) if dd else readings[src.name].docs
+                curated[src.name] = _curate(mix, k, docs)[1]
+    release_scoring_models()
+    return curated
 
 
 def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
@@ -309,7 +564,14 @@ def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase |
     if mix.dedup is None:
         mix = mix.model_copy(update={"dedup": Dedup()})
     decon, decon_report = _decontaminator(mix)
-    report = _dedup(mix, _start_reading(mix, decon, decon_report), tokenizer)
+    readings = _start_reading(mix, decon, decon_report)
+    with tempfile.TemporaryDirectory(prefix="llmft-dedup-") as tmp, \
+            _tokenizer_pool(_Tokenize(tokenizer, 0, True, mix.dedup), mix.num_proc) as work, \
+            _dedup_pass(mix, readings, decon, decon_report, Path(tmp), work, tokenizer) as dd:
+        for k in range(len(mix.sources)):
+            dd.reread(k)
+            dd.drain(k)
+        report = dd.final_report()
     _write_dedup_report(report, Path(out))
     return report
 
@@ -473,14 +735,23 @@ def encode_documents(docs: list[Document], tokenizer: PreTrainedTokenizerBase, a
 
 
 class _Tokenize:
-    """(transform, documents) -> examples: :func:`encode_documents`, or NI few-shot sequences. Picklable, so
-    the same object runs in the worker processes of ``num_proc``."""
+    """The build's per-batch work: (transform, documents) -> examples (:func:`encode_documents`, or NI few-shot
+    sequences), or ("dedup", texts) -> their :class:`llmft.data.dedup.Features`. Picklable, so the same object runs
+    in the worker processes of ``num_proc``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, add_eos: bool):
-        self.tokenizer, self.seq_len, self.add_eos = tokenizer, seq_len, add_eos
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, seq_len: int, add_eos: bool,
+                 dedup: Dedup | None = None):
+        self.tokenizer, self.seq_len, self.add_eos, self.dedup = tokenizer, seq_len, add_eos, dedup
+        self._shingler: Shingler | None = None  # made in the process that uses it (its word cache is not sent)
 
-    def __call__(self, job: tuple[str, list[Document]]) -> list[Example]:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shingler": None}
+
+    def __call__(self, job: tuple[str, list]) -> list[Example] | Features:
         transform, docs = job
+        if transform == "dedup":
+            self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
+            return dedup_features(docs, self.dedup, self._shingler)
         if transform == "ni_fewshot":  # many instances of a task per sequence, after one header
             return ni_fewshot(docs, self.tokenizer, self.seq_len, self.add_eos)
         return encode_documents(docs, self.tokenizer, self.add_eos)
@@ -553,8 +824,8 @@ def _select(lengths: np.ndarray, target: int, rng: np.random.Generator) -> np.nd
 
 def _sampling(mix: MixRecipe) -> bool:
     """Whether each source's token need is known before reading it, so its reading can stop at the need: a
-    ``total_tokens`` with weighted shares, and no dedup or filters (which read every source first)."""
-    return mix.total_tokens is not None and mix.shares == "weights" and not mix.dedup and not mix.filters
+    ``total_tokens`` with weighted shares, and no ``reweight`` (whose probe reads every source first)."""
+    return mix.total_tokens is not None and mix.shares == "weights" and mix.reweight is None
 
 
 def _reading_order(mix: MixRecipe, k: int) -> list[Path]:
@@ -620,32 +891,63 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
     """
     t0 = time.perf_counter()
     decon, decon_report = _decontaminator(mix)
-    readings = _start_reading(mix, decon, decon_report)
-    dedup_report = _dedup(mix, readings, tokenizer) if mix.dedup else None
-    filters_report, reweight_report = _filter(mix, readings)[:2] if mix.filters else (None, None)
+    reweighting = mix.reweight is not None  # its probe needs a source's documents all at once: filtered then
+    readings = _start_reading(mix, decon, decon_report, filters=not reweighting)
+    filter_tallies, reweight_report = {}, {"by_source": {}} if reweighting else None
 
     weights = np.array([s.weight for s in mix.sources], dtype=np.float64)
     weights /= weights.sum()
+    needs = [round(w * mix.total_tokens) if _sampling(mix) else None for w in weights]
     (stage / "units").mkdir()
-    with ExitStack() as cleanup:  # the spills are closed and removed on errors too
+    with ExitStack() as cleanup:  # the spills and dedup's files are closed and removed on errors too
         spills = [cleanup.enter_context(UnitSpill(stage / "units" / str(k), len(tokenizer)))
                   for k in range(len(mix.sources))]
-        n_train, per_source = [], {}
-        with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos), mix.num_proc) as tokenize:
-            for k, src in enumerate(mix.sources):
-                need = round(weights[k] * mix.total_tokens) if _sampling(mix) else None
-                t1 = time.perf_counter()
-                n_train.append(_source_units(src, mix, tokenize, seq_len, readings[src.name],
-                                             np.random.default_rng([mix.seed, k]), spills[k], need))
-                seconds = time.perf_counter() - t1
-                st = per_source[src.name] = readings[src.name].stats
-                log.info("data: %s: %s tokens from %d documents in %.1f s (%s tokens/s)%s", src.name,
-                         f"{spills[k].tokens:,}", st["documents"], seconds,
-                         f"{spills[k].tokens / max(1e-9, seconds):,.0f}",
-                         "" if st["read_whole"] else f"; stopped at its need: {st['bytes_read']:,} of "
-                         f"{st['bytes_total']:,} bytes read ({st['files_read']} of {st['files_total']} files)")
+        n_train, per_source = [0] * len(mix.sources), {}
+        with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos, mix.dedup), mix.num_proc) as tokenize:
+            dd = None
+            if mix.dedup:  # first reading: every document's features; then the decision
+                dd = cleanup.enter_context(_Dedup(mix, readings, decon, decon_report, stage / "dedup", tokenize,
+                                                  tokenizer))
+                for k in range(len(mix.sources)):
+                    dd.scan(k, needs[k])
+                dd.decide()
+            todo = list(range(len(mix.sources)))
+            while todo:  # more than once only when dedup leaves a sampled source short
+                for k in todo:
+                    src, reading = mix.sources[k], readings[mix.sources[k].name]
+                    if len(spills[k]):  # tokenized before, with other documents kept: again from scratch
+                        spills[k].remove()
+                        spills[k] = cleanup.enter_context(UnitSpill(stage / "units" / str(k), len(tokenizer)))
+                        reading.stats.update(dropped_min_tokens=0, dropped_max_tokens=0, doc_lengths=[])
+                    if dd is not None:
+                        reading.docs = dd.reread(k)
+                    if reweighting:
+                        reading.docs, _, res, reweight_report["by_source"][src.name] = _curate(mix, k, reading.docs)
+                        reading.tally = FilterTally(mix.filters)
+                        reading.tally.add(res)
+                        reading.stats["filtered"] = reading.tally.removed
+                    t1 = time.perf_counter()
+                    n_train[k] = _source_units(src, mix, tokenize, seq_len, reading,
+                                               np.random.default_rng([mix.seed, k]), spills[k], needs[k])
+                    seconds = time.perf_counter() - t1
+                    st = per_source[src.name] = reading.stats
+                    if dd is not None:
+                        dd.drain(k)
+                        st["read_whole"] = dd.scans[k].exhausted
+                    log.info("data: %s: %s tokens from %d documents in %.1f s (%s tokens/s)%s", src.name,
+                             f"{spills[k].tokens:,}", st["documents"], seconds,
+                             f"{spills[k].tokens / max(1e-9, seconds):,.0f}",
+                             "" if st["read_whole"] else f"; stopped at its need: {st['bytes_read']:,} of "
+                             f"{st['bytes_total']:,} bytes read ({st['files_read']} of {st['files_total']} files)")
+                trained = [int(np.frombuffer(sp.lengths, np.int32)[:n].sum()) for sp, n in zip(spills, n_train)]
+                todo = dd.top_up(needs, trained) if dd is not None else []
             held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)
                         for spec in mix.validation_sources}
+        if mix.filters:
+            release_scoring_models()  # the perplexity filter's LM, loaded once for all sources: not kept for training
+            filter_tallies = {s.name: readings[s.name].tally for s in mix.sources}
+        dedup_report = dd.final_report() if dd is not None else None
+        filters_report = merge_reports(filter_tallies, mix.filters) if mix.filters else None
         for k, src in enumerate(mix.sources):
             if n_train[k] == 0:
                 raise DataError(f"source {src.name!r} has no documents left after reading and filtering "
@@ -695,6 +997,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                     writer.append(rows, token_weights)
                     progress.update(rows.real_tokens)
     (stage / "units").rmdir()
+    shutil.rmtree(stage / "dedup", ignore_errors=True)  # dedup's spill directory, emptied
     index = writer.index
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
     stats = {

@@ -37,24 +37,32 @@ methods found (directly, or as exact copies of the documents of a found pair), p
 pairs that are true, and ``recall_grouped`` the share of true pairs whose documents ended in one group (a pair
 missed directly is often joined through a third document).
 
-Memory: the texts are held (the build reads the sources before tokenizing when ``dedup`` is set), plus about
-4 bytes per shingle, ``num_perm`` * 4 bytes per document and the LSH tables (minhash), 1 KB per document (clusters).
+Memory (:class:`DedupIndex`, fed batch by batch, never the texts): under 100 bytes per document in memory (an
+exact hash, a word count, a source id and offsets); the shingles (4 bytes per word), signatures, embeddings and
+report excerpts go to files. Deciding reads back the signatures, ``num_perm`` * 4 bytes per document (minhash),
+sorts one LSH band at a time (16 bytes per document), reads the shingles only of candidate pairs, and for the
+recall sample streams over the shingle file; clusters hold the embeddings, ``EMBED_DIM`` * 4 = 1 KB per document.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import logging
+import tempfile
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from llmft.data.decontam import normalize_words
 from llmft.data.sources import DataError
 from llmft.data.mix import Dedup
+from llmft.data.units import ArraySpill
 
 log = logging.getLogger(__name__)
 EMBED_DIM = 256  # the hashed embedder's dimensions; hashing noise on a cosine is at most sqrt(2 / 256) = 0.088
@@ -65,6 +73,9 @@ TRAIN_PER_CLUSTER = 64  # k-means trains on at most this many documents per cent
 KMEANS_ITERS = 10  # Lloyd iterations: a rough clustering is enough to group near neighbours
 EXCERPT_CHARS = 160
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # polynomial shingle hash multiplier (as in decontam)
+SIGNATURE_CHUNK = 8192  # shingles per MinHash update: a (chunk, num_perm) uint32 temporary
+FEATURE_BATCH = 256  # documents per features() call in deduplicate()
+MAX_CACHED_WORDS = 1 << 20  # the Shingler's word-hash cache is cleared past this many words (bounded memory)
 
 
 @dataclass
@@ -99,6 +110,8 @@ class Shingler:
         if not words:
             return np.zeros(0, dtype=np.uint32)
         values = self._values
+        if len(values) > MAX_CACHED_WORDS:
+            values.clear()
         for w in set(words).difference(values):
             values[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                                        "little")
@@ -169,42 +182,82 @@ def _pairs(rows: list[np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- minhash
 
 
-def minhash_candidates(shingles: Sequence[np.ndarray], threshold: float, num_perm: int,
-                       seed: int) -> tuple[np.ndarray, dict]:
-    """Candidate pairs from datasketch MinHash-LSH (documents without shingles are left out), without those whose
-    MinHash estimate of J is more than 4 standard deviations below the threshold (a true pair is dropped with
-    probability < 1e-4; most LSH candidates of a low threshold are such chance collisions).
+@functools.lru_cache(maxsize=4)
+def _minhash_template(num_perm: int, seed: int):
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=seed)
+
+
+def minhash_signatures(shingles: Sequence[np.ndarray], num_perm: int, seed: int) -> np.ndarray:
+    """datasketch MinHash signatures (affine32 scheme) of shingle sets: (n, num_perm) uint32; the row of an empty
+    set is all 2**32 - 1. Each set goes in ``SIGNATURE_CHUNK`` hashes per update (one numpy call each, and a
+    bounded (chunk, num_perm) temporary), which gives the signature of one update with every hash (tested)."""
+    from datasketch import MinHash
+
+    template = _minhash_template(num_perm, seed)
+    out = np.empty((len(shingles), num_perm), dtype=np.uint32)
+    for i, sh in enumerate(shingles):
+        m = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, permutations=template.permutations,
+                    scheme=template.scheme)
+        for start in range(0, len(sh), SIGNATURE_CHUNK):
+            m.update_batch([sh[start : start + SIGNATURE_CHUNK]])  # one hash value per shingle (identity hashfunc)
+        out[i] = m.hashvalues
+    return out
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) of the LSH banding for ``threshold``: datasketch's choice for MinHashLSH, weighting missed
+    pairs 9:1 over spurious candidates (LSH_WEIGHTS)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, *LSH_WEIGHTS)
+
+
+def minhash_candidates(signatures: np.ndarray, threshold: float) -> tuple[np.ndarray, dict]:
+    """Candidate pairs of MinHash-LSH over ``signatures`` (n, num_perm), without those whose MinHash estimate of J
+    is more than 4 standard deviations below the threshold (a true pair is dropped with probability < 1e-4; most
+    LSH candidates of a low threshold are such chance collisions).
+
+    The banding of datasketch's MinHashLSH (:func:`lsh_bands`), computed band by band over the signature matrix
+    instead of in its dictionaries (which take kilobytes per document): each band's ``rows`` values are hashed to
+    64 bits, the documents sorted by that hash, and every two documents with the same hash are a candidate (a
+    64-bit collision of different bands adds a candidate that the estimate and the exact check then drop). Memory:
+    the signatures plus 16 bytes per document for the band being sorted, and the candidates.
 
     Returns:
         ((m, 2) int64 pairs i < j, {"bands", "rows", "lsh_candidates"}).
     """
-    from datasketch import MinHash, MinHashLSH
-
-    template = MinHash(num_perm=num_perm, seed=seed)
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    signatures = {}
-    with lsh.insertion_session() as session:
-        for i, sh in enumerate(shingles):
-            if len(sh) == 0:
-                continue
-            m = MinHash(num_perm=num_perm, seed=seed, hashfunc=_identity, permutations=template.permutations,
-                        scheme=template.scheme)
-            m.update_batch(sh)
-            session.insert(i, m, check_duplication=False)
-            signatures[i] = m
-    rows = []
-    for i, m in signatures.items():
-        found = [j for j in lsh.query(m) if j > i]
-        if found:
-            rows.append(np.column_stack([np.full(len(found), i), found]))
-    pairs = _pairs(rows)
-    sig = np.zeros((len(shingles), num_perm), dtype=np.uint32)  # (n, num_perm)
-    for i, m in signatures.items():
-        sig[i] = m.hashvalues
-    estimate = np.concatenate([(sig[c[:, 0]] == sig[c[:, 1]]).mean(axis=1) for c in np.array_split(
+    n, num_perm = signatures.shape
+    bands, rows = lsh_bands(threshold, num_perm)
+    found = []
+    for band in range(bands):
+        h = np.zeros(n, dtype=np.uint64)
+        for c in range(band * rows, (band + 1) * rows):
+            h = _fmix64(h * _BASE + signatures[:, c].astype(np.uint64))
+        order = np.argsort(h, kind="stable")
+        found.append(_same_key_pairs(h[order], order))
+    pairs = _pairs(found)
+    estimate = np.concatenate([(signatures[c[:, 0]] == signatures[c[:, 1]]).mean(axis=1) for c in np.array_split(
         pairs, max(1, len(pairs) // 65536))]) if len(pairs) else np.zeros(0)
     floor = threshold - 4 * np.sqrt(threshold * (1 - threshold) / num_perm)
-    return pairs[estimate >= floor], {"bands": lsh.b, "rows": lsh.r, "lsh_candidates": len(pairs)}
+    return pairs[estimate >= floor], {"bands": bands, "rows": rows, "lsh_candidates": len(pairs)}
+
+
+def _same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Every pair (ids[a], ids[b]), a < b, of positions with equal ``keys`` (sorted): (m, 2) int64. The work is
+    the number of pairs: position a is paired with a + d while a + d is still in its run."""
+    if len(keys) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    run_end = np.repeat(np.append(starts[1:], len(keys)), np.diff(np.append(starts, len(keys))))  # (n,) end of run
+    pos = np.flatnonzero(run_end - np.arange(len(keys)) >= 2)  # positions with a later one in their run
+    out, d = [], 1
+    while len(pos):
+        out.append(np.column_stack([ids[pos], ids[pos + d]]))
+        d += 1
+        pos = pos[pos + d < run_end[pos]]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 2), dtype=np.int64)
 
 
 def _identity(x):
@@ -386,28 +439,357 @@ def all_pairs(shingles: Sequence[np.ndarray], threshold: float, rows: np.ndarray
 # ----------------------------------------------------------------------------------------------- driver
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+@dataclass
+class Features:
+    """One batch's per-document dedup features, from :func:`features` (in any process): never the texts."""
 
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
+    n_words: np.ndarray  # (n,) int64
+    exact: np.ndarray  # (n, 16) uint8: blake2b of the normalized words
+    shingles: np.ndarray  # (sum of counts,) uint32: each document's sorted unique shingle hashes, in turn
+    counts: np.ndarray  # (n,) int64 shingles per document
+    signatures: np.ndarray | None  # (n, num_perm) uint32 with minhash
+    embeddings: np.ndarray | None  # (n, EMBED_DIM) float32 with clusters and the hashed embedder
+    excerpts: list[str]  # for the report's example pairs
 
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
+
+def features(texts: Sequence[str], cfg: Dedup, shingler: Shingler | None = None) -> Features:
+    """The dedup features of a batch of documents (prompt and text together)."""
+    shingler = shingler or Shingler(cfg.shingle_size)
+    words = [shingler.words(t) for t in texts]
+    shingles = [shingler(w) for w in words]
+    exact = np.frombuffer(b"".join(hashlib.blake2b(" ".join(w).encode("utf-8", "surrogatepass"),
+                                                   digest_size=16).digest() for w in words),
+                          dtype=np.uint8).reshape(-1, 16)
+    return Features(
+        n_words=np.array([len(w) for w in words], dtype=np.int64), exact=exact,
+        shingles=np.concatenate(shingles) if shingles else np.zeros(0, np.uint32),
+        counts=np.array([len(s) for s in shingles], dtype=np.int64),
+        signatures=minhash_signatures(shingles, cfg.num_perm, cfg.seed) if "minhash" in cfg.methods else None,
+        embeddings=hashed_embedding(shingles) if "clusters" in cfg.methods and cfg.embedder == "hashed" else None,
+        excerpts=[_excerpt(t) for t in texts])
+
+
+class DedupIndex:
+    """The corpus-wide state of deduplication, document by document in reading order, without the texts.
+
+    In memory per document: its exact hash (16 bytes), word count (8), source (2) and the offsets of its spilled
+    data (16); with ``minhash`` its signature (``num_perm`` * 4 bytes) is written to a file and read back whole by
+    :meth:`finish`; with ``clusters`` its embedding (``EMBED_DIM`` * 4 bytes) likewise. Its shingles (4 bytes per
+    word) and its location and excerpt go to files in ``workdir``, read back only for the candidate pairs, the
+    recall sample and the report's examples.
+
+    Args:
+        cfg: the dedup settings.
+        workdir: a directory for the spilled data (created; its files are removed by :meth:`remove`).
+
+    Raises:
+        OSError: the spill files cannot be written.
+    """
+
+    def __init__(self, cfg: Dedup, workdir: Path):
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.shingler = Shingler(cfg.shingle_size)
+        self._shingles = ArraySpill(self.workdir / "shingles.u32", np.uint32)
+        self._notes = ArraySpill(self.workdir / "notes.u8", np.uint8)  # "where\0excerpt", utf-8
+        self._signatures = ArraySpill(self.workdir / "signatures.u32", np.uint32) if "minhash" in cfg.methods else None
+        self._embeddings = ArraySpill(self.workdir / "embeddings.f32", np.float32) \
+            if "clusters" in cfg.methods else None
+        self._embedder: Callable | None = None  # a custom embedder, loaded on first use
+        self.n_words = array("q")
+        self.exact = bytearray()
+        self.source_ids = array("H")
+        self.sources: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.n_words)
+
+    def add_texts(self, texts: Sequence[str], source: str, where: Sequence[str]) -> None:
+        """Add documents of one source, computing their features here."""
+        self.add(features(texts, self.cfg, self.shingler), source, where, texts)
+
+    def add(self, feats: Features, source: str, where: Sequence[str], texts: Sequence[str] | None = None) -> None:
+        """Add a batch of documents of one source by their features (``texts`` only for a custom embedder).
+
+        Raises:
+            DataError: a custom embedder fails to load or returns the wrong shape.
+            OSError: the spill files cannot be written.
+        """
+        n = len(feats.n_words)
+        if source not in self.sources:
+            self.sources.append(source)
+        self.source_ids.extend([self.sources.index(source)] * n)
+        self.n_words.extend(feats.n_words.tolist())
+        self.exact += feats.exact.tobytes()
+        self._shingles.extend(feats.shingles, feats.counts)
+        for w, e in zip(where, feats.excerpts):
+            self._notes.append(np.frombuffer(f"{w}\0{e}".encode("utf-8", "surrogatepass"), np.uint8))
+        if self._signatures is not None:
+            self._signatures.extend(feats.signatures, np.full(n, self.cfg.num_perm))
+        if self._embeddings is not None:
+            emb = feats.embeddings
+            if emb is None:
+                if texts is None:
+                    raise ValueError("a custom embedder needs the texts")
+                self._embedder = self._embedder or load_embedder(self.cfg.embedder)
+                emb = _normalize(np.asarray(self._embedder(list(texts)), dtype=np.float32))
+                if emb.ndim != 2 or len(emb) != n:
+                    raise DataError(f"dedup.embedder {self.cfg.embedder!r} returned shape {emb.shape}; expected "
+                                    f"({n}, d)")
+            self._embeddings.extend(emb, np.full(n, emb.shape[1]))
+
+    def shingles(self, i: int) -> np.ndarray:
+        """Document ``i``'s sorted unique shingle hashes (read back from the spill)."""
+        return self._shingles[i]
+
+    def note(self, i: int) -> tuple[str, str]:
+        """(where, excerpt) of document ``i``."""
+        where, _, excerpt = self._notes[i].tobytes().decode("utf-8", "surrogatepass").partition("\0")
+        return where, excerpt
+
+    def _matrix(self, spill: ArraySpill | None, dtype: type) -> np.ndarray | None:
+        if spill is None or not len(self):
+            return None
+        spill[0]  # flushes what was written
+        return np.memmap(spill.path, dtype=dtype, mode="r", shape=(len(self), len(spill[0])))
+
+    def finish(self) -> DedupResult:
+        """Find the duplicate groups among every document added so far and choose the document kept from each (see
+        the module docstring). It may be called again after more documents are added.
+
+        Returns:
+            keep / group per document and the report of :func:`deduplicate`.
+
+        Raises:
+            DataError: a custom embedder fails to load or returns the wrong shape.
+        """
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        cfg, t_start, n = self.cfg, time.perf_counter(), len(self)
+        n_words = np.frombuffer(self.n_words, np.int64) if n else np.zeros(0, np.int64)
+        exact = np.frombuffer(bytes(self.exact), dtype="V16") if n else np.zeros(0, "V16")
+        src = np.frombuffer(self.source_ids, np.uint16) if n else np.zeros(0, np.uint16)
+        lengths = self._shingles.lengths()
+        signatures = self._matrix(self._signatures, np.uint32)
+        embeddings = self._matrix(self._embeddings, np.float32)
+        scopes = [np.flatnonzero(src == k) for k in range(len(self.sources))] if cfg.scope == "per_source" \
+            else [np.arange(n)]
+        edges: list[tuple[int, int, float, str]] = []  # (i, j, J, method) of near-duplicate pairs found
+        exact_edges: list[np.ndarray] = []  # (first with this normalized text, copy) rows
+        methods = {m: {"candidates": 0, "pairs": 0} for m in cfg.methods if m != "exact"}
+        extra: dict[str, dict] = {}
+        seconds = {"exact": 0.0, "minhash": 0.0, "clusters": 0.0, "verify": 0.0, "recall": 0.0}
+        truth: set[tuple[int, int]] = set()  # true pairs touching the recall sample (global indices)
+        found_sampled: set[tuple[int, int]] = set()  # found pairs touching the recall sample
+        sampled = 0
+
+        for members in scopes:
+            if not len(members):
+                continue
+            t0 = time.perf_counter()
+            local_rep = np.arange(len(members))  # representative of each document's exact class (itself without exact)
+            if "exact" in cfg.methods:
+                _, first, inverse = np.unique(exact[members], return_index=True, return_inverse=True)
+                local_rep = first[inverse.reshape(-1)]  # np.unique's first index: the first in reading order
+                copies = np.flatnonzero(local_rep != np.arange(len(members)))
+                exact_edges.append(np.column_stack([members[local_rep[copies]], members[copies]]))
+            reps = np.flatnonzero(local_rep == np.arange(len(members)))  # local indices that go on
+            seconds["exact"] += time.perf_counter() - t0
+
+            candidates: dict[str, np.ndarray] = {}
+            if "minhash" in cfg.methods:
+                t0 = time.perf_counter()
+                live = reps[lengths[members[reps]] > 0]  # documents without shingles are left out
+                pairs, extra["minhash"] = minhash_candidates(np.asarray(signatures[members[live]]), cfg.threshold)
+                candidates["minhash"] = np.searchsorted(reps, live)[pairs] if len(pairs) else pairs
+                seconds["minhash"] += time.perf_counter() - t0
+            if "clusters" in cfg.methods:
+                t0 = time.perf_counter()
+                emb = np.asarray(embeddings[members[reps]])  # (reps, d): EMBED_DIM * 4 bytes per document
+                min_cos = cfg.candidate_cosine if cfg.candidate_cosine is not None \
+                    else hashed_min_cosine(cfg.threshold)
+                candidates["clusters"], st = cluster_candidates(emb, cfg.num_clusters, cfg.clusterings, min_cos,
+                                                                cfg.seed)
+                del emb
+                ex = extra.setdefault("clusters", {"candidate_cosine": round(float(min_cos), 4), "k": {},
+                                                   "new_candidates_per_clustering": [0] * cfg.clusterings})
+                ex["k"][self._scope_name(members)] = st["k"]
+                ex["new_candidates_per_clustering"] = [a + b for a, b in zip(ex["new_candidates_per_clustering"],
+                                                                             st["new_candidates_per_clustering"])]
+                seconds["clusters"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            union = _pairs(list(candidates.values()))  # every candidate once (local rep positions), checked exactly
+            union_keys = union[:, 0] * len(reps) + union[:, 1]
+            sims = jaccard_pairs(union, _Lazy(lambda p: self.shingles(int(members[reps[p]])), len(reps)))
+            found_local: set[tuple[int, int]] = set()  # (a, b) local indices of members, a < b
+            for method, pairs in candidates.items():
+                methods[method]["candidates"] += len(pairs)
+                sim = sims[np.searchsorted(union_keys, pairs[:, 0] * len(reps) + pairs[:, 1])]
+                ok = sim >= cfg.threshold
+                methods[method]["pairs"] += int(ok.sum())
+                for (p, q), j in zip(pairs[ok].tolist(), sim[ok].tolist()):
+                    a, b = int(reps[p]), int(reps[q])
+                    if (a, b) not in found_local:
+                        found_local.add((a, b))
+                        edges.append((int(members[a]), int(members[b]), j, method))
+            seconds["verify"] += time.perf_counter() - t0
+
+            if cfg.recall_sample:
+                t0 = time.perf_counter()
+                rng = np.random.default_rng([cfg.seed, 7])
+                sample = np.sort(rng.choice(len(members), size=min(cfg.recall_sample, len(members)), replace=False))
+                sampled += len(sample)
+                t_local, f_local = self._recall(members, local_rep, found_local, sample)
+                truth |= {(int(members[a]), int(members[b])) for a, b in t_local}
+                found_sampled |= {(int(members[a]), int(members[b])) for a, b in f_local}
+                seconds["recall"] += time.perf_counter() - t0
+
+        # groups: connected components of the pairs found; one kept document per group
+        edge_rows = np.array([(i, j) for i, j, _, _ in edges], dtype=np.int64).reshape(-1, 2)
+        links = np.concatenate([edge_rows, *exact_edges]) if exact_edges else edge_rows
+        _, roots = connected_components(coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(n, n)),
+                                        directed=False)
+        # keep: first -> the first of each group; longest -> the most words, the first of those on a tie
+        order = np.lexsort((np.arange(n), -n_words if cfg.keep == "longest" else np.zeros(n, np.int64), roots))
+        first_of_root = np.zeros(roots.max() + 1 if n else 0, dtype=np.int64)
+        starts = np.concatenate([[True], roots[order][1:] != roots[order][:-1]]) if n else np.zeros(0, bool)
+        first_of_root[roots[order][starts]] = order[starts]
+        group = first_of_root[roots] if n else np.zeros(0, np.int64)
+        keep = group == np.arange(n)
+        sizes = np.bincount(group, minlength=n)
+        removed_exact = ~keep & (exact == exact[group])
+        by_source = {}
+        for k, name in enumerate(self.sources):
+            mine = src == k
+            by_source[name] = {"documents": int(mine.sum()), "removed": int((mine & ~keep).sum()),
+                               "removed_exact": int((mine & removed_exact).sum()),
+                               "words_removed": int(n_words[mine & ~keep].sum())}
+        examples = []
+        for i, j, sim, method in sorted(edges, key=lambda e: (e[2], e[0], e[1]))[: cfg.examples]:
+            (wa, ta), (wb, tb) = self.note(i), self.note(j)
+            examples.append({"a": wa, "b": wb, "source_a": self.sources[src[i]], "source_b": self.sources[src[j]],
+                             "jaccard": round(sim, 4), "method": method, "a_text": ta, "b_text": tb})
+        recall = None
+        if cfg.recall_sample:
+            hit = len(truth & found_sampled)
+            grouped = sum(int(group[a] == group[b]) for a, b in truth)
+            recall = {"sampled_documents": sampled, "true_pairs": len(truth), "found": hit,
+                      "recall": hit / len(truth) if truth else None,
+                      "recall_grouped": grouped / len(truth) if truth else None,
+                      "found_pairs": len(found_sampled),
+                      "precision": hit / len(found_sampled) if found_sampled else None}
+        report = {
+            "settings": cfg.model_dump(mode="json"),
+            "documents": n,
+            "removed": int((~keep).sum()),
+            "groups": int((sizes >= 2).sum()),
+            "documents_in_groups": int(sizes[sizes >= 2].sum()),
+            "largest_group": int(sizes.max()) if n else 0,
+            "exact_duplicates": int(removed_exact.sum()),
+            "methods": {m: {**methods[m], **extra.get(m, {})} for m in methods},
+            "by_source": by_source,
+            "examples": examples,
+            "recall": recall,
+            "seconds": {k: round(v, 3) for k, v in seconds.items() if v}
+            | {"total": round(time.perf_counter() - t_start, 3)},
+        }
+        return DedupResult(keep, group, _pairs([links]), report)
+
+    def _scope_name(self, members: np.ndarray) -> str:
+        if self.cfg.scope != "per_source":
+            return "all sources"
+        return self.sources[self.source_ids[int(members[0])]]
+
+    def _recall(self, members: np.ndarray, rep: np.ndarray, found: set[tuple[int, int]], sample: np.ndarray
+                ) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+        """(true pairs touching the sample, found pairs touching the sample), as (i, j) i < j over local indices. A
+        pair (x, y) is found when x and y are exact copies of each other or their representatives are a found
+        pair."""
+        truth = {tuple(p) for p in self._sample_pairs(members, sample).tolist()}
+        members_of: dict[int, list[int]] = {}
+        for x, r in enumerate(rep.tolist()):
+            members_of.setdefault(r, []).append(x)
+        neighbours: dict[int, list[int]] = {}
+        for a, b in found:
+            neighbours.setdefault(a, []).append(b)
+            neighbours.setdefault(b, []).append(a)
+        found_pairs = set()
+        for x in sample.tolist():
+            r = int(rep[x])
+            for y in members_of[r] + [y for b in neighbours.get(r, []) for y in members_of[b]]:
+                if y != x:
+                    found_pairs.add((min(x, y), max(x, y)))
+        return truth, found_pairs
+
+    def _sample_pairs(self, members: np.ndarray, sample: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """The exact search of :func:`all_pairs` with ``rows=sample``, streaming: the sampled documents' shingles in
+        memory as a sparse (sample x their distinct shingles) matrix, every document of the scope read back from the
+        spill ``chunk`` at a time and its shared-shingle counts with the sample taken by one sparse product.
+
+        Returns:
+            (m, 2) int64 pairs a < b of local indices (positions in ``members``) with J >= threshold, one of them
+            sampled.
+        """
+        from scipy import sparse
+
+        threshold = self.cfg.threshold
+        lengths = self._shingles.lengths()[members]
+        sampled = [self.shingles(int(members[s])) for s in sample]
+        vocab = np.unique(np.concatenate(sampled)) if sampled else np.zeros(0, np.uint32)
+        if not len(vocab):
+            return np.zeros((0, 2), dtype=np.int64)
+
+        def rows(sets: list[np.ndarray]) -> sparse.csr_matrix:  # (len(sets), len(vocab)) 0/1 over the vocabulary
+            cols = [np.searchsorted(vocab, s) for s in sets]
+            hits = [c[(c < len(vocab)) & (vocab[np.minimum(c, len(vocab) - 1)] == s)] for c, s in zip(cols, sets)]
+            indptr = np.concatenate([[0], np.cumsum([len(h) for h in hits])])
+            flat = np.concatenate(hits) if hits else np.zeros(0, np.int64)
+            return sparse.csr_matrix((np.ones(len(flat), np.int32), flat, indptr), shape=(len(sets), len(vocab)))
+
+        xs_t = rows(sampled).T.tocsr()  # (vocab, sample)
+        out = []
+        for start in range(0, len(members), chunk):
+            inter = (rows([self.shingles(int(m)) for m in members[start : start + chunk]]) @ xs_t).tocoo()
+            i = start + inter.row.astype(np.int64)  # (pairs,) local index of the scope document
+            j = sample[inter.col]  # its sampled partner
+            c = inter.data.astype(np.float64)
+            ok = (i != j) & (c / (lengths[i] + lengths[j] - c) >= threshold)
+            out.append(np.column_stack([i[ok], j[ok]]))
+        return _pairs(out)
+
+    def remove(self) -> None:
+        """Delete the spilled data."""
+        for spill in (self._shingles, self._notes, self._signatures, self._embeddings):
+            if spill is not None:
+                spill.remove()
+
+    def __enter__(self) -> DedupIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class _Lazy(Sequence):
+    """A read-only sequence whose items are computed (read back) on access."""
+
+    def __init__(self, get: Callable[[int], np.ndarray], n: int):
+        self._get, self._n = get, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._get(i)
 
 
 def deduplicate(texts: Sequence[str], sources: Sequence[str], cfg: Dedup,
                 where: Sequence[str] | None = None) -> DedupResult:
-    """Find the duplicate groups among ``texts`` and choose the document kept from each.
+    """Find the duplicate groups among ``texts`` and choose the document kept from each: a :class:`DedupIndex` in
+    a temporary directory, fed the documents in order.
 
     Args:
         texts: the documents, in reading order (the order ``keep: first`` uses).
@@ -426,163 +808,14 @@ def deduplicate(texts: Sequence[str], sources: Sequence[str], cfg: Dedup,
     Raises:
         DataError: a custom embedder fails to load or returns the wrong shape.
     """
-    t_start = time.perf_counter()
-    n = len(texts)
-    where = list(where) if where is not None else [str(i) for i in range(n)]
-    scopes: dict[str, list[int]] = {}
-    for i, s in enumerate(sources):
-        scopes.setdefault(s if cfg.scope == "per_source" else "all sources", []).append(i)
-    shingler = Shingler(cfg.shingle_size)
-    uf = _UnionFind(n)
-    n_words = np.zeros(n, dtype=np.int64)
-    exact_key: list[bytes] = [b""] * n
-    edges: list[tuple[int, int, float, str]] = []  # (i, j, J, method) of near-duplicate pairs found
-    exact_edges: list[tuple[int, int]] = []  # (first with this normalized text, copy)
-    methods = {m: {"candidates": 0, "pairs": 0} for m in cfg.methods if m != "exact"}
-    extra: dict[str, dict] = {}
-    seconds = {"shingles": 0.0, "exact": 0.0, "minhash": 0.0, "clusters": 0.0, "verify": 0.0, "recall": 0.0}
-    truth: set[tuple[int, int]] = set()  # true pairs touching the recall sample (global indices)
-    found_sampled: set[tuple[int, int]] = set()  # found pairs touching the recall sample
-    sampled = 0
-
-    for scope, members in scopes.items():
-        t0 = time.perf_counter()
-        shingles: list[np.ndarray] = []
-        for i in members:
-            words = shingler.words(texts[i])
-            n_words[i] = len(words)
-            exact_key[i] = hashlib.blake2b(" ".join(words).encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            shingles.append(shingler(words))
-        seconds["shingles"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        local_rep = np.arange(len(members))  # representative of each document's exact class (itself without exact)
-        if "exact" in cfg.methods:
-            first: dict[bytes, int] = {}
-            for a, i in enumerate(members):
-                local_rep[a] = first.setdefault(exact_key[i], a)
-                if local_rep[a] != a:
-                    uf.union(members[local_rep[a]], i)
-                    exact_edges.append((members[local_rep[a]], i))
-        reps = np.flatnonzero(local_rep == np.arange(len(members)))  # local indices that go on
-        seconds["exact"] += time.perf_counter() - t0
-
-        rep_shingles = [shingles[a] for a in reps]
-        candidates: dict[str, np.ndarray] = {}
-        if "minhash" in cfg.methods:
-            t0 = time.perf_counter()
-            candidates["minhash"], extra["minhash"] = minhash_candidates(rep_shingles, cfg.threshold, cfg.num_perm,
-                                                                         cfg.seed)  # the same in every scope
-            seconds["minhash"] += time.perf_counter() - t0
-        if "clusters" in cfg.methods:
-            t0 = time.perf_counter()
-            emb = embed_documents(cfg.embedder, [texts[members[a]] for a in reps], rep_shingles)
-            min_cos = cfg.candidate_cosine if cfg.candidate_cosine is not None else hashed_min_cosine(cfg.threshold)
-            candidates["clusters"], st = cluster_candidates(emb, cfg.num_clusters, cfg.clusterings, min_cos, cfg.seed)
-            ex = extra.setdefault("clusters", {"candidate_cosine": round(float(min_cos), 4), "k": {},
-                                               "new_candidates_per_clustering": [0] * cfg.clusterings})
-            ex["k"][scope] = st["k"]
-            ex["new_candidates_per_clustering"] = [a + b for a, b in zip(ex["new_candidates_per_clustering"],
-                                                                         st["new_candidates_per_clustering"])]
-            seconds["clusters"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        union = _pairs(list(candidates.values()))  # every candidate once, checked with the exact J
-        union_keys = union[:, 0] * len(reps) + union[:, 1]
-        sims = jaccard_pairs(union, rep_shingles)
-        found_local: set[tuple[int, int]] = set()  # (rep a, rep b) local indices, a < b
-        for method, pairs in candidates.items():
-            methods[method]["candidates"] += len(pairs)
-            sim = sims[np.searchsorted(union_keys, pairs[:, 0] * len(reps) + pairs[:, 1])]
-            ok = sim >= cfg.threshold
-            methods[method]["pairs"] += int(ok.sum())
-            for (p, q), j in zip(pairs[ok].tolist(), sim[ok].tolist()):
-                a, b = int(reps[p]), int(reps[q])
-                if (a, b) not in found_local:
-                    found_local.add((a, b))
-                    edges.append((members[a], members[b], j, method))
-                    uf.union(members[a], members[b])
-        seconds["verify"] += time.perf_counter() - t0
-
-        if cfg.recall_sample:
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, 7])
-            sample = np.sort(rng.choice(len(members), size=min(cfg.recall_sample, len(members)), replace=False))
-            sampled += len(sample)
-            t_local, f_local = _recall(shingles, local_rep, found_local, sample, cfg.threshold)
-            truth |= {(members[a], members[b]) for a, b in t_local}
-            found_sampled |= {(members[a], members[b]) for a, b in f_local}
-            seconds["recall"] += time.perf_counter() - t0
-
-    # one kept document per group
-    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
-    keeper: dict[int, int] = {}
-    for i in range(n):
-        k = keeper.setdefault(roots[i], i)
-        if cfg.keep == "longest" and n_words[i] > n_words[k]:
-            keeper[roots[i]] = i
-    group = np.array([keeper[r] for r in roots], dtype=np.int64)
-    keep = group == np.arange(n)
-    sizes = np.bincount(group, minlength=n)
-    by_source: dict[str, dict] = {}
-    for i, s in enumerate(sources):
-        st = by_source.setdefault(s, {"documents": 0, "removed": 0, "removed_exact": 0, "words_removed": 0})
-        st["documents"] += 1
-        if not keep[i]:
-            st["removed"] += 1
-            st["removed_exact"] += int(exact_key[i] == exact_key[group[i]])
-            st["words_removed"] += int(n_words[i])
-    examples = [{"a": where[i], "b": where[j], "source_a": sources[i], "source_b": sources[j],
-                 "jaccard": round(sim, 4), "method": method, "a_text": _excerpt(texts[i]), "b_text": _excerpt(texts[j])}
-                for i, j, sim, method in sorted(edges, key=lambda e: (e[2], e[0], e[1]))[: cfg.examples]]
-    recall = None
-    if cfg.recall_sample:
-        hit = len(truth & found_sampled)
-        grouped = sum(int(group[a] == group[b]) for a, b in truth)
-        recall = {"sampled_documents": sampled, "true_pairs": len(truth), "found": hit,
-                  "recall": hit / len(truth) if truth else None,
-                  "recall_grouped": grouped / len(truth) if truth else None,
-                  "found_pairs": len(found_sampled),
-                  "precision": hit / len(found_sampled) if found_sampled else None}
-    report = {
-        "settings": cfg.model_dump(mode="json"),
-        "documents": n,
-        "removed": int((~keep).sum()),
-        "groups": int((sizes >= 2).sum()),
-        "documents_in_groups": int(sizes[sizes >= 2].sum()),
-        "largest_group": int(sizes.max()) if n else 0,
-        "exact_duplicates": int(sum(st["removed_exact"] for st in by_source.values())),
-        "methods": {m: {**methods[m], **extra.get(m, {})} for m in methods},
-        "by_source": by_source,
-        "examples": examples,
-        "recall": recall,
-        "seconds": {k: round(v, 3) for k, v in seconds.items() if v}
-        | {"total": round(time.perf_counter() - t_start, 3)},
-    }
-    exact_pairs = [(min(i, j), max(i, j)) for i, j in exact_edges]
-    pairs = _pairs([np.array([(i, j) for i, j, _, _ in edges] + exact_pairs, dtype=np.int64).reshape(-1, 2)])
-    return DedupResult(keep, group, pairs, report)
-
-
-def _recall(shingles: list[np.ndarray], rep: np.ndarray, found: set[tuple[int, int]], sample: np.ndarray,
-            threshold: float) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
-    """(true pairs touching the sample, found pairs touching the sample), as (i, j) i < j over local indices. A
-    pair (x, y) is found when x and y are exact copies of each other or their representatives are a found pair."""
-    truth = {tuple(p) for p in all_pairs(shingles, threshold, rows=sample).tolist()}
-    members_of: dict[int, list[int]] = {}
-    for x, r in enumerate(rep.tolist()):
-        members_of.setdefault(r, []).append(x)
-    neighbours: dict[int, list[int]] = {}
-    for a, b in found:
-        neighbours.setdefault(a, []).append(b)
-        neighbours.setdefault(b, []).append(a)
-    found_pairs = set()
-    for x in sample.tolist():
-        r = int(rep[x])
-        for y in members_of[r] + [y for b in neighbours.get(r, []) for y in members_of[b]]:
-            if y != x:
-                found_pairs.add((min(x, y), max(x, y)))
-    return truth, found_pairs
+    where = list(where) if where is not None else [str(i) for i in range(len(texts))]
+    with tempfile.TemporaryDirectory(prefix="llmft-dedup-") as tmp, DedupIndex(cfg, Path(tmp)) as index:
+        start = 0
+        for end in range(1, len(texts) + 1):  # runs of one source, at most FEATURE_BATCH documents each
+            if end == len(texts) or sources[end] != sources[start] or end - start == FEATURE_BATCH:
+                index.add_texts(texts[start:end], sources[start], where[start:end])
+                start = end
+        return index.finish()
 
 
 def _excerpt(text: str) -> str:

@@ -1,5 +1,8 @@
 """Document filters (the mix's ``filters`` list): a score per document, removed when the score is above the
-filter's threshold. They run after decontamination and deduplication, before tokenizing.
+filter's threshold. The build runs them on batches of documents as it reads them, after decontamination and before
+deduplication and tokenizing (so a filtered source holds no texts; with ``reweight``, a source's documents are
+filtered all at once, after deduplication, because the probe needs them all); :class:`FilterTally` adds up the
+batches' reports.
 
 Kinds:
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -48,6 +51,29 @@ class FilterResult:
 
     keep: np.ndarray  # (n,) bool
     report: dict  # {filter name: {documents, removed, removed_only_here, words_removed, threshold, examples}}
+
+
+@dataclass
+class FilterTally:
+    """One source's filter results added up batch by batch, so that a build filters while it reads: the counts of
+    each filter's report summed, its first ``examples`` examples kept."""
+
+    filters: Sequence[TextFilter]
+    documents: int = 0
+    removed: int = 0
+    report: dict = field(default_factory=dict)  # as FilterResult.report
+
+    def add(self, result: FilterResult) -> None:
+        """Add the result of :func:`apply_filters` on the next batch of the source's documents."""
+        self.documents += len(result.keep)
+        self.removed += int((~result.keep).sum())
+        limits = {f.name or f.kind: f.examples for f in self.filters}
+        for name, r in result.report.items():
+            t = self.report.setdefault(name, {"documents": 0, "removed": 0, "removed_only_here": 0,
+                                              "words_removed": 0, "examples": []})
+            for key in ("documents", "removed", "removed_only_here", "words_removed"):
+                t[key] += r[key]
+            t["examples"] += r["examples"][: max(0, limits[name] - len(t["examples"]))]
 
 
 def _windows(text: str, size: int) -> list[str]:
@@ -242,7 +268,7 @@ def _excerpt(text: str, f: TextFilter) -> str:
     return ("..." if start else "") + part + ("..." if start + EXCERPT_CHARS < len(text) else "")
 
 
-def merge_reports(by_source: dict[str, FilterResult], filters: Sequence[TextFilter]) -> dict:
+def merge_reports(by_source: dict[str, FilterTally], filters: Sequence[TextFilter]) -> dict:
     """The ``filters`` entry of stats.json: per filter (settings, totals, per-source counts) and per source."""
     out = {"by_filter": {}, "by_source": {}}
     for f in filters:
@@ -254,8 +280,7 @@ def merge_reports(by_source: dict[str, FilterResult], filters: Sequence[TextFilt
             "by_source": per,
         }
     for s, r in by_source.items():
-        out["by_source"][s] = {"documents": int(len(r.keep)), "removed": int((~r.keep).sum()),
-                               "kept": int(r.keep.sum())}
+        out["by_source"][s] = {"documents": r.documents, "removed": r.removed, "kept": r.documents - r.removed}
     return out
 
 

@@ -104,3 +104,72 @@ class UnitSpill:
             f.close()
         for suffix in (".tokens", ".mask"):
             self.path.with_suffix(suffix).unlink(missing_ok=True)
+
+
+class ArraySpill:
+    """Variable-length arrays of one dtype appended to a file and read back by index: the per-document data a
+    build needs again later but must not hold (a document's dedup shingles, its report excerpt). In memory: one
+    8-byte offset per array. A context manager that deletes the file on exit.
+
+    Args:
+        path: the file, in a directory that exists (created, truncated).
+        dtype: the arrays' dtype.
+
+    Raises:
+        OSError: the file cannot be created or written (e.g. a full disk).
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype | type):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self._out = open(self.path, "wb")  # noqa: SIM115 (kept open until close)
+        self._in = None
+        self._dirty = False  # written since the last flush
+        self.offsets = array("q", [0])  # (arrays + 1,) in items
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def append(self, values: np.ndarray) -> None:
+        """Write one array (flattened)."""
+        values = np.ascontiguousarray(values, self.dtype).reshape(-1)
+        self._out.write(memoryview(values).cast("B"))
+        self._dirty = True
+        self.offsets.append(self.offsets[-1] + len(values))
+
+    def extend(self, flat: np.ndarray, counts: np.ndarray) -> None:
+        """Write ``len(counts)`` arrays given as one flat array and each one's length."""
+        flat = np.ascontiguousarray(flat, self.dtype)
+        self._out.write(memoryview(flat).cast("B"))
+        self._dirty = True
+        self.offsets.extend((self.offsets[-1] + np.cumsum(counts, dtype=np.int64)).tolist())
+
+    def lengths(self) -> np.ndarray:
+        """(arrays,) int64: the length of every array."""
+        return np.diff(np.frombuffer(self.offsets, np.int64))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Array ``i`` (what was written is flushed first: reads and appends may alternate)."""
+        if self._dirty:
+            self._out.flush()
+            self._dirty = False
+        if self._in is None:
+            self._in = open(self.path, "rb", buffering=0)  # noqa: SIM115
+        start, end = self.offsets[i], self.offsets[i + 1]
+        out = np.empty(end - start, self.dtype)
+        if read_at(self._in, out.view(np.uint8), start * self.dtype.itemsize) != out.nbytes:
+            raise OSError(f"{self.path}: spilled data ends early (the staging directory was changed during the build)")
+        return out
+
+    def __enter__(self) -> ArraySpill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Close and delete the file."""
+        self._out.close()
+        if self._in is not None:
+            self._in.close()
+        self.path.unlink(missing_ok=True)
