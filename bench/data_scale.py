@@ -193,19 +193,19 @@ def main() -> None:
             mix = {"seq_len": args.seq_len, "total_tokens": total, "packing": "concat", "num_proc": args.num_proc,
                    "sources": [{"name": n, "weight": 1, "source": {"format": "jsonl", "path": s}}
                                for n, s in sources.items()]}
-            plain = None
-            if args.dedup:  # the same corpus without dedup first: the baseline of the dedup cost
-                (tmp / "plain.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
-                plain = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / "plain.yaml"), "--out",
-                                   str(tmp / "plain"), "--seq-len", str(args.seq_len)], timeout_s=7200)
-                if plain["status"] != "ok":
-                    raise SystemExit(f"the build failed ({plain['status']}): {plain['stderr_tail']}")
+
+            def build(name: str) -> dict:  # in a child process: its peak RSS is the build's
+                (tmp / f"{name}.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
+                out = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / f"{name}.yaml"), "--out",
+                                 str(tmp / name), "--seq-len", str(args.seq_len)], timeout_s=7200)
+                if out["status"] != "ok":
+                    raise SystemExit(f"the build failed ({out['status']}): {out['stderr_tail']}")
+                return out
+
+            plain = build("plain") if args.dedup else None  # the same corpus without dedup: the dedup cost's baseline
+            if args.dedup:
                 mix["dedup"] = DEDUP
-            (tmp / "mix.yaml").write_text(yaml.safe_dump(mix, sort_keys=False))
-            b = run_child([str(Path(__file__)), "--child", "build", "--mix", str(tmp / "mix.yaml"), "--out",
-                           str(tmp / "out"), "--seq-len", str(args.seq_len)], timeout_s=7200)
-            if b["status"] != "ok":
-                raise SystemExit(f"the build failed ({b['status']}): {b['stderr_tail']}")
+            b = build("out")
             b["plain"] = plain
             t = run_child([str(Path(__file__)), "--child", "tokenize", "--sample-mb", str(args.sample_mb), "--files",
                            ",".join(sources.values())], timeout_s=7200)

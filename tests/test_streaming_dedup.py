@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
 from transformers import AutoTokenizer
+
+from test_sampled_reading import SHARDS, TOKENIZER, mix_file
 
 from llmft.data.build import _Dedup, build, load_built
 from llmft.data.dedup import DedupIndex, _same_key_pairs, features, minhash_signatures
@@ -24,8 +25,6 @@ from llmft.data.mix import Dedup, load_mix
 from llmft.data.sources import DataError
 from llmft.data.units import ArraySpill
 
-TOKENIZER = REPO / "llmft/assets/tiny-llama"
-SHARDS = 40
 DEDUP = {"methods": ["exact", "minhash"], "threshold": 0.8, "shingle_size": 5, "keep": "first"}
 
 
@@ -58,15 +57,6 @@ def corpus(tmp_path, book_text) -> dict[str, Path]:
     return {"big": big, "small": small}
 
 
-def mix_file(path: Path, corpus: dict[str, Path], **mix) -> Path:
-    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "total_tokens": 16_000, "packing": "concat",
-           "sources": [{"name": "big", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["big"])}},
-                       {"name": "small", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["small"])}}],
-           **mix}
-    path.write_text(yaml.safe_dump(mix, sort_keys=False))
-    return path
-
-
 def tags(built, tok) -> Counter:
     text = tok.decode(built.rows.materialize()[0].input_ids.flatten().tolist())
     return Counter(re.findall(r"shard \d+ doc \d+", text))
@@ -78,7 +68,7 @@ def tokens_of(corpus: dict[str, Path], tok, keep=lambda d: True) -> int:
 
 
 def test_a_deduplicated_share_is_sampled_and_has_no_duplicates(tmp_path, corpus, tok, caplog, monkeypatch):
-    """Half of big's documents are copies, so the first scan (the need + 10%) keeps too few tokens: the build
+    """Half of big's documents are copies, so the first scan (the need + 15%) keeps too few tokens: the build
     reads on, decides again over everything scanned, and ends with big's share, no document twice, and about the
     bytes its share needs after dedup. The same rows and stats with 2 worker processes."""
     caplog.set_level(logging.INFO, logger="llmft.data.build")

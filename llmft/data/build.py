@@ -104,9 +104,9 @@ PROGRESS_LOG_SECONDS = 30  # without a terminal, progress is logged this often
 TOKENIZE_BATCH = 256  # documents per tokenizing job, or fewer when they reach:
 TOKENIZE_BATCH_CHARS = 1 << 20  # (a batch of 256 books would be ~100 MB of text, times the jobs in flight)
 FILTER_BATCH = 256  # documents the filters score at a time while reading (or fewer, up to TOKENIZE_BATCH_CHARS)
-ESTIMATE_CHARS = 1 << 18  # a deduplicated source's characters per token are measured on its first this many (or
+ESTIMATE_CHARS = 1 << 20  # a deduplicated source's characters per token are measured on its first this many (or
 # on 2 characters per token of its need, if fewer)
-SCAN_MARGIN = 1.1  # a deduplicated, sampled source is scanned to its need plus 10% (duplicates, dropped documents)
+SCAN_MARGIN = 1.15  # a deduplicated, sampled source is scanned to its need plus 15% (duplicates, dropped documents)
 
 
 class _LogLines:
@@ -382,7 +382,7 @@ class _Dedup:
         Raises:
             DataError: a custom embedder fails.
         """
-        result = self.index.finish()
+        result = self.index.finish(recall=False)  # recall is measured once, on the last decision (final_report)
         self.report = result.report
         changed = []
         for k, (sc, src) in enumerate(zip(self.scans, self.mix.sources)):
@@ -458,6 +458,8 @@ class _Dedup:
     def final_report(self) -> dict:
         """The report of the last decision, with the tokens of the removed documents per source (with a tokenizer,
         once every source was drained)."""
+        if self.mix.dedup.recall_sample and self.report["recall"] is None:  # the same decision, and its recall
+            self.report = self.index.finish().report
         if self.tokenizer is not None:
             for sc, src in zip(self.scans, self.mix.sources):
                 if src.name in self.report["by_source"]:
@@ -470,7 +472,8 @@ class _Dedup:
             return
         if text is not None:
             sc.removed.append(text)
-        if sc.removed and (text is None or len(sc.removed) == TOKENIZE_BATCH):
+        if sc.removed and (text is None or len(sc.removed) == TOKENIZE_BATCH
+                           or sum(map(len, sc.removed)) >= TOKENIZE_BATCH_CHARS):
             sc.tokens_removed += sum(len(ids) for ids in _encode(self.tokenizer, sc.removed))
             sc.removed.clear()
 

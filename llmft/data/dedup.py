@@ -75,6 +75,7 @@ EXCERPT_CHARS = 160
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # polynomial shingle hash multiplier (as in decontam)
 SIGNATURE_CHUNK = 8192  # shingles per MinHash update: a (chunk, num_perm) uint32 temporary
 FEATURE_BATCH = 256  # documents per features() call in deduplicate()
+RECALL_CHUNK_SHINGLES = 1 << 21  # the recall search reads back this many shingles at a time (16 MB of int64)
 MAX_CACHED_WORDS = 1 << 20  # the Shingler's word-hash cache is cleared past this many words (bounded memory)
 
 
@@ -554,9 +555,10 @@ class DedupIndex:
         spill[0]  # flushes what was written
         return np.memmap(spill.path, dtype=dtype, mode="r", shape=(len(self), len(spill[0])))
 
-    def finish(self) -> DedupResult:
+    def finish(self, recall: bool = True) -> DedupResult:
         """Find the duplicate groups among every document added so far and choose the document kept from each (see
-        the module docstring). It may be called again after more documents are added.
+        the module docstring). It may be called again after more documents are added; ``recall=False`` skips the
+        recall measurement (a pass over every document's shingles), for decisions that may not be the last.
 
         Returns:
             keep / group per document and the report of :func:`deduplicate`.
@@ -637,7 +639,7 @@ class DedupIndex:
                         edges.append((int(members[a]), int(members[b]), j, method))
             seconds["verify"] += time.perf_counter() - t0
 
-            if cfg.recall_sample:
+            if cfg.recall_sample and recall:
                 t0 = time.perf_counter()
                 rng = np.random.default_rng([cfg.seed, 7])
                 sample = np.sort(rng.choice(len(members), size=min(cfg.recall_sample, len(members)), replace=False))
@@ -672,11 +674,11 @@ class DedupIndex:
             (wa, ta), (wb, tb) = self.note(i), self.note(j)
             examples.append({"a": wa, "b": wb, "source_a": self.sources[src[i]], "source_b": self.sources[src[j]],
                              "jaccard": round(sim, 4), "method": method, "a_text": ta, "b_text": tb})
-        recall = None
-        if cfg.recall_sample:
+        recall_report = None
+        if cfg.recall_sample and recall:
             hit = len(truth & found_sampled)
             grouped = sum(int(group[a] == group[b]) for a, b in truth)
-            recall = {"sampled_documents": sampled, "true_pairs": len(truth), "found": hit,
+            recall_report = {"sampled_documents": sampled, "true_pairs": len(truth), "found": hit,
                       "recall": hit / len(truth) if truth else None,
                       "recall_grouped": grouped / len(truth) if truth else None,
                       "found_pairs": len(found_sampled),
@@ -692,7 +694,7 @@ class DedupIndex:
             "methods": {m: {**methods[m], **extra.get(m, {})} for m in methods},
             "by_source": by_source,
             "examples": examples,
-            "recall": recall,
+            "recall": recall_report,
             "seconds": {k: round(v, 3) for k, v in seconds.items() if v}
             | {"total": round(time.perf_counter() - t_start, 3)},
         }
@@ -724,10 +726,11 @@ class DedupIndex:
                     found_pairs.add((min(x, y), max(x, y)))
         return truth, found_pairs
 
-    def _sample_pairs(self, members: np.ndarray, sample: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    def _sample_pairs(self, members: np.ndarray, sample: np.ndarray) -> np.ndarray:
         """The exact search of :func:`all_pairs` with ``rows=sample``, streaming: the sampled documents' shingles in
-        memory as a sparse (sample x their distinct shingles) matrix, every document of the scope read back from the
-        spill ``chunk`` at a time and its shared-shingle counts with the sample taken by one sparse product.
+        memory as a sparse (sample x their distinct shingles) matrix, the documents of the scope read back from the
+        spill ``RECALL_CHUNK_SHINGLES`` shingles at a time and their shared-shingle counts with the sample taken by
+        one sparse product per chunk.
 
         Returns:
             (m, 2) int64 pairs a < b of local indices (positions in ``members``) with J >= threshold, one of them
@@ -750,14 +753,19 @@ class DedupIndex:
             return sparse.csr_matrix((np.ones(len(flat), np.int32), flat, indptr), shape=(len(sets), len(vocab)))
 
         xs_t = rows(sampled).T.tocsr()  # (vocab, sample)
-        out = []
-        for start in range(0, len(members), chunk):
-            inter = (rows([self.shingles(int(m)) for m in members[start : start + chunk]]) @ xs_t).tocoo()
+        del sampled
+        cum = np.cumsum(lengths)  # (members,) shingles up to and with each document
+        out, start = [], 0
+        while start < len(members):  # the next documents whose shingles fit in the chunk (at least one)
+            base = int(cum[start - 1]) if start else 0
+            end = max(start + 1, int(np.searchsorted(cum, base + RECALL_CHUNK_SHINGLES, side="right")))
+            inter = (rows([self.shingles(int(m)) for m in members[start:end]]) @ xs_t).tocoo()
             i = start + inter.row.astype(np.int64)  # (pairs,) local index of the scope document
             j = sample[inter.col]  # its sampled partner
             c = inter.data.astype(np.float64)
             ok = (i != j) & (c / (lengths[i] + lengths[j] - c) >= threshold)
             out.append(np.column_stack([i[ok], j[ok]]))
+            start = end
         return _pairs(out)
 
     def remove(self) -> None:
