@@ -209,3 +209,23 @@ def test_signatures_bands_and_spills_equal_their_references(tmp_path, monkeypatc
         assert [spill[i].tolist() for i in range(4)] == [[0, 1, 2, 3, 4], [10, 11], [], [12, 13, 14, 15]]
         assert spill.lengths().tolist() == [5, 2, 0, 4]
     assert not (tmp_path / "s.u32").exists()
+
+
+def test_documents_the_length_filter_drops_cost_no_signature(tmp_path, tok, book_text):
+    """A plain source's min_tokens runs in dedup's scan: the short documents (here exact copies of each other) never
+    enter the index, are counted as dropped, and the rows are those of the long documents."""
+    words = book_text.split()
+    long = [f"long {i} . " + " ".join(words[i * 300 : i * 300 + 300]) for i in range(12)]
+    short = ["a short note that repeats"] * 20
+    lines = [d for pair in zip(long, short[:12]) for d in pair] + short[12:]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "dedup": DEDUP,
+           "sources": [{"name": "a", "weight": 1, "filters": {"min_tokens": 50},
+                        "source": {"format": "jsonl", "path": str(tmp_path / "a.jsonl")}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    built = build(load_mix(tmp_path / "mix.yaml"), tmp_path / "out", tok, 256)
+    st, dedup = built.stats["sources"]["a"], built.stats["dedup"]
+    assert st["dropped_min_tokens"] == 20 and st["documents"] == 32
+    assert dedup["documents"] == 12 and dedup["removed"] == 0 and st["deduplicated"] == 0
+    text = tok.decode(built.rows.materialize()[0].input_ids.flatten().tolist())
+    assert "short note" not in text and len(re.findall(r"long \d+ \.", text)) == 12

@@ -12,7 +12,9 @@ document's features in the workers (exact hash, MinHash signature, shingles) int
 :class:`llmft.data.dedup.DedupIndex` (in memory: ``num_perm * 4`` bytes per document while deciding, under 100
 bytes otherwise; the shingles and excerpts spill to the staging directory); the duplicates are decided over all of
 them; a second reading yields only the documents kept (by their position in the reading order; a file changed in
-between is an error) and counts the tokens of the removed ones for the report.
+between is an error) and counts the tokens of the removed ones for the report. A plain source's ``min_tokens`` /
+``max_tokens`` run in the scan (its workers count each document's tokens), so a document they drop takes no place
+in the index: a web source where most documents are under Together's 2K tokens costs signatures only for the rest.
 
 When a source's need is known before it is read (``total_tokens`` with weighted shares, and no ``reweight``,
 whose probe reads every source first), its files are read in a seeded random order and reading stops once its
@@ -280,6 +282,8 @@ class _Scan:
     rest: Iterator | None = None  # the second reading, after the documents handed out
     removed: list[str] = field(default_factory=list)  # removed documents met by the second reading, to count
     tokens_removed: int = 0
+    dropped_min_tokens: int = 0  # dropped in the scan by the source's length filter (a plain source)
+    dropped_max_tokens: int = 0
 
 
 class _Dedup:
@@ -333,11 +337,14 @@ class _Dedup:
         sample: list[str] | None = [] if need is not None and budget is None else None  # texts for the estimate
         pending: deque[list[tuple[int, str, str]]] = deque()  # (position, text, where) of the batches in flight
         custom = self.mix.dedup.embedder != "hashed" and "clusters" in self.mix.dedup.methods
+        lo, hi = src.filters.min_tokens, src.filters.max_tokens
+        # a plain source's length filter runs in the scan: a document it drops costs no signature
+        length_filter = src.transform == "none" and bool(lo or hi) and self.tokenizer is not None
         progress = _progress(f"scan {src.name} for dedup", None if math.isinf(target) else int(target), unit="char")
 
         def jobs():
             nonlocal sample, target
-            batch, size = [], 0
+            batch, docs, size = [], [], 0
             while sc.chars < target:
                 item = next(sc.docs, None)
                 if item is None:
@@ -346,6 +353,7 @@ class _Dedup:
                 raw, doc = item
                 text = _text(doc)
                 batch.append((raw, text, doc.where))
+                docs.append(doc)
                 size += len(text)
                 sc.chars += len(text)
                 if sample is not None:
@@ -356,15 +364,23 @@ class _Dedup:
                         progress.total, sample = int(target), None
                 if len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
                     pending.append(batch)
-                    yield "dedup", [t for _, t, _ in batch]
-                    batch, size = [], 0
+                    yield ("dedup+tokens", docs) if length_filter else ("dedup", [t for _, t, _ in batch])
+                    batch, docs, size = [], [], 0
             if batch:
                 pending.append(batch)
-                yield "dedup", [t for _, t, _ in batch]
+                yield ("dedup+tokens", docs) if length_filter else ("dedup", [t for _, t, _ in batch])
 
         try:
             for feats in self.work(jobs()):
                 batch = pending.popleft()
+                if length_filter:
+                    feats, lengths = feats
+                    short = lengths < lo if lo else np.zeros(len(lengths), bool)
+                    long = ~short & (lengths > hi) if hi else np.zeros(len(lengths), bool)
+                    sc.dropped_min_tokens += int(short.sum())
+                    sc.dropped_max_tokens += int(long.sum())
+                    feats = feats.select(~(short | long))
+                    batch = [b for b, drop in zip(batch, short | long) if not drop]
                 first = len(self.index)
                 self.index.add(feats, src.name, [w for _, _, w in batch], [t for _, t, _ in batch] if custom else None)
                 sc.raw.extend(r for r, _, _ in batch)
@@ -569,7 +585,7 @@ def dedup_recipe(mix: MixRecipe, out: Path, tokenizer: PreTrainedTokenizerBase |
     decon, decon_report = _decontaminator(mix)
     readings = _start_reading(mix, decon, decon_report)
     with tempfile.TemporaryDirectory(prefix="llmft-dedup-") as tmp, \
-            _tokenizer_pool(_Tokenize(tokenizer, 0, True, mix.dedup), mix.num_proc) as work, \
+            _tokenizer_pool(_Tokenize(tokenizer, 0, mix.add_eos, mix.dedup), mix.num_proc) as work, \
             _dedup_pass(mix, readings, decon, decon_report, Path(tmp), work, tokenizer) as dd:
         for k in range(len(mix.sources)):
             dd.reread(k)
@@ -752,9 +768,13 @@ class _Tokenize:
 
     def __call__(self, job: tuple[str, list]) -> list[Example] | Features:
         transform, docs = job
-        if transform == "dedup":
+        if transform == "dedup":  # texts
             self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
             return dedup_features(docs, self.dedup, self._shingler)
+        if transform == "dedup+tokens":  # documents: their features and each one's tokens as encode_documents makes them
+            self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
+            lengths = np.array([len(e) for e in encode_documents(docs, self.tokenizer, self.add_eos)], np.int64)
+            return dedup_features([_text(d) for d in docs], self.dedup, self._shingler), lengths
         if transform == "ni_fewshot":  # many instances of a task per sequence, after one header
             return ni_fewshot(docs, self.tokenizer, self.seq_len, self.add_eos)
         return encode_documents(docs, self.tokenizer, self.add_eos)
@@ -937,6 +957,8 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                     if dd is not None:
                         dd.drain(k)
                         st["read_whole"] = dd.scans[k].exhausted
+                        st["dropped_min_tokens"] += dd.scans[k].dropped_min_tokens
+                        st["dropped_max_tokens"] += dd.scans[k].dropped_max_tokens
                     log.info("data: %s: %s tokens from %d documents in %.1f s (%s tokens/s)%s", src.name,
                              f"{spills[k].tokens:,}", st["documents"], seconds,
                              f"{spills[k].tokens / max(1e-9, seconds):,.0f}",

@@ -452,6 +452,16 @@ class Features:
     embeddings: np.ndarray | None  # (n, EMBED_DIM) float32 with clusters and the hashed embedder
     excerpts: list[str]  # for the report's example pairs
 
+    def select(self, keep: np.ndarray) -> Features:
+        """The features of the documents where ``keep`` (n,) bool is set."""
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        parts = [self.shingles[starts[i] : starts[i + 1]] for i in np.flatnonzero(keep)]
+        return Features(self.n_words[keep], self.exact[keep],
+                        np.concatenate(parts) if parts else np.zeros(0, np.uint32), self.counts[keep],
+                        None if self.signatures is None else self.signatures[keep],
+                        None if self.embeddings is None else self.embeddings[keep],
+                        [e for e, k in zip(self.excerpts, keep) if k])
+
 
 def features(texts: Sequence[str], cfg: Dedup, shingler: Shingler | None = None) -> Features:
     """The dedup features of a batch of documents (prompt and text together)."""
@@ -518,6 +528,8 @@ class DedupIndex:
             OSError: the spill files cannot be written.
         """
         n = len(feats.n_words)
+        if n == 0:
+            return
         if source not in self.sources:
             self.sources.append(source)
         self.source_ids.extend([self.sources.index(source)] * n)
