@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,10 @@ def tok():
     return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
-@pytest.fixture
-def corpus(tmp_path, book_text) -> dict[str, Path]:
-    """``big``: 40 jsonl shards of 8 documents (~400 words of the book, each tagged ``shard N doc M``); ``small``:
-    one file of 16 such documents."""
+def write_corpus(tmp_path: Path, book_text: str, shard: Callable[[Callable[[str], str], int], list[str]]
+                 ) -> dict[str, Path]:
+    """``big``: 40 jsonl shards, shard ``s`` holding ``shard(doc, s)``, where ``doc(tag)`` is ~400 words of the book
+    after ``tag .``; ``small``: one file of 16 such documents."""
     words = book_text.split()
     rng = np.random.default_rng(0)
 
@@ -42,11 +43,17 @@ def corpus(tmp_path, book_text) -> dict[str, Path]:
     big = tmp_path / "big"
     big.mkdir()
     for s in range(SHARDS):
-        (big / f"{s:03d}.jsonl").write_text("".join(json.dumps({"text": doc(f"shard {s} doc {d}")}) + "\n"
-                                                   for d in range(8)))
+        (big / f"{s:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in shard(doc, s)))
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": doc(f"small doc {d}")}) + "\n" for d in range(16)))
     return {"big": big, "small": small}
+
+
+@pytest.fixture
+def corpus(tmp_path, book_text) -> dict[str, Path]:
+    """``big``: 40 jsonl shards of 8 documents (~400 words of the book, each tagged ``shard N doc M``); ``small``:
+    one file of 16 such documents."""
+    return write_corpus(tmp_path, book_text, lambda doc, s: [doc(f"shard {s} doc {d}") for d in range(8)])
 
 
 def mix_file(path: Path, corpus: dict[str, Path], **mix) -> Path:

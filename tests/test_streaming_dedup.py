@@ -17,7 +17,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from test_sampled_reading import SHARDS, TOKENIZER, mix_file
+from test_sampled_reading import SHARDS, TOKENIZER, mix_file, write_corpus
 
 from llmft.data.build import _Dedup, build, load_built
 from llmft.data.dedup import DedupIndex, _same_key_pairs, features, minhash_signatures
@@ -38,23 +38,13 @@ def corpus(tmp_path, book_text) -> dict[str, Path]:
     """``big``: 40 jsonl shards of 8 documents of ~400 words, each tagged ``shard S doc D``; in every shard docs
     4, 5 and 6 are exact copies of docs 0, 2 and 3, and doc 7 a near copy of doc 1 (1 word in 50 changed, tag kept),
     so half the documents are duplicates. ``small``: one file of 16 such documents, no duplicates."""
-    words = book_text.split()
-    rng = np.random.default_rng(0)
 
-    def doc(tag: str) -> str:
-        start = int(rng.integers(0, len(words) - 400))
-        return f"{tag} . " + " ".join(words[start : start + 400])
-
-    big = tmp_path / "big"
-    big.mkdir()
-    for s in range(SHARDS):
+    def shard(doc, s: int) -> list[str]:
         docs = [doc(f"shard {s} doc {d}") for d in range(4)]
         near = docs[1].split(" ")
-        docs += [docs[0], docs[2], docs[3], " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(near))]
-        (big / f"{s:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    small = tmp_path / "small.jsonl"
-    small.write_text("".join(json.dumps({"text": doc(f"small doc {d}")}) + "\n" for d in range(16)))
-    return {"big": big, "small": small}
+        return docs + [docs[0], docs[2], docs[3], " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(near))]
+
+    return write_corpus(tmp_path, book_text, shard)
 
 
 def tags(built, tok) -> Counter:
@@ -229,3 +219,25 @@ def test_documents_the_length_filter_drops_cost_no_signature(tmp_path, tok, book
     assert dedup["documents"] == 12 and dedup["removed"] == 0 and st["deduplicated"] == 0
     text = tok.decode(built.rows.materialize()[0].input_ids.flatten().tolist())
     assert "short note" not in text and len(re.findall(r"long \d+ \.", text)) == 12
+
+
+def test_removed_tokens_are_counted_past_where_tokenizing_stopped(tmp_path, tok, book_text):
+    """A sampled source's second reading stops at its need, before the end of what the scan read: the report still
+    counts the tokens of every removed document the scan read (one file, read in order: its first documents)."""
+    words = book_text.split()
+    unique = [f"doc {i} . " + " ".join(words[i * 150 : i * 150 + 150]) for i in range(60)]
+    docs = [d for u in unique for d in (u, u)]  # every document followed by its copy
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "total_tokens": 4000,
+           "dedup": {**DEDUP, "methods": ["exact"]},
+           "sources": [{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(tmp_path / "a.jsonl")}}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    built = build(load_mix(tmp_path / "mix.yaml"), tmp_path / "out", tok, 256)
+    dedup, st = built.stats["dedup"], built.stats["sources"]["a"]
+    scanned = dedup["documents"]
+    assert not st["read_whole"] and 10 < scanned < len(docs)
+    tokens = [len(tok(d, add_special_tokens=False)["input_ids"]) for d in docs[:scanned]]
+    # the kept documents tokenized hold fewer tokens than all those scanned: tokenizing stopped inside the scan
+    assert st["available_tokens"] + built.stats["validation_tokens"].get("a", 0) < sum(t + 2 for t in tokens[::2])
+    assert dedup["removed"] == scanned // 2
+    assert dedup["by_source"]["a"]["tokens_removed"] == sum(tokens[1::2])

@@ -279,7 +279,7 @@ class _Scan:
     chars: int = 0
     exhausted: bool = False
     status: np.ndarray | None = None  # (last added position + 1,) uint8: 0, KEPT or REMOVED
-    rest: Iterator | None = None  # the second reading, after the documents handed out
+    rest: Iterator | None = None  # the second reading's kept documents, after those handed out
     removed: list[str] = field(default_factory=list)  # removed documents met by the second reading, to count
     tokens_removed: int = 0
     dropped_min_tokens: int = 0  # dropped in the scan by the source's length filter (a plain source)
@@ -441,33 +441,34 @@ class _Dedup:
             if _file_state(Path(f)) != state:
                 raise DataError(f"{f}: the file changed while the build was reading it (between dedup's two "
                                 "readings); build again once the files stay as they are")
-        sc.rest = enumerate(read_source(src.source, self.mix.on_error, SourceReport(), reading.files))
         sc.tokens_removed = 0
         span = self.decon is not None and self.mix.decontaminate.mode == "span"
         scratch = _ScratchDecontamReport()
 
-        def docs() -> Iterator[Document]:
-            for raw, doc in sc.rest:
+        def kept() -> Iterator[Document]:  # the scanned part's kept documents; the removed ones counted on the way
+            for raw, doc in enumerate(read_source(src.source, self.mix.on_error, SourceReport(), reading.files)):
                 if raw >= len(sc.status):
                     return
                 if sc.status[raw] == KEPT:
-                    if span:  # the cut the scan made, made again
-                        doc.text = self.decon.clean(doc.text, "span", src.name, doc.where, scratch)
                     yield doc
                 elif sc.status[raw] == REMOVED:
                     self._count_removed(sc, _text(doc))
 
+        def docs() -> Iterator[Document]:  # closing it leaves sc.rest open, for drain
+            for doc in sc.rest:
+                if span:  # the cut the scan made, made again
+                    doc.text = self.decon.clean(doc.text, "span", src.name, doc.where, scratch)
+                yield doc
+
+        sc.rest = kept()
         return docs()
 
     def drain(self, k: int) -> None:
         """Read on through the scanned part of source ``k`` after :meth:`reread` stopped, counting the tokens of the
         removed documents into the report."""
         sc = self.scans[k]
-        for raw, doc in sc.rest:
-            if raw >= len(sc.status):
-                break
-            if sc.status[raw] == REMOVED:
-                self._count_removed(sc, _text(doc))
+        for _ in sc.rest:  # the kept documents left are skipped; the removed ones are counted
+            pass
         self._count_removed(sc, None)
         sc.rest = None
 
@@ -941,7 +942,8 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                     if len(spills[k]):  # tokenized before, with other documents kept: again from scratch
                         spills[k].remove()
                         spills[k] = cleanup.enter_context(UnitSpill(stage / "units" / str(k), len(tokenizer)))
-                        reading.stats.update(dropped_min_tokens=0, dropped_max_tokens=0, doc_lengths=[])
+                    # what tokenizing counts (again, on a top-up, even of a source that kept no unit before)
+                    reading.stats.update(dropped_min_tokens=0, dropped_max_tokens=0, doc_lengths=[])
                     if dd is not None:
                         reading.docs = dd.reread(k)
                     if reweighting:
