@@ -130,7 +130,8 @@ def mem_available() -> int:
 def run_child(args: list[str], cap_bytes: int | None = None, timeout_s: float | None = None,
               reserve_bytes: int = 1 << 30) -> dict:
     """Run ``python <args>`` and return the JSON on its last stdout line, plus ``status``, ``seconds``,
-    ``watched_peak_rss`` (sampled every 50 ms), ``killed_for`` ("cap", "machine" or None) and ``load1``, the mean of
+    ``watched_peak_rss`` (sampled every 50 ms), ``watched_peak_tree_rss`` (the child and its descendants, summed),
+    ``killed_for`` ("cap", "machine" or None) and ``load1``, the mean of
     the 1-minute load average at start and end.
 
     ``cap_bytes``: the child is killed once its RSS passes it (status ``"memory"``), and its address space is
@@ -149,7 +150,7 @@ def run_child(args: list[str], cap_bytes: int | None = None, timeout_s: float | 
     load_start, t0 = load1(), time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=limit)
-    ps, peak, status, killed_for = psutil.Process(proc.pid), 0, None, None
+    ps, peak, tree_peak, status, killed_for = psutil.Process(proc.pid), 0, 0, None, None
     import threading
 
     out: dict[str, str] = {}
@@ -159,7 +160,14 @@ def run_child(args: list[str], cap_bytes: int | None = None, timeout_s: float | 
         r.start()
     while proc.poll() is None:
         try:
-            peak = max(peak, ps.memory_info().rss)
+            rss = ps.memory_info().rss
+            peak = max(peak, rss)
+            for c in ps.children(recursive=True):  # worker processes: the whole tree's resident memory
+                try:
+                    rss += c.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            tree_peak = max(tree_peak, rss)
         except psutil.NoSuchProcess:
             break
         if cap_bytes is not None and peak > cap_bytes:
@@ -188,7 +196,7 @@ def run_child(args: list[str], cap_bytes: int | None = None, timeout_s: float | 
         else:
             status = "error"
     return {**result, "status": status, "killed_for": killed_for, "returncode": proc.returncode, "seconds": seconds,
-            "watched_peak_rss": peak,
+            "watched_peak_rss": peak, "watched_peak_tree_rss": tree_peak,
             "load1": (load_start + load1()) / 2, "stderr_tail": stderr[-2000:] if status == "error" else ""}
 
 

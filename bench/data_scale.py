@@ -1,7 +1,7 @@
 """Data-scale benchmark: how `llmft data build`'s memory and time grow with the mix, and what a training rank
 then holds, at two or three sizes, with the raw tokenizer on the same text as the speed baseline.
 
-    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1] [--dedup]
+    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1] [--dedup | --engine]
 
 Sizes are millions of training tokens (the mix's ``total_tokens``). The corpus is generated from the bundled books
 (Frankenstein, Moby Dick): documents are random windows of their text, 1K-30K tokens long (log-uniform), written
@@ -20,6 +20,11 @@ in each shard 5% of the documents are exact copies and 5% near copies (1 word in
 that shard. Each size is built twice on the same corpus, with and without Together's dedup section (exact +
 MinHash, 256 permutations, Jaccard 0.8 over 5-word shingles, keep longest): the table gives both peak RSS and the
 difference per document scanned, against the stated cost (256 * 4 bytes of signature while deciding).
+
+``--engine``: each size is built twice on the same corpus, in the build's process (``num_proc`` tokenizing
+workers) and with ``engine: {workers: num_proc}`` (datatrove's local executor running the per-file tasks): time,
+peak RSS of the whole process tree (build and workers), the bytes the engine prepared against the bytes the build
+used, and whether the rows are the same bytes.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ def child_build(args: argparse.Namespace) -> None:
                       "sources": {k: {x: v[x] for x in ("available_tokens", "selected_tokens", "realized_share",
                                                          "documents", "target_tokens", "bytes_read", "bytes_total",
                                                          "files_read", "files_total", "deduplicated")}
+                                  | {"bytes_prepared": v.get("bytes_prepared")}
                                   for k, v in s["sources"].items()},
                       "validation_fraction": mix.validation_fraction}))
 
@@ -173,6 +179,8 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--dedup", action="store_true", help="sentence-run documents with planted copies; each size "
                    "built with and without dedup")
+    p.add_argument("--engine", action="store_true", help="each size also built with the data engine (datatrove's "
+                   "local executor): time, memory and rows compared")
     p.add_argument("--child", choices=["build", "tokenize"], help=argparse.SUPPRESS)
     p.add_argument("--mix", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -202,11 +210,17 @@ def main() -> None:
                     raise SystemExit(f"the build failed ({out['status']}): {out['stderr_tail']}")
                 return out
 
-            plain = build("plain") if args.dedup else None  # the same corpus without dedup: the dedup cost's baseline
+            # the same corpus without dedup (the dedup cost's baseline), or without the engine
+            plain = build("plain") if args.dedup or args.engine else None
             if args.dedup:
                 mix["dedup"] = DEDUP
+            if args.engine:
+                mix["engine"] = {"workers": args.num_proc}
             b = build("out")
             b["plain"] = plain
+            if args.engine:
+                b["same_rows"] = all((tmp / "plain" / "rows" / f.name).read_bytes() == f.read_bytes()
+                                     for f in (tmp / "out" / "rows").iterdir())
             t = run_child([str(Path(__file__)), "--child", "tokenize", "--sample-mb", str(args.sample_mb), "--files",
                            ",".join(sources.values())], timeout_s=7200)
             r = ranks(tmp / "out" / "rows")
@@ -214,7 +228,7 @@ def main() -> None:
             print(f"{size:g} M: build peak {b['watched_peak_rss'] / GB:.2f} GB in {b['seconds']:.0f} s; "
                   f"rank data RSS {[round(x['data_rss'] / MB, 1) for x in r]} MiB", flush=True)
 
-    flag = " --dedup" if args.dedup else ""
+    flag = " --dedup" if args.dedup else " --engine" if args.engine else ""
     lines = [f"## data_scale{flag} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"`python bench/data_scale.py --sizes {args.sizes} --seq-len {args.seq_len} --num-proc {args.num_proc}"
              f"{flag}` on {machine()}.", "",
@@ -260,6 +274,19 @@ def main() -> None:
                          f"({d['exact_duplicates']:,}) | {p['watched_peak_rss'] / GB:.3f} GB | "
                          f"{b['watched_peak_rss'] / GB:.3f} GB | {diff / MB:+.1f} MiB | "
                          f"{diff / d['documents'] / 1024:+.2f} KiB | {p['seconds']:.0f} / {b['seconds']:.0f} |")
+    if args.engine:
+        lines += ["", f"Engine (datatrove's local executor, {args.num_proc} workers, one file per task) against the "
+                  f"build's own process ({args.num_proc} tokenizing workers), same corpus; the rows above are the "
+                  "engine's. RSS: peak of the whole process tree.", "",
+                  "| training tokens | build s: process / engine | peak tree RSS: process / engine | "
+                  "bytes prepared / used by the build: big, mid, small, tight | same rows |",
+                  "|---:|---|---|---|---|"]
+        for size, sources, b, t, r in table:
+            p = b["plain"]
+            prepared = ", ".join(f"{v['bytes_prepared'] / v['bytes_read']:.2f}" for v in b["sources"].values())
+            lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {p['seconds']:.0f} / {b['seconds']:.0f} | "
+                         f"{p['watched_peak_tree_rss'] / GB:.2f} / {b['watched_peak_tree_rss'] / GB:.2f} GB | "
+                         f"{prepared} | {'yes' if b['same_rows'] else 'NO'} |")
     lines.append("")
     write_section(args.results, lines)
     print("\n".join(lines))

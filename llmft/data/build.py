@@ -58,8 +58,14 @@ on the build weighs each token's loss by the weight of the predicted token: a st
 its trained tokens, so a weight of 2 counts exactly as two copies of the document (:mod:`llmft.train.loss`).
 
 The fingerprint hashes the resolved mix recipe (the ``dedup`` settings included, but not the code of a custom
-embedder; except ``num_proc``: the output does not depend on it), the
-tokenizer's vocabulary, seq_len and every input file's path, size and modification time. Rebuilding with the same fingerprint reads stats.json and does no work.
+embedder; except ``num_proc`` and ``engine``: the output does not depend on them), the tokenizer's vocabulary,
+seq_len and every input file's path, size and modification time. Rebuilding with the same fingerprint reads
+stats.json and does no work.
+
+With an ``engine`` section (:mod:`llmft.data.engine`), the per-file stages (read, clean, decontaminate, filter,
+UL2, tokenize) run as datatrove tasks, locally or on a cluster, and the per-source loop below takes their prepared
+documents in the same order: the same rows. UL2 draws each document's randomness from its own seeded stream
+(:func:`doc_rng`), so a document is transformed the same whichever process reads it.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -90,6 +97,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import DedupIndex, Features, Shingler, report_markdown
 from llmft.data.dedup import features as dedup_features
+from llmft.data.engine import EngineRun, Prepared
 from llmft.data.filters import FilterResult, FilterTally, apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
@@ -100,7 +108,7 @@ from llmft.data.units import UnitSpill
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 5  # bump when the on-disk layout or the build algorithm changes
+FORMAT_VERSION = 6  # bump when the on-disk layout or the build algorithm changes
 PACK_WINDOW_TOKENS = 4 * 2**20  # rows are packed and written a window at a time: ~120 MB of rows in memory
 PROGRESS_LOG_SECONDS = 30  # without a terminal, progress is logged this often
 TOKENIZE_BATCH = 256  # documents per tokenizing job, or fewer when they reach:
@@ -151,7 +159,7 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
     """Hash of everything the build output depends on."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json", exclude={"num_proc"}), "seq_len": seq_len,
+    h.update(json.dumps({"v": FORMAT_VERSION, "mix": mix.model_dump(mode="json", exclude={"num_proc", "engine"}), "seq_len": seq_len,
                          "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True).encode())
     inputs = [f for spec in [*(s.source for s in mix.sources), *mix.validation_sources] for f in list_files(spec)]
     if mix.decontaminate:
@@ -242,6 +250,36 @@ def _clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_r
             yield from kept
     if batch:
         yield from filtered()
+
+
+def doc_rng(seed: int, k: int, where: str) -> np.random.Generator:
+    """The random stream of one document of source ``k`` (UL2's draws): seeded by the document's location, so that
+    a document is transformed the same whoever reads it, whatever was read before."""
+    return np.random.default_rng([seed, k, zlib.crc32(where.encode())])
+
+
+def _engine_docs(run, k: int, reading: _Reading, decon_report: DecontamReport) -> Iterator[Prepared]:
+    """Source ``k``'s documents as the data engine prepared them, file by file in reading order, with each file's
+    counts added to the reading's report, stats and tally and to the decontamination report as it is entered.
+
+    Raises:
+        DataError: a job met a malformed record under on_error: stop.
+    """
+    for j in range(len(reading.files)):
+        out = run.output(k, j)
+        reading.report.merge(out.report["source"])
+        for key in ("decontaminated", "filtered"):
+            reading.stats[key] += out.report["stats"][key]
+        if out.report["tally"] is not None:
+            reading.tally.merge(**out.report["tally"])
+        decon_report.merge(out.report["decontam"])
+        reading.stats["bytes_prepared"] = run.bytes_prepared[k]
+        yield from out.documents()
+
+
+def _prepared_examples(jobs: Iterable) -> Iterator:
+    """``tokenize`` for documents the engine prepared: their examples, in order (CHECKPOINTs passed through)."""
+    return (job if job is CHECKPOINT else [d.example for d in job[1]] for job in jobs)
 
 
 def _start_reading(mix: MixRecipe, decon: Decontaminator | None, decon_report: DecontamReport,
@@ -609,13 +647,15 @@ class _Checkpoint:
 CHECKPOINT = _Checkpoint()
 
 
-def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator], seq_len: int,
-                  reading: _Reading, rng: np.random.Generator, spill: UnitSpill, need: int | None) -> int:
+def _source_units(k: int, mix: MixRecipe, tokenize: Callable[[Iterable], Iterator], seq_len: int,
+                  reading: _Reading, spill: UnitSpill, need: int | None) -> int:
     """Transform, tokenize, filter and chunk one source's cleaned documents into ``spill``; fill ``reading.stats``.
 
-    Reading (when ``reading.docs`` is still a generator), the UL2 transform and batching run here, in order (UL2
-    draws from ``rng``); ``tokenize`` maps the batches of documents to examples, in this process or in
-    ``num_proc`` workers, keeping the order.
+    Reading (when ``reading.docs`` is still a generator), the UL2 transform (each document's draws from
+    :func:`doc_rng`) and batching run here, in order; ``tokenize`` maps the batches of documents to examples, in this
+    process or in ``num_proc`` workers, keeping the order. Documents the data engine prepared
+    (:class:`llmft.data.engine.Prepared`, with ``tokenize`` :func:`_prepared_examples`) come transformed and
+    tokenized: they are only counted, batched and kept here.
 
     With ``need`` (the training tokens the source's share takes), reading stops once the units hold ``need``
     training tokens after the validation split. The reader works to a budget of characters: it stops at the
@@ -632,6 +672,7 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
         DataError: a malformed record under on_error: stop.
         OSError: the spill cannot be written.
     """
+    src = mix.sources[k]
     report, stats = reading.report, reading.stats
     # one example per document unless ni_fewshot (which reweight rejects): the weights queue up in reading order
     pending_weights: deque[float] = deque()
@@ -664,8 +705,12 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
         nonlocal chars
         batch, size = [], 0
         for doc in reading.docs:
-            if src.transform == "ul2":
-                doc = ul2(doc, rng, src.ul2)
+            if isinstance(doc, Prepared):
+                n = doc.chars
+            else:
+                if src.transform == "ul2":
+                    doc = ul2(doc, doc_rng(mix.seed, k, doc.where), src.ul2)
+                n = len(doc.text) + len(doc.prompt)
             if src.transform == "ni_fewshot":  # one task's instances together: flush when the task changes
                 if batch and doc.meta.get("task") != batch[-1].meta.get("task"):
                     yield src.transform, batch
@@ -674,10 +719,9 @@ def _source_units(src: MixSource, mix: MixRecipe, tokenize: Callable[[Iterable],
                 yield src.transform, batch
                 batch, size = [], 0
             batch.append(doc)
-            n = len(doc.text) + len(doc.prompt)
             size += n
             chars += n
-            if track:
+            if track:  # (reweight does not run on the engine)
                 pending_weights.append(doc.meta.get("weight", 1.0))
             if chars >= budget:  # every batch so far is tokenized before reading on
                 yield src.transform, batch
@@ -928,7 +972,18 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                   for k in range(len(mix.sources))]
         n_train, per_source = [0] * len(mix.sources), {}
         with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos, mix.dedup), mix.num_proc) as tokenize:
-            dd = None
+            dd, engine_sources = None, []
+            if mix.engine is not None:  # the per-file stages as datatrove tasks (not with dedup or reweight)
+                engine_sources = [k for k, s in enumerate(mix.sources)
+                                  if s.source.hub is None and s.transform != "ni_fewshot"]
+                run = EngineRun(mix, tokenizer, seq_len, stage / "engine", stage.parent / "engine-logs",
+                                {k: readings[mix.sources[k].name].files for k in engine_sources}, needs)
+                for k in engine_sources:
+                    readings[mix.sources[k].name].docs = _engine_docs(run, k, readings[mix.sources[k].name],
+                                                                      decon_report)
+                for k in set(range(len(mix.sources))) - set(engine_sources):
+                    log.info("data engine: source %r is read in this process (%s)", mix.sources[k].name,
+                             "a hub dataset" if mix.sources[k].source.hub else "ni_fewshot spans files")
             if mix.dedup:  # first reading: every document's features; then the decision
                 dd = cleanup.enter_context(_Dedup(mix, readings, decon, decon_report, stage / "dedup", tokenize,
                                                   tokenizer))
@@ -952,8 +1007,8 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                         reading.tally.add(res)
                         reading.stats["filtered"] = reading.tally.removed
                     t1 = time.perf_counter()
-                    n_train[k] = _source_units(src, mix, tokenize, seq_len, reading,
-                                               np.random.default_rng([mix.seed, k]), spills[k], needs[k])
+                    n_train[k] = _source_units(k, mix, _prepared_examples if k in engine_sources else tokenize,
+                                               seq_len, reading, spills[k], needs[k])
                     seconds = time.perf_counter() - t1
                     st = per_source[src.name] = reading.stats
                     if dd is not None:
@@ -1025,6 +1080,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                     progress.update(rows.real_tokens)
     (stage / "units").rmdir()
     shutil.rmtree(stage / "dedup", ignore_errors=True)  # dedup's spill directory, emptied
+    shutil.rmtree(stage / "engine", ignore_errors=True)  # the engine's jobs' outputs and logs
     index = writer.index
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
     stats = {
@@ -1044,8 +1100,8 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
         "dedup": dedup_report,
         "filters": filters_report,
         "reweight": reweight_report,
-        # the recipe as written, for llmft data report (not num_proc: the output does not depend on it)
-        "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc"}),
+        # the recipe as written, for llmft data report (not num_proc or engine: the output does not depend on them)
+        "mix": mix.model_dump(mode="json", exclude_unset=True, exclude={"num_proc", "engine"}),
         "build_seconds": round(time.perf_counter() - t0, 3),
     }
     pq.write_table(pa.table({"source": _strings(list(val_parts)), "tokens": _int_lists(list(val_parts.values()))}),

@@ -165,6 +165,19 @@ class DecontamReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def merge(self, other: dict) -> None:
+        """Add the counts of another report over other documents (``to_dict()`` without ``targets``, plus
+        ``target_hits``: {target position: {source: hits}}), e.g. one file's report from the data engine."""
+        for key in ("documents_checked", "documents_removed", "spans_removed", "words_removed"):
+            setattr(self, key, getattr(self, key) + other[key])
+        for source, k in other["hits_by_source"].items():
+            self.hits_by_source[source] = self.hits_by_source.get(source, 0) + k
+        self.examples += other["examples"][: max(0, MAX_EXAMPLES - len(self.examples))]
+        for position, hits in other.get("target_hits", {}).items():
+            entry = self.targets[int(position)]
+            for source, k in hits.items():
+                entry.hits_by_source[source] = entry.hits_by_source.get(source, 0) + k
+
     def _count(self, source: str, entry: TargetReport | None, k: int = 1) -> None:
         self.hits_by_source[source] = self.hits_by_source.get(source, 0) + k
         if entry is not None:

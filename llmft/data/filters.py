@@ -65,10 +65,14 @@ class FilterTally:
 
     def add(self, result: FilterResult) -> None:
         """Add the result of :func:`apply_filters` on the next batch of the source's documents."""
-        self.documents += len(result.keep)
-        self.removed += int((~result.keep).sum())
+        self.merge(len(result.keep), int((~result.keep).sum()), result.report)
+
+    def merge(self, documents: int, removed: int, report: dict) -> None:
+        """Add the counts of batches scored elsewhere (another tally's ``documents``, ``removed``, ``report``)."""
+        self.documents += documents
+        self.removed += removed
         limits = {f.name or f.kind: f.examples for f in self.filters}
-        for name, r in result.report.items():
+        for name, r in report.items():
             t = self.report.setdefault(name, {"documents": 0, "removed": 0, "removed_only_here": 0,
                                               "words_removed": 0, "examples": []})
             for key in ("documents", "removed", "removed_only_here", "words_removed"):

@@ -22,7 +22,7 @@ Relative paths start at the current working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -207,6 +207,27 @@ class Reweight(_Strict):
     seed: int = Field(default=0, description="Seeds the samples and the folds.")
 
 
+ENGINE_RESERVED = ("pipeline", "tasks", "workers", "logging_dir", "depends", "skip_completed")  # set by the build
+
+
+class Engine(_Strict):
+    """Run the per-file stages of the build (read, clean, decontaminate, filter, UL2, tokenize) as independent
+    tasks on a datatrove executor: on this machine's cores (``local``) or on a cluster (``slurm``, ``ray``). The
+    build then selects, packs and writes as without an engine, with the same rows. Hub sources and ``ni_fewshot``
+    sources (whose sequences span files) are still read in the build's process."""
+
+    executor: Literal["local", "slurm", "ray"] = Field(
+        default="local", description="'local': worker processes here; 'slurm': an sbatch job array; 'ray': a Ray "
+        "cluster. With slurm or ray, the build's output directory must be on storage every node sees.")
+    workers: int | None = Field(
+        default=None, ge=1, description="Tasks run at once (default: num_proc for local, unlimited on a cluster).")
+    files_per_task: int = Field(default=1, ge=1, description="Files each task processes, one after another.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of the datatrove executor, e.g. {partition: cpu, time: '4:00:00', cpus_per_task: 4} "
+        "for slurm (its constructor's keyword arguments, except " + ", ".join(ENGINE_RESERVED) + ").")
+
+
 class MixSource(_Strict):
     """One source of the mix and its share of the tokens."""
 
@@ -262,6 +283,9 @@ class MixRecipe(_Strict):
         description="Tokenize in this many worker processes (reading stays in one). The output is the same "
         "for any value; each worker uses one tokenizer thread, so set it to the number of cores.",
     )
+    engine: Engine | None = Field(
+        default=None, description="Run the per-file stages as datatrove tasks (locally or on a cluster); omit to "
+        "read in this process and tokenize in num_proc workers. The output is the same either way.")
     on_error: Literal["skip", "stop"] = Field(default="skip", description="Malformed records: skip (counted) or stop.")
     add_eos: bool = Field(default=True, description="End every document with EOS.")
     decontaminate: Decontamination | None = Field(default=None, description="n-gram decontamination; omit for none.")
@@ -294,6 +318,8 @@ def _checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
             problems.append((("sources", i, "filters"), "min_tokens is larger than max_tokens"))
     if mix.dedup is not None:
         problems += [(("dedup", *loc), msg) for loc, msg in _dedup_checks(mix.dedup)]
+    if mix.engine is not None:
+        problems += [(("engine", *loc), msg) for loc, msg in _engine_checks(mix)]
     filter_names = [f.name or f.kind for f in mix.filters]
     for i, f in enumerate(mix.filters):
         if filter_names.count(filter_names[i]) > 1:
@@ -365,6 +391,34 @@ def _filter_checks(f: TextFilter, sources: list[str]) -> list[tuple[tuple, str]]
         elif f.threshold <= 1:
             problems.append((("threshold",), f"got {f.threshold:g}; expected a perplexity > 1 (every perplexity is "
                              ">= 1, so this removes everything)"))
+    return problems
+
+
+def _engine_checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
+    """What the engine cannot run yet, and executor options its datatrove executor does not take."""
+    import inspect
+
+    from llmft.data.engine import executor_class
+
+    problems = []
+    for what, key in ((mix.dedup, "dedup"), (mix.reweight, "reweight")):
+        if what is not None:
+            problems.append(((), f"the engine does not run {key} yet; remove engine to build this mix in this "
+                             f"process (num_proc workers), or remove {key}"))
+    cls = executor_class(mix.engine.executor)
+    params = inspect.signature(cls.__init__).parameters
+    for key in mix.engine.options:
+        if key in ENGINE_RESERVED:
+            problems.append((("options", key), f"{key} is set by the build; remove it"))
+        elif key not in params:
+            known = sorted(p for p in params if p not in ("self", *ENGINE_RESERVED))
+            problems.append((("options", key), f"{cls.__name__} takes no {key!r}; it takes {', '.join(known)}"))
+    missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty
+               and p.name not in ("self", *ENGINE_RESERVED) and p.kind is p.POSITIONAL_OR_KEYWORD
+               and p.name not in mix.engine.options]
+    if missing:
+        problems.append((("options",), f"the {mix.engine.executor} executor needs {', '.join(missing)}; add them "
+                         "under options"))
     return problems
 
 

@@ -161,6 +161,12 @@ class SourceReport:
     files_read: int = 0  # local files opened (a file is counted when its reading starts)
     bytes_read: int = 0  # their sizes on disk (compressed where they are)
 
+    def merge(self, other: dict) -> None:
+        """Add the counts of another report (as a dict), e.g. one file's from the data engine."""
+        for key in ("documents", "bad_records", "filtered", "files_read", "bytes_read"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.examples += other["examples"][: max(0, _MAX_EXAMPLES - len(self.examples))]
+
     def bad(self, where: str, reason: str, on_error: str) -> None:
         """Count a malformed record and keep it as an example.
 

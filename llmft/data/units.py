@@ -69,6 +69,41 @@ class UnitSpill:
         """Finish writing and open the files for reading."""
         self._tokens.close()
         self._mask.close()
+        self._open()
+
+    def seal(self) -> None:
+        """Finish writing and write the units' lengths and weights beside the data (``<path>.index.npz``), so
+        that another process can :meth:`load` the spill: how the build's engine tasks hand over their output."""
+        self._tokens.close()
+        self._mask.close()
+        np.savez(self.path.with_suffix(".index.npz"), lengths=np.frombuffer(self.lengths, np.int32),
+                 weights=np.frombuffer(self.weights, np.float32))
+
+    @classmethod
+    def load(cls, path: Path, vocab_size: int) -> UnitSpill:
+        """A spill written and :meth:`seal`-ed by another process, opened for reading.
+
+        Raises:
+            OSError: its files are missing or unreadable.
+        """
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        self._tokens = self._mask = None
+        with np.load(self.path.with_suffix(".index.npz")) as index:
+            lengths = index["lengths"]
+            self.lengths, self.weights = array("i"), array("f")
+            self.lengths.frombytes(lengths.astype(np.int32).tobytes())
+            self.weights.frombytes(index["weights"].astype(np.float32).tobytes())
+        starts = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        self.starts = array("q")
+        self.starts.frombytes(starts.tobytes())
+        self.tokens = int(lengths.sum())
+        self._open()
+        return self
+
+    def _open(self) -> None:
         self._readers = (open(self.path.with_suffix(".tokens"), "rb", buffering=0),  # noqa: SIM115 (kept open)
                          open(self.path.with_suffix(".mask"), "rb", buffering=0))
 
@@ -101,8 +136,9 @@ class UnitSpill:
     def remove(self) -> None:
         """Close and delete the files."""
         for f in (self._tokens, self._mask, *(self._readers or ())):
-            f.close()
-        for suffix in (".tokens", ".mask"):
+            if f is not None:
+                f.close()
+        for suffix in (".tokens", ".mask", ".index.npz"):
             self.path.with_suffix(suffix).unlink(missing_ok=True)
 
 

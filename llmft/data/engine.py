@@ -1,0 +1,313 @@
+"""The build's per-file stages as independent tasks on a datatrove executor (the mix's ``engine`` section).
+
+Without an engine, :mod:`llmft.data.build` reads every source in its own process and tokenizes in ``num_proc``
+workers. With one, each local file of a source becomes a job: read it, decontaminate and filter its documents, apply
+UL2, tokenize. Jobs run as datatrove tasks (``files_per_task`` files each) on a ``LocalPipelineExecutor`` (worker
+processes on this machine, the default), a ``SlurmPipelineExecutor`` (an sbatch job array) or a
+``RayPipelineExecutor``: the same recipe, with ``engine.executor`` and its ``options`` changed. A job writes its
+file's documents into ``<root>/<source>/<file>/`` in the build's staging directory, which a cluster's nodes must
+see: the tokens of each kept document (a :class:`llmft.data.units.UnitSpill`, one unit per document), the
+characters of each, and what reading, decontamination and the filters counted. It writes into a temporary folder
+renamed when complete, so a task that is killed and run again (Slurm requeues) never leaves half a file's output.
+
+The build then hands the prepared documents to the same per-source loop as without an engine, in the same reading
+order, so it stops at the same document, selects the same units and writes the same rows (tested). Only what is
+counted differs when a source is sampled: the engine prepares whole files, so the documents, bytes and filter counts
+of ``stats.json`` cover every file the loop entered, and ``bytes_prepared`` what the engine read.
+
+Which files are prepared: a source read whole gets all its files in one wave. A sampled source (its need known)
+first gets the files that hold its need at 2 bytes per token (as the in-process reader's first budget: on natural
+text and BPE vocabularies a file holds fewer tokens than that, so this wave stays under the need), then, when the
+loop reads past them, a wave sized by the bytes per kept token measured on its prepared files plus ``WAVE_MARGIN``:
+a source 20x larger than its need is prepared in two waves, about a file past what it needs. The first waves of
+all sources run together, and so do the second waves of every source still short of its need (each wave starts
+the executor's worker processes anew, a few seconds).
+
+A malformed record under ``on_error: stop`` makes its job write an error, which the build raises (a
+:class:`llmft.data.sources.DataError` naming the file and line) once the wave ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from datatrove.pipeline.base import PipelineStep
+from transformers import PreTrainedTokenizerBase
+
+from llmft.data.decontam import DecontamReport, TargetReport
+from llmft.data.filters import FilterTally
+from llmft.data.mix import MixRecipe
+from llmft.data.packing import Example
+from llmft.data.sources import DataError, SourceError, SourceReport
+from llmft.data.units import UnitSpill
+
+log = logging.getLogger(__name__)
+
+WAVE_MARGIN = 1.1  # a later wave of a sampled source covers its missing tokens at the measured bytes per token + 10%
+FIRST_WAVE_BYTES_PER_TOKEN = 2.0  # the first wave's guess, below what BPE vocabularies give on text
+POLL_SECONDS = 5  # how often the build looks for a cluster's finished jobs
+
+
+def executor_class(name: str) -> type:
+    """The datatrove executor class for ``engine.executor``."""
+    from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+
+    return {"local": LocalPipelineExecutor, "slurm": SlurmPipelineExecutor, "ray": RayPipelineExecutor}[name]
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One file of one source: source ``k``'s ``j``-th file in its reading order."""
+
+    k: int
+    j: int
+    path: str
+
+
+@dataclass
+class Prepared:
+    """A document the engine has cleaned, transformed and tokenized: its tokens and its characters (after UL2)."""
+
+    example: Example
+    chars: int
+
+
+class _FileDecontamReport(DecontamReport):
+    """A job's decontamination counts: hits per target kept by the target's position, to add to the build's."""
+
+    def __init__(self, targets: list[TargetReport]):
+        super().__init__()
+        self._positions = {id(t): i for i, t in enumerate(targets)}
+        self.target_hits: dict[int, dict[str, int]] = {}
+
+    def _count(self, source: str, entry: TargetReport | None, k: int = 1) -> None:
+        super()._count(source, None, k)
+        if entry is not None:
+            hits = self.target_hits.setdefault(self._positions[id(entry)], {})
+            hits[source] = hits.get(source, 0) + k
+
+
+_DECONTAMINATORS: dict[str, tuple] = {}  # one index per process (the tasks a worker runs share it)
+
+
+def _decontaminator(mix: MixRecipe) -> tuple:
+    from llmft.data.build import _decontaminator as make
+
+    key = json.dumps(mix.decontaminate.model_dump(mode="json") if mix.decontaminate else None)
+    if key not in _DECONTAMINATORS:
+        _DECONTAMINATORS.clear()
+        _DECONTAMINATORS[key] = make(mix)
+    return _DECONTAMINATORS[key]
+
+
+def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBase, seq_len: int, root: Path) -> None:
+    """Read, clean, filter, transform and tokenize one file into ``root/<k>/<j>/`` (nothing if already there).
+
+    Raises:
+        OSError: the output cannot be written.
+    """
+    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _Reading, _Tokenize, doc_rng
+    from llmft.data.transforms import ul2
+
+    final = root / str(job.k) / str(job.j)
+    if (final / "report.json").is_file():  # an earlier attempt of this task finished it
+        return
+    tmp = root / str(job.k) / f".{job.j}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    src = mix.sources[job.k]
+    decon, build_report = _decontaminator(mix)
+    decon_report = _FileDecontamReport(build_report.targets)
+    reading = _Reading(None, SourceReport(), {"decontaminated": 0, "filtered": 0}, [Path(job.path)],
+                       FilterTally(mix.filters) if mix.filters else None)
+    tokenize = _Tokenize(tokenizer, seq_len, mix.add_eos)
+    spill = UnitSpill(tmp / "docs", len(tokenizer))
+    chars = array("q")
+    batch, size = [], 0
+    error = None
+
+    def flush() -> None:
+        for e in tokenize((src.transform, batch)):
+            spill.append(e.tokens, e.loss_mask)
+
+    try:
+        for _, doc in _clean(src, mix, decon, decon_report, reading):
+            if src.transform == "ul2":
+                doc = ul2(doc, doc_rng(mix.seed, job.k, doc.where), src.ul2)
+            batch.append(doc)
+            chars.append(len(doc.text) + len(doc.prompt))
+            size += chars[-1]
+            if len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
+                flush()
+                batch, size = [], 0
+        if batch:
+            flush()
+    except (SourceError, DataError) as e:
+        error = str(e)
+    spill.seal()
+    np.save(tmp / "chars.npy", np.frombuffer(chars, np.int64))
+    tally = reading.tally
+    report = {"error": error, "source": asdict(reading.report), "stats": reading.stats,
+              "tally": None if tally is None else {"documents": tally.documents, "removed": tally.removed,
+                                                   "report": tally.report},
+              "decontam": {k: v for k, v in asdict(decon_report).items() if k != "targets"}
+              | {"target_hits": decon_report.target_hits}}
+    (tmp / "report.json").write_text(json.dumps(report))
+    try:
+        tmp.rename(final)
+    except OSError:  # another attempt finished first
+        if not (final / "report.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PrepareFiles(PipelineStep):
+    """The datatrove step: task ``rank`` prepares jobs ``rank * files_per_task`` to the next ``files_per_task``."""
+
+    name = "llmft: read, clean, filter, tokenize"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int, root: str,
+                 jobs: list[FileJob], files_per_task: int):
+        super().__init__()
+        self.mix, self.tokenizer, self.seq_len, self.root = mix, tokenizer, seq_len, root
+        self.jobs, self.files_per_task = jobs, files_per_task
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for job in self.jobs[rank * self.files_per_task: (rank + 1) * self.files_per_task]:
+            with self.track_time():
+                prepare_file(self.mix, job, self.tokenizer, self.seq_len, Path(self.root))
+            self.stat_update("files")
+        yield from ()
+
+
+class FileOutput:
+    """One prepared file: its documents (read back one at a time) and its counts."""
+
+    def __init__(self, folder: Path, vocab_size: int):
+        self.report = json.loads((folder / "report.json").read_text())
+        self.chars = np.load(folder / "chars.npy")
+        self.spill = UnitSpill.load(folder / "docs", vocab_size)
+
+    def documents(self) -> Iterator[Prepared]:
+        try:
+            for i in range(len(self.spill)):
+                yield Prepared(self.spill[i], int(self.chars[i]))
+        finally:
+            self.spill.remove()
+
+    @property
+    def tokens(self) -> int:
+        return self.spill.tokens
+
+
+class EngineRun:
+    """The engine's jobs for one build: runs waves of them and hands out each file's output in reading order.
+
+    Args:
+        mix: the recipe (its ``engine`` section set).
+        tokenizer, seq_len: as the build's.
+        root: the folder for the jobs' outputs (in the build's staging directory).
+        logs: datatrove's logging folder (a ``wave-N`` folder per wave: each task's log and stats), emptied first;
+            kept after the build, so that a failed task's log can be read.
+        files: per source index the engine prepares, its local files in reading order.
+        needs: per source index, the training tokens its share needs (None: read whole).
+    """
+
+    def __init__(self, mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int, root: Path, logs: Path,
+                 files: dict[int, list[Path]], needs: list[int | None]):
+        self.mix, self.tokenizer, self.seq_len, self.root, self.logs = mix, tokenizer, seq_len, root, logs
+        shutil.rmtree(logs, ignore_errors=True)
+        self.files, self.needs = files, needs
+        self.started: dict[int, int] = {k: 0 for k in files}  # files of each source given to a wave so far
+        self.bytes_prepared = {k: 0 for k in files}
+        self.tokens_prepared = {k: 0 for k in files}  # tokens of the documents its prepared files kept
+        self.waves = 0
+        root.mkdir(parents=True, exist_ok=True)
+        self._run([job for k in files for job in self._wave(k)])
+
+    def _short(self, k: int) -> bool:
+        """Whether sampled source ``k`` has more files and its prepared ones hold fewer tokens than it needs."""
+        return (self.needs[k] is not None and self.started[k] < len(self.files[k])
+                and self.tokens_prepared[k] < self.needs[k] / (1 - self.mix.validation_fraction))
+
+    def _wave(self, k: int) -> list[FileJob]:
+        """The next files of source ``k`` to prepare (see the module docstring): at least one."""
+        files, start = self.files[k], self.started[k]
+        if self.needs[k] is None:
+            end = len(files)
+        else:
+            missing = max(1.0, self.needs[k] / (1 - self.mix.validation_fraction) - self.tokens_prepared[k])
+            per_token = (self.bytes_prepared[k] / self.tokens_prepared[k] * WAVE_MARGIN if self.tokens_prepared[k]
+                         else FIRST_WAVE_BYTES_PER_TOKEN)
+            budget, end = missing * per_token, start
+            while end < len(files) and budget > 0:
+                budget -= files[end].stat().st_size
+                end += 1
+        self.started[k] = min(len(files), max(end, start + 1))
+        return [FileJob(k, j, str(files[j])) for j in range(start, self.started[k])]
+
+    def _run(self, jobs: list[FileJob]) -> None:
+        """Run one wave of jobs on the executor and wait for every output.
+
+        Raises:
+            DataError: a job met a malformed record under on_error: stop, or its output is missing.
+        """
+        if not jobs:
+            return
+        engine = self.mix.engine
+        self.waves += 1
+        per = engine.files_per_task
+        tasks = math.ceil(len(jobs) / per)
+        workers = engine.workers or (self.mix.num_proc if engine.executor == "local" else -1)
+        log.info("data engine: wave %d: %d files of %d sources in %d %s tasks", self.waves, len(jobs),
+                 len({j.k for j in jobs}), tasks, engine.executor)
+        step = PrepareFiles(self.mix, self.tokenizer, self.seq_len, str(self.root), jobs, per)
+        kwargs = dict(engine.options)
+        if engine.executor == "local":
+            kwargs.setdefault("start_method", "spawn")  # the Rust tokenizer's threads do not survive a fork
+        executor = executor_class(engine.executor)(pipeline=[step], tasks=tasks, workers=workers,
+                                                   logging_dir=str(self.logs / f"wave-{self.waves}"),
+                                                   **kwargs)
+        t0 = time.perf_counter()
+        executor.run()
+        pending = list(jobs)
+        while pending:  # a cluster executor returns once the jobs are submitted
+            pending = [j for j in pending if not (self._folder(j) / "report.json").is_file()]
+            if pending and engine.executor == "local":
+                raise DataError(f"the data engine's task for {pending[0].path} ended without its output; see the "
+                                f"logs in {self.logs / f'wave-{self.waves}'}")
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for job in jobs:
+            self.bytes_prepared[job.k] += Path(job.path).stat().st_size
+            with np.load(self._folder(job) / "docs.index.npz") as index:
+                self.tokens_prepared[job.k] += int(index["lengths"].sum())
+        log.info("data engine: wave %d done in %.1f s", self.waves, time.perf_counter() - t0)
+
+    def _folder(self, job: FileJob) -> Path:
+        return self.root / str(job.k) / str(job.j)
+
+    def output(self, k: int, j: int) -> FileOutput:
+        """File ``j`` of source ``k``, prepared (by a new wave if it is not yet).
+
+        Raises:
+            DataError: as :meth:`_run`, or the job's malformed record under on_error: stop.
+        """
+        while j >= self.started[k]:  # with the next files of every other source that will need more
+            self._run(self._wave(k) + [job for i in self.files if i != k and self._short(i) for job in self._wave(i)])
+        out = FileOutput(self.root / str(k) / str(j), len(self.tokenizer))
+        if out.report["error"]:
+            raise DataError(out.report["error"])
+        return out
