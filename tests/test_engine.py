@@ -5,6 +5,9 @@ report a malformed record under on_error: stop with its file and line, and rejec
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +107,9 @@ def test_a_malformed_record_under_stop_names_its_line_and_keeps_the_previous_bui
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({"dedup": {}, "engine": {}}, "engine: the engine does not run dedup yet"),
+    ({"reweight": {}, "engine": {}}, "engine: the engine does not run reweight yet"),
+    ({"dedup": {"methods": ["clusters"], "embedder": "sentence-transformers:x", "candidate_cosine": 0.8},
+      "engine": {}}, "engine: the engine's tasks compute hashed embeddings only"),
     ({"engine": {"executor": "slurm"}}, "engine.options: the slurm executor needs time, partition"),
     ({"engine": {"options": {"workers": 3}}}, "engine.options.workers: workers is set by the build"),
     ({"engine": {"options": {"partition": "cpu"}}}, "engine.options.partition: LocalPipelineExecutor takes no "
@@ -114,3 +119,90 @@ def test_what_the_engine_cannot_run_is_a_recipe_error(tmp_path, corpus, extra, e
     with pytest.raises(RecipeError) as e:
         mix(tmp_path / "m.yaml", corpus, **extra)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("total_tokens", [16_000, None], ids=["sampled", "whole"])
+def test_deduplicated_engine_build_equals_the_in_process_build(tmp_path, book_text, tok, total_tokens, caplog):
+    """Half of big's documents are copies (3 exact, 1 near per shard): the engine's tasks compute the features,
+    the scan replays over them (the same budget, estimate, length filter and top-up), the second reading takes the
+    kept documents from the prepared files. Same rows, same dedup report, same per-source counts."""
+
+    def shard(doc, s: int) -> list[str]:
+        docs = [doc(f"shard {s} doc {d}") for d in range(4)]
+        near = docs[1].split(" ")
+        return docs + [docs[0], docs[2], docs[3], " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(near))]
+
+    c = write_corpus(tmp_path, book_text, shard)
+    dedup = {"methods": ["exact", "minhash"], "threshold": 0.8, "shingle_size": 5, "keep": "longest"}
+
+    def recipe(path: Path, **extra):
+        m = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 1, "packing": "concat", "dedup": dedup,
+             "total_tokens": total_tokens, "validation_fraction": 0.05,
+             "sources": [{"name": "big", "weight": 0.5, "filters": {"min_tokens": 640},
+                          "source": {"format": "jsonl", "path": str(c["big"])}},
+                         {"name": "small", "weight": 0.5, "transform": "ul2", "max_epochs": 8,
+                          "source": {"format": "jsonl", "path": str(c["small"])}}], **extra}
+        path.write_text(yaml.safe_dump(m, sort_keys=False))
+        return load_mix(path)
+
+    caplog.set_level(logging.INFO, logger="llmft.data.build")
+    plain = build(recipe(tmp_path / "a.yaml"), tmp_path / "a", tok, 256)
+    engine = build(recipe(tmp_path / "b.yaml", engine=ENGINE), tmp_path / "b", tok, 256)
+    same_files(tmp_path / "a", tmp_path / "b")
+    top_ups = sum("kept after dedup: reading on" in r.getMessage() for r in caplog.records)
+    assert top_ups == (0 if total_tokens is None else 2)  # the sampled scan fell short, in both builds
+    plain.stats["dedup"].pop("seconds"), engine.stats["dedup"].pop("seconds")
+    assert plain.stats["dedup"] == engine.stats["dedup"]
+    big = plain.stats["sources"]["big"]
+    assert big["deduplicated"] > 0 and big["dropped_min_tokens"] > 0  # both steps ran
+    for name in ("big", "small"):
+        a, b = plain.stats["sources"][name], engine.stats["sources"][name]
+        for key in ("deduplicated", "dropped_min_tokens", "selected_tokens", "available_tokens", "read_whole"):
+            assert a[key] == b[key], (name, key)
+    if total_tokens is None:
+        assert {k: v for k, v in engine.stats["sources"]["big"].items() if k != "bytes_prepared"} == big
+
+
+SBATCH = """#!/bin/bash
+# A one-machine stand-in for Slurm's sbatch: copies the job script and starts every task of its array in the
+# background (SLURM_ARRAY_TASK_ID set), as a scheduler would, then answers as sbatch does.
+script="$(mktemp "$FAKE_SLURM_DIR/job-XXXX.sh")"
+cp "${@: -1}" "$script"
+array=$(grep -o -- '--array=[0-9]*-[0-9]*' "$script" | head -1 | sed 's/--array=//')
+lo=${array%-*}; hi=${array#*-}
+if [ -z "$array" ]; then lo=0; hi=0; fi
+for i in $(seq "$lo" "$hi"); do
+  (SLURM_ARRAY_TASK_ID=$i SLURM_NODELIST=localhost SLURM_JOB_ID=4242 bash "$script" > "$script.$i.log" 2>&1 &)
+done
+echo "Submitted batch job 4242"
+"""
+SRUN = """#!/bin/bash
+exec "${@: -2}"
+"""
+SCONTROL = """#!/bin/bash
+echo localhost
+"""
+
+
+def test_slurm_executor_runs_the_same_tasks_through_sbatch(tmp_path, corpus, tok, monkeypatch):
+    """The slurm executor as a cluster runs it: datatrove writes the sbatch script and pickles the tasks; a
+    stand-in sbatch starts the array's tasks in the background on this machine (it, srun and scontrol are the only
+    parts not real); the build
+    waits for every file's output and writes the rows the build's own process writes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", SBATCH), ("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    monkeypatch.setattr("llmft.data.engine.POLL_SECONDS", 0.2)
+    slurm = {"executor": "slurm", "files_per_task": 4,
+             "options": {"partition": "cpu", "time": "1:00:00", "cpus_per_task": 1}}
+    build(mix(tmp_path / "a.yaml", corpus, total_tokens=16_000), tmp_path / "a", tok, 256)
+    engine = build(mix(tmp_path / "b.yaml", corpus, total_tokens=16_000, engine=slurm), tmp_path / "b", tok, 256)
+    same_files(tmp_path / "a", tmp_path / "b")
+    logs = tmp_path / "b" / "engine-logs"
+    assert (logs / "wave-1" / "launch_script.slurm").read_text().count("#SBATCH --partition=cpu") == 1
+    assert len(list(logs.glob("wave-*/completions/*"))) >= 2  # the array's tasks ran and completed
+    assert engine.stats["sources"]["big"]["bytes_prepared"] <= 0.3 * engine.stats["sources"]["big"]["bytes_total"]

@@ -83,7 +83,7 @@ import time
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,15 +266,41 @@ def _engine_docs(run, k: int, reading: _Reading, decon_report: DecontamReport) -
         DataError: a job met a malformed record under on_error: stop.
     """
     for j in range(len(reading.files)):
-        out = run.output(k, j)
-        reading.report.merge(out.report["source"])
-        for key in ("decontaminated", "filtered"):
-            reading.stats[key] += out.report["stats"][key]
-        if out.report["tally"] is not None:
-            reading.tally.merge(**out.report["tally"])
-        decon_report.merge(out.report["decontam"])
-        reading.stats["bytes_prepared"] = run.bytes_prepared[k]
-        yield from out.documents()
+        yield from _entered(run, k, j, reading, decon_report).documents()
+
+
+def _entered(run, k: int, j: int, reading: _Reading, decon_report: DecontamReport):
+    """File ``j`` of source ``k`` as the engine prepared it (:class:`llmft.data.engine.FileOutput`), its counts
+    added to the reading's report, stats and tally and to the decontamination report."""
+    out = run.output(k, j)
+    reading.report.merge(out.report["source"])
+    for key in ("decontaminated", "filtered"):
+        reading.stats[key] += out.report["stats"][key]
+    if out.report["tally"] is not None:
+        reading.tally.merge(**out.report["tally"])
+    decon_report.merge(out.report["decontam"])
+    reading.stats["bytes_prepared"] = run.bytes_prepared[k]
+    return out
+
+
+def _engine_scan(run, k: int, reading: _Reading, decon_report: DecontamReport) -> Iterator[tuple]:
+    """Dedup's first reading of source ``k`` from the engine's prepared files: per document (its position among
+    the documents the source's reader yields, its characters, its tokens without special tokens, its training
+    example's length, its chunk's features and where it is in the chunk, its location), in reading order."""
+    offset = 0
+    for j in range(len(reading.files)):
+        out = _entered(run, k, j, reading, decon_report)
+        lengths = np.frombuffer(out.spill.lengths, np.int32)
+        first = 0
+        for c in range(out.chunks):
+            feats, where = out.features(c)
+            for i in range(len(feats.n_words)):
+                d = first + i
+                yield (offset + int(out.raw[d]), int(out.scan_chars[d]), int(out.plain[d]), int(lengths[d]),
+                       feats, i, where[i])
+            first += len(feats.n_words)
+        out.spill.release()
+        offset += out.report["source"]["documents"]
 
 
 def _prepared_examples(jobs: Iterable) -> Iterator:
@@ -346,12 +372,16 @@ class _Dedup:
 
     def __init__(self, mix: MixRecipe, readings: dict[str, _Reading], decon: Decontaminator | None,
                  decon_report: DecontamReport, workdir: Path, work: Callable[[Iterable], Iterator],
-                 tokenizer: PreTrainedTokenizerBase | None):
+                 tokenizer: PreTrainedTokenizerBase | None, engine=None, engine_sources: Sequence[int] = ()):
         self.mix, self.readings, self.decon, self.work, self.tokenizer = mix, readings, decon, work, tokenizer
+        self.engine, self.engine_sources = engine, set(engine_sources)
         self.index = DedupIndex(mix.dedup, workdir)
         self.scans = []
-        for src in mix.sources:
+        for k, src in enumerate(mix.sources):
             reading = readings[src.name]
+            if k in self.engine_sources:  # the features come prepared; the second reading is of the prepared files
+                self.scans.append(_Scan(_engine_scan(engine, k, reading, decon_report), {}))
+                continue
             self.scans.append(_Scan(_clean(src, mix, decon, decon_report, reading),
                                     {str(f): _file_state(f) for f in reading.files}))
         self.report: dict | None = None
@@ -369,6 +399,8 @@ class _Dedup:
         Raises:
             DataError: a malformed record under on_error: stop, or a custom embedder that fails.
         """
+        if k in self.engine_sources:
+            return self._scan_prepared(k, need, budget)
         sc, src = self.scans[k], self.mix.sources[k]
         vf = self.mix.validation_fraction
         target = budget if budget is not None else math.inf
@@ -430,6 +462,53 @@ class _Dedup:
         finally:
             progress.close()
 
+    def _scan_prepared(self, k: int, need: int | None, budget: float | None) -> None:
+        """:meth:`scan` over the engine's prepared documents: the same steps on their records and features (the
+        estimate's tokens are each document's tokens + 2, as the scan counts them)."""
+        sc, src = self.scans[k], self.mix.sources[k]
+        target = budget if budget is not None else math.inf
+        sample = 0 if need is not None and budget is None else None  # tokens of the estimate's documents
+        lo, hi = src.filters.min_tokens, src.filters.max_tokens
+        length_filter = src.transform == "none" and bool(lo or hi)
+        chunk, picked = None, []  # the features of the documents being read, and (index in it, position, where)
+
+        def add() -> None:
+            if not picked:
+                return
+            keep = np.zeros(len(chunk.n_words), bool)
+            keep[[i for i, _, _ in picked]] = True
+            first = len(self.index)
+            self.index.add(chunk.select(keep), src.name, [w for _, _, w in picked])
+            sc.raw.extend(r for _, r, _ in picked)
+            sc.index.extend(range(first, first + len(picked)))
+            picked.clear()
+
+        with _progress(f"scan {src.name} for dedup (prepared)", None, unit="doc") as progress:
+            while sc.chars < target:
+                record = next(sc.docs, None)
+                if record is None:
+                    sc.exhausted = True
+                    break
+                raw, chars, plain, n_train, feats, i, where = record
+                sc.chars += chars
+                if sample is not None:
+                    sample += plain + 2
+                    if sc.chars >= min(ESTIMATE_CHARS, 2 * need):
+                        target = need / (1 - self.mix.validation_fraction) * sc.chars / max(1, sample) * SCAN_MARGIN
+                        sample = None
+                if length_filter and lo and n_train < lo:
+                    sc.dropped_min_tokens += 1
+                    continue
+                if length_filter and hi and n_train > hi:
+                    sc.dropped_max_tokens += 1
+                    continue
+                if feats is not chunk:
+                    add()
+                    chunk = feats
+                picked.append((i, raw, where))
+                progress.update()
+            add()
+
     def decide(self) -> list[int]:
         """Group the duplicates among every document scanned; returns the sources whose kept documents changed.
 
@@ -474,6 +553,8 @@ class _Dedup:
         Raises:
             DataError: a file of the source changed since the scan.
         """
+        if k in self.engine_sources:
+            return self._reread_prepared(k)
         sc, src, reading = self.scans[k], self.mix.sources[k], self.readings[self.mix.sources[k].name]
         for f, state in sc.files.items():
             if _file_state(Path(f)) != state:
@@ -500,6 +581,30 @@ class _Dedup:
 
         sc.rest = kept()
         return docs()
+
+    def _reread_prepared(self, k: int) -> Iterator[Prepared]:
+        """:meth:`reread` of the engine's prepared files: their kept documents, the removed ones' tokens counted."""
+        sc, reading = self.scans[k], self.readings[self.mix.sources[k].name]
+        sc.tokens_removed = 0
+
+        def kept() -> Iterator[Prepared]:
+            offset = 0
+            for j in range(len(reading.files)):
+                if offset >= len(sc.status):
+                    return
+                out = self.engine.output(k, j)
+                for i, doc in enumerate(out.documents(remove=False)):
+                    raw = offset + int(out.raw[i])
+                    if raw >= len(sc.status):
+                        return
+                    if sc.status[raw] == KEPT:
+                        yield doc
+                    elif sc.status[raw] == REMOVED:
+                        sc.tokens_removed += int(out.plain[i])
+                offset += out.report["source"]["documents"]
+
+        sc.rest = kept()
+        return (doc for doc in sc.rest)  # closing it leaves sc.rest open, for drain
 
     def drain(self, k: int) -> None:
         """Read on through the scanned part of source ``k`` after :meth:`reread` stopped, counting the tokens of the
@@ -972,13 +1077,13 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                   for k in range(len(mix.sources))]
         n_train, per_source = [0] * len(mix.sources), {}
         with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos, mix.dedup), mix.num_proc) as tokenize:
-            dd, engine_sources = None, []
-            if mix.engine is not None:  # the per-file stages as datatrove tasks (not with dedup or reweight)
+            dd, engine_sources, run = None, [], None
+            if mix.engine is not None:  # the per-file stages as datatrove tasks (not with reweight)
                 engine_sources = [k for k, s in enumerate(mix.sources)
                                   if s.source.hub is None and s.transform != "ni_fewshot"]
                 run = EngineRun(mix, tokenizer, seq_len, stage / "engine", stage.parent / "engine-logs",
                                 {k: readings[mix.sources[k].name].files for k in engine_sources}, needs)
-                for k in engine_sources:
+                for k in engine_sources if not mix.dedup else ():  # (with dedup: its second reading)
                     readings[mix.sources[k].name].docs = _engine_docs(run, k, readings[mix.sources[k].name],
                                                                       decon_report)
                 for k in set(range(len(mix.sources))) - set(engine_sources):
@@ -986,7 +1091,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                              "a hub dataset" if mix.sources[k].source.hub else "ni_fewshot spans files")
             if mix.dedup:  # first reading: every document's features; then the decision
                 dd = cleanup.enter_context(_Dedup(mix, readings, decon, decon_report, stage / "dedup", tokenize,
-                                                  tokenizer))
+                                                  tokenizer, run, engine_sources))
                 for k in range(len(mix.sources)):
                     dd.scan(k, needs[k])
                 dd.decide()

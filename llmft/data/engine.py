@@ -2,16 +2,22 @@
 
 Without an engine, :mod:`llmft.data.build` reads every source in its own process and tokenizes in ``num_proc``
 workers. With one, each local file of a source becomes a job: read it, decontaminate and filter its documents, apply
-UL2, tokenize. Jobs run as datatrove tasks (``files_per_task`` files each) on a ``LocalPipelineExecutor`` (worker
+UL2, tokenize, and with ``dedup`` compute each document's dedup features (exact hash, shingles, MinHash signature,
+hashed embedding; on the text before UL2, as the build's scan does). Jobs run as datatrove tasks (``files_per_task`` files each) on a ``LocalPipelineExecutor`` (worker
 processes on this machine, the default), a ``SlurmPipelineExecutor`` (an sbatch job array) or a
 ``RayPipelineExecutor``: the same recipe, with ``engine.executor`` and its ``options`` changed. A job writes its
 file's documents into ``<root>/<source>/<file>/`` in the build's staging directory, which a cluster's nodes must
 see: the tokens of each kept document (a :class:`llmft.data.units.UnitSpill`, one unit per document), the
-characters of each, and what reading, decontamination and the filters counted. It writes into a temporary folder
+characters of each, and what reading, decontamination and the filters counted; with dedup also each document's
+position among the file's documents, its characters and tokens as the scan counts them, and its features in chunks
+(``features-<i>.npz``). It writes into a temporary folder
 renamed when complete, so a task that is killed and run again (Slurm requeues) never leaves half a file's output.
 
 The build then hands the prepared documents to the same per-source loop as without an engine, in the same reading
-order, so it stops at the same document, selects the same units and writes the same rows (tested). Only what is
+order, so it stops at the same document, selects the same units and writes the same rows (tested). With dedup, the
+build's scan replays over the prepared records and features (the same budget, estimate, length filter and top-up),
+and its second reading takes the kept documents' tokens from the prepared files instead of reading the sources
+again. Only what is
 counted differs when a source is sampled: the engine prepares whole files, so the documents, bytes and filter counts
 of ``stats.json`` cover every file the loop entered, and ``bytes_prepared`` what the engine read.
 
@@ -45,6 +51,7 @@ from datatrove.pipeline.base import PipelineStep
 from transformers import PreTrainedTokenizerBase
 
 from llmft.data.decontam import DecontamReport, TargetReport
+from llmft.data.dedup import Features
 from llmft.data.filters import FilterTally
 from llmft.data.mix import MixRecipe
 from llmft.data.packing import Example
@@ -56,6 +63,7 @@ log = logging.getLogger(__name__)
 WAVE_MARGIN = 1.1  # a later wave of a sampled source covers its missing tokens at the measured bytes per token + 10%
 FIRST_WAVE_BYTES_PER_TOKEN = 2.0  # the first wave's guess, below what BPE vocabularies give on text
 POLL_SECONDS = 5  # how often the build looks for a cluster's finished jobs
+WAIT_LOG_SECONDS = 300  # and how often it logs what it is waiting for
 
 
 def executor_class(name: str) -> type:
@@ -116,7 +124,11 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     Raises:
         OSError: the output cannot be written.
     """
-    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _Reading, _Tokenize, doc_rng
+    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _encode, _Reading, _text, _Tokenize, \
+        doc_rng
+    from llmft.data.dedup import Shingler
+    from llmft.data.dedup import features as dedup_features
+    from llmft.data.packing import special_ids
     from llmft.data.transforms import ul2
 
     final = root / str(job.k) / str(job.j)
@@ -133,15 +145,39 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     tokenize = _Tokenize(tokenizer, seq_len, mix.add_eos)
     spill = UnitSpill(tmp / "docs", len(tokenizer))
     chars = array("q")
-    batch, size = [], 0
+    # with dedup, per document as the scan sees it (before UL2): its position among the file's documents, its
+    # characters, its tokens without special tokens (the report's tokens removed), and its features in chunks
+    scan = {"raw": array("q"), "chars": array("q"), "plain": array("q")}
+    shingler = Shingler(mix.dedup.shingle_size) if mix.dedup else None
+    specials = sum(map(len, special_ids(tokenizer, mix.add_eos)))
+    batch, seen, size, chunks = [], [], 0, 0
     error = None
 
     def flush() -> None:
-        for e in tokenize((src.transform, batch)):
+        nonlocal chunks
+        examples = tokenize((src.transform, batch))
+        for e in examples:
             spill.append(e.tokens, e.loss_mask)
+        if shingler is None:
+            return
+        texts = [_text(d) for _, d in seen]
+        if src.transform == "none" and not any(d.prompt for _, d in seen):  # the example is BOS text EOS
+            scan["plain"].extend(len(e) - specials for e in examples)
+        else:
+            scan["plain"].extend(len(ids) for ids in _encode(tokenizer, texts))
+        feats = dedup_features(texts, mix.dedup, shingler)
+        np.savez(tmp / f"features-{chunks}.npz", **{k: v for k, v in vars(feats).items()
+                                                    if isinstance(v, np.ndarray)})
+        (tmp / f"features-{chunks}.json").write_text(json.dumps({"excerpts": feats.excerpts,
+                                                                 "where": [d.where for _, d in seen]}))
+        chunks += 1
 
     try:
-        for _, doc in _clean(src, mix, decon, decon_report, reading):
+        for raw, doc in _clean(src, mix, decon, decon_report, reading):
+            if shingler is not None:
+                seen.append((raw, doc))
+                scan["raw"].append(raw)
+                scan["chars"].append(len(_text(doc)))
             if src.transform == "ul2":
                 doc = ul2(doc, doc_rng(mix.seed, job.k, doc.where), src.ul2)
             batch.append(doc)
@@ -149,13 +185,15 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
             size += chars[-1]
             if len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
                 flush()
-                batch, size = [], 0
+                batch, seen, size = [], [], 0
         if batch:
             flush()
     except (SourceError, DataError) as e:
         error = str(e)
     spill.seal()
     np.save(tmp / "chars.npy", np.frombuffer(chars, np.int64))
+    if shingler is not None:
+        np.savez(tmp / "scan.npz", chunks=np.int64(chunks), **{k: np.frombuffer(v, np.int64) for k, v in scan.items()})
     tally = reading.tally
     report = {"error": error, "source": asdict(reading.report), "stats": reading.stats,
               "tally": None if tally is None else {"documents": tally.documents, "removed": tally.removed,
@@ -186,30 +224,50 @@ class PrepareFiles(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         for job in self.jobs[rank * self.files_per_task: (rank + 1) * self.files_per_task]:
-            with self.track_time():
-                prepare_file(self.mix, job, self.tokenizer, self.seq_len, Path(self.root))
+            try:
+                with self.track_time():
+                    prepare_file(self.mix, job, self.tokenizer, self.seq_len, Path(self.root))
+            except Exception as e:  # the build, waiting for this file's output, stops with this message
+                failed = Path(self.root) / str(job.k) / f"{job.j}.failed"
+                failed.write_text(f"{job.path}: {type(e).__name__}: {e}")
+                raise
             self.stat_update("files")
         yield from ()
 
 
 class FileOutput:
-    """One prepared file: its documents (read back one at a time) and its counts."""
+    """One prepared file: its documents (read back one at a time), its counts, and with dedup each document's scan
+    record (``raw``: position among the file's documents, ``scan_chars``, ``plain``: tokens without special tokens)
+    and dedup features, in chunks."""
 
     def __init__(self, folder: Path, vocab_size: int):
+        self.folder = folder
         self.report = json.loads((folder / "report.json").read_text())
         self.chars = np.load(folder / "chars.npy")
         self.spill = UnitSpill.load(folder / "docs", vocab_size)
+        if (folder / "scan.npz").is_file():
+            with np.load(folder / "scan.npz") as scan:
+                self.raw, self.scan_chars, self.plain = scan["raw"], scan["chars"], scan["plain"]
+                self.chunks = int(scan["chunks"])
 
-    def documents(self) -> Iterator[Prepared]:
+    def documents(self, remove: bool = True) -> Iterator[Prepared]:
+        """The documents in order; ``remove``: delete the file's tokens once read (when nothing reads them again)."""
         try:
             for i in range(len(self.spill)):
                 yield Prepared(self.spill[i], int(self.chars[i]))
         finally:
-            self.spill.remove()
+            if remove:
+                self.spill.remove()
+            else:
+                self.spill.release()
 
-    @property
-    def tokens(self) -> int:
-        return self.spill.tokens
+    def features(self, chunk: int) -> tuple[Features, list[str]]:
+        """Chunk ``chunk``'s dedup features and its documents' locations."""
+        notes = json.loads((self.folder / f"features-{chunk}.json").read_text())
+        with np.load(self.folder / f"features-{chunk}.npz") as f:
+            arrays = {k: f[k] for k in f.files}
+        return Features(**{"signatures": None, "embeddings": None} | arrays, excerpts=notes["excerpts"]), \
+            notes["where"]
 
 
 class EngineRun:
@@ -280,21 +338,48 @@ class EngineRun:
         executor = executor_class(engine.executor)(pipeline=[step], tasks=tasks, workers=workers,
                                                    logging_dir=str(self.logs / f"wave-{self.waves}"),
                                                    **kwargs)
+        from llmft.data.build import _progress
+
         t0 = time.perf_counter()
-        executor.run()
-        pending = list(jobs)
-        while pending:  # a cluster executor returns once the jobs are submitted
-            pending = [j for j in pending if not (self._folder(j) / "report.json").is_file()]
-            if pending and engine.executor == "local":
-                raise DataError(f"the data engine's task for {pending[0].path} ended without its output; see the "
-                                f"logs in {self.logs / f'wave-{self.waves}'}")
-            if pending:
-                time.sleep(POLL_SECONDS)
+        logs = self.logs / f"wave-{self.waves}"
+        for job in jobs:
+            (self.root / str(job.k)).mkdir(exist_ok=True)
+        try:
+            executor.run()
+        except Exception as e:  # a local task's error, raised again here
+            raise DataError(self._failure(jobs, logs) or f"the data engine's wave failed ({type(e).__name__}: {e}); "
+                            f"see the task logs in {logs}") from None
+        pending, said = list(jobs), time.perf_counter()
+        with _progress(f"data engine: wave {self.waves} ({engine.executor})", len(jobs), unit="file") as progress:
+            while pending:  # a cluster executor returns once the jobs are submitted
+                if failure := self._failure(pending, logs):
+                    raise DataError(failure)
+                done = [j for j in pending if (self._folder(j) / "report.json").is_file()]
+                progress.update(len(done))
+                pending = [j for j in pending if j not in done]
+                if pending and engine.executor == "local":
+                    raise DataError(f"the data engine's task for {pending[0].path} ended without its output; see "
+                                    f"the task logs in {logs}")
+                if pending and time.perf_counter() - said > WAIT_LOG_SECONDS:
+                    said = time.perf_counter()
+                    log.info("data engine: waiting for %d of %d files of wave %d (e.g. %s); if a task failed before "
+                             "it started, its scheduler log is under %s", len(pending), len(jobs), self.waves,
+                             pending[0].path, logs)
+                if pending:
+                    time.sleep(POLL_SECONDS)
         for job in jobs:
             self.bytes_prepared[job.k] += Path(job.path).stat().st_size
             with np.load(self._folder(job) / "docs.index.npz") as index:
                 self.tokens_prepared[job.k] += int(index["lengths"].sum())
         log.info("data engine: wave %d done in %.1f s", self.waves, time.perf_counter() - t0)
+
+    def _failure(self, jobs: list[FileJob], logs: Path) -> str | None:
+        """The message of the first of ``jobs`` whose task failed, or None."""
+        for job in jobs:
+            failed = self.root / str(job.k) / f"{job.j}.failed"
+            if failed.is_file():
+                return f"the data engine's task failed: {failed.read_text()} (its log is in {logs}/logs)"
+        return None
 
     def _folder(self, job: FileJob) -> Path:
         return self.root / str(job.k) / str(job.j)

@@ -211,7 +211,7 @@ ENGINE_RESERVED = ("pipeline", "tasks", "workers", "logging_dir", "depends", "sk
 
 
 class Engine(_Strict):
-    """Run the per-file stages of the build (read, clean, decontaminate, filter, UL2, tokenize) as independent
+    """Run the per-file stages of the build (read, clean, decontaminate, filter, UL2, tokenize, dedup features) as
     tasks on a datatrove executor: on this machine's cores (``local``) or on a cluster (``slurm``, ``ray``). The
     build then selects, packs and writes as without an engine, with the same rows. Hub sources and ``ni_fewshot``
     sources (whose sequences span files) are still read in the build's process."""
@@ -401,10 +401,12 @@ def _engine_checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
     from llmft.data.engine import executor_class
 
     problems = []
-    for what, key in ((mix.dedup, "dedup"), (mix.reweight, "reweight")):
-        if what is not None:
-            problems.append(((), f"the engine does not run {key} yet; remove engine to build this mix in this "
-                             f"process (num_proc workers), or remove {key}"))
+    if mix.reweight is not None:
+        problems.append(((), "the engine does not run reweight yet (its probe sees every document at once); remove "
+                         "engine to build this mix in this process (num_proc workers), or remove reweight"))
+    if mix.dedup is not None and "clusters" in mix.dedup.methods and mix.dedup.embedder != "hashed":
+        problems.append(((), f"the engine's tasks compute hashed embeddings only, not dedup.embedder "
+                         f"{mix.dedup.embedder!r}; remove engine, or use embedder: hashed"))
     cls = executor_class(mix.engine.executor)
     params = inspect.signature(cls.__init__).parameters
     for key in mix.engine.options:

@@ -133,11 +133,15 @@ class UnitSpill:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def remove(self) -> None:
-        """Close and delete the files."""
+    def release(self) -> None:
+        """Close the files, keeping them."""
         for f in (self._tokens, self._mask, *(self._readers or ())):
             if f is not None:
                 f.close()
+
+    def remove(self) -> None:
+        """Close and delete the files."""
+        self.release()
         for suffix in (".tokens", ".mask", ".index.npz"):
             self.path.with_suffix(suffix).unlink(missing_ok=True)
 
