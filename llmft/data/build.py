@@ -63,8 +63,9 @@ seq_len and every input file's path, size and modification time. Rebuilding with
 stats.json and does no work.
 
 With an ``engine`` section (:mod:`llmft.data.engine`), the per-file stages (read, clean, decontaminate, filter,
-UL2, tokenize) run as datatrove tasks, locally or on a cluster, and the per-source loop below takes their prepared
-documents in the same order: the same rows. UL2 draws each document's randomness from its own seeded stream
+UL2, tokenize, dedup features) run as datatrove tasks, locally or on a cluster, and the per-source loop below takes
+their prepared documents in the same order (dedup's scan replays over their features, its second reading takes the
+kept documents from the prepared files): the same rows. UL2 draws each document's randomness from its own seeded stream
 (:func:`doc_rng`), so a document is transformed the same whichever process reads it.
 """
 
@@ -1083,6 +1084,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                                   if s.source.hub is None and s.transform != "ni_fewshot"]
                 run = EngineRun(mix, tokenizer, seq_len, stage / "engine", stage.parent / "engine-logs",
                                 {k: readings[mix.sources[k].name].files for k in engine_sources}, needs)
+                cleanup.callback(run.close, quiet=True)  # on an error: the wave's processes end before staging goes
                 for k in engine_sources if not mix.dedup else ():  # (with dedup: its second reading)
                     readings[mix.sources[k].name].docs = _engine_docs(run, k, readings[mix.sources[k].name],
                                                                       decon_report)
@@ -1128,6 +1130,8 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                              f"{st['bytes_total']:,} bytes read ({st['files_read']} of {st['files_total']} files)")
                 trained = [int(np.frombuffer(sp.lengths, np.int32)[:n].sum()) for sp, n in zip(spills, n_train)]
                 todo = dd.top_up(needs, trained) if dd is not None else []
+            if run is not None:
+                run.close()  # the files the last wave prepared past what the build took
             held_out = {f"validation:{spec.path or spec.hub}": _validation_source(spec, mix, tokenize)
                         for spec in mix.validation_sources}
         if mix.filters:

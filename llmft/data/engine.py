@@ -3,7 +3,9 @@
 Without an engine, :mod:`llmft.data.build` reads every source in its own process and tokenizes in ``num_proc``
 workers. With one, each local file of a source becomes a job: read it, decontaminate and filter its documents, apply
 UL2, tokenize, and with ``dedup`` compute each document's dedup features (exact hash, shingles, MinHash signature,
-hashed embedding; on the text before UL2, as the build's scan does). Jobs run as datatrove tasks (``files_per_task`` files each) on a ``LocalPipelineExecutor`` (worker
+hashed embedding; on the text before UL2, as the build's scan does). Jobs run as datatrove tasks
+(``files_per_task`` files each; locally by default ``TASKS_PER_WORKER`` tasks per worker, since each task costs
+datatrove's setup) on a ``LocalPipelineExecutor`` (worker
 processes on this machine, the default), a ``SlurmPipelineExecutor`` (an sbatch job array) or a
 ``RayPipelineExecutor``: the same recipe, with ``engine.executor`` and its ``options`` changed. A job writes its
 file's documents into ``<root>/<source>/<file>/`` in the build's staging directory, which a cluster's nodes must
@@ -40,6 +42,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from array import array
 from collections.abc import Iterator
@@ -63,6 +66,8 @@ log = logging.getLogger(__name__)
 WAVE_MARGIN = 1.1  # a later wave of a sampled source covers its missing tokens at the measured bytes per token + 10%
 FIRST_WAVE_BYTES_PER_TOKEN = 2.0  # the first wave's guess, below what BPE vocabularies give on text
 POLL_SECONDS = 5  # how often the build looks for a cluster's finished jobs
+LOCAL_POLL_SECONDS = 0.02  # and for a local wave's
+TASKS_PER_WORKER = 4  # a local wave's files are split into this many tasks per worker (files_per_task unset)
 WAIT_LOG_SECONDS = 300  # and how often it logs what it is waiting for
 
 
@@ -119,7 +124,9 @@ def _decontaminator(mix: MixRecipe) -> tuple:
 
 
 def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBase, seq_len: int, root: Path) -> None:
-    """Read, clean, filter, transform and tokenize one file into ``root/<k>/<j>/`` (nothing if already there).
+    """Read, clean, filter, transform and tokenize one file into ``root/<k>/<j>/`` (nothing if already there); with
+    dedup also its documents' scan records and features. A malformed record under on_error: stop ends the file
+    there, its message in the report (the build raises it).
 
     Raises:
         OSError: the output cannot be written.
@@ -292,6 +299,11 @@ class EngineRun:
         self.bytes_prepared = {k: 0 for k in files}
         self.tokens_prepared = {k: 0 for k in files}  # tokens of the documents its prepared files kept
         self.waves = 0
+        self._jobs: list[FileJob] = []  # the wave in flight
+        self._counted: set[tuple[int, int]] = set()  # files complete, their tokens in tokens_prepared
+        self._thread: threading.Thread | None = None  # running a local wave
+        self._error: str | None = None
+        self._logs, self._t0 = logs, 0.0
         root.mkdir(parents=True, exist_ok=True)
         self._run([job for k in files for job in self._wave(k)])
 
@@ -317,61 +329,96 @@ class EngineRun:
         return [FileJob(k, j, str(files[j])) for j in range(start, self.started[k])]
 
     def _run(self, jobs: list[FileJob]) -> None:
-        """Run one wave of jobs on the executor and wait for every output.
+        """Start one wave of jobs on the executor, after the previous wave has ended. A local wave runs in a thread,
+        so the build takes each file as soon as it is prepared; a cluster executor returns once it has submitted.
 
         Raises:
-            DataError: a job met a malformed record under on_error: stop, or its output is missing.
+            DataError: the previous wave failed.
         """
+        self.close()
         if not jobs:
             return
         engine = self.mix.engine
         self.waves += 1
-        per = engine.files_per_task
-        tasks = math.ceil(len(jobs) / per)
         workers = engine.workers or (self.mix.num_proc if engine.executor == "local" else -1)
+        per = engine.files_per_task or (math.ceil(len(jobs) / (TASKS_PER_WORKER * workers))
+                                        if engine.executor == "local" else 1)
+        tasks = math.ceil(len(jobs) / per)
         log.info("data engine: wave %d: %d files of %d sources in %d %s tasks", self.waves, len(jobs),
                  len({j.k for j in jobs}), tasks, engine.executor)
         step = PrepareFiles(self.mix, self.tokenizer, self.seq_len, str(self.root), jobs, per)
         kwargs = dict(engine.options)
         if engine.executor == "local":
             kwargs.setdefault("start_method", "spawn")  # the Rust tokenizer's threads do not survive a fork
+        self._logs = self.logs / f"wave-{self.waves}"
         executor = executor_class(engine.executor)(pipeline=[step], tasks=tasks, workers=workers,
-                                                   logging_dir=str(self.logs / f"wave-{self.waves}"),
-                                                   **kwargs)
-        from llmft.data.build import _progress
-
-        t0 = time.perf_counter()
-        logs = self.logs / f"wave-{self.waves}"
+                                                   logging_dir=str(self._logs), **kwargs)
         for job in jobs:
             (self.root / str(job.k)).mkdir(exist_ok=True)
+            self.bytes_prepared[job.k] += Path(job.path).stat().st_size
+        self._jobs, self._t0, self._error = jobs, time.perf_counter(), None
+        if engine.executor != "local":
+            self._submit(executor)
+            return
+        self._thread = threading.Thread(target=self._submit, args=(executor,), name=f"engine-wave-{self.waves}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _submit(self, executor) -> None:
         try:
             executor.run()
-        except Exception as e:  # a local task's error, raised again here
-            raise DataError(self._failure(jobs, logs) or f"the data engine's wave failed ({type(e).__name__}: {e}); "
-                            f"see the task logs in {logs}") from None
-        pending, said = list(jobs), time.perf_counter()
-        with _progress(f"data engine: wave {self.waves} ({engine.executor})", len(jobs), unit="file") as progress:
-            while pending:  # a cluster executor returns once the jobs are submitted
-                if failure := self._failure(pending, logs):
-                    raise DataError(failure)
-                done = [j for j in pending if (self._folder(j) / "report.json").is_file()]
-                progress.update(len(done))
-                pending = [j for j in pending if j not in done]
-                if pending and engine.executor == "local":
-                    raise DataError(f"the data engine's task for {pending[0].path} ended without its output; see "
-                                    f"the task logs in {logs}")
-                if pending and time.perf_counter() - said > WAIT_LOG_SECONDS:
-                    said = time.perf_counter()
-                    log.info("data engine: waiting for %d of %d files of wave %d (e.g. %s); if a task failed before "
-                             "it started, its scheduler log is under %s", len(pending), len(jobs), self.waves,
-                             pending[0].path, logs)
-                if pending:
-                    time.sleep(POLL_SECONDS)
-        for job in jobs:
-            self.bytes_prepared[job.k] += Path(job.path).stat().st_size
-            with np.load(self._folder(job) / "docs.index.npz") as index:
-                self.tokens_prepared[job.k] += int(index["lengths"].sum())
-        log.info("data engine: wave %d done in %.1f s", self.waves, time.perf_counter() - t0)
+        except Exception as e:  # a local task's error, raised again here: the build raises it where it waits
+            self._error = f"the data engine's wave failed ({type(e).__name__}: {e}); see the task logs in {self._logs}"
+
+    def _wait(self, job: FileJob) -> None:
+        """Wait until ``job``'s output is complete.
+
+        Raises:
+            DataError: its task failed, or a local wave ended without it.
+        """
+        said = time.perf_counter()
+        if (job.k, job.j) in self._counted:
+            return
+        while not (self._folder(job) / "report.json").is_file():
+            if failure := self._failure([job], self._logs):
+                raise DataError(failure)
+            if self._thread is not None and not self._thread.is_alive() \
+                    and not (self._folder(job) / "report.json").is_file():
+                raise DataError(self._error or f"the data engine's task for {job.path} ended without its output; "
+                                f"see the task logs in {self._logs}")
+            if self._thread is None and time.perf_counter() - said > WAIT_LOG_SECONDS:
+                said = time.perf_counter()
+                log.info("data engine: waiting for %s (wave %d); if its task failed before it started, its "
+                         "scheduler log is under %s", job.path, self.waves, self._logs)
+            time.sleep(LOCAL_POLL_SECONDS if self._thread is not None else POLL_SECONDS)
+        with np.load(self._folder(job) / "docs.index.npz") as index:  # (before the build reads and removes it)
+            self.tokens_prepared[job.k] += int(index["lengths"].sum())
+        self._counted.add((job.k, job.j))
+
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the wave in flight to end (every file it was given), and count its files' tokens; ``quiet``:
+        only wait for a local wave's thread (the build is ending on another error).
+
+        Raises:
+            DataError: one of its tasks failed.
+        """
+        if quiet:
+            if self._thread is not None:
+                self._thread.join()
+            return
+        if not self._jobs:
+            return
+        from llmft.data.build import _progress
+
+        jobs, self._jobs = self._jobs, []
+        with _progress(f"data engine: wave {self.waves}", len(jobs), unit="file") as progress:
+            for job in jobs:
+                self._wait(job)
+                progress.update()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        log.info("data engine: wave %d done in %.1f s", self.waves, time.perf_counter() - self._t0)
 
     def _failure(self, jobs: list[FileJob], logs: Path) -> str | None:
         """The message of the first of ``jobs`` whose task failed, or None."""
@@ -390,8 +437,12 @@ class EngineRun:
         Raises:
             DataError: as :meth:`_run`, or the job's malformed record under on_error: stop.
         """
-        while j >= self.started[k]:  # with the next files of every other source that will need more
-            self._run(self._wave(k) + [job for i in self.files if i != k and self._short(i) for job in self._wave(i)])
+        if j >= self.started[k]:  # with the next files of every other source that will need more
+            self.close()  # (its counts size the next wave)
+            while j >= self.started[k]:
+                self._run(self._wave(k) + [job for i in self.files if i != k and self._short(i)
+                                           for job in self._wave(i)])
+        self._wait(FileJob(k, j, str(self.files[k][j])))
         out = FileOutput(self.root / str(k) / str(j), len(self.tokenizer))
         if out.report["error"]:
             raise DataError(out.report["error"])
