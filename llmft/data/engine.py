@@ -380,8 +380,10 @@ class EngineRun:
         if (job.k, job.j) in self._counted:
             return
         while not (self._folder(job) / "report.json").is_file():
-            if failure := self._failure([job], self._logs):
-                raise DataError(failure)
+            failed = self.root / str(job.k) / f"{job.j}.failed"
+            if failed.is_file():
+                raise DataError(f"the data engine's task failed: {failed.read_text()} (its log is in "
+                                f"{self._logs}/logs)")
             if self._thread is not None and not self._thread.is_alive() \
                     and not (self._folder(job) / "report.json").is_file():
                 raise DataError(self._error or f"the data engine's task for {job.path} ended without its output; "
@@ -419,14 +421,6 @@ class EngineRun:
             self._thread.join()
             self._thread = None
         log.info("data engine: wave %d done in %.1f s", self.waves, time.perf_counter() - self._t0)
-
-    def _failure(self, jobs: list[FileJob], logs: Path) -> str | None:
-        """The message of the first of ``jobs`` whose task failed, or None."""
-        for job in jobs:
-            failed = self.root / str(job.k) / f"{job.j}.failed"
-            if failed.is_file():
-                return f"the data engine's task failed: {failed.read_text()} (its log is in {logs}/logs)"
-        return None
 
     def _folder(self, job: FileJob) -> Path:
         return self.root / str(job.k) / str(job.j)
