@@ -1,7 +1,7 @@
 """Data-scale benchmark: how `llmft data build`'s memory and time grow with the mix, and what a training rank
 then holds, at two or three sizes, with the raw tokenizer on the same text as the speed baseline.
 
-    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1] [--dedup | --engine]
+    python bench/data_scale.py [--sizes 10,30] [--seq-len 4096] [--num-proc 1] [--dedup | --engine | --reweight]
 
 Sizes are millions of training tokens (the mix's ``total_tokens``). The corpus is generated from the bundled books
 (Frankenstein, Moby Dick): documents are random windows of their text, 1K-30K tokens long (log-uniform), written
@@ -25,6 +25,10 @@ difference per document scanned, against the stated cost (256 * 4 bytes of signa
 workers) and with ``engine: {workers: num_proc}`` (datatrove's local executor running the per-file tasks): time,
 peak RSS of the whole process tree (build and workers), the bytes the engine prepared against the bytes the build
 used, and whether the rows are the same bytes.
+
+``--reweight``: each size is built twice on the same corpus with a keyword filter (``REWEIGHT_FILTER``), without
+and with ``reweight: {}`` (the default probe: hashed bag of words, 32 principal components, 20,000 documents per
+sample): peak RSS of both, the difference per document read, and the build time.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from common import RESULTS, machine, run_child, write_section  # noqa: E402
 SOURCES = {"big": 10.0, "mid": 2.0, "small": 1.5, "tight": 1.2}  # corpus size / tokens its 25% share needs
 SHARDS_PER_SHARE = 32
 COPIES = 0.05  # --dedup: the share of a shard's documents that are exact copies, and again near copies
+REWEIGHT_FILTER = {"kind": "keywords", "words": ["lamp"]}  # --reweight: removes about a third of the windows
 DEDUP = {"methods": ["exact", "minhash"], "scope": "across_sources", "threshold": 0.8, "shingle_size": 5,
          "num_perm": 256, "keep": "longest"}  # data_recipes/together_32k_pretrain.yaml's
 
@@ -121,8 +126,10 @@ def child_build(args: argparse.Namespace) -> None:
                       "sources": {k: {x: v[x] for x in ("available_tokens", "selected_tokens", "realized_share",
                                                          "documents", "target_tokens", "bytes_read", "bytes_total",
                                                          "files_read", "files_total", "deduplicated")}
-                                  | {"bytes_prepared": v.get("bytes_prepared")}
+                                  | {"bytes_prepared": v.get("bytes_prepared"), "filtered": v.get("filtered")}
                                   for k, v in s["sources"].items()},
+                      "reweight": s["reweight"] and {k: {x: v[x] for x in ("documents", "kept", "probe_accuracy")}
+                                                     for k, v in s["reweight"]["by_source"].items()},
                       "validation_fraction": mix.validation_fraction}))
 
 
@@ -181,6 +188,8 @@ def main() -> None:
                    "built with and without dedup")
     p.add_argument("--engine", action="store_true", help="each size also built with the data engine (datatrove's "
                    "local executor): time, memory and rows compared")
+    p.add_argument("--reweight", action="store_true", help="each size built with a keyword filter, without and "
+                   "with reweight")
     p.add_argument("--child", choices=["build", "tokenize"], help=argparse.SUPPRESS)
     p.add_argument("--mix", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -210,12 +219,18 @@ def main() -> None:
                     raise SystemExit(f"the build failed ({out['status']}): {out['stderr_tail']}")
                 return out
 
-            # the same corpus without dedup (the dedup cost's baseline), or without the engine
-            plain = build("plain") if args.dedup or args.engine else None
+            # the same corpus without dedup (the dedup cost's baseline), without the engine, or without reweight
+            if args.reweight:  # the filter removes more of the long windows: the tight sources may take a 2nd pass
+                mix["filters"] = [REWEIGHT_FILTER]
+                for s in mix["sources"]:
+                    s["max_epochs"] = 3
+            plain = build("plain") if args.dedup or args.engine or args.reweight else None
             if args.dedup:
                 mix["dedup"] = DEDUP
             if args.engine:
                 mix["engine"] = {"workers": args.num_proc}
+            if args.reweight:
+                mix["reweight"] = {}
             b = build("out")
             b["plain"] = plain
             if args.engine:
@@ -228,7 +243,7 @@ def main() -> None:
             print(f"{size:g} M: build peak {b['watched_peak_rss'] / GB:.2f} GB in {b['seconds']:.0f} s; "
                   f"rank data RSS {[round(x['data_rss'] / MB, 1) for x in r]} MiB", flush=True)
 
-    flag = " --dedup" if args.dedup else " --engine" if args.engine else ""
+    flag = " --dedup" if args.dedup else " --engine" if args.engine else " --reweight" if args.reweight else ""
     lines = [f"## data_scale{flag} — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"`python bench/data_scale.py --sizes {args.sizes} --seq-len {args.seq_len} --num-proc {args.num_proc}"
              f"{flag}` on {machine()}.", "",
@@ -287,6 +302,21 @@ def main() -> None:
             lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {p['seconds']:.0f} / {b['seconds']:.0f} | "
                          f"{p['watched_peak_tree_rss'] / GB:.2f} / {b['watched_peak_tree_rss'] / GB:.2f} GB | "
                          f"{prepared} | {'yes' if b['same_rows'] else 'NO'} |")
+    if args.reweight:
+        lines += ["", f"Reweight (a keyword filter {REWEIGHT_FILTER['words']}, then `reweight: {{}}`: every document "
+                  "read embedded into a staging file, the probe fitted on 20,000 documents per sample) against the "
+                  "same build with the filter alone; the rows above are the reweighted build's.", "",
+                  "| training tokens | documents read (kept) | peak RSS: filter / + reweight | difference | "
+                  "per document read | build s: filter / + reweight | probe accuracy: big, mid, small, tight |",
+                  "|---:|---:|---|---:|---:|---|---|"]
+        for size, sources, b, t, r in table:
+            p, rw = b["plain"], b["reweight"]
+            docs, kept = sum(v["documents"] for v in rw.values()), sum(v["kept"] for v in rw.values())
+            diff = b["watched_peak_rss"] - p["watched_peak_rss"]
+            lines.append(f"| {b['total_tokens'] / 1e6:,.1f} M | {docs:,} ({kept:,}) | "
+                         f"{p['watched_peak_rss'] / GB:.3f} / {b['watched_peak_rss'] / GB:.3f} GB | "
+                         f"{diff / MB:+.1f} MiB | {diff / docs:+.0f} B | {p['seconds']:.0f} / {b['seconds']:.0f} | "
+                         + ", ".join(f"{v['probe_accuracy']:.3f}" for v in rw.values()) + " |")
     lines.append("")
     write_section(args.results, lines)
     print("\n".join(lines))

@@ -17,6 +17,7 @@ from test_sampled_reading import TOKENIZER, write_corpus
 from transformers import AutoTokenizer
 
 from llmft.config import RecipeError
+from llmft.data import build as build_module
 from llmft.data.build import build
 from llmft.data.mix import load_mix
 from llmft.data.sources import DataError
@@ -108,7 +109,7 @@ def test_a_malformed_record_under_stop_names_its_line_and_keeps_the_previous_bui
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({"reweight": {}, "engine": {}}, "engine: the engine does not run reweight yet"),
+    ({"reweight": {}, "dedup": {}, "engine": {}}, "engine: the engine does not run reweight with dedup yet"),
     ({"dedup": {"methods": ["clusters"], "embedder": "sentence-transformers:x", "candidate_cosine": 0.8},
       "engine": {}}, "engine: the engine's tasks compute hashed embeddings only"),
     ({"engine": {"executor": "slurm"}}, "engine.options: the slurm executor needs time, partition"),
@@ -120,6 +121,28 @@ def test_what_the_engine_cannot_run_is_a_recipe_error(tmp_path, corpus, extra, e
     with pytest.raises(RecipeError) as e:
         mix(tmp_path / "m.yaml", corpus, **extra)
     assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("total_tokens", [16_000, None], ids=["sampled", "whole"])
+def test_reweighted_engine_build_equals_the_in_process_build(tmp_path, corpus, tok, total_tokens, monkeypatch):
+    """``reweight`` on the engine: the jobs filter and embed every document they read; the build replays the
+    filters' batches over their records, so the probe sees the same documents as when one process reads them. The
+    same rows and per-token weights, byte for byte, and the same reweighting report."""
+    # small filter batches, ended by either limit (5 documents, or 6,000 characters: about 3 of these documents)
+    monkeypatch.setattr(build_module, "FILTER_BATCH", 5)
+    monkeypatch.setattr(build_module, "TOKENIZE_BATCH_CHARS", 6000)
+    extra = {"reweight": {"components": 4}, "filters": [{"kind": "keywords", "words": ["friend", "small doc 4"]}]}
+    extra |= {"total_tokens": total_tokens} if total_tokens else {}
+    plain = build(mix(tmp_path / "a.yaml", corpus, **extra), tmp_path / "a", tok, 256)
+    engine = build(mix(tmp_path / "b.yaml", corpus, engine=ENGINE, **extra), tmp_path / "b", tok, 256)
+    same_files(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "rows" / "weight.bin").is_file()
+    rw = engine.stats["reweight"]["by_source"]
+    assert rw == plain.stats["reweight"]["by_source"]
+    assert rw["big"]["documents"] > rw["big"]["kept"] > 0 and rw["big"]["weight_max"] > rw["big"]["weight_min"]
+    assert engine.stats["sources"]["big"]["read_whole"] == (total_tokens is None)
+    if total_tokens is None:
+        assert plain.stats["filters"] == engine.stats["filters"]
 
 
 @pytest.mark.parametrize("total_tokens", [16_000, None], ids=["sampled", "whole"])

@@ -16,17 +16,16 @@ between is an error) and counts the tokens of the removed ones for the report. A
 ``max_tokens`` run in the scan (its workers count each document's tokens), so a document they drop takes no place
 in the index: a web source where most documents are under Together's 2K tokens costs signatures only for the rest.
 
-When a source's need is known before it is read (``total_tokens`` with weighted shares, and no ``reweight``,
-whose probe reads every source first), its files are read in a seeded random order and reading stops once its
-units hold the ``weight * total`` training tokens it needs (character budgets, see :func:`_source_units`): a
-source 20x larger than its share is read about 1/20 (plus 2% and the rest of the last file started), in whole
-files, so a sharded corpus is sampled by shard. Filtered documents simply take more reading. With dedup the scan
-stops at the need at the source's measured characters per token plus ``SCAN_MARGIN``; if the kept documents then
-hold too few tokens, the scan reads on and the decision is taken again over everything scanned (the sources whose
-kept documents changed are tokenized again), so the result depends only on the data and the seed. Duplicates are
-then found among what was read, which is what the rows are made of. ``stats.json`` records per source the files
-and bytes read of the total (``read_fraction``) and whether it was read whole. Otherwise every source is read
-whole.
+When a source's need is known before it is read (``total_tokens`` with weighted shares), its files are read in a
+seeded random order and reading stops once its units hold the ``weight * total`` training tokens it needs (character
+budgets, see :func:`_source_units`): a source 20x larger than its share is read about 1/20 (plus 2% and the rest of
+the last file started), in whole files, so a sharded corpus is sampled by shard. Filtered documents simply take more
+reading. With dedup the scan stops at the need at the source's measured characters per token plus ``SCAN_MARGIN``;
+if the kept documents then hold too few tokens, the scan reads on and the decision is taken again over everything
+scanned (the sources whose kept documents changed are tokenized again), so the result depends only on the data and
+the seed. Duplicates are then found among what was read, which is what the rows are made of. ``stats.json`` records
+per source the files and bytes read of the total (``read_fraction``) and whether it was read whole. Otherwise every
+source is read whole.
 
 Then, over the mix: each source contributes ``weight * total`` tokens (``shares: natural``: in proportion to its
 size), made of whole passes over its units plus a seeded random part-pass (at most ``max_epochs`` passes). The
@@ -34,7 +33,7 @@ units of all sources are shuffled together (an index per unit), read back from t
 (``concat`` or ``isolated``) and written a window of ``PACK_WINDOW_TOKENS`` at a time
 (:func:`llmft.data.packing.pack_stream`). The build's memory therefore does not grow with the corpus or the
 mix beyond per-unit and per-document numbers: a window of rows, the jobs in flight, 16 bytes per unit, dedup's
-features, and the validation tokens. Only ``reweight`` holds a source's texts (its probe sees them all).
+features, the reweighting's per-document numbers and samples, and the validation tokens.
 
 Output directory (written in ``OUT/.staging-<pid>/`` and published into ``OUT`` only once complete, ``stats.json``
 last: a build that fails or is interrupted leaves the previous build as it was, or no loadable one, never a mix)::
@@ -50,10 +49,12 @@ last: a build that fails or is interrupted leaves the previous build as it was, 
       filters.md                what each filter removed, and the reweighting (with ``filters``; also under
                                 "filters" and "reweight" in stats.json)
 
-With ``filters`` (:mod:`llmft.data.filters`) documents are filtered as they are read, before deduplication; with
-``reweight`` (:mod:`llmft.data.reweight`) a source's documents are filtered all at once after deduplication and
-each kept document gets a weight, carried through tokenizing, chunking,
-selection and packing into ``rows/weight.bin`` (float32 per token, 0 on padding). Training
+With ``filters`` (:mod:`llmft.data.filters`) documents are filtered as they are read, before deduplication. With
+``reweight`` (:mod:`llmft.data.reweight`, :class:`~llmft.data.reweight.ReweightStream`) they are filtered after
+deduplication, as the source is read and tokenized, and every document read, kept or not, is embedded into a spill
+in the staging directory (17 bytes per document in memory); once the source is read (to its need, when sampled),
+the probe is fitted on a sample of those embeddings and scores the kept ones, and each unit gets its document's
+weight, carried through selection and packing into ``rows/weight.bin`` (float32 per token, 0 on padding). Training
 on the build weighs each token's loss by the weight of the predicted token: a step's loss is Σ w·nll / Σ w over
 its trained tokens, so a weight of 2 counts exactly as two copies of the document (:mod:`llmft.train.loss`).
 
@@ -99,17 +100,18 @@ from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import DedupIndex, Features, Shingler, report_markdown
 from llmft.data.dedup import features as dedup_features
 from llmft.data.engine import EngineRun, Prepared
-from llmft.data.filters import FilterResult, FilterTally, apply_filters, merge_reports, release_scoring_models
+from llmft.data.filters import FilterTally, apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
 from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, pack_stream, special_ids
+from llmft.data.reweight import ReweightStream
 from llmft.data.sources import DataError, Document, SourceError, SourceReport, SourceSpec, list_files, read_source
 from llmft.data.store import RowStore, StoreError, StoreWriter
 from llmft.data.units import UnitSpill
 from llmft.data.transforms import ni_fewshot, ul2
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 6  # bump when the on-disk layout or the build algorithm changes
+FORMAT_VERSION = 7  # bump when the on-disk layout or the build algorithm changes
 PACK_WINDOW_TOKENS = 4 * 2**20  # rows are packed and written a window at a time: ~120 MB of rows in memory
 PROGRESS_LOG_SECONDS = 30  # without a terminal, progress is logged this often
 TOKENIZE_BATCH = 256  # documents per tokenizing job, or fewer when they reach:
@@ -203,6 +205,7 @@ class _Reading:
     stats: dict
     files: list[Path]  # the local files it reads, in reading order ([] for a hub source)
     tally: FilterTally | None = None  # with filters applied while reading
+    unit_docs: array | None = None  # with reweight: (units,) each unit's document, as its index among the kept ones
 
 
 def _text(doc: Document) -> str:
@@ -215,35 +218,57 @@ def _clean(src: MixSource, mix: MixRecipe, decon: Decontaminator | None, decon_r
     """Read one source, decontaminate it and (with ``reading.tally``) filter it, counting into the reading's report,
     stats and tally. Yields (the document's position among the documents the source's reader yields, the document).
 
-    The filters score batches of up to ``FILTER_BATCH`` documents or ``TOKENIZE_BATCH_CHARS`` characters (the
-    perplexity filter's LM scores a batch at a time), so reading runs at most one such batch ahead.
+    The filters score a batch at a time (:func:`_filtered`).
 
     Raises:
         SourceError: a malformed record under on_error: stop.
         DataError: a user classifier that fails.
     """
-    stats, tally = reading.stats, reading.tally
+
+    def cleaned() -> Iterator[tuple[int, Document]]:
+        for raw, doc in enumerate(read_source(src.source, mix.on_error, reading.report, reading.files)):
+            if decon is not None:
+                mode = mix.decontaminate.mode
+                text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
+                prompt_hit = bool(doc.prompt) and decon.find(doc.prompt)
+                if text is None or (prompt_hit and mode == "document"):
+                    reading.stats["decontaminated"] += 1
+                    continue
+                doc.text = text
+            yield raw, doc
+
+    return cleaned() if reading.tally is None else _filtered(cleaned(), src, mix, reading)
+
+
+def _filtered(docs: Iterable[tuple[int, Document]], src: MixSource, mix: MixRecipe, reading: _Reading,
+              rw: ReweightStream | None = None) -> Iterator[tuple[int, Document]]:
+    """The documents the ``filters`` keep, of (position, document) pairs, scored a batch of up to ``FILTER_BATCH``
+    documents or ``TOKENIZE_BATCH_CHARS`` characters at a time (the perplexity filter's LM scores a batch at a
+    time), so reading runs at most one such batch ahead; counted into ``reading.tally`` and its stats.
+
+    With ``rw`` (``reweight``), every document of a batch, kept or not, goes to the reweighting, and each kept
+    document gets ``meta["reweight_index"]``, its index among the kept ones (where its weight will be).
+
+    Raises:
+        DataError: a user classifier or reweight embedder that fails.
+    """
     batch: list[tuple[int, Document]] = []
     size = 0
 
     def filtered() -> list[tuple[int, Document]]:
-        result = apply_filters([_text(d) for _, d in batch], src.name, mix.filters, [d.where for _, d in batch])
-        tally.add(result)
-        stats["filtered"] += int((~result.keep).sum())
-        return [b for b, k in zip(batch, result.keep) if k]
+        texts = [_text(d) for _, d in batch]
+        result = apply_filters(texts, src.name, mix.filters, [d.where for _, d in batch])
+        reading.tally.add(result)
+        reading.stats["filtered"] += int((~result.keep).sum())
+        kept = [b for b, k in zip(batch, result.keep) if k]
+        if rw is not None:
+            first = rw.kept
+            rw.add(texts, result.keep)
+            for i, (_, d) in enumerate(kept):
+                d.meta["reweight_index"] = first + i
+        return kept
 
-    for raw, doc in enumerate(read_source(src.source, mix.on_error, reading.report, reading.files)):
-        if decon is not None:
-            mode = mix.decontaminate.mode
-            text = decon.clean(doc.text, mode, src.name, doc.where, decon_report)
-            prompt_hit = bool(doc.prompt) and decon.find(doc.prompt)
-            if text is None or (prompt_hit and mode == "document"):
-                stats["decontaminated"] += 1
-                continue
-            doc.text = text
-        if tally is None:
-            yield raw, doc
-            continue
+    for raw, doc in docs:
         batch.append((raw, doc))
         size += len(doc.text) + len(doc.prompt)
         if len(batch) >= FILTER_BATCH or size >= TOKENIZE_BATCH_CHARS:
@@ -282,6 +307,54 @@ def _entered(run, k: int, j: int, reading: _Reading, decon_report: DecontamRepor
     decon_report.merge(out.report["decontam"])
     reading.stats["bytes_prepared"] = run.bytes_prepared[k]
     return out
+
+
+def _engine_reweighted(run, k: int, reading: _Reading, decon_report: DecontamReport, rw: ReweightStream
+                       ) -> Iterator[Prepared]:
+    """Source ``k``'s documents kept by the filters as the data engine prepared them, with their reweighting: the
+    batches of :func:`_filtered` replayed over every document the jobs read (the filters' decisions and the
+    embeddings the jobs recorded), so that ``rw`` gets the same documents as when this process reads, filters and
+    embeds them, in the same batches, and each kept document its ``meta["reweight_index"]``.
+
+    Raises:
+        DataError: a job met a malformed record under on_error: stop.
+    """
+    batch: list[tuple] = []  # (file output, its document index, kept document or None) per document
+    size = 0
+
+    def flush() -> list[Prepared]:
+        keep = np.array([d is not None for _, _, d in batch])
+        pieces, i = [], 0
+        while i < len(batch):  # the batch's documents of each file: a contiguous range of them
+            out, first = batch[i][0], batch[i][1]
+            end = i
+            while end < len(batch) and batch[end][0] is out:
+                end += 1
+            offsets = out.offsets  # (set when the file was entered)
+            pieces.append((*out.embedding(int(offsets[first]), int(offsets[first + end - i])),
+                           np.diff(offsets[first : first + end - i + 1])))
+            i = end
+        indices, values, counts = (np.concatenate(x) for x in zip(*pieces))
+        first = rw.kept
+        rw.add_embedded(indices, values, counts, keep)
+        kept = [d for _, _, d in batch if d is not None]
+        for i, d in enumerate(kept):
+            d.meta["reweight_index"] = first + i
+        return kept
+
+    for j in range(len(reading.files)):
+        out = _entered(run, k, j, reading, decon_report)
+        keep, chars, out.offsets = out.reweighting()
+        docs = out.documents()
+        for i in range(len(keep)):
+            batch.append((out, i, next(docs) if keep[i] else None))
+            size += int(chars[i])
+            if len(batch) >= FILTER_BATCH or size >= TOKENIZE_BATCH_CHARS:
+                kept, batch, size = flush(), [], 0
+                yield from kept
+        docs.close()
+    if batch:
+        yield from flush()
 
 
 def _engine_scan(run, k: int, reading: _Reading, decon_report: DecontamReport) -> Iterator[tuple]:
@@ -653,11 +726,8 @@ class Curated:
     weights: np.ndarray | None  # (kept,) with reweight
 
 
-def _curate(mix: MixRecipe, k: int, docs: Iterable[Document]) -> tuple[list[Document], Curated, FilterResult, dict | None]:
-    """Filter and reweight one source's documents all at once (the reweighting probe needs them all).
-
-    Returns:
-        (the kept documents, each with ``meta["weight"]``; their curation; the filters' result; the reweight report)
+def _curate(mix: MixRecipe, k: int, docs: Iterable[Document]) -> Curated:
+    """Filter and reweight one source's documents, holding their texts (what ``llmft data report`` is about).
 
     Raises:
         DataError: a malformed record under on_error: stop, or a user classifier or embedder that fails.
@@ -666,20 +736,13 @@ def _curate(mix: MixRecipe, k: int, docs: Iterable[Document]) -> tuple[list[Docu
 
     name = mix.sources[k].name
     try:
-        docs = list(_progress(f"read {name} (for filters)", unit="doc", iterable=docs))
+        texts = [_text(d) for d in _progress(f"read {name} (for filters)", unit="doc", iterable=docs)]
     except SourceError as e:
         raise DataError(str(e)) from None
-    texts = [_text(d) for d in docs]
-    res = apply_filters(texts, name, mix.filters, [d.where for d in docs])
-    weights, rw_report = None, None
-    if mix.reweight is not None:
-        rw = reweight(texts, res.keep, mix.reweight, stream=k)
-        weights, rw_report = rw.weights, rw.report
-    kept = [d for d, keep in zip(docs, res.keep) if keep]
-    for i, d in enumerate(kept):
-        d.meta["weight"] = float(weights[i]) if weights is not None else 1.0
-    log.info("data: %s: filters removed %d of %d documents", name, int((~res.keep).sum()), len(docs))
-    return kept, Curated(texts, res.keep, weights), res, rw_report
+    res = apply_filters(texts, name, mix.filters)
+    weights = reweight(texts, res.keep, mix.reweight, stream=k).weights if mix.reweight is not None else None
+    log.info("data: %s: filters removed %d of %d documents", name, int((~res.keep).sum()), len(texts))
+    return Curated(texts, res.keep, weights)
 
 
 def _dedup_pass(mix: MixRecipe, readings: dict[str, _Reading], decon: Decontaminator | None,
@@ -713,7 +776,7 @@ def curate_recipe(mix: MixRecipe) -> dict[str, Curated]:
         with dd or ExitStack():
             for k, src in enumerate(mix.sources):
                 docs = dd.reread(k) if dd else readings[src.name].docs
-                curated[src.name] = _curate(mix, k, docs)[1]
+                curated[src.name] = _curate(mix, k, docs)
     release_scoring_models()
     return curated
 
@@ -780,9 +843,10 @@ def _source_units(k: int, mix: MixRecipe, tokenize: Callable[[Iterable], Iterato
     """
     src = mix.sources[k]
     report, stats = reading.report, reading.stats
-    # one example per document unless ni_fewshot (which reweight rejects): the weights queue up in reading order
-    pending_weights: deque[float] = deque()
-    track = mix.reweight is not None
+    # one example per document unless ni_fewshot (which reweight rejects): with reweight, each document's index
+    # among the kept ones (where its weight will be) queues up in reading order, for its units (reading.unit_docs)
+    pending_docs: deque[int] = deque()
+    track = reading.unit_docs is not None
     vf = mix.validation_fraction
     chars, budget, stop = 0, math.inf if need is None else need * 2.0, False
     cut_prompts = 0
@@ -795,7 +859,7 @@ def _source_units(k: int, mix: MixRecipe, tokenize: Callable[[Iterable], Iterato
     def keep(example: Example) -> None:
         nonlocal cut_prompts
         n = len(example)
-        w = pending_weights.popleft() if track else 1.0
+        doc = pending_docs.popleft() if track else -1
         if src.filters.min_tokens and n < src.filters.min_tokens:
             stats["dropped_min_tokens"] += 1
         elif src.filters.max_tokens and n > src.filters.max_tokens:
@@ -804,7 +868,9 @@ def _source_units(k: int, mix: MixRecipe, tokenize: Callable[[Iterable], Iterato
             stats["doc_lengths"].append(n)
             cut_prompts += n > seq_len and not example.loss_mask[1:].all()
             for i in range(0, n, seq_len):
-                spill.append(example.tokens[i : i + seq_len], example.loss_mask[i : i + seq_len], w)
+                spill.append(example.tokens[i : i + seq_len], example.loss_mask[i : i + seq_len])
+                if track:
+                    reading.unit_docs.append(doc)
             progress.update(n)
 
     def batches():
@@ -827,8 +893,8 @@ def _source_units(k: int, mix: MixRecipe, tokenize: Callable[[Iterable], Iterato
             batch.append(doc)
             size += n
             chars += n
-            if track:  # (reweight does not run on the engine)
-                pending_weights.append(doc.meta.get("weight", 1.0))
+            if track:
+                pending_docs.append(doc.meta["reweight_index"])
             if chars >= budget:  # every batch so far is tokenized before reading on
                 yield src.transform, batch
                 batch, size = [], 0
@@ -998,8 +1064,8 @@ def _select(lengths: np.ndarray, target: int, rng: np.random.Generator) -> np.nd
 
 def _sampling(mix: MixRecipe) -> bool:
     """Whether each source's token need is known before reading it, so its reading can stop at the need: a
-    ``total_tokens`` with weighted shares, and no ``reweight`` (whose probe reads every source first)."""
-    return mix.total_tokens is not None and mix.shares == "weights" and mix.reweight is None
+    ``total_tokens`` with weighted shares."""
+    return mix.total_tokens is not None and mix.shares == "weights"
 
 
 def _reading_order(mix: MixRecipe, k: int) -> list[Path]:
@@ -1065,7 +1131,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
     """
     t0 = time.perf_counter()
     decon, decon_report = _decontaminator(mix)
-    reweighting = mix.reweight is not None  # its probe needs a source's documents all at once: filtered then
+    reweighting = mix.reweight is not None  # its probe sees the documents the filters remove: filtered after dedup
     readings = _start_reading(mix, decon, decon_report, filters=not reweighting)
     filter_tallies, reweight_report = {}, {"by_source": {}} if reweighting else None
 
@@ -1079,7 +1145,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
         n_train, per_source = [0] * len(mix.sources), {}
         with _tokenizer_pool(_Tokenize(tokenizer, seq_len, mix.add_eos, mix.dedup), mix.num_proc) as tokenize:
             dd, engine_sources, run = None, [], None
-            if mix.engine is not None:  # the per-file stages as datatrove tasks (not with reweight)
+            if mix.engine is not None:  # the per-file stages as datatrove tasks
                 engine_sources = [k for k, s in enumerate(mix.sources)
                                   if s.source.hub is None and s.transform != "ni_fewshot"]
                 run = EngineRun(mix, tokenizer, seq_len, stage / "engine", stage.parent / "engine-logs",
@@ -1108,14 +1174,25 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
                     reading.stats.update(dropped_min_tokens=0, dropped_max_tokens=0, doc_lengths=[])
                     if dd is not None:
                         reading.docs = dd.reread(k)
-                    if reweighting:
-                        reading.docs, _, res, reweight_report["by_source"][src.name] = _curate(mix, k, reading.docs)
-                        reading.tally = FilterTally(mix.filters)
-                        reading.tally.add(res)
-                        reading.stats["filtered"] = reading.tally.removed
+                    if reweighting:  # filtered as it is read; every document embedded for the probe
+                        (stage / "reweight" / str(k)).mkdir(parents=True, exist_ok=True)
+                        rw = cleanup.enter_context(ReweightStream(mix.reweight, stage / "reweight" / str(k), k))
+                        reading.tally, reading.stats["filtered"] = FilterTally(mix.filters), 0
+                        reading.unit_docs = array("q")
+                        if k in engine_sources:  # filtered and embedded by the engine's jobs
+                            reading.docs = _engine_reweighted(run, k, reading, decon_report, rw)
+                        else:
+                            reading.docs = (d for _, d in _filtered(enumerate(reading.docs), src, mix, reading, rw))
                     t1 = time.perf_counter()
                     n_train[k] = _source_units(k, mix, _prepared_examples if k in engine_sources else tokenize,
                                                seq_len, reading, spills[k], needs[k])
+                    if reweighting:  # the probe, fitted on what was read; each unit gets its document's weight
+                        res = rw.finish()
+                        rw.remove()
+                        reweight_report["by_source"][src.name] = res.report
+                        spills[k].set_weights(res.weights[np.frombuffer(reading.unit_docs, np.int64)])
+                        log.info("data: %s: filters removed %d of %d documents; reweighted (probe accuracy %.3f)",
+                                 src.name, reading.tally.removed, len(rw), res.report.get("probe_accuracy", 0.5))
                     seconds = time.perf_counter() - t1
                     st = per_source[src.name] = reading.stats
                     if dd is not None:
@@ -1190,6 +1267,7 @@ def _build(mix: MixRecipe, stage: Path, tokenizer: PreTrainedTokenizerBase, seq_
     (stage / "units").rmdir()
     shutil.rmtree(stage / "dedup", ignore_errors=True)  # dedup's spill directory, emptied
     shutil.rmtree(stage / "engine", ignore_errors=True)  # the engine's jobs' outputs and logs
+    shutil.rmtree(stage / "reweight", ignore_errors=True)  # the reweighting's spill directories, emptied
     index = writer.index
     histograms = {name: st.pop("doc_lengths") for name, st in per_source.items()}
     stats = {

@@ -31,6 +31,12 @@ a source 20x larger than its need is prepared in two waves, about a file past wh
 all sources run together, and so do the second waves of every source still short of its need (each wave starts
 the executor's worker processes anew, a few seconds).
 
+With ``reweight`` (and no dedup), a job also records every document it read, kept by the filters or not: its
+sparse embedding (``embedding.idx`` / ``embedding.val``), the filters' decision and its characters
+(``reweight.npz``); the build replays the filters' batches over these records
+(:func:`llmft.data.build._engine_reweighted`), so its reweighting sees the same documents in the same batches as when
+it reads them itself.
+
 A malformed record under ``on_error: stop`` makes its job write an error, which the build raises (a
 :class:`llmft.data.sources.DataError` naming the file and line) once the wave ends.
 """
@@ -46,7 +52,7 @@ import threading
 import time
 from array import array
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +99,7 @@ class Prepared:
 
     example: Example
     chars: int
+    meta: dict = field(default_factory=dict)  # with reweight: the build's index of it among the kept documents
 
 
 class _FileDecontamReport(DecontamReport):
@@ -131,8 +138,8 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     Raises:
         OSError: the output cannot be written.
     """
-    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _encode, _Reading, _text, _Tokenize, \
-        doc_rng
+    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _encode, _filtered, _Reading, _text, \
+        _Tokenize, doc_rng
     from llmft.data.dedup import Shingler
     from llmft.data.dedup import features as dedup_features
     from llmft.data.packing import special_ids
@@ -148,7 +155,13 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     decon, build_report = _decontaminator(mix)
     decon_report = _FileDecontamReport(build_report.targets)
     reading = _Reading(None, SourceReport(), {"decontaminated": 0, "filtered": 0}, [Path(job.path)],
-                       FilterTally(mix.filters) if mix.filters else None)
+                       FilterTally(mix.filters) if mix.filters and mix.reweight is None else None)
+    docs = _clean(src, mix, decon, decon_report, reading)
+    embedded = None
+    if mix.reweight is not None:  # filtered here too, every document embedded for the build's probe
+        reading.tally = FilterTally(mix.filters)
+        embedded = _Embedded(mix, tmp)
+        docs = _filtered(embedded.counting(docs), src, mix, reading, embedded)
     tokenize = _Tokenize(tokenizer, seq_len, mix.add_eos)
     spill = UnitSpill(tmp / "docs", len(tokenizer))
     chars = array("q")
@@ -180,7 +193,7 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
         chunks += 1
 
     try:
-        for raw, doc in _clean(src, mix, decon, decon_report, reading):
+        for raw, doc in docs:
             if shingler is not None:
                 seen.append((raw, doc))
                 scan["raw"].append(raw)
@@ -198,6 +211,8 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     except (SourceError, DataError) as e:
         error = str(e)
     spill.seal()
+    if embedded is not None:
+        embedded.seal()
     np.save(tmp / "chars.npy", np.frombuffer(chars, np.int64))
     if shingler is not None:
         np.savez(tmp / "scan.npz", chunks=np.int64(chunks), **{k: np.frombuffer(v, np.int64) for k, v in scan.items()})
@@ -214,6 +229,46 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
         if not (final / "report.json").is_file():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Embedded:
+    """A job's record for the build's reweighting (the ``filters``' :func:`llmft.data.build._filtered` calls
+    :meth:`add` as a :class:`llmft.data.reweight.ReweightStream`): every document's sparse embedding, appended to
+    ``embedding.idx`` / ``embedding.val``, and in ``reweight.npz`` its entries, the filters' decision and its
+    characters as the filters' batching counts them, so that the build can replay the batches."""
+
+    def __init__(self, mix: MixRecipe, folder: Path):
+        from llmft.data.dedup import Shingler
+
+        self.cfg, self.folder = mix.reweight, folder
+        self.kept = 0
+        self.keep, self.counts, self.chars = array("b"), array("q"), array("q")
+        self._shingler = Shingler(self.cfg.shingle_size) if self.cfg.embedder == "hashed" else None
+        self._idx = open(folder / "embedding.idx", "wb")  # noqa: SIM115 (closed by seal)
+        self._val = open(folder / "embedding.val", "wb")  # noqa: SIM115
+
+    def counting(self, docs: Iterator[tuple]) -> Iterator[tuple]:
+        """``docs`` passed through, each document's characters recorded as the filters' batching counts them."""
+        for raw, doc in docs:
+            self.chars.append(len(doc.text) + len(doc.prompt))
+            yield raw, doc
+
+    def add(self, texts: list[str], keep: np.ndarray) -> None:
+        from llmft.data.reweight import sparse_embedding
+
+        indices, values, counts = sparse_embedding(texts, self.cfg, self._shingler)
+        self._idx.write(memoryview(np.ascontiguousarray(indices, np.int32)).cast("B"))
+        self._val.write(memoryview(np.ascontiguousarray(values, np.float32)).cast("B"))
+        self.counts.extend(counts.tolist())
+        self.keep.extend(np.asarray(keep, np.int8).tolist())
+        self.kept += int(np.count_nonzero(keep))
+
+    def seal(self) -> None:
+        self._idx.close()
+        self._val.close()
+        n = len(self.keep)  # (a malformed record under stop ends the file: the documents before it)
+        np.savez(self.folder / "reweight.npz", keep=np.frombuffer(self.keep, np.int8),
+                 counts=np.frombuffer(self.counts, np.int64), chars=np.frombuffer(self.chars, np.int64)[:n])
 
 
 class PrepareFiles(PipelineStep):
@@ -267,6 +322,20 @@ class FileOutput:
                 self.spill.remove()
             else:
                 self.spill.release()
+
+    def reweighting(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """With reweight, every document the job read (kept by the filters or not), in order: (the filters'
+        decision (n,) bool, its characters as the filters' batching counts them (n,), its embedding's offsets
+        (n + 1,) into :meth:`embedding`)."""
+        with np.load(self.folder / "reweight.npz") as r:
+            offsets = np.zeros(len(r["counts"]) + 1, np.int64)
+            np.cumsum(r["counts"], out=offsets[1:])
+            return r["keep"].astype(bool), r["chars"], offsets
+
+    def embedding(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Entries ``start`` to ``end`` of the documents' embeddings: (indices int32, values float32)."""
+        return (np.fromfile(self.folder / "embedding.idx", np.int32, end - start, offset=4 * start),
+                np.fromfile(self.folder / "embedding.val", np.float32, end - start, offset=4 * start))
 
     def features(self, chunk: int) -> tuple[Features, list[str]]:
         """Chunk ``chunk``'s dedup features and its documents' locations."""

@@ -190,7 +190,11 @@ class Reweight(_Strict):
         description="L2 penalty (l2 / 2 * |w|^2 added to the class-balanced mean log-loss, features of unit "
         "variance): strong keeps the probe smooth, so weights follow broad content rather than single documents.",
     )
-    sample_size: int = Field(default=20000, ge=10, description="Documents sampled uniformly from each set, per source.")
+    sample_size: int = Field(
+        default=20000, ge=10,
+        description="Documents sampled uniformly from each set (all read, kept), per source: the principal components "
+        "and the probe are fitted on them (the build holds their sparse embeddings, a few KB each).",
+    )
     min_weight: float = Field(default=0.2, gt=0, description="Clip weights below this (before normalizing).")
     max_weight: float = Field(default=5.0, gt=0, description="Clip weights above this (before normalizing).")
     folds: int = Field(
@@ -403,9 +407,10 @@ def _engine_checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
     from llmft.data.engine import executor_class
 
     problems = []
-    if mix.reweight is not None:
-        problems.append(((), "the engine does not run reweight yet (its probe sees every document at once); remove "
-                         "engine to build this mix in this process (num_proc workers), or remove reweight"))
+    if mix.reweight is not None and mix.dedup is not None:
+        problems.append(((), "the engine does not run reweight with dedup yet (its tasks filter before the dedup "
+                         "features, reweight needs the filters after dedup); remove engine to build this mix in this "
+                         "process (num_proc workers), or remove reweight or dedup"))
     if mix.dedup is not None and "clusters" in mix.dedup.methods and mix.dedup.embedder != "hashed":
         problems.append(((), f"the engine's tasks compute hashed embeddings only, not dedup.embedder "
                          f"{mix.dedup.embedder!r}; remove engine, or use embedder: hashed"))

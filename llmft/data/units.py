@@ -65,6 +65,13 @@ class UnitSpill:
         self.weights.append(weight)
         self.tokens += len(tokens)
 
+    def set_weights(self, weights: np.ndarray) -> None:
+        """Every unit's reweighting weight ((units,), in order): known only once the whole source is read."""
+        if len(weights) != len(self):
+            raise ValueError(f"{len(weights)} weights for {len(self)} units")
+        self.weights = array("f")
+        self.weights.frombytes(np.ascontiguousarray(weights, np.float32).tobytes())
+
     def close(self) -> None:
         """Finish writing and open the files for reading."""
         self._tokens.close()
@@ -196,6 +203,19 @@ class ArraySpill:
         if self._in is None:
             self._in = open(self.path, "rb", buffering=0)  # noqa: SIM115
         start, end = self.offsets[i], self.offsets[i + 1]
+        out = np.empty(end - start, self.dtype)
+        if read_at(self._in, out.view(np.uint8), start * self.dtype.itemsize) != out.nbytes:
+            raise OSError(f"{self.path}: spilled data ends early (the staging directory was changed during the build)")
+        return out
+
+    def span(self, first: int, last: int) -> np.ndarray:
+        """Arrays ``first`` to ``last - 1`` concatenated, in one read (their lengths: :meth:`lengths`)."""
+        if self._dirty:
+            self._out.flush()
+            self._dirty = False
+        if self._in is None:
+            self._in = open(self.path, "rb", buffering=0)  # noqa: SIM115
+        start, end = self.offsets[first], self.offsets[last]
         out = np.empty(end - start, self.dtype)
         if read_at(self._in, out.view(np.uint8), start * self.dtype.itemsize) != out.nbytes:
             raise OSError(f"{self.path}: spilled data ends early (the staging directory was changed during the build)")
