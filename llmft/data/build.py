@@ -94,7 +94,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase  # (AutoTokenizer imports torch: where it is used)
 
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import DedupIndex, Features, Shingler, report_markdown
@@ -1437,6 +1437,8 @@ def _plot(stats: dict, out: Path) -> None:
 def build_from_recipe(mix: MixRecipe, out: Path, seq_len: int, tokenizer_name: str, force: bool = False,
                       load_rows: bool = True) -> Built:
     """Load the tokenizer by name and build."""
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

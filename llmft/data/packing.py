@@ -41,9 +41,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where tensors are made: the data engine's workers only tokenize, without torch
+    import torch
 
 IGNORE = -100
 
@@ -114,6 +117,8 @@ def pack_concat(examples: list[Example], seq_len: int) -> PackedRows:
 
 def _concat_rows(tokens: np.ndarray, trained: np.ndarray, seq_len: int, dropped: int) -> PackedRows:
     """Concat rows from a whole number of rows of ``tokens``, labelled where ``trained``."""
+    import torch
+
     n = len(tokens) // seq_len
     input_ids = torch.from_numpy(tokens.astype(np.int64)).view(n, seq_len)  # (n, s)
     labels = input_ids.clone()
@@ -259,6 +264,8 @@ def pack_isolated(examples: list[Example], seq_len: int, pad_id: int) -> PackedR
 
 def _layout(items: list[Example], bins: list[list[int]], seq_len: int, pad_id: int, split: int) -> PackedRows:
     """Rows holding ``bins`` of ``items`` (each bin's items in their original order), padded to ``seq_len``."""
+    import torch
+
     n = len(bins)
     input_ids = torch.full((n, seq_len), pad_id, dtype=torch.int64)  # (n, s)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.int64)  # (n, s)
@@ -287,6 +294,8 @@ def _layout(items: list[Example], bins: list[list[int]], seq_len: int, pad_id: i
 
 def _row_weights(members: list[list[Example]], seq_len: int) -> torch.Tensor:
     """(n, s) float32: each placed example's ``weight`` (1.0 without one) over its tokens, 0 on padding."""
+    import torch
+
     w = torch.zeros((len(members), seq_len), dtype=torch.float32)
     for r, row in enumerate(members):
         at = 0
@@ -321,6 +330,8 @@ def pack_stream(examples: Iterable[Example], seq_len: int, mode: str, pad_id: in
 
 def _concat_stream(examples: Iterable[Example], seq_len: int, window_tokens: int,
                    weights: bool) -> Iterator[tuple[PackedRows, torch.Tensor | None]]:
+    import torch
+
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (tokens, loss mask, weights) not yet in a row
     held = 0
 
@@ -397,6 +408,8 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """(b, s) position ids -> (b, 1, s, s) bool, True where query i may attend key j (same segment, j <= i)."""
+    import torch
+
     seg = segment_ids(position_ids)  # (b, s)
     s = position_ids.shape[-1]
     causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()  # (s, s)
@@ -415,6 +428,8 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attention: str, dtype: torc
         The batch with what the kernel needs: flattened rows + ``cu_seq_lens_*`` for flash_attention_2, a
         (b, 1, s, s) ``attention_mask`` for sdpa (bool) and eager (additive).
     """
+    import torch
+
     if attention == "flash_attention_2":
         flat = {k: v.reshape(1, -1) for k, v in batch.items()}  # (1, b*s): varlen over all segments
         pos = flat["position_ids"][0]

@@ -41,7 +41,9 @@ as two copies of the document.
 
 from __future__ import annotations
 
+import logging
 import tempfile
+import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ from llmft.data.filters import load_function
 from llmft.data.mix import Reweight
 from llmft.data.units import ArraySpill
 
+log = logging.getLogger(__name__)
 PROJECT_CHUNK = 1 << 21  # stored embedding entries read back at a time (a block: ~16 MB) when fitting and scoring
 
 
@@ -279,7 +282,7 @@ class ReweightStream:
 
     def finish(self) -> ReweightResult:
         """The weights of the kept documents, in the order they were added, and the report."""
-        cfg = self.cfg
+        cfg, t0 = self.cfg, time.perf_counter()
         rng = np.random.default_rng([cfg.seed, self.stream])
         keep = np.frombuffer(self.keep, np.int8).astype(bool)  # (n,)
         n = len(keep)
@@ -318,6 +321,8 @@ class ReweightStream:
             else:
                 hu, hf = feats[at_u] @ w + b, feats[at_f] @ w + b
             correct.append(0.5 * _mean(np.asarray(hu) > 0) + 0.5 * _mean(np.asarray(hf) <= 0))
+        log.info("reweight: probe fitted on %d + %d sampled documents of %d (%d kept) in %.1f s; scoring the kept "
+                 "documents", len(unf), len(fil), n, len(kept), time.perf_counter() - t0)
         logit = np.zeros(len(kept))  # (kept,)
         kept_fold = fold[kept] if folds > 1 else np.zeros(len(kept), np.int8)
         for first, rows in self._blocks(kept, dim):

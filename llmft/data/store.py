@@ -40,11 +40,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from llmft.data.packing import IGNORE, PackedRows
+
+if TYPE_CHECKING:  # imported where tensors are made (the build's spills read with read_at, without torch)
+    import torch
 
 FORMAT, VERSION = "llmft-rows", 1
 
@@ -256,6 +259,8 @@ class RowStore:
         Raises:
             IndexError, StoreError: as :meth:`_rows`.
         """
+        import torch
+
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         ids = torch.from_numpy(self._rows("tokens.bin", idx).astype(np.int64))  # (b, s)
         s = self.seq_len
