@@ -1,6 +1,6 @@
 """HELM core scenarios (HELM v1.0 "core"): scenario data, HELM's prompts, generation, main metrics.
 
-The suite is defined in ``eval/helm_core.yaml`` (validated by :class:`HelmSuite`): the 16 core scenarios with
+The suite is defined in ``llmft/eval/helm_core.yaml`` (validated by :class:`HelmSuite`): the 16 core scenarios with
 HELM's adapter settings (instructions, prefixes, in-context examples, max tokens, stop sequences) and main metric.
 Everything below follows HELM's code (stanford-crfm/helm, ``src/helm/benchmark/``); where we differ it says so.
 
@@ -72,7 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from llmft.eval import helm_metrics as hm
 from llmft.model.build import hub_resolves
 
-DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "eval" / "helm_core.yaml"
+DEFAULT_SUITE = Path(__file__).with_name("helm_core.yaml")  # package data: found after a wheel install too
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 
@@ -187,7 +187,7 @@ class ScenarioSpec(_Strict):
 
 
 class HelmSuite(_Strict):
-    """A suite file under ``eval/``: a list of scenarios."""
+    """A suite file (``llmft/eval/helm_core.yaml``, or a user's): a list of scenarios."""
 
     description: str = Field(description="What the suite is and where its settings come from.")
     scenarios: list[ScenarioSpec] = Field(min_length=1, description="The scenarios, in table order.")
@@ -202,7 +202,7 @@ class HelmSuite(_Strict):
 
 
 def load_helm_suite(path: str | Path = DEFAULT_SUITE) -> HelmSuite:
-    """Read and validate a suite YAML (``eval/helm_core.yaml`` by default).
+    """Read and validate a suite YAML (``llmft/eval/helm_core.yaml``, package data, by default).
 
     Raises:
         llmft.config.RecipeError: the file is missing, not YAML, or invalid; one ``file:line: path: problem`` line
