@@ -215,11 +215,6 @@ def _drop_quantization(config: PretrainedConfig) -> None:
         del config.quantization_config
 
 
-def merge_adapter(base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
-    """One adapter at weight 1: :func:`merge_adapters` with ``[(adapter_dir, 1.0)]``."""
-    return merge_adapters(base, [(Path(adapter_dir), 1.0)], out_dir, dtype)
-
-
 def parse_adapter_spec(spec: str) -> tuple[Path, float]:
     """An ``llmft merge --adapter`` value, ``PATH`` or ``PATH:WEIGHT``, as (adapter directory, weight).
 
