@@ -53,13 +53,12 @@ def test_held_memory_is_per_document_numbers_and_fitting_is_bounded_by_the_sampl
     texts, _, marked = shift_corpus(8000, seed=4)
     cfg = Reweight(sample_size=300)
     # 20x longer documents (20 different ones joined): the same bytes held per document
-    long = [" ".join(texts[(i + j) % 8000] for j in range(20)) for i in range(2000)]
-    held_short, _, _ = _feed(texts[:2000], ~marked[:2000], cfg, tmp_path)
-    held_long, _, _ = _feed(long, ~marked[:2000], cfg, tmp_path)
-    assert held_short < 2000 * 40 and held_long < 2000 * 40  # 17 bytes per document + the array's growth
-    assert sum(len(t) for t in long) > 20 * 2000 * 40  # the texts would be > 20x that
-    # 4x the documents: fitting grows by per-document numbers only (the samples stay 300 + 300)
+    long = [" ".join(texts[(i + j) % 8000] for j in range(20)) for i in range(1000)]
     held_2k, peak_2k, _ = _feed(texts[:2000], ~marked[:2000], cfg, tmp_path)
+    held_long, _, _ = _feed(long, ~marked[:1000], cfg, tmp_path)
+    assert held_2k < 2000 * 40 and held_long < 1000 * 40  # 17 bytes per document + the array's growth
+    assert sum(len(t) for t in long) > 20 * 1000 * 40  # the texts would be > 20x that
+    # 4x the documents: fitting grows by per-document numbers only (the samples stay 300 + 300)
     held_8k, peak_8k, w = _feed(texts, ~marked, cfg, tmp_path)
     assert (held_8k - held_2k) / 6000 < 40
     assert (peak_8k - peak_2k) / 6000 < 120, (peak_2k, peak_8k)
