@@ -73,7 +73,7 @@ def book_paths(tmp: Path) -> list[Path]:
     if books:
         return books
     sys.path.insert(0, str(REPO))
-    from llmft.model.tiny import ASSETS, read_text
+    from llmft.testing.tiny import ASSETS, read_text
 
     out = []
     for gz in sorted(ASSETS.glob("*.txt.gz")):
@@ -87,7 +87,7 @@ def write_model_dir(out: Path, max_len: int, model: dict = MODEL) -> Path:
     """config.json of ``model`` (the bench model unless given; ``max_position_embeddings = max_len``) and llmft's
     tiny tokenizer."""
     sys.path.insert(0, str(REPO))
-    from llmft.model.tiny import ASSETS, tiny_llama_config
+    from llmft.testing.tiny import ASSETS, tiny_llama_config
 
     out.mkdir(parents=True, exist_ok=True)
     tiny_llama_config(max_position_embeddings=max_len, **model).save_pretrained(out)

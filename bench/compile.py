@@ -25,8 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, book_paths, load1, machine, run_child, write_model_dir  # noqa: E402
-from common import write_section  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    book_paths,
+    load1,
+    machine,
+    run_child,
+    write_model_dir,
+    write_section,  # noqa: E402
+)
 from train_throughput import llmft_child  # noqa: E402  the same llmft run, compile on or off
 
 

@@ -31,9 +31,9 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from llmft.config.data import load_mix  # noqa: E402
 from llmft.data.build import build  # noqa: E402
-from llmft.data.mix import load_mix  # noqa: E402
-from llmft.model.tiny import ASSETS, read_text  # noqa: E402
+from llmft.testing.tiny import ASSETS, read_text  # noqa: E402
 
 
 def main() -> None:

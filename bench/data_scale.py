@@ -63,8 +63,8 @@ def write_corpus(out: Path, total_tokens: int, seed: int = 0, copies: bool = Fal
     import numpy as np
     from transformers import AutoTokenizer
 
-    from llmft.data.dedup_corpus import sentences
-    from llmft.model.tiny import ASSETS, read_text
+    from llmft.testing.dedup_corpus import sentences
+    from llmft.testing.tiny import ASSETS, read_text
 
     pool = sentences() if copies else None
 
@@ -109,9 +109,9 @@ def write_corpus(out: Path, total_tokens: int, seed: int = 0, copies: bool = Fal
 
 def child_build(args: argparse.Namespace) -> None:
     """Build the mix once; print stats as one JSON line."""
+    from llmft.config.data import load_mix
     from llmft.data.build import build_from_recipe
-    from llmft.data.mix import load_mix
-    from llmft.model.tiny import ASSETS
+    from llmft.testing.tiny import ASSETS
 
     t0 = time.perf_counter()
     mix = load_mix(args.mix)
@@ -138,7 +138,7 @@ def child_tokenize(args: argparse.Namespace) -> None:
     jsonl, encode_batch_fast in batches of 256; per source, the tokens and bytes it covered."""
     from transformers import AutoTokenizer
 
-    from llmft.model.tiny import ASSETS
+    from llmft.testing.tiny import ASSETS
 
     backend = AutoTokenizer.from_pretrained(ASSETS / "tiny-llama").backend_tokenizer
     seconds, tokens, per_source = 0.0, 0, {}

@@ -3,7 +3,7 @@ against an exact all-pairs search, for MinHash-LSH and for one and five clusteri
 
     python bench/dedup.py [--sizes 4000,16000,64000] [--recall-sample 1000] [--results bench/RESULTS.md]
 
-Corpus: :func:`llmft.data.dedup_corpus.planted_corpus` (real sentences of the bundled books, 30% planted variants:
+Corpus: :func:`llmft.testing.dedup_corpus.planted_corpus` (real sentences of the bundled books, 30% planted variants:
 5-15% word edits, reorderings, restyled copies; a quarter of the bases with shared boilerplate), one source.
 Settings: 3-word shingles, Jaccard threshold 0.35, 128 permutations, K = 1024 (at most n / 10), seed 0. The time
 is the whole :func:`llmft.data.dedup.deduplicate` call (normalizing and shingling included) minus the recall
@@ -28,9 +28,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from common import RESULTS, load1, write_section  # noqa: E402
+
+from llmft.config.data import Dedup  # noqa: E402
 from llmft.data.dedup import deduplicate  # noqa: E402
-from llmft.data.dedup_corpus import planted_corpus, sentences  # noqa: E402
-from llmft.data.mix import Dedup  # noqa: E402
+from llmft.testing.dedup_corpus import planted_corpus, sentences  # noqa: E402
 
 SETTINGS = {"threshold": 0.35, "shingle_size": 3, "seed": 0}
 METHODS = {

@@ -45,7 +45,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from llmft.eval.pg19 import Book, evaluate_ppl, load_books
-    from llmft.model.tiny import ASSETS, read_text
+    from llmft.testing.tiny import ASSETS, read_text
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

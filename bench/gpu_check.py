@@ -37,9 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL, REPO, RESULTS, book_paths, run_child, write_model_dir, write_section  # noqa: E402
-
 import gpu_mfu  # noqa: E402
+from common import MODEL, REPO, RESULTS, book_paths, run_child, write_model_dir, write_section  # noqa: E402
 
 CHECKS = ("fa2_packing", "mfu_8k", "mfu_32k", "qlora", "eval_fa2", "zero2")
 QLORA_MODEL = {**gpu_mfu.ONE_B, "num_layers": 4}
@@ -53,7 +52,6 @@ def _cuda() -> bool:
 
 def _peak_mem() -> float:
     import torch
-
     from common import peak_rss_bytes
 
     return torch.cuda.max_memory_allocated() / 2**30 if _cuda() else peak_rss_bytes() / 2**30
@@ -81,7 +79,7 @@ def _recipe(model_dir: Path, books: list[Path], out: Path, seq_len: int, steps: 
 def _saved_model(out: Path, seq_len: int, cfg: dict, dtype: str) -> Path:
     """A random-init model of shape ``cfg`` saved with weights (QLoRA and LoRA load pretrained weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = write_model_dir(out / "model", seq_len, cfg)
     torch.manual_seed(0)

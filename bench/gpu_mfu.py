@@ -31,8 +31,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MODEL, RESULTS, book_paths, flops_per_token, gemm_peak, matmul_params,  # noqa: E402
-                    peak_rss_bytes, run_child, write_model_dir, write_section)
+from common import (  # noqa: E402
+    MODEL,
+    RESULTS,
+    book_paths,
+    flops_per_token,
+    gemm_peak,
+    matmul_params,
+    peak_rss_bytes,
+    run_child,
+    write_model_dir,
+    write_section,
+)
 from train_throughput import llmft_child  # noqa: E402  the same llmft run as the CPU benches
 
 ONE_B = {"vocab_size": 32000, "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,

@@ -28,7 +28,7 @@ def one_step(seq_len: int, chunk: int) -> dict:
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from llmft.model.tiny import tiny_llama_config
+    from llmft.testing.tiny import tiny_llama_config
     from llmft.train.loss import causal_lm_loss
 
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from llmft.data.packing import Example, attention_kwargs, pack_concat, pack_isolated  # noqa: E402
-from llmft.model.tiny import tiny_llama_config  # noqa: E402
+from llmft.testing.tiny import tiny_llama_config  # noqa: E402
 
 
 def examples(lengths, seed=0, vocab=32000):

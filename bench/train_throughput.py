@@ -40,8 +40,18 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, RESULTS, book_paths, flops_per_token, gemm_peak, machine,  # noqa: E402
-                    peak_rss_bytes, run_child, write_model_dir, write_section)
+from common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    book_paths,
+    flops_per_token,
+    gemm_peak,
+    machine,
+    peak_rss_bytes,
+    run_child,
+    write_model_dir,
+    write_section,
+)
 
 LR = 1e-4
 
@@ -103,8 +113,15 @@ def hf_child(model_dir: Path, books: list[Path], seq_len: int, steps: int, check
     ``compile_model``: the Trainer's own ``torch_compile=True`` (the whole model through ``torch.compile``)."""
     import datasets
     import torch
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
-                              TrainingArguments, default_data_collator)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids: list[int] = []

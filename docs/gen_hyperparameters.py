@@ -102,7 +102,6 @@ def recipe_row(path: Path) -> Row:
     from llmft.config import load_recipe
     from llmft.model.adapters import lora_parameter_count
     from llmft.model.build import architecture_config, parameter_count_from_config
-    from llmft.train.loop import total_steps_for
 
     recipe = load_recipe(path)
     m, t = recipe.model, recipe.train
@@ -112,8 +111,8 @@ def recipe_row(path: Path) -> Row:
                          "under llmft/assets/configs/<org>--<name>/")
     ranks = launch_ranks(path)
     method, rank, alpha, scale, targets, extras, trainable = recipe.method, None, None, "—", "all", "—", total
-    if recipe.method in ("lora", "qlora"):
-        lo = recipe.lora
+    if recipe.uses_adapters:
+        lo = recipe.adapter
         rank, alpha, scale = lo.rank, lo.alpha, _scale(lo.rank, lo.alpha, lo.use_rslora)
         targets, extras = _targets(lo.targets), ", ".join(lo.trainable_extra) or "—"
         trainable = lora_parameter_count(architecture_config(m), lo)
@@ -124,8 +123,8 @@ def recipe_row(path: Path) -> Row:
     rope = f"{m.rope.type} ×{m.rope.factor:g}" if m.rope is not None else "—"
     return Row(path=path.as_posix(), method=method, rope=rope, max_seq_len=m.max_seq_len, rank=rank, alpha=alpha,
                scale=scale, targets=targets, extras=extras, lr=t.lr, warmup=t.warmup_steps,
-               steps=total_steps_for(recipe, ranks), ranks=ranks,
-               sequences=t.micro_batch_size * t.gradient_accumulation_steps * ranks, total=total, trainable=trainable)
+               steps=recipe.total_steps(ranks), ranks=ranks, sequences=recipe.sequences_per_step(ranks), total=total,
+               trainable=trainable)
 
 
 def _lr(x: float) -> str:

@@ -46,14 +46,12 @@ def setup_logging() -> None:
 def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     """The numbers a person checks before launching: batch, tokens, RoPE, parameters."""
     from llmft.model.build import ModelLoadError, architecture_config, parameter_count_from_config
-    from llmft.train.loop import total_steps_for
-
-    t, m = recipe.train, recipe.model
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * m.max_seq_len * world_size
-    steps = total_steps_for(recipe, world_size)
+    m = recipe.model
+    per_step = recipe.tokens_per_step(world_size)
+    steps = recipe.total_steps(world_size)
     lines = [
         f"data-parallel ranks     {world_size}",
-        f"effective batch         {per_step // m.max_seq_len} sequences of {m.max_seq_len} tokens",
+        f"effective batch         {recipe.sequences_per_step(world_size)} sequences of {m.max_seq_len} tokens",
         f"tokens per step         {per_step:,}",
         f"steps                   {steps} ({steps * per_step:,} tokens)",
     ]
@@ -68,7 +66,7 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
         if config is not None:  # what is written, composed with the base's own scaling (llmft/model/rope.py)
             lines.append(f"  -> config             max_position_embeddings {config.max_position_embeddings}, "
                          f"rope_parameters {config.rope_parameters}")
-    if n and recipe.method in ("lora", "qlora"):
+    if n and recipe.uses_adapters:
         from llmft.model.adapters import adapter_size_bytes, lora_parameter_count
         from llmft.model.build import DTYPES
 
@@ -95,7 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if recipe.model.produced_by is not None:
         load_recipe(recipe.model.produced_by)
     if recipe.data.recipe is not None:
-        from llmft.data.mix import load_mix
+        from llmft.config.data import load_mix
 
         load_mix(recipe.data.recipe)
     deepspeed_config(recipe, args.world_size)
@@ -143,8 +141,8 @@ def cmd_repro_pi(args: argparse.Namespace) -> int:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
+    from llmft.config.data import load_mix, resolve_lengths
     from llmft.data.build import build_from_recipe
-    from llmft.data.mix import load_mix, resolve_lengths
 
     overrides = args.overrides + ([f"num_proc={args.num_proc}"] if args.num_proc is not None else [])
     mix = load_mix(args.recipe, overrides)
@@ -165,8 +163,8 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_data_dedup(args: argparse.Namespace) -> int:
+    from llmft.config.data import load_mix
     from llmft.data.build import dedup_recipe
-    from llmft.data.mix import load_mix
 
     mix = load_mix(args.recipe, args.overrides)
     tokenizer = None
@@ -188,12 +186,12 @@ def cmd_data_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
-    from llmft.data.build import curate_recipe
-    from llmft.data.sources import DataError
-    from llmft.data.keyword_shift import keyword_shift, write_shift_report
-    from llmft.data.mix import MixRecipe, load_mix
-
     import numpy as np
+
+    from llmft.config.data import MixRecipe, load_mix
+    from llmft.data.build import curate_recipe
+    from llmft.data.keyword_shift import keyword_shift, write_shift_report
+    from llmft.data.sources import DataError
 
     target = Path(args.target)
     keywords = [k.strip() for k in args.keywords.split(",") if k.strip()]
@@ -262,7 +260,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from llmft.data.mix import load_mix
+    from llmft.config.data import load_mix
 
     mix = load_mix(args.recipe, args.overrides, check_paths=not args.schema_only)
     print(f"# {args.recipe}: valid" + (" (schema only: paths not checked)" if args.schema_only else ""))

@@ -136,7 +136,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llmft.config import LoraConfig, QLoraConfig, Recipe, RecipeError
+from llmft.config import LORA_TARGET_PRESETS, LoraConfig, QLoraConfig, Recipe, RecipeError
 
 GB = 1e9
 
@@ -148,7 +148,7 @@ CUDA_CONTEXT_BYTES = 1_000_000_000
 
 # DeepSpeed's defaults for the ZeRO buffer sizes (deepspeed.runtime.zero.config, 0.19).
 _DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LINEARS = tuple(LORA_TARGET_PRESETS["all_linear"])  # every linear layer of a LLaMA decoder layer
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -388,8 +388,7 @@ def _ds_buffers(recipe: Recipe, world_size: int) -> tuple[int, dict]:
     from llmft.train.engine import deepspeed_config
 
     zero = deepspeed_config(recipe, world_size).get("zero_optimization", {})
-    stage = zero.get("stage", recipe.deepspeed.stage)
-    stage = stage if isinstance(stage, int) else recipe.deepspeed.stage
+    stage = recipe.zero_stage
     buffers = {}
     for key, default in _DS_DEFAULTS.items():
         value = zero.get(key, default)
@@ -402,8 +401,8 @@ def _ds_buffers(recipe: Recipe, world_size: int) -> tuple[int, dict]:
 def setup_from_recipe(recipe: Recipe, world_size: int = 1, device: Literal["cuda", "cpu"] = "cuda") -> Setup:
     """The memory-relevant settings of a recipe run on ``world_size`` devices of type ``device``.
 
-    ``model.attention: auto`` resolves as at launch: flash_attention_2 on CUDA (assumed installed, the ``gpu``
-    extra), sdpa on CPU.
+    ``model.attention: auto`` resolves as at launch (:meth:`ModelConfig.attention_kernel`), flash-attn assumed
+    installed on CUDA (the ``gpu`` extra).
 
     Raises:
         RecipeError: the recipe's DeepSpeed JSON contradicts the recipe.
@@ -413,18 +412,16 @@ def setup_from_recipe(recipe: Recipe, world_size: int = 1, device: Literal["cuda
     stage, buffers = _ds_buffers(recipe, world_size) if engine == "deepspeed" else (d.stage, {})
     packing = recipe.data.packing
     if recipe.data.recipe is not None:
-        from llmft.data.mix import load_mix
+        from llmft.config.data import load_mix
 
         packing = load_mix(recipe.data.recipe, check_paths=False).packing
     elif recipe.data.built is not None:
         import json
 
         packing = json.loads((recipe.data.built / "stats.json").read_text())["packing"]["mode"]
-    attention = m.attention
-    if attention == "auto":
-        attention = "flash_attention_2" if device == "cuda" else "sdpa"
+    attention = m.attention_kernel(flash_attn=device == "cuda", precision=t.precision)  # gpu extra on CUDA
     return Setup(device=device, world_size=world_size, engine=engine, method=recipe.method,
-                 lora=recipe.lora if recipe.method in ("lora", "qlora") else None,
+                 lora=recipe.adapter,
                  qlora=recipe.qlora if recipe.method == "qlora" else None,
                  precision=t.precision, optimizer=t.optimizer, micro_batch=t.micro_batch_size,
                  accumulation=t.gradient_accumulation_steps, seq_len=m.max_seq_len,

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from llmft.config import RecipeError, RopeConfig, load_recipe
-from llmft.data.sources import SourceSpec, read_source
+from llmft.config.sources import SourceSpec
+from llmft.data.sources import read_source
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = "recipes/repro"
@@ -237,7 +238,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from transformers import AutoTokenizer
 
     from llmft.eval.passkey import run_passkey
-    from llmft.eval.pg19 import load_books, evaluate_ppl
+    from llmft.eval.pg19 import evaluate_ppl, load_books
 
     if not (REPO / RECIPES / "base.yaml").is_file():
         raise RecipeError([f"{REPO / RECIPES} not found: run `llmft repro pi` from a clone of llmft"])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_TOKENIZER = REPO / "llmft/assets/tiny-llama"  # the shipped tiny BPE tokenizer (and model skeleton)
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests never use the network: hub ids resolve from the cache or llmft's shipped configs at once, with no retries
@@ -19,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def book_text() -> str:
     """About 60 KB of a real public-domain book (the bundled Frankenstein)."""
-    from llmft.model.tiny import BOOK, read_text
+    from llmft.testing.tiny import BOOK, read_text
 
     return read_text(BOOK)[:60_000]
 
@@ -48,7 +49,7 @@ def shared_data(tmp_path_factory) -> Path:
     import json
     import shutil
 
-    from llmft.model.tiny import ASSETS
+    from llmft.testing.tiny import ASSETS
 
     root = tmp_path_factory.mktemp("shared_data")
     books = root / "gutenberg"
@@ -75,7 +76,7 @@ def text_file(tmp_path_factory, book_text) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, book_text) -> Path:
     """A random tiny LLaMA (2 layers, hidden 64, vocab 512) trained for nothing, max_position_embeddings 32."""
-    from llmft.model.tiny import make_tiny_model
+    from llmft.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", text=book_text, vocab_size=512,
                            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
@@ -131,3 +132,42 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def sharded_mix_file(path: Path, corpus: dict[str, Path], **mix) -> Path:
+    """A two-source mix over :func:`llmft.testing.corpora.write_sharded_corpus`'s corpus, half each; ``mix`` updates it."""
+    mix = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 0, "total_tokens": 16_000, "packing": "concat",
+           "sources": [{"name": "big", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["big"])}},
+                       {"name": "small", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["small"])}}],
+           **mix}
+    path.write_text(yaml.safe_dump(mix, sort_keys=False))
+    return path
+
+
+def packed_batch(seed: int = 0, seq_len: int = 96) -> dict:
+    """Two isolated rows of random examples, prompts masked, with the sdpa block-diagonal mask."""
+    import numpy as np
+    import torch
+
+    from llmft.data.packing import Example, attention_kwargs, pack_isolated
+
+    rng = np.random.default_rng(seed)
+    examples = []
+    for n in rng.integers(5, 40, 8):
+        mask = np.ones(n, bool)
+        mask[: rng.integers(1, 4)] = False  # a short prompt: context only
+        examples.append(Example(rng.integers(3, 500, n).astype(np.int32), mask))
+    rows = pack_isolated(examples, seq_len, pad_id=0)
+    batch = {"input_ids": rows.input_ids[:2], "labels": rows.labels[:2], "position_ids": rows.position_ids[:2]}
+    return attention_kwargs(batch, "sdpa", torch.float32)
+
+
+def loss_and_grads(model, batch: dict, chunk: int) -> tuple:
+    """(loss, {parameter name: gradient}) of one forward/backward with ``train.loss_chunk_tokens = chunk``."""
+    from llmft.train.loss import causal_lm_loss
+
+    model.zero_grad(set_to_none=True)
+    num_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = causal_lm_loss(model, batch, num_items, chunk)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -130,7 +130,7 @@ def test_gpu_mfu_counts_the_matmul_weights_of_the_real_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmft.model.tiny import tiny_llama_config
+    from llmft.testing.tiny import tiny_llama_config
 
     for cfg in (gpu_mfu.ONE_B, {**gpu_mfu.ONE_B, "num_kv_heads": 32}):
         with torch.device("meta"):

@@ -19,9 +19,9 @@ from transformers import AutoTokenizer
 
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
+from llmft.config.data import load_mix
 from llmft.data.build import build, load_built
 from llmft.data.sources import DataError
-from llmft.data.mix import load_mix
 from llmft.train.loop import train
 
 TOKENIZER = "llmft/assets/tiny-llama"
@@ -307,8 +307,8 @@ def test_data_sources_build_as_an_inline_mix_of_every_source_whole(tmp_path, two
     """data.sources is a mix with natural shares: every unit of every source exactly once, the recipe's held-out
     tail per source plus the validation sources whole, built by the same builder; weights are refused with it."""
     from llmft.config import DataConfig
-    from llmft.data.mix import inline_mix
-    from llmft.data.sources import SourceSpec
+    from llmft.config.data import inline_mix
+    from llmft.config.sources import SourceSpec
 
     a, b = two_sources
     (tmp_path / "sub").mkdir()

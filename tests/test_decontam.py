@@ -11,7 +11,6 @@ import pytest
 
 from llmft.data.decontam import Decontaminator, DecontamReport, Hit, _words_with_offsets, normalize_words
 
-
 # 20 words of evaluation text and unrelated training prose around it.
 EVAL = ("The lighthouse keeper counted forty seven gulls circling above the broken pier before the storm "
         "reached the harbour that night.")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmft.data.decontam import DecontamReport, Decontaminator, DecontamTargetError
+from llmft.data.decontam import Decontaminator, DecontamReport, DecontamTargetError
 
 # Distinct sentences of 14-30 words: each scenario's planted field is one of these, so a hit names its scenario.
 PLANTED = {

@@ -23,12 +23,12 @@ from transformers import AutoTokenizer
 
 from llmft.cli import main
 from llmft.config import RecipeError
+from llmft.config.data import Dedup, load_mix
 from llmft.data.build import build
 from llmft.data.decontam import normalize_words
 from llmft.data.dedup import Shingler, all_pairs, deduplicate, hashed_embedding, jaccard
-from llmft.data.dedup_corpus import planted_corpus
 from llmft.data.sources import DataError
-from llmft.data.mix import Dedup, load_mix
+from llmft.testing.dedup_corpus import planted_corpus
 
 N = 1500
 SETTINGS = {"threshold": 0.35, "shingle_size": 3}

@@ -23,12 +23,12 @@ from conftest import REPO
 pytest.importorskip("sentence_transformers")
 
 from llmft.cli import main  # noqa: E402
+from llmft.config.data import Dedup  # noqa: E402
 from llmft.data import dedup as dedup_module  # noqa: E402
 from llmft.data.decontam import normalize_words  # noqa: E402
 from llmft.data.dedup import Shingler, all_pairs, deduplicate  # noqa: E402
-from llmft.data.dedup_corpus import planted_corpus  # noqa: E402
 from llmft.data.sources import DataError  # noqa: E402
-from llmft.data.mix import Dedup  # noqa: E402
+from llmft.testing.dedup_corpus import planted_corpus  # noqa: E402
 
 TOKENIZER = REPO / "llmft" / "assets" / "tiny-llama"
 CANDIDATE_COSINE = 0.95

@@ -13,28 +13,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_sampled_reading import TOKENIZER, write_corpus
+from conftest import TINY_TOKENIZER
 from transformers import AutoTokenizer
 
 from llmft.config import RecipeError
+from llmft.config.data import load_mix
 from llmft.data import build as build_module
 from llmft.data.build import build
-from llmft.data.mix import load_mix
 from llmft.data.sources import DataError
+from llmft.testing.corpora import write_sharded_corpus
 
 pytestmark = pytest.mark.slow  # worker processes
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 @pytest.fixture
 def corpus(tmp_path, book_text) -> dict[str, Path]:
     """40 shards of 8 tagged documents (``big``), one file of 16 (``small``); shard 9 has a malformed line, shard 5
     a ninth document that is the decontamination target (the others are windows of one book, which overlap)."""
-    c = write_corpus(tmp_path, book_text, lambda doc, s: [doc(f"shard {s} doc {d}") for d in range(8)])
+    c = write_sharded_corpus(tmp_path, book_text, lambda doc, s: [doc(f"shard {s} doc {d}") for d in range(8)])
     with open(c["big"] / "009.jsonl", "a") as f:
         f.write("{not json\n")
     target = " ".join(f"zebra{i} quartz{i * 7}" for i in range(40))
@@ -45,7 +46,7 @@ def corpus(tmp_path, book_text) -> dict[str, Path]:
 
 
 def mix(path: Path, corpus: dict[str, Path], **extra):
-    m = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 3, "packing": "isolated", "validation_fraction": 0.1,
+    m = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 3, "packing": "isolated", "validation_fraction": 0.1,
          "decontaminate": {"n": 8, "targets": [str(corpus["target"])]},
          "filters": [{"kind": "keywords", "words": ["shard 3 doc", "small doc 4"]}],
          "sources": [{"name": "big", "weight": 0.5, "transform": "ul2",
@@ -156,11 +157,11 @@ def test_deduplicated_engine_build_equals_the_in_process_build(tmp_path, book_te
         near = docs[1].split(" ")
         return docs + [docs[0], docs[2], docs[3], " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(near))]
 
-    c = write_corpus(tmp_path, book_text, shard)
+    c = write_sharded_corpus(tmp_path, book_text, shard)
     dedup = {"methods": ["exact", "minhash"], "threshold": 0.8, "shingle_size": 5, "keep": "longest"}
 
     def recipe(path: Path, **extra):
-        m = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 1, "packing": "concat", "dedup": dedup,
+        m = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 1, "packing": "concat", "dedup": dedup,
              "total_tokens": total_tokens, "validation_fraction": 0.05,
              "sources": [{"name": "big", "weight": 0.5, "filters": {"min_tokens": 640},
                           "source": {"format": "jsonl", "path": str(c["big"])}},

@@ -10,9 +10,7 @@ filter shifts the keywords' frequencies; the reweighting must undo >= 70% of the
 
 from __future__ import annotations
 
-import gzip
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,43 +22,16 @@ from transformers import AutoTokenizer
 
 from llmft.cli import main
 from llmft.config import RecipeError
+from llmft.config.data import Reweight, TextFilter, load_mix
 from llmft.data.build import build, curate_recipe, load_built
-from llmft.data.sources import DataError
 from llmft.data.filters import apply_filters
 from llmft.data.keyword_shift import keyword_shift
-from llmft.data.mix import Reweight, TextFilter, load_mix
 from llmft.data.reweight import reweight
+from llmft.data.sources import DataError
+from llmft.testing.corpora import shift_corpus
 
 TOKENIZER = "llmft/assets/tiny-llama"
 ASSETS = REPO / "llmft" / "assets"
-
-
-def _sentences(name: str) -> list[str]:
-    with gzip.open(ASSETS / name, "rt", encoding="utf-8") as f:
-        text = " ".join(f.read().split())
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if 5 <= len(s.split()) <= 60]
-
-
-def shift_corpus(n: int, seed: int = 0, rates: tuple[float, float] = (0.14, 0.06), topic: float = 0.7):
-    """(texts, class (n,) 0 = woman, 1 = man, (n,) bool: has the word 'damn')."""
-    rng = np.random.default_rng(seed)
-    books = _sentences("frankenstein.txt.gz"), _sentences("mobydick.txt.gz")
-    texts, cls, marked = [], [], []
-    for i in range(n):
-        c = i % 2
-        words = []
-        for _ in range(rng.integers(3, 7)):
-            pool = books[c] if rng.random() < topic else books[1 - c]
-            words += pool[rng.integers(len(pool))].split()
-        for _ in range(2):
-            words.insert(rng.integers(len(words) + 1), ("woman", "man")[c])
-        m = rng.random() < rates[c]
-        if m:
-            words.insert(rng.integers(len(words) + 1), "damn")
-        texts.append(" ".join(words))
-        cls.append(c)
-        marked.append(m or re.search(r"(?<!\w)damn(?!\w)", texts[-1], re.IGNORECASE) is not None)  # Moby Dick has a few
-    return texts, np.array(cls), np.array(marked)
 
 
 def toxicity(texts: list[str]) -> list[float]:

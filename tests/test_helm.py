@@ -442,7 +442,7 @@ def test_prompt_truncated_from_right_when_no_example_fits(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_long(tmp_path_factory, book_text) -> Path:
     """Tiny random LLaMA with a 1024-token context (the prompts fit with their 5 examples)."""
-    from llmft.model.tiny import make_tiny_model
+    from llmft.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("helm") / "long", text=book_text, vocab_size=512, hidden_size=64,
                            num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=1024)
@@ -451,7 +451,7 @@ def tiny_long(tmp_path_factory, book_text) -> Path:
 @pytest.fixture(scope="module")
 def tiny_short(tmp_path_factory, book_text) -> Path:
     """The same architecture with a 128-token context."""
-    from llmft.model.tiny import make_tiny_model
+    from llmft.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("helm") / "short", text=book_text, vocab_size=512, hidden_size=64,
                            num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=128)

@@ -3,38 +3,14 @@ isolated packed rows with their block-diagonal mask, LoRA with trained extras, a
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_recipe, write_recipe
+from conftest import loss_and_grads, packed_batch, tiny_recipe, write_recipe
 from transformers import AutoModelForCausalLM
 
 from llmft.config import LoraConfig, load_recipe
-from llmft.data.packing import Example, attention_kwargs, pack_isolated
 from llmft.model.adapters import apply_lora
 from llmft.train.loop import train
-from llmft.train.loss import causal_lm_loss
-
-
-def packed_batch(seed: int = 0, seq_len: int = 96) -> dict[str, torch.Tensor]:
-    """Two isolated rows of random examples, prompts masked, with the sdpa block-diagonal mask."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    for n in rng.integers(5, 40, 8):
-        mask = np.ones(n, bool)
-        mask[: rng.integers(1, 4)] = False  # a short prompt: context only
-        examples.append(Example(rng.integers(3, 500, n).astype(np.int32), mask))
-    rows = pack_isolated(examples, seq_len, pad_id=0)
-    batch = {"input_ids": rows.input_ids[:2], "labels": rows.labels[:2], "position_ids": rows.position_ids[:2]}
-    return attention_kwargs(batch, "sdpa", torch.float32)
-
-
-def loss_and_grads(model, batch, chunk):
-    model.zero_grad(set_to_none=True)
-    num_items = int((batch["labels"][:, 1:] != -100).sum())
-    loss = causal_lm_loss(model, batch, num_items, chunk)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("chunk", [7, 32, 4096])

@@ -14,10 +14,20 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from llmft.eval.passkey import (FILLER, KEY_LINE, QUESTION, TASK, accuracy_grid, extract_answer,
-                                format_passkey_table, passkey_prompt, plot_passkey_heatmap, run_passkey,
-                                write_passkey_report)
-from llmft.model.tiny import make_tiny_model
+from llmft.eval.passkey import (
+    FILLER,
+    KEY_LINE,
+    QUESTION,
+    TASK,
+    accuracy_grid,
+    extract_answer,
+    format_passkey_table,
+    passkey_prompt,
+    plot_passkey_heatmap,
+    run_passkey,
+    write_passkey_report,
+)
+from llmft.testing.tiny import make_tiny_model
 
 TRAIN_LENGTHS = (80, 176)  # the copy model is trained on prompts of 80..176 tokens, every depth
 EVAL_LENGTHS = [80, 120, 160]

@@ -21,11 +21,11 @@ from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.config import RecipeError
+from llmft.config.data import TextFilter, load_mix
 from llmft.data.build import build
-from llmft.data.sources import DataError
 from llmft.data.filters import apply_filters, perplexities
-from llmft.data.mix import TextFilter, load_mix
-from llmft.model.tiny import BOOK, make_tiny_model, read_text
+from llmft.data.sources import DataError
+from llmft.testing.tiny import BOOK, make_tiny_model, read_text
 
 THRESHOLD = 175.0  # after 80 steps: English ~90-150, shuffled characters ~200-330, random tokens > 10_000
 

@@ -78,7 +78,7 @@ def measure_training_peak(recipe_path: str, steps: int = 2) -> dict:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, book_text) -> dict:
     """Each configuration trained for two steps in its own process (all three at once), with its recipe."""
-    from llmft.model.tiny import make_tiny_skeleton, tiny_llama_config
+    from llmft.testing.tiny import make_tiny_skeleton, tiny_llama_config
 
     root = tmp_path_factory.mktemp("plan")
     model_dir = make_tiny_skeleton(root / "model", text=book_text, vocab_size=512)
@@ -140,8 +140,8 @@ def test_the_three_measured_configurations_differ_as_expected():
 def _tiny_plan(sections: dict):
     """The plan of a measured configuration, without training (the shapes come from a config alone)."""
     from llmft.config import Recipe
-    from llmft.model.tiny import tiny_llama_config
     from llmft.plan import Shapes, plan_for, setup_from_recipe
+    from llmft.testing.tiny import tiny_llama_config
 
     config = tiny_llama_config(SIZE["vocab"], hidden_size=SIZE["hidden"], num_layers=SIZE["layers"],
                                num_heads=SIZE["heads"], intermediate_size=SIZE["inter"])

@@ -6,63 +6,30 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import TINY_TOKENIZER, sharded_mix_file
 from transformers import AutoTokenizer
 
 from llmft.cli import main
+from llmft.config.data import load_mix
 from llmft.data import sources
 from llmft.data.build import build, load_built
-from llmft.data.mix import load_mix
-
-TOKENIZER = REPO / "llmft/assets/tiny-llama"
-SHARDS = 40
+from llmft.testing.corpora import SHARDS, write_sharded_corpus
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
-
-
-def write_corpus(tmp_path: Path, book_text: str, shard: Callable[[Callable[[str], str], int], list[str]]
-                 ) -> dict[str, Path]:
-    """``big``: 40 jsonl shards, shard ``s`` holding ``shard(doc, s)``, where ``doc(tag)`` is ~400 words of the book
-    after ``tag .``; ``small``: one file of 16 such documents."""
-    words = book_text.split()
-    rng = np.random.default_rng(0)
-
-    def doc(tag: str) -> str:
-        start = int(rng.integers(0, len(words) - 400))
-        return f"{tag} . " + " ".join(words[start : start + 400])
-
-    big = tmp_path / "big"
-    big.mkdir()
-    for s in range(SHARDS):
-        (big / f"{s:03d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in shard(doc, s)))
-    small = tmp_path / "small.jsonl"
-    small.write_text("".join(json.dumps({"text": doc(f"small doc {d}")}) + "\n" for d in range(16)))
-    return {"big": big, "small": small}
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 @pytest.fixture
 def corpus(tmp_path, book_text) -> dict[str, Path]:
     """``big``: 40 jsonl shards of 8 documents (~400 words of the book, each tagged ``shard N doc M``); ``small``:
     one file of 16 such documents."""
-    return write_corpus(tmp_path, book_text, lambda doc, s: [doc(f"shard {s} doc {d}") for d in range(8)])
-
-
-def mix_file(path: Path, corpus: dict[str, Path], **mix) -> Path:
-    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "total_tokens": 16_000, "packing": "concat",
-           "sources": [{"name": "big", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["big"])}},
-                       {"name": "small", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["small"])}}],
-           **mix}
-    path.write_text(yaml.safe_dump(mix, sort_keys=False))
-    return path
+    return write_sharded_corpus(tmp_path, book_text, lambda doc, s: [doc(f"shard {s} doc {d}") for d in range(8)])
 
 
 def shards_in(built, tok) -> set[int]:
@@ -71,7 +38,7 @@ def shards_in(built, tok) -> set[int]:
 
 
 def test_a_share_needing_a_twentieth_reads_about_a_twentieth(tmp_path, corpus, tok):
-    built = build(load_mix(mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
+    built = build(load_mix(sharded_mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
     big = built.stats["sources"]["big"]
     assert big["target_tokens"] == 8000
     assert not big["read_whole"]
@@ -88,7 +55,7 @@ def test_a_share_needing_a_twentieth_reads_about_a_twentieth(tmp_path, corpus, t
     # shards come in a seeded random order, not the first ones; only the shards read are in the rows
     seen = shards_in(built, tok)
     assert len(seen) <= big["files_read"] and seen != set(range(len(seen)))
-    other = build(load_mix(mix_file(tmp_path / "mix2.yaml", corpus, seed=1)), tmp_path / "out2", tok, 256)
+    other = build(load_mix(sharded_mix_file(tmp_path / "mix2.yaml", corpus, seed=1)), tmp_path / "out2", tok, 256)
     assert shards_in(other, tok) != seen
 
 
@@ -96,7 +63,7 @@ def test_sampled_reading_is_the_same_for_any_num_proc(tmp_path, corpus, tok, mon
     """The reader works to character budgets and every tokenizing job before a budget is done before reading on, so
     what is read, and so the rows and stats, do not depend on the worker processes."""
     monkeypatch.setattr("llmft.data.build.TOKENIZE_BATCH", 3)  # many jobs in flight at each budget
-    path = mix_file(tmp_path / "mix.yaml", corpus, packing="isolated")
+    path = sharded_mix_file(tmp_path / "mix.yaml", corpus, packing="isolated")
     one = build(load_mix(path), tmp_path / "one", tok, 256)
     assert main(["data", "build", str(path), "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
     two = load_built(tmp_path / "two")
@@ -115,7 +82,7 @@ def test_each_stage_logs_its_progress_without_a_terminal(tmp_path, corpus, tok, 
     """In a log (no terminal), reading and tokenizing each source and packing show tokens, rate and ETA."""
     monkeypatch.setattr("llmft.data.build.PROGRESS_LOG_SECONDS", 0)
     caplog.set_level("INFO", logger="llmft.data.build")
-    build(load_mix(mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
+    build(load_mix(sharded_mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
     lines = [r.getMessage() for r in caplog.records]
     for stage in ("read and tokenize big (to its need of 8,000 tokens)", "read and tokenize small",
                   "pack (concat) and write"):
@@ -126,7 +93,7 @@ def test_each_stage_logs_its_progress_without_a_terminal(tmp_path, corpus, tok, 
 
 
 def test_without_a_total_every_source_is_read_whole(tmp_path, corpus, tok):
-    raw = yaml.safe_load(mix_file(tmp_path / "mix.yaml", corpus).read_text())
+    raw = yaml.safe_load(sharded_mix_file(tmp_path / "mix.yaml", corpus).read_text())
     del raw["total_tokens"]
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(raw))
     built = build(load_mix(tmp_path / "mix.yaml"), tmp_path / "out", tok, 256)
@@ -137,7 +104,7 @@ def test_without_a_total_every_source_is_read_whole(tmp_path, corpus, tok):
 @pytest.mark.parametrize("damage", ["removed", "truncated"])
 def test_a_file_damaged_during_the_build_is_one_clear_error_and_the_previous_build_stays(
         tmp_path, corpus, tok, monkeypatch, capsys, damage):
-    path = mix_file(tmp_path / "mix.yaml", corpus, on_error="stop")
+    path = sharded_mix_file(tmp_path / "mix.yaml", corpus, on_error="stop")
     assert main(["data", "build", str(path), "--out", str(tmp_path / "out")]) == 0
     before = {p: p.is_file() and p.read_bytes() for p in (tmp_path / "out").rglob("*")}
     (corpus["small"]).touch()  # a new fingerprint: the next run builds again

@@ -14,17 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from llmft.data.sources import (
-    Document,
-    SourceError,
-    SourceReport,
-    SourceSpec,
-    html_to_text,
-    list_files,
-    read_source,
-    strip_gutenberg,
-)
-
+from llmft.config.sources import SourceSpec, list_files
+from llmft.data.sources import Document, SourceError, SourceReport, html_to_text, read_source, strip_gutenberg
 
 
 def read(on_error: str = "skip", **spec) -> tuple[list[Document], SourceReport]:

@@ -13,8 +13,9 @@ import pytest
 from conftest import REPO
 from pydantic import ValidationError
 
+from llmft.config.sources import HUB_FORMATS, SourceSpec, list_files
 from llmft.data import sources
-from llmft.data.sources import Document, SourceError, SourceReport, SourceSpec, list_files, read_source
+from llmft.data.sources import Document, SourceError, SourceReport, read_source
 
 
 def read(on_error: str = "skip", **spec) -> tuple[list[Document], SourceReport]:
@@ -131,7 +132,7 @@ def test_hub_local_directory_names_its_config_in_locations(tmp_path, monkeypatch
     docs, _ = read(**spec)
     assert docs == [Document(text=" Paris.", where="ds[default]/train:0", prompt="Capital of France?")]
     assert list_files(SourceSpec(**spec)) == [Path("ds") / "train.jsonl"]
-    assert set(sources._HUB_FORMATS) == set(sources._RECORDS)  # every hub format has its record function
+    assert set(HUB_FORMATS) == set(sources._RECORDS)  # every hub format has its record function
 
 
 # ------------------------------------------------------------------------------------------- bad data
@@ -220,8 +221,8 @@ def test_hub_spec_validation_messages(tmp_path):
 def test_hub_fingerprint_follows_spec_and_local_data_files(tmp_path):
     from transformers import AutoTokenizer
 
+    from llmft.config.data import MixRecipe
     from llmft.data.build import fingerprint
-    from llmft.data.mix import MixRecipe
 
     tok = AutoTokenizer.from_pretrained(REPO / "llmft/assets/tiny-llama")
 

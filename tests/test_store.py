@@ -18,11 +18,11 @@ import torch
 import yaml
 
 from llmft.cli import main
+from llmft.config.data import load_mix
 from llmft.data.build import build, load_built
-from llmft.data.sources import DataError
 from llmft.data.loader import PackedLoader
-from llmft.data.mix import load_mix
 from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
+from llmft.data.sources import DataError
 from llmft.data.store import RowStore, StoreError, StoreWriter, write_store
 
 REPO = Path(__file__).resolve().parents[1]

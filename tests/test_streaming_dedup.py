@@ -15,22 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_TOKENIZER, sharded_mix_file
 from transformers import AutoTokenizer
 
-from test_sampled_reading import SHARDS, TOKENIZER, mix_file, write_corpus
-
+from llmft.config.data import Dedup, load_mix
 from llmft.data.build import _Dedup, build, load_built
 from llmft.data.dedup import DedupIndex, _same_key_pairs, features, minhash_signatures
-from llmft.data.mix import Dedup, load_mix
 from llmft.data.sources import DataError
 from llmft.data.units import ArraySpill
+from llmft.testing.corpora import SHARDS, write_sharded_corpus
 
 DEDUP = {"methods": ["exact", "minhash"], "threshold": 0.8, "shingle_size": 5, "keep": "first"}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def corpus(tmp_path, book_text) -> dict[str, Path]:
         near = docs[1].split(" ")
         return docs + [docs[0], docs[2], docs[3], " ".join(w + "x" if i % 50 == 49 else w for i, w in enumerate(near))]
 
-    return write_corpus(tmp_path, book_text, shard)
+    return write_sharded_corpus(tmp_path, book_text, shard)
 
 
 def tags(built, tok) -> Counter:
@@ -63,7 +63,7 @@ def test_a_deduplicated_share_is_sampled_and_has_no_duplicates(tmp_path, corpus,
     bytes its share needs after dedup. The same rows and stats with 2 worker processes."""
     caplog.set_level(logging.INFO, logger="llmft.data.build")
     monkeypatch.setattr("llmft.data.build.TOKENIZE_BATCH", 3)  # many jobs in flight
-    path = mix_file(tmp_path / "mix.yaml", corpus, dedup=DEDUP)
+    path = sharded_mix_file(tmp_path / "mix.yaml", corpus, dedup=DEDUP)
     built = build(load_mix(path), tmp_path / "one", tok, 256)
     big = built.stats["sources"]["big"]
     assert not big["read_whole"] and big["epochs"] <= 1.0
@@ -99,7 +99,7 @@ def test_filters_run_while_reading_and_a_filtered_share_is_sampled(tmp_path, cor
     share needs after filtering, and the filtered documents and the report's counts are the ones read. (Filtering
     reads one batch ahead: 256 documents or 1 MiB, all of big here; 4 documents for this test.)"""
     monkeypatch.setattr("llmft.data.build.FILTER_BATCH", 4)
-    path = mix_file(tmp_path / "mix.yaml", corpus,
+    path = sharded_mix_file(tmp_path / "mix.yaml", corpus,
                     filters=[{"kind": "keywords", "name": "doc3", "patterns": [r"doc 3 \."], "examples": 2}])
     built = build(load_mix(path), tmp_path / "out", tok, 256)
     big = built.stats["sources"]["big"]
@@ -116,7 +116,7 @@ def test_filters_run_while_reading_and_a_filtered_share_is_sampled(tmp_path, cor
 
 
 def test_a_file_changed_between_the_two_readings_is_a_clear_error(tmp_path, corpus, tok, monkeypatch):
-    path = mix_file(tmp_path / "mix.yaml", corpus, dedup=DEDUP)
+    path = sharded_mix_file(tmp_path / "mix.yaml", corpus, dedup=DEDUP)
     del_total = yaml.safe_load(path.read_text())
     del del_total["total_tokens"]
     path.write_text(yaml.safe_dump(del_total))
@@ -209,7 +209,7 @@ def test_documents_the_length_filter_drops_cost_no_signature(tmp_path, tok, book
     short = ["a short note that repeats"] * 20
     lines = [d for pair in zip(long, short[:12]) for d in pair] + short[12:]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "dedup": DEDUP,
+    mix = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "dedup": DEDUP,
            "sources": [{"name": "a", "weight": 1, "filters": {"min_tokens": 50},
                         "source": {"format": "jsonl", "path": str(tmp_path / "a.jsonl")}}]}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
@@ -228,7 +228,7 @@ def test_removed_tokens_are_counted_past_where_tokenizing_stopped(tmp_path, tok,
     unique = [f"doc {i} . " + " ".join(words[i * 150 : i * 150 + 150]) for i in range(60)]
     docs = [d for u in unique for d in (u, u)]  # every document followed by its copy
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    mix = {"tokenizer": str(TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "total_tokens": 4000,
+    mix = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 0, "packing": "concat", "total_tokens": 4000,
            "dedup": {**DEDUP, "methods": ["exact"]},
            "sources": [{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(tmp_path / "a.jsonl")}}]}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))

@@ -13,16 +13,16 @@ import pytest
 import scipy.sparse as sp
 import yaml
 from conftest import REPO
-from test_filters import shift_corpus
 from transformers import AutoTokenizer
 
+from llmft.config.data import Reweight, load_mix
+from llmft.data import reweight as reweight_module
 from llmft.data.build import FILTER_BATCH, _reading_order, build, encode_documents
 from llmft.data.decontam import normalize_words
 from llmft.data.dedup import Shingler, hashed_embedding
-from llmft.data.mix import Reweight, load_mix
-from llmft.data import reweight as reweight_module
 from llmft.data.reweight import ReweightStream, fit_probe, principal_components, reweight
 from llmft.data.sources import Document
+from llmft.testing.corpora import shift_corpus
 
 TOKENIZER = REPO / "llmft/assets/tiny-llama"
 

@@ -275,9 +275,10 @@ def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, sharp
     sharpened tiny LLaMA: with a near-uniform one, a step that lets examples attend to each other, or that trains
     each example's first token, moves the mean by less than the tolerance."""
     tiny_model = sharp_model
+    from transformers import AutoTokenizer
+
     from llmft.data.build import load_built
     from llmft.data.loader import PackedLoader
-    from transformers import AutoTokenizer
 
     rng = __import__("random").Random(0)
     docs = [book_text[i : i + rng.randint(40, 600)] for i in range(0, 40_000, 700)]
@@ -314,8 +315,9 @@ def test_natural_instructions_trains_on_answers_only(tmp_path, tiny_model, share
     """Real NI task: prompt (definition + demos + input) is context only; loss on the answer and EOS."""
     from transformers import AutoTokenizer
 
+    from llmft.config.sources import SourceSpec
     from llmft.data.build import encode_documents
-    from llmft.data.sources import SourceReport, SourceSpec, read_source
+    from llmft.data.sources import SourceReport, read_source
 
     spec = {"format": "natural_instructions", "path": str(shared_data / "natural_instructions")}
     tok = AutoTokenizer.from_pretrained(tiny_model)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_recipe, write_recipe
-from test_loss import loss_and_grads, packed_batch
+from conftest import loss_and_grads, packed_batch, tiny_recipe, write_recipe
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 

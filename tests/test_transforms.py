@@ -10,10 +10,11 @@ import yaml
 from conftest import REPO
 from transformers import AutoTokenizer
 
+from llmft.config.data import UL2Config, load_mix
+from llmft.config.sources import SourceSpec
 from llmft.data.build import build
-from llmft.data.mix import load_mix
-from llmft.data.sources import Document, SourceSpec, read_source
-from llmft.data.transforms import UL2Config, ni_fewshot, ul2, ul2_reconstruct
+from llmft.data.sources import Document, read_source
+from llmft.data.transforms import ni_fewshot, ul2, ul2_reconstruct
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_ul2_examples_reconstruct_the_text_exactly(book_text):
 
 
 def test_ul2_corruption_rate_and_span_length(book_text):
-    from llmft.data.transforms import Denoiser
+    from llmft.config.data import Denoiser
 
     cfg = UL2Config(denoisers=[Denoiser(kind="R", mean_span=3, rate=0.15)])
     text = " ".join(book_text.split()[:2000])

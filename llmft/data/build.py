@@ -96,19 +96,20 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase  # (AutoTokenizer imports torch: where it is used)
 
+from llmft.config.data import Dedup, MixRecipe, MixSource
+from llmft.config.sources import SourceSpec, list_files
 from llmft.data.decontam import Decontaminator, DecontamReport
 from llmft.data.dedup import DedupIndex, Features, Shingler, report_markdown
 from llmft.data.dedup import features as dedup_features
 from llmft.data.engine import EngineRun, Prepared
 from llmft.data.filters import FilterTally, apply_filters, merge_reports, release_scoring_models
 from llmft.data.filters import report_markdown as filters_markdown
-from llmft.data.mix import Dedup, MixRecipe, MixSource
 from llmft.data.packing import Example, pack_stream, special_ids
 from llmft.data.reweight import ReweightStream
-from llmft.data.sources import DataError, Document, SourceError, SourceReport, SourceSpec, list_files, read_source
+from llmft.data.sources import DataError, Document, SourceError, SourceReport, read_source
 from llmft.data.store import RowStore, StoreError, StoreWriter
-from llmft.data.units import UnitSpill
 from llmft.data.transforms import ni_fewshot, ul2
+from llmft.data.units import UnitSpill
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 7  # bump when the on-disk layout or the build algorithm changes

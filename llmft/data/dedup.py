@@ -59,9 +59,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llmft.config.data import Dedup
 from llmft.data.decontam import normalize_words
 from llmft.data.sources import DataError
-from llmft.data.mix import Dedup
 from llmft.data.units import ArraySpill
 
 log = logging.getLogger(__name__)

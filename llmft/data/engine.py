@@ -59,10 +59,10 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 from transformers import PreTrainedTokenizerBase
 
+from llmft.config.data import MixRecipe, executor_class
 from llmft.data.decontam import DecontamReport, TargetReport
 from llmft.data.dedup import Features
 from llmft.data.filters import FilterTally
-from llmft.data.mix import MixRecipe
 from llmft.data.packing import Example
 from llmft.data.sources import DataError, SourceError, SourceReport
 from llmft.data.units import UnitSpill
@@ -75,13 +75,6 @@ POLL_SECONDS = 5  # how often the build looks for a cluster's finished jobs
 LOCAL_POLL_SECONDS = 0.02  # and for a local wave's
 TASKS_PER_WORKER = 4  # a local wave's files are split into this many tasks per worker (files_per_task unset)
 WAIT_LOG_SECONDS = 300  # and how often it logs what it is waiting for
-
-
-def executor_class(name: str) -> type:
-    """The datatrove executor class for ``engine.executor``."""
-    from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
-
-    return {"local": LocalPipelineExecutor, "slurm": SlurmPipelineExecutor, "ray": RayPipelineExecutor}[name]
 
 
 @dataclass(frozen=True)
@@ -138,8 +131,17 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     Raises:
         OSError: the output cannot be written.
     """
-    from llmft.data.build import TOKENIZE_BATCH, TOKENIZE_BATCH_CHARS, _clean, _encode, _filtered, _Reading, _text, \
-        _Tokenize, doc_rng
+    from llmft.data.build import (
+        TOKENIZE_BATCH,
+        TOKENIZE_BATCH_CHARS,
+        _clean,
+        _encode,
+        _filtered,
+        _Reading,
+        _text,
+        _Tokenize,
+        doc_rng,
+    )
     from llmft.data.dedup import Shingler
     from llmft.data.dedup import features as dedup_features
     from llmft.data.packing import special_ids

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmft.config.data import TextFilter
 from llmft.data.sources import DataError
-from llmft.data.mix import TextFilter
 
 EXCERPT_CHARS = 200
 _WORD = re.compile(r"\S+")

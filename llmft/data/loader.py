@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from llmft.data.sources import DataError
 from llmft.data.packing import PackedRows
+from llmft.data.sources import DataError
 from llmft.data.store import RowStore
 
 

@@ -53,10 +53,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import minimize
 
+from llmft.config.data import Reweight
 from llmft.data.decontam import normalize_words
 from llmft.data.dedup import Shingler, _normalize
 from llmft.data.filters import load_function
-from llmft.data.mix import Reweight
 from llmft.data.units import ArraySpill
 
 log = logging.getLogger(__name__)

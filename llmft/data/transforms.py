@@ -28,43 +28,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from llmft.config.data import UL2Config
 from llmft.data.packing import Example, special_ids
 from llmft.data.sources import Document
 
 _PIECE = re.compile(r"\S+\s*")  # a word with the whitespace after it
-
-
-class Denoiser(BaseModel):
-    """One UL2 denoiser."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["R", "S", "X"] = Field(description="R: regular spans; X: extreme; S: prefix LM.")
-    mean_span: float = Field(default=3.0, gt=0, description="R/X: mean corrupted span length (words).")
-    rate: float = Field(default=0.15, gt=0, lt=1, description="R/X: fraction of words corrupted.")
-    weight: float = Field(default=1.0, gt=0, description="Relative frequency of this denoiser.")
-
-
-# The UL2 paper's mixture: R (mu 3, 8; r 0.15), X (mu 3, 8 at r 0.5; mu 64 at r 0.15 and 0.5), S.
-UL2_DENOISERS = [
-    Denoiser(kind="R", mean_span=3, rate=0.15), Denoiser(kind="R", mean_span=8, rate=0.15),
-    Denoiser(kind="X", mean_span=3, rate=0.5), Denoiser(kind="X", mean_span=8, rate=0.5),
-    Denoiser(kind="X", mean_span=64, rate=0.15), Denoiser(kind="X", mean_span=64, rate=0.5),
-    Denoiser(kind="S"),
-]
-
-
-class UL2Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    denoisers: list[Denoiser] = Field(default_factory=lambda: list(UL2_DENOISERS), min_length=1,
-                                      description="The mixture; one is drawn per document by weight.")
-    mode_tokens: dict[str, str] = Field(default_factory=lambda: {"R": "[NLU]", "S": "[S2S]", "X": "[NLG]"},
-                                        description="Text prepended to the input per denoiser kind.")
-    sentinel: str = Field(default="<extra_id_{i}>", description="Sentinel text; {i} is the span number.")
 
 
 def _segments(total: int, parts: int, rng: np.random.Generator) -> list[int]:

@@ -55,8 +55,8 @@ import gzip
 import html
 import json
 import math
-import random
 import os
+import random
 import re
 import sys
 import time
@@ -64,25 +64,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llmft.config.eval import HelmSuite, ScenarioSpec
+from llmft.config.loading import load_validated
 from llmft.eval import helm_metrics as hm
 from llmft.model.build import hub_resolves
 
 DEFAULT_SUITE = Path(__file__).with_name("helm_core.yaml")  # package data: found after a wheel install too
 
 TRAIN, VALID, TEST = "train", "valid", "test"
-
-Method = Literal["generation", "multiple_choice_joint", "multiple_choice_separate_original",
-                 "multiple_choice_separate_calibrated", "ranking_binary"]
-Metric = Literal["exact_match", "quasi_exact_match", "f1_score", "rouge_2", "RR@10", "NDCG@10"]
-DataFormat = Literal["mmlu_csv", "boolq_jsonl", "narrativeqa_csv", "natural_qa_closedbook",
-                     "natural_qa_openbook_longans", "quac_json", "hellaswag_jsonl", "openbookqa_jsonl",
-                     "truthfulqa_csv", "msmarco_regular", "msmarco_trec", "cnndm_jsonl", "xsum_jsonl",
-                     "imdb_aclimdb", "raft_jsonl", "civil_comments_csv"]
 
 # What each loader reads, relative to ``data_dir/<scenario path>`` (shown in "file not found" errors).
 FORMAT_HELP: dict[str, str] = {
@@ -127,80 +120,6 @@ FORMAT_HELP: dict[str, str] = {
 # ------------------------------------------------------------------------------------------------ the suite
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class HFSource(_Strict):
-    """A ``datasets`` dataset used when the local files of a scenario are missing.
-
-    Read from ``data_dir/<name>`` when that is a directory (a copy of the hub repository: its parquet/json data files
-    and README), else ``datasets.load_dataset(name)`` (hub id: network or cache; or a directory path).
-    """
-
-    name: str = Field(description="Hub id, e.g. google/boolq (or a directory laid out like the hub repository).")
-    config: str | None = Field(default=None, description="Dataset configuration, e.g. 3.0.0 for cnn_dailymail; "
-                                                         "'{subset}' is replaced by the subset (MMLU subjects).")
-    splits: dict[str, str] = Field(description="Local file stem -> hub split, e.g. {dev: validation}.")
-
-
-class ScenarioSpec(_Strict):
-    """One HELM scenario: where its data is, HELM's adapter settings, and its main metric."""
-
-    name: str = Field(description="Name used on the command line (--helm boolq,mmlu,...).")
-    title: str = Field(description="Display name in the scores table.")
-    metric: Metric = Field(description="HELM's main metric for the scenario.")
-    method: Method = Field(description="HELM adaptation method.")
-    format: DataFormat = Field(description="Loader / file format of the scenario's data (see FORMAT_HELP).")
-    path: str = Field(description="Directory of the scenario's files, relative to the data directory.")
-    eval_split: Literal["valid", "test"] = Field(description="Split scored (HELM's main split for the scenario).")
-    subsets: list[str] = Field(default_factory=list,
-                               description="MMLU subjects, RAFT tasks or CivilComments demographics.")
-    instructions: str = Field(default="", description="Text before the examples; '{subject}' is replaced by the "
-                                                      "subset. RAFT reads its instructions from the data.")
-    input_prefix: str = Field(default="", description="Before each input (HELM AdapterSpec.input_prefix).")
-    input_suffix: str = Field(default="\n", description="After each input.")
-    output_prefix: str = Field(default="", description="Before each output; its rstrip ends the prompt.")
-    output_suffix: str = Field(default="\n", description="After each in-context output.")
-    instance_prefix: str = Field(default="\n", description="Between instructions and example blocks.")
-    reference_prefix: str = Field(default="A. ",
-                                  description="Before each option (multiple_choice_joint) or passage (ranking).")
-    reference_suffix: str = Field(default="\n", description="After each option or passage.")
-    max_train_instances: int = Field(ge=0, description="In-context examples (HELM v1.0: 5; MS MARCO: 2 queries x 2 "
-                                                       "passages).")
-    max_tokens: int = Field(ge=0, description="Maximum generated tokens.")
-    stop_sequences: list[str] = Field(default_factory=list, description="Generation is cut at the first of these.")
-    hf_dataset: HFSource | None = Field(default=None, description="Fallback when local files are missing.")
-    notes: str = Field(default="", description="Where this differs from HELM, if anywhere.")
-
-    @model_validator(mode="after")
-    def _method_matches_metric(self) -> ScenarioSpec:
-        ranking = self.method == "ranking_binary"
-        if ranking != (self.metric in ("RR@10", "NDCG@10")):
-            raise ValueError(f"metric {self.metric} does not go with method {self.method}; RR@10 and NDCG@10 are for "
-                             "ranking_binary, and ranking_binary needs one of them")
-        if ranking != self.format.startswith("msmarco"):
-            raise ValueError("ranking_binary is the MS MARCO method: use format msmarco_regular/msmarco_trec with it")
-        if self.method.startswith("multiple_choice_separate") and self.metric != "exact_match":
-            raise ValueError("multiple_choice_separate_* score options by log probability: use metric exact_match")
-        return self
-
-
-class HelmSuite(_Strict):
-    """A suite file (``llmft/eval/helm_core.yaml``, or a user's): a list of scenarios."""
-
-    description: str = Field(description="What the suite is and where its settings come from.")
-    scenarios: list[ScenarioSpec] = Field(min_length=1, description="The scenarios, in table order.")
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> HelmSuite:
-        names = [s.name for s in self.scenarios]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"scenario names must be unique; repeated: {', '.join(dupes)}")
-        return self
-
-
 def load_helm_suite(path: str | Path = DEFAULT_SUITE) -> HelmSuite:
     """Read and validate a suite YAML (``llmft/eval/helm_core.yaml``, package data, by default).
 
@@ -208,8 +127,6 @@ def load_helm_suite(path: str | Path = DEFAULT_SUITE) -> HelmSuite:
         llmft.config.RecipeError: the file is missing, not YAML, or invalid; one ``file:line: path: problem`` line
             per problem.
     """
-    from llmft.config import load_validated
-
     return load_validated(path, HelmSuite)
 
 

@@ -139,7 +139,8 @@ def load_books(data: str | Path, tokenizer, max_docs: int | None = None) -> list
     Raises:
         llmft.data.sources.SourceError: unreadable data.
     """
-    from llmft.data.sources import SourceSpec, read_source
+    from llmft.config.sources import SourceSpec
+    from llmft.data.sources import read_source
 
     local = Path(data).expanduser()
     spec = SourceSpec(format="pg19", path=local) if local.exists() else \

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmft.config import ModelConfig, QLoraConfig
+from llmft.config.recipe import attention_kernel
 from llmft.model.rope import RopeScaling, apply_rope_scaling
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,15 @@ def resolve_attention(requested: str, precision: str = "bf16") -> tuple[str, str
                 "(pip install 'llmft[gpu]') on a CUDA machine, or set model.attention: sdpa"
             )
         return "flash_attention_2", "requested in the recipe"
-    if requested == "auto":
-        if flash_attn_available():
-            if precision == "fp32":
-                return "sdpa", "auto: flash-attn computes only in bf16/fp16 and this run computes in fp32, using SDPA"
-            return "flash_attention_2", "auto: flash-attn is installed and CUDA is available"
-        why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
-        return "sdpa", f"auto: {why}, using PyTorch SDPA"
-    return requested, "requested in the recipe"
+    chosen = attention_kernel(requested, flash_attn_available(), precision)
+    if requested != "auto":
+        return chosen, "requested in the recipe"
+    if chosen == "flash_attention_2":
+        return chosen, "auto: flash-attn is installed and CUDA is available"
+    if flash_attn_available():
+        return chosen, "auto: flash-attn computes only in bf16/fp16 and this run computes in fp32, using SDPA"
+    why = "no CUDA device" if not torch.cuda.is_available() else "flash-attn is not installed"
+    return chosen, f"auto: {why}, using PyTorch SDPA"
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

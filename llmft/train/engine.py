@@ -177,13 +177,14 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
                 raise RecipeError([f"{d.config}: {key} is {have} but the recipe gives {value}; make them "
                                    "agree or set it to \"auto\""])
         cfg.setdefault("zero_optimization", zero)
+        cfg["zero_optimization"].setdefault("stage", recipe.zero_stage)  # DeepSpeed's own default would be 0
         if cfg["zero_optimization"].get("stage") == 3:
             cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise RecipeError([f"{d.config}: remove the {section!r} section; llmft builds AdamW and the lr "
                                "schedule from the recipe's train section"])
-    cfg["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * world_size
+    cfg["train_batch_size"] = recipe.sequences_per_step(world_size)
     cfg["zero_allow_untested_optimizer"] = True
     cfg["zero_force_ds_cpu_optimizer"] = False
     cfg.setdefault("steps_per_print", 10**9)

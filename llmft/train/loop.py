@@ -53,14 +53,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps_for(recipe: Recipe, world_size: int) -> int:
-    t = recipe.train
-    if t.max_steps is not None:
-        return t.max_steps
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * recipe.model.max_seq_len * world_size
-    return math.ceil(t.max_tokens / per_step)
-
-
 def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     """Train as the recipe says; resume from the newest complete checkpoint in ``checkpoint.dir`` if any.
 
@@ -85,11 +77,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     # ---- model and data ---------------------------------------------------------------------------------
     ds_config = deepspeed_config(recipe, world) if distributed else None
     zero3_init = None
-    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+    if ds_config is not None and recipe.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
-    lora = recipe.lora if recipe.method in ("lora", "qlora") else None
+    lora = recipe.adapter
     built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora,
                         precision=recipe.train.precision)
     model, tokenizer = built.model, built.tokenizer
@@ -106,8 +98,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     documents = sum(s["documents"] for s in stats["sources"].values())
     bad_records = sum(s["bad_records"] for s in stats["sources"].values())
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
-    total_steps = total_steps_for(recipe, world)
-    tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * seq_len * world
+    total_steps = recipe.total_steps(world)
+    tokens_per_step = recipe.tokens_per_step(world)
 
     if distributed:
         engine = DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, rows.mode == "isolated")
@@ -335,8 +327,8 @@ def _training_data(recipe: Recipe, tokenizer, out: Path, rank: int, distributed:
     Raises:
         RecipeError: the mix or the built directory does not match the model's tokenizer or max_seq_len.
     """
+    from llmft.config.data import inline_mix, load_mix
     from llmft.data.build import build, load_built, tokenizer_hash
-    from llmft.data.mix import inline_mix, load_mix
 
     if recipe.data.built is not None:
         built = load_built(recipe.data.built)
@@ -373,7 +365,7 @@ def _training_data(recipe: Recipe, tokenizer, out: Path, rank: int, distributed:
 def _export(out: Path, engine, state: dict | None, tokenizer, recipe: Recipe) -> None:
     """The HF export of a checkpoint: the full model, or for LoRA the adapter + RoPE-scaled base config.
     ``state``: every parameter (full) or the trainable ones (LoRA), whole, from the engine."""
-    if recipe.method in ("lora", "qlora"):
+    if recipe.uses_adapters:
         from llmft.model.adapters import export_adapter
 
         export_adapter(out, engine.model, tokenizer, DTYPES[recipe.model.dtype], state)

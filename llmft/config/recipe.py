@@ -1,48 +1,29 @@
-"""The recipe schema: one typed description of a training run, validated at load.
+"""The training-recipe schema: one typed description of a training run, validated at load, carrying the numbers
+derived from it (tokens per step, total steps, whether adapters train, the ZeRO stage, the attention kernel).
 
-A recipe is a YAML file (``recipes/*.yaml``) plus optional ``key=value`` overrides from the command line.
-Every field lives in one pydantic model below, with its default and its documentation in exactly one place.
-Unknown keys are rejected. Every error is reported at once, naming the file, the YAML path (and line), the
-value received, what was expected and how to fix it::
-
-    recipes/llama2_32k.yaml:14: model.rope.factor: got -8; expected a number greater than 1. Fix: set it
-    to target_len / original_len, e.g. 8.0 for 4096 -> 32768.
+A recipe is a YAML file (``recipes/*.yaml``) plus optional ``key=value`` overrides from the command line
+(loading and error messages: ``llmft/config/loading.py``). Every field lives in one pydantic model below, with
+its default and its documentation in exactly one place. Unknown keys are rejected.
 
 Relative paths inside a recipe are resolved against the current working directory (run from the repo root).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from llmft.data.sources import SourceSpec
+from llmft.config.loading import Strict, hint, load_validated
+from llmft.config.sources import SourceSpec
 
 # A hub id is "name" or "org/name" (letters, digits, - _ .).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class RecipeError(Exception):
-    """A recipe (or an override) is invalid. ``messages`` holds one line per problem, ready to print."""
-
-    def __init__(self, messages: list[str]):
-        self.messages = messages
-        super().__init__("\n".join(messages))
-
-
-def _hint(text: str) -> dict:
-    """Field metadata carrying the "how to fix it" sentence shown with an error on that field."""
-    return {"hint": text}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 def is_local_path(name: str) -> bool:
@@ -53,7 +34,7 @@ def is_local_path(name: str) -> bool:
 # --------------------------------------------------------------------------------------------- model
 
 
-class RopeConfig(_Strict):
+class RopeConfig(Strict):
     """How rotary position embeddings are rescaled to reach the target context length.
 
     ``linear`` is Position Interpolation (Chen et al. 2023): position m is mapped to m / factor.
@@ -63,12 +44,12 @@ class RopeConfig(_Strict):
     """
 
     type: Literal["linear", "dynamic", "ntk", "yarn", "llama3"] = Field(
-        description="Scaling method.", json_schema_extra=_hint("use one of linear, dynamic, ntk, yarn, llama3")
+        description="Scaling method.", json_schema_extra=hint("use one of linear, dynamic, ntk, yarn, llama3")
     )
     factor: float = Field(
         gt=1.0,
         description="Target length / original length (non-integer factors are fine, e.g. 5.5).",
-        json_schema_extra=_hint("set it to target_len / original_len, e.g. 8.0 for 4096 -> 32768"),
+        json_schema_extra=hint("set it to target_len / original_len, e.g. 8.0 for 4096 -> 32768"),
     )
     original_max_position_embeddings: int | None = Field(
         default=None,
@@ -106,12 +87,12 @@ class RopeConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Which model to start from and how to extend its context."""
 
     name: str = Field(
         description="Hub id (e.g. meta-llama/Llama-2-7b-hf) or local directory in Hugging Face format.",
-        json_schema_extra=_hint("give a hub id like meta-llama/Llama-2-7b-hf or an existing local directory"),
+        json_schema_extra=hint("give a hub id like meta-llama/Llama-2-7b-hf or an existing local directory"),
     )
     init: Literal["pretrained", "random"] = Field(
         default="pretrained",
@@ -130,7 +111,8 @@ class ModelConfig(_Strict):
     )
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         default="auto",
-        description="Attention kernel. 'auto': flash_attention_2 when installed and on CUDA, else sdpa.",
+        description="Attention kernel. 'auto': flash_attention_2 when installed and on CUDA (and the forward "
+        "computes in bf16/fp16), else sdpa.",
     )
     rope: RopeConfig | None = Field(default=None, description="RoPE scaling; omit to keep the model's RoPE.")
     max_position_embeddings: int | None = Field(
@@ -140,7 +122,7 @@ class ModelConfig(_Strict):
         "(for 'dynamic' it stays at the original length: transformers scales beyond it at run time).",
     )
     max_seq_len: int = Field(
-        gt=1, description="Training sequence length in tokens.", json_schema_extra=_hint("e.g. 32768")
+        gt=1, description="Training sequence length in tokens.", json_schema_extra=hint("e.g. 32768")
     )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
     checkpoint_every_n_layers: int = Field(
@@ -169,11 +151,32 @@ class ModelConfig(_Strict):
         default=False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
     )
 
+    def attention_kernel(self, flash_attn: bool, precision: str) -> str:
+        """The kernel ``attention`` resolves to (:func:`attention_kernel`)."""
+        return attention_kernel(self.attention, flash_attn, precision)
+
+
+def attention_kernel(requested: str, flash_attn: bool, precision: str) -> str:
+    """The attention kernel a forward uses.
+
+    Args:
+        requested: ``model.attention`` (auto, flash_attention_2, sdpa, eager).
+        flash_attn: whether flash-attn can run where the model runs (installed, on a CUDA device).
+        precision: what the forward computes in (``train.precision``: fp32, bf16 or fp16).
+
+    Returns:
+        For ``auto``: flash_attention_2 where it can run and the forward computes in bf16/fp16, else sdpa. An
+        explicit choice is itself (whether it can run is checked where the model is built).
+    """
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if flash_attn and precision != "fp32" else "sdpa"
+
 
 # ---------------------------------------------------------------------------------------------- data
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Training (and validation) text: each document becomes ``[BOS] prompt completion [EOS]`` (trained on the
     completion; plain text has no prompt), laid out in ``model.max_seq_len`` rows as ``packing`` says."""
 
@@ -214,10 +217,10 @@ class DataConfig(_Strict):
 # --------------------------------------------------------------------------------------------- train
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Optimizer, schedule and batch. AdamW defaults follow the PI paper (beta 0.9/0.95, wd 0)."""
 
-    lr: float = Field(gt=0, description="Peak learning rate.", json_schema_extra=_hint("e.g. 2e-5 for a 7B model"))
+    lr: float = Field(gt=0, description="Peak learning rate.", json_schema_extra=hint("e.g. 2e-5 for a 7B model"))
     schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup, in optimizer steps.")
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="Final lr / peak lr for cosine and linear.")
@@ -273,7 +276,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedConfig(Strict):
     """Used only when launched with the ``deepspeed`` launcher; ignored by plain ``python``."""
 
     stage: Literal[0, 1, 2, 3] = Field(default=2, description="ZeRO stage.")
@@ -309,10 +312,10 @@ class DeepSpeedConfig(_Strict):
         return self
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     """Where the run writes. ``dir`` holds step checkpoints, ``final/``, metrics.jsonl and wandb files."""
 
-    dir: Path = Field(description="Run output directory.", json_schema_extra=_hint("e.g. runs/llama2-32k"))
+    dir: Path = Field(description="Run output directory.", json_schema_extra=hint("e.g. runs/llama2-32k"))
     every_steps: int = Field(default=0, ge=0, description="Checkpoint every N optimizer steps (0: only final).")
     keep_last: int = Field(default=2, ge=1, description="Keep this many newest step checkpoints.")
     every_minutes: float | None = Field(
@@ -321,7 +324,7 @@ class CheckpointConfig(_Strict):
     )
 
 
-class WandbConfig(_Strict):
+class WandbConfig(Strict):
     mode: Literal["online", "offline", "disabled"] = Field(
         default="disabled", description="'offline' writes a local run dir you can `wandb sync` later."
     )
@@ -331,12 +334,12 @@ class WandbConfig(_Strict):
     tags: list[str] = Field(default_factory=list, description="Run tags.")
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     every_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases.")
 
 
-class PasskeyEval(_Strict):
+class PasskeyEval(Strict):
     """Passkey retrieval during training (llmft/eval/passkey.py): random 5-digit keys hidden in filler text."""
 
     lengths: list[Annotated[int, Field(gt=16)]] = Field(
@@ -348,7 +351,7 @@ class PasskeyEval(_Strict):
     trials: int = Field(default=5, ge=1, description="Random keys per (length, depth) cell.")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     """Perplexity by context length on held-out text during training (needs data.validation*), and optionally
     passkey retrieval."""
 
@@ -372,7 +375,7 @@ LORA_TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
-class LoraConfig(_Strict):
+class LoraConfig(Strict):
     """LoRA adapters (Hu et al. 2021) for ``method: lora``, applied with PEFT. The base weights stay frozen; only
     the low-rank A/B matrices (plus ``trainable_extra``) are trained. LongLoRA (Chen et al. 2023) extends context
     with r=8, alpha=16 on q/k/v/o and also trains the embedding and the norms: without them LoRA falls short of
@@ -386,7 +389,7 @@ class LoraConfig(_Strict):
         default="attention",
         description="Linear layers that get adapters: 'attention' (q_proj, k_proj, v_proj, o_proj), 'all_linear' "
         "(those + gate_proj, up_proj, down_proj), or an explicit list of module names.",
-        json_schema_extra=_hint("use attention, all_linear, or a list such as [q_proj, v_proj]"),
+        json_schema_extra=hint("use attention, all_linear, or a list such as [q_proj, v_proj]"),
     )
     trainable_extra: list[Literal["embed", "norm", "lm_head"]] = Field(
         default_factory=list,
@@ -412,7 +415,7 @@ class LoraConfig(_Strict):
         return v
 
 
-class QLoraConfig(_Strict):
+class QLoraConfig(Strict):
     """QLoRA (Dettmers et al. 2023) for ``method: qlora``: the frozen base is loaded 4-bit quantized with
     bitsandbytes and LoRA adapters (the ``lora`` section) train on top of it in ``compute_dtype``."""
 
@@ -433,7 +436,7 @@ class QLoraConfig(_Strict):
 # -------------------------------------------------------------------------------------------- recipe
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A full training recipe."""
 
     model: ModelConfig
@@ -466,25 +469,52 @@ class Recipe(_Strict):
             data = {**data, "qlora": {}}
         return data
 
+    # ---- derived numbers: each has this one definition; the CLI, `plan`, the engine and the loop read them here
 
-def _zero_stage(d: DeepSpeedConfig) -> int:
-    """The ZeRO stage a DeepSpeed launch will use: the JSON's ``zero_optimization.stage`` when it sets one."""
-    if d.config is not None:
-        stage = json.loads(d.config.read_text()).get("zero_optimization", {}).get("stage", d.stage)
-        return stage if isinstance(stage, int) else d.stage
-    return d.stage
+    @property
+    def uses_adapters(self) -> bool:
+        """LoRA adapters train on a frozen base (method lora or qlora)."""
+        return self.method in ("lora", "qlora")
+
+    @property
+    def adapter(self) -> LoraConfig | None:
+        """The LoRA settings the run trains with; None for full fine-tuning."""
+        return self.lora if self.uses_adapters else None
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage a DeepSpeed launch uses: the JSON's ``zero_optimization.stage`` when it sets one."""
+        d = self.deepspeed
+        if d.config is not None:
+            stage = json.loads(d.config.read_text()).get("zero_optimization", {}).get("stage", d.stage)
+            return stage if isinstance(stage, int) else d.stage
+        return d.stage
+
+    def sequences_per_step(self, world_size: int) -> int:
+        """Sequences in one optimizer step over ``world_size`` data-parallel ranks (the global batch)."""
+        return self.train.micro_batch_size * self.train.gradient_accumulation_steps * world_size
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Token positions in one optimizer step over ``world_size`` data-parallel ranks."""
+        return self.sequences_per_step(world_size) * self.model.max_seq_len
+
+    def total_steps(self, world_size: int) -> int:
+        """Optimizer steps the run takes: ``train.max_steps``, or enough steps for ``train.max_tokens``."""
+        if self.train.max_steps is not None:
+            return self.train.max_steps
+        return math.ceil(self.train.max_tokens / self.tokens_per_step(world_size))
 
 
 def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Checks that span sections or touch the filesystem. Returns (yaml path, problem) pairs."""
     m, problems = recipe.model, []
-    if recipe.lora is not None and recipe.method not in ("lora", "qlora"):
+    if recipe.lora is not None and not recipe.uses_adapters:
         problems.append((("lora",), f"the lora section applies only to method: lora or qlora, but method is "
                          f"{recipe.method!r}. Fix: set method: lora, or remove the lora section"))
     if recipe.qlora is not None and recipe.method != "qlora":
         problems.append((("qlora",), f"the qlora section applies only to method: qlora, but method is "
                          f"{recipe.method!r}. Fix: set method: qlora, or remove the qlora section"))
-    if recipe.method == "qlora" and _zero_stage(recipe.deepspeed) == 3:
+    if recipe.method == "qlora" and recipe.zero_stage == 3:
         want = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[recipe.train.precision]
         have = (recipe.qlora or QLoraConfig()).quant_storage_dtype
         if have != want:
@@ -535,189 +565,6 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     if recipe.eval.every_steps and d.recipe is None and d.built is None and not (d.validation or d.validation_fraction > 0):
         problems.append((("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction"))
     return problems
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place.
-
-    Raises:
-        RecipeError: an override is not of the form key=value, or walks through a non-mapping.
-    """
-    errors = []
-    for item in overrides:
-        if "=" not in item:
-            errors.append(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
-            continue
-        key, _, text = item.partition("=")
-        parts = key.strip().split(".")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        node: Any = raw
-        for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict):
-                node = node.setdefault(part, {})
-            else:
-                errors.append(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-                break
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-                node[int(last)] = value
-            elif isinstance(node, dict):
-                node[last] = value
-            else:
-                errors.append(f"override {item!r}: {'.'.join(parts[:-1])} is not a mapping")
-    if errors:
-        raise RecipeError(errors)
-    return raw
-
-
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map each YAML path (tuple of keys/indices) to its 1-based line number in ``text``."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                lines[path + (k.value,)] = k.start_mark.line + 1
-                walk(v, path + (k.value,)) if not isinstance(v, yaml.ScalarNode) else None
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _field_for(loc: tuple, root: type[BaseModel]) -> Any:
-    """The pydantic FieldInfo at ``loc`` in the ``root`` schema, or None."""
-    model: Any = root
-    info = None
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        info = fields[part]
-        ann = info.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None and hasattr(ann, "__args__"):
-            inner = [a for x in ann.__args__ for a in getattr(x, "__args__", ())]
-            model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return info
-
-
-def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[tuple],
-              root: type[BaseModel]) -> str:
-    """One human line for one pydantic error."""
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tuple["))))
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    where = source
-    probe = loc
-    while probe and probe not in lines:
-        probe = probe[:-1]
-    if loc in overridden or any(loc[: len(o)] == o for o in overridden):
-        where = f"{source} (command-line override)"
-    elif probe in lines:
-        where = f"{source}:{lines[probe]}"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _field_for(loc[:-1], root) if len(loc) > 1 else None
-        parent_model = root
-        if parent is not None:
-            ann = parent.annotation
-            parent_model = next(
-                (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                None,
-            )
-        known = list(parent_model.model_fields) if parent_model else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        fix = f"did you mean {close[0]!r}?" if close else f"known keys here: {', '.join(known)}"
-        return f"{where}: {path}: unknown key. Fix: remove it; {fix}"
-    if kind == "missing":
-        info = _field_for(loc, root)
-        desc = f" ({info.description})" if info is not None and info.description else ""
-        return f"{where}: {path}: required key is missing{desc}. Fix: add {path}: <value>"
-    got = err.get("input")
-    got_s = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
-    msg = err["msg"].removeprefix("Value error, ")
-    info = _field_for(loc, root)
-    hint = (info.json_schema_extra or {}).get("hint") if info is not None and isinstance(info.json_schema_extra, dict) else None
-    if kind.startswith(("greater", "less")):
-        msg = "a number " + msg.removeprefix("Input should be ")
-    elif msg.startswith("Input should be"):
-        msg = msg.removeprefix("Input should be ")
-    if kind == "value_error" or kind == "assertion_error":
-        line = f"{where}: {path}: {msg}"
-    else:
-        line = f"{where}: {path}: got {got_s}; expected {msg}"
-    if hint:
-        line += f". Fix: {hint}"
-    return line
-
-
-def load_validated(path: str | Path, schema: type[BaseModel], overrides: list[str] | None = None,
-                   context: dict | None = None, checks=None) -> Any:
-    """Read a YAML file, apply ``key=value`` overrides, validate it against ``schema``.
-
-    Args:
-        path: the YAML file.
-        schema: the pydantic model of the whole file.
-        overrides: ``key=value`` strings applied before validation.
-        context: pydantic validation context (e.g. ``{"check_paths": False}``).
-        checks: optional function of the validated object returning (yaml path, problem) pairs.
-
-    Returns:
-        The validated object.
-
-    Raises:
-        RecipeError: the file is missing or not YAML, or any field is invalid; holds every problem at once.
-    """
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise RecipeError([f"{source}: file not found"])
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}. Fix: check indentation and quoting"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError([f"{source}: expected a mapping of sections, got {type(raw).__name__}"])
-    overrides = overrides or []
-    apply_overrides(raw, overrides)
-    overridden = {tuple(o.partition("=")[0].strip().split(".")) for o in overrides}
-    overridden = {tuple(int(p) if p.isdigit() else p for p in o) for o in overridden}
-    try:
-        obj = schema.model_validate(raw, context=context)
-    except ValidationError as e:
-        lines = _yaml_lines(text)
-        raise RecipeError([_describe(err, source, lines, overridden, schema) for err in e.errors()]) from None
-    problems = checks(obj) if checks else []
-    if problems:
-        lines = _yaml_lines(text)
-        raise RecipeError([_describe({"loc": loc, "type": "value_error", "msg": msg}, source, lines, overridden, schema)
-                           for loc, msg in problems])
-    return obj
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -6,7 +6,7 @@ short-context base; :func:`make_tiny_model` also writes random weights for tests
 
 The shipped skeleton ``llmft/assets/tiny-llama`` was made with::
 
-    python -m llmft.model.tiny llmft/assets/tiny-llama
+    python -m llmft.testing.tiny llmft/assets/tiny-llama
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmft.model.tiny import ASSETS, read_text
+from llmft.testing.tiny import ASSETS, read_text
 
 BOOKS = ("frankenstein.txt.gz", "mobydick.txt.gz")
 BOILERPLATE = [

@@ -1,4 +1,4 @@
-"""The data-mix recipe (``data_recipes/*.yaml``): sources with token shares, filters, decontamination,
+"""The data-mix schema (``data_recipes/*.yaml``): sources with token shares, filters, decontamination,
 deduplication, packing.
 
 Weights are shares of *tokens*, not of documents: a source with weight 0.25 supplies 25% of the built
@@ -24,25 +24,54 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from llmft.config import DataConfig, RecipeError, load_validated
-from llmft.data.sources import SourceSpec
-from llmft.data.transforms import UL2Config
+from llmft.config.loading import RecipeError, Strict, load_validated
+from llmft.config.recipe import DataConfig
+from llmft.config.sources import SourceSpec
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# ---------------------------------------------------------------------------------------------- UL2
 
 
-class Filters(_Strict):
+class Denoiser(Strict):
+    """One UL2 denoiser."""
+
+    kind: Literal["R", "S", "X"] = Field(description="R: regular spans; X: extreme; S: prefix LM.")
+    mean_span: float = Field(default=3.0, gt=0, description="R/X: mean corrupted span length (words).")
+    rate: float = Field(default=0.15, gt=0, lt=1, description="R/X: fraction of words corrupted.")
+    weight: float = Field(default=1.0, gt=0, description="Relative frequency of this denoiser.")
+
+
+# The UL2 paper's mixture: R (mu 3, 8; r 0.15), X (mu 3, 8 at r 0.5; mu 64 at r 0.15 and 0.5), S.
+UL2_DENOISERS = [
+    Denoiser(kind="R", mean_span=3, rate=0.15), Denoiser(kind="R", mean_span=8, rate=0.15),
+    Denoiser(kind="X", mean_span=3, rate=0.5), Denoiser(kind="X", mean_span=8, rate=0.5),
+    Denoiser(kind="X", mean_span=64, rate=0.15), Denoiser(kind="X", mean_span=64, rate=0.5),
+    Denoiser(kind="S"),
+]
+
+
+class UL2Config(Strict):
+    """The UL2 transform (Tay et al. 2022): each document becomes a denoising example (llmft/data/transforms.py)."""
+
+    denoisers: list[Denoiser] = Field(default_factory=lambda: list(UL2_DENOISERS), min_length=1,
+                                      description="The mixture; one is drawn per document by weight.")
+    mode_tokens: dict[str, str] = Field(default_factory=lambda: {"R": "[NLU]", "S": "[S2S]", "X": "[NLG]"},
+                                        description="Text prepended to the input per denoiser kind.")
+    sentinel: str = Field(default="<extra_id_{i}>", description="Sentinel text; {i} is the span number.")
+
+
+# ---------------------------------------------------------------------------------------------- mix
+
+
+class Filters(Strict):
     """Per-document filters, applied to the token count of the whole document (prompt included)."""
 
     min_tokens: int | None = Field(default=None, ge=1, description="Drop documents shorter than this.")
     max_tokens: int | None = Field(default=None, ge=1, description="Drop documents longer than this.")
 
 
-class Decontamination(_Strict):
+class Decontamination(Strict):
     """Remove training text that shares word n-grams with evaluation texts (see llmft/data/decontam.py)."""
 
     targets: list[Path] = Field(
@@ -65,7 +94,7 @@ class Decontamination(_Strict):
         return v
 
 
-class Dedup(_Strict):
+class Dedup(Strict):
     """Remove exact and near-duplicate documents (see llmft/data/dedup.py), after decontamination.
 
     Two documents are near-duplicates when the Jaccard similarity of their sets of word shingles
@@ -123,7 +152,7 @@ class Dedup(_Strict):
     examples: int = Field(default=10, ge=0, description="Example pairs in the report (the least similar found).")
 
 
-class TextFilter(_Strict):
+class TextFilter(Strict):
     """One document filter of the mix's ``filters`` list (see llmft/data/filters.py): a score per document, and the
     document is removed when the score is above ``threshold``.
 
@@ -172,7 +201,7 @@ class TextFilter(_Strict):
     examples: int = Field(default=5, ge=0, description="Removed documents shown in the report, per source.")
 
 
-class Reweight(_Strict):
+class Reweight(Strict):
     """Weights that undo the shift the filters cause (see llmft/data/reweight.py): a smooth linear probe predicts
     P(unfiltered | x) from document embeddings, and every kept document gets w = p / (1 - p), clipped and
     normalized to mean 1 over the kept documents of its source. The weights are stored per token (column
@@ -214,7 +243,7 @@ class Reweight(_Strict):
 ENGINE_RESERVED = ("pipeline", "tasks", "workers", "logging_dir", "depends", "skip_completed")  # set by the build
 
 
-class Engine(_Strict):
+class Engine(Strict):
     """Run the per-file stages of the build (read, clean, decontaminate, filter, UL2, tokenize, dedup features) as
     tasks on a datatrove executor: on this machine's cores (``local``) or on a cluster (``slurm``, ``ray``). The
     build then selects, packs and writes as without an engine, with the same rows. Hub sources and ``ni_fewshot``
@@ -234,7 +263,7 @@ class Engine(_Strict):
         "for slurm (its constructor's keyword arguments, except " + ", ".join(ENGINE_RESERVED) + ").")
 
 
-class MixSource(_Strict):
+class MixSource(Strict):
     """One source of the mix and its share of the tokens."""
 
     name: str = Field(min_length=1, description="Short name used in stats and plots (e.g. rp_book).")
@@ -253,7 +282,7 @@ class MixSource(_Strict):
     )
 
 
-class MixRecipe(_Strict):
+class MixRecipe(Strict):
     """A data mix: what ``llmft data build`` turns into packed, shuffled training rows."""
 
     tokenizer: str | None = Field(
@@ -400,11 +429,16 @@ def _filter_checks(f: TextFilter, sources: list[str]) -> list[tuple[tuple, str]]
     return problems
 
 
+def executor_class(name: str) -> type:
+    """The datatrove executor class for ``engine.executor``."""
+    from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+
+    return {"local": LocalPipelineExecutor, "slurm": SlurmPipelineExecutor, "ray": RayPipelineExecutor}[name]
+
+
 def _engine_checks(mix: MixRecipe) -> list[tuple[tuple, str]]:
     """What the engine cannot run yet, and executor options its datatrove executor does not take."""
     import inspect
-
-    from llmft.data.engine import executor_class
 
     problems = []
     if mix.reweight is not None and mix.dedup is not None:
