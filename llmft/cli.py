@@ -44,7 +44,11 @@ def setup_logging() -> None:
 
 
 def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
-    """The numbers a person checks before launching: batch, tokens, RoPE, parameters."""
+    """The numbers a person checks before launching: batch, tokens, RoPE, parameters.
+
+    Raises:
+        RecipeError: the model's config cannot be found (offline, not shipped) to count its parameters.
+    """
     from llmft.model.build import ModelLoadError, architecture_config, parameter_count_from_config
     m = recipe.model
     per_step = recipe.tokens_per_step(world_size)
@@ -186,6 +190,12 @@ def cmd_data_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
+    """``llmft data report``: the keyword-shift report of a built mix (or of a recipe, building it first).
+
+    Raises:
+        RecipeError: --keywords is empty, or --out is missing for a recipe.
+        DataError: the build has no filter statistics, or the mix has no filters.
+    """
     import numpy as np
 
     from llmft.config.data import MixRecipe, load_mix
@@ -279,6 +289,11 @@ def _lengths(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``llmft eval``: the requested evaluations of every --model, or --compare of earlier reports.
+
+    Raises:
+        RecipeError: no evaluation or no model was given, or an option is out of range.
+    """
     from llmft.eval import run as ev
 
     out = Path(args.out)
@@ -330,7 +345,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_passkey(args: argparse.Namespace, out: Path) -> None:
-    """Passkey retrieval for every --model: passkey.json/md/png under OUT (OUT/passkey-<i> for several)."""
+    """Passkey retrieval for every --model: passkey.json/md/png under OUT (OUT/passkey-<i> for several).
+
+    Raises:
+        RecipeError: --depths or --lengths are not what they must be.
+    """
     from llmft.eval import run as ev
     from llmft.eval.passkey import format_passkey_table, run_passkey, write_passkey_report
 
@@ -351,7 +370,11 @@ def _eval_passkey(args: argparse.Namespace, out: Path) -> None:
 
 
 def _eval_helm(args: argparse.Namespace, out: Path) -> None:
-    """HELM core scenarios for every --model: helm.json and helm.md under OUT (OUT/helm-<i> for several)."""
+    """HELM core scenarios for every --model: helm.json and helm.md under OUT (OUT/helm-<i> for several).
+
+    Raises:
+        RecipeError: --helm-trials is below 1, a scenario is unknown or its data is missing.
+    """
     from llmft.eval import run as ev
     from llmft.eval.helm import format_helm_table, run_helm, write_helm_report
 
@@ -372,6 +395,11 @@ def _eval_helm(args: argparse.Namespace, out: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``llmft report``: learning curves and a fit diagnosis of a run directory.
+
+    Raises:
+        RecipeError: the run directory has no metrics to plot.
+    """
     from llmft.eval.curves import write_report
 
     try:
@@ -384,7 +412,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Print the memory estimate per device; exit 1 when --gpu-mem is given and it does not fit."""
+    """Print the memory estimate per device; exit 1 when --gpu-mem is given and it does not fit.
+
+    Raises:
+        RecipeError: --gpus or --gpu-mem is invalid, or the recipe is.
+    """
     from llmft.plan import estimate_memory, parse_bytes
 
     if args.gpus < 1:

@@ -394,7 +394,11 @@ def _cluster_candidates(faiss, emb: np.ndarray, num_clusters: int, clusterings: 
 
 
 def embed_documents(embedder: str, texts: Sequence[str], shingles: Sequence[np.ndarray]) -> np.ndarray:
-    """(n, d) L2-normalized float32 vectors of the documents, by ``Dedup.embedder``."""
+    """(n, d) L2-normalized float32 vectors of the documents, by ``Dedup.embedder``.
+
+    Raises:
+        DataError: a custom embedder fails to load or returns the wrong shape.
+    """
     fn = load_embedder(embedder)
     if fn is None:
         return hashed_embedding(shingles)
@@ -526,6 +530,7 @@ class DedupIndex:
         Raises:
             DataError: a custom embedder fails to load or returns the wrong shape.
             OSError: the spill files cannot be written.
+            ValueError: ``texts`` is missing with a custom embedder.
         """
         n = len(feats.n_words)
         if n == 0:

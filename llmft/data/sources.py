@@ -181,7 +181,12 @@ def _archive_failure(e: BaseException, kind: str) -> str | None:
 
 
 def _read_bytes(path: Path, on_error: str, report: SourceReport) -> bytes | None:
-    """The whole (decompressed) file, or None after reporting a truncated/corrupt archive."""
+    """The whole (decompressed) file, or None after reporting a truncated/corrupt archive.
+
+    Raises:
+        OSError: the file cannot be read for another reason (permissions, I/O): re-raised as is.
+        SourceError: a truncated/corrupt archive under ``on_error="stop"``.
+    """  # noqa: DOC501 (a re-raise names what the except clause catches)
     kind = _compression(path)
     try:
         with _open_binary(path, kind) as f:
@@ -239,7 +244,11 @@ def _json_lines(path: Path, on_error: str, report: SourceReport) -> Iterator[tup
     Blank lines are skipped silently. Malformed JSON, non-UTF-8 bytes, a non-object line, a line longer than
     ``MAX_RECORD_BYTES`` and a truncated or corrupt archive are reported; a truncated archive is reported at the
     line that was cut off.
-    """
+
+    Raises:
+        OSError: the file cannot be read for another reason (permissions, I/O): re-raised as is.
+        SourceError: a bad record under ``on_error="stop"``.
+    """  # noqa: DOC501 (a re-raise names what the except clause catches)
     kind = _compression(path)
     lineno = 0
     try:

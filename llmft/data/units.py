@@ -66,7 +66,11 @@ class UnitSpill:
         self.tokens += len(tokens)
 
     def set_weights(self, weights: np.ndarray) -> None:
-        """Every unit's reweighting weight ((units,), in order): known only once the whole source is read."""
+        """Every unit's reweighting weight ((units,), in order): known only once the whole source is read.
+
+        Raises:
+            ValueError: not one weight per unit.
+        """
         if len(weights) != len(self):
             raise ValueError(f"{len(weights)} weights for {len(self)} units")
         self.weights = array("f")
@@ -196,7 +200,11 @@ class ArraySpill:
         return np.diff(np.frombuffer(self.offsets, np.int64))
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """Array ``i`` (what was written is flushed first: reads and appends may alternate)."""
+        """Array ``i`` (what was written is flushed first: reads and appends may alternate).
+
+        Raises:
+            OSError: the spill file is shorter than what was written to it.
+        """
         if self._dirty:
             self._out.flush()
             self._dirty = False
@@ -209,7 +217,11 @@ class ArraySpill:
         return out
 
     def span(self, first: int, last: int) -> np.ndarray:
-        """Arrays ``first`` to ``last - 1`` concatenated, in one read (their lengths: :meth:`lengths`)."""
+        """Arrays ``first`` to ``last - 1`` concatenated, in one read (their lengths: :meth:`lengths`).
+
+        Raises:
+            OSError: the spill file is shorter than what was written to it.
+        """
         if self._dirty:
             self._out.flush()
             self._dirty = False

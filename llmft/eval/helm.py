@@ -211,7 +211,7 @@ def _hub_rows(spec: ScenarioSpec, root: Path, stem: str, path: Path, subset: str
 
     Raises:
         HelmDataError: no hub split stands for the file, or it cannot be loaded; one message naming the local path.
-    """
+    """  # noqa: DOC501 (raises what _missing builds)
     hub = spec.hf_dataset
     if hub is None or stem not in hub.splits:
         raise _missing(spec, path)

@@ -321,7 +321,11 @@ def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: P
 
 def _shared_config(dirs: list[Path]) -> PretrainedConfig:
     """The first adapter's RoPE-scaled ``config.json``, once every stacked adapter is known to share its RoPE
-    parameters and max length (deltas trained at different position scalings do not add up to a model)."""
+    parameters and max length (deltas trained at different position scalings do not add up to a model).
+
+    Raises:
+        ModelLoadError: two adapters were trained with different RoPE settings.
+    """
     configs = [AutoConfig.from_pretrained(d) for d in dirs]
     for other, config in zip(dirs[1:], configs[1:]):
         diffs = [f"{key} {getattr(configs[0], key, None)} vs {getattr(config, key, None)}"
@@ -344,6 +348,9 @@ def _stack_adapters(model: PreTrainedModel, base: str, dirs: list[Path], weights
     PEFT only ever sees the LoRA part of each adapter: loaded whole, the copies of the extra modules would go to
     PEFT's ``modules_to_save`` wrappers, which ``add_weighted_adapter`` refuses to combine. The copies (and any
     trained bias, which PEFT would load into the shared base layer) are read here as differences to ``W0``.
+
+    Raises:
+        ModelLoadError: an adapter has no weights, is not plain LoRA, or does not fit the base.
     """
     names = [f"adapter{i}" for i in range(len(dirs))]
     base_state = model.state_dict()  # W0, not modified until the final merge

@@ -103,6 +103,11 @@ class PlainEngine:
                    state_dir / "scheduler.pt")
 
     def load(self, state_dir: Path) -> None:
+        """Load the model (the trainable parameters only, for adapters), optimizer and scheduler states.
+
+        Raises:
+            RuntimeError: the checkpoint's parameters are not the model's.
+        """
         if self.frozen:  # exactly the trainable parameters, bit for bit
             saved = safetensors.torch.load_file(str(state_dir / "model.safetensors"), device=str(self.device))
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -253,8 +258,12 @@ class DeepSpeedEngine:
                                     exclude_frozen_parameters=self.frozen)
 
     def load(self, state_dir: Path) -> None:
-        """Raises:
-            CheckpointError: a file of the DeepSpeed checkpoint would run code when unpickled."""
+        """Load a DeepSpeed checkpoint (model, optimizer and scheduler states) from ``state_dir/deepspeed``.
+
+        Raises:
+            CheckpointError: a file of the DeepSpeed checkpoint would run code when unpickled.
+            RuntimeError: DeepSpeed finds no checkpoint there.
+        """
         check_deepspeed_pickles(state_dir / "deepspeed")
         path, _ = self.engine.load_checkpoint(str(state_dir), tag="deepspeed", load_optimizer_states=True,
                                               load_lr_scheduler_states=True, load_module_strict=not self.frozen)

@@ -57,7 +57,11 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     """Train as the recipe says; resume from the newest complete checkpoint in ``checkpoint.dir`` if any.
 
     Raises:
-        ModelLoadError, DataError: problems the user must fix (the launcher prints them as one line).
+        ModelLoadError: the model cannot be loaded (the launcher prints it as one line, exit 2).
+        DataError: the data cannot be read or built, or a resume changes the number of ranks (exit 2).
+        RecipeError: a built data directory or mix does not match the model (exit 2).
+        Preempted: a stop signal arrived; a checkpoint was written (exit 143, resumable).
+        Diverged: too many non-finite steps in a row (exit 3, last good state saved).
     """
     # ---- processes and seeds --------------------------------------------------------------------------
     distributed = launched_by_deepspeed()
@@ -381,7 +385,8 @@ def _save_checkpoint(engine, built, recipe: Recipe, run_dir: Path, progress: dic
     Raises:
         CheckpointError: a write failed (e.g. no space left); the staging directory is removed and the earlier
             checkpoints are untouched.
-    """
+        RuntimeError: a failure that is not an I/O error (re-raised as is).
+    """  # noqa: DOC501 (a re-raise names what the except clause catches)
     step = progress["step"]
     tmp = run_dir / "checkpoints" / f".tmp-{ckpt.step_dir_name(step)}"
     try:
