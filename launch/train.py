@@ -6,7 +6,8 @@ under the DeepSpeed launcher). Resumes from the newest complete checkpoint unles
 import argparse
 import sys
 
-from llmft.cli import add_train_args, cmd_train, parse_args, run, setup_logging
+from llmft.cli import parse_args, run, setup_logging
+from llmft.cli.train import add_train_args, cmd_train
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__)

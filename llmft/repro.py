@@ -31,7 +31,6 @@ import json
 import math
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -551,11 +550,3 @@ def write_outputs(results: dict, out: Path, doc: Path | None) -> None:
         if md.is_file() and MARKER in md.read_text():
             kept = md.read_text().split(MARKER, 1)[1].lstrip("\n")
         md.write_text(markdown(results, ppl_png.name, pk_png.name, pos_png.name) + ("\n" + kept if kept else ""))
-
-
-def main_pi(args) -> int:
-    """CLI entry: ``llmft repro pi``."""
-    command = "llmft repro pi " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "pi"] else None
-    run_pi(Path(args.out), fast=args.fast, seed=args.seed, books=args.books, fresh=args.fresh, doc=args.doc,
-           command=command)
-    return 0

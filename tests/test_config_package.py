@@ -12,9 +12,9 @@ import sys
 import pytest
 from conftest import REPO, tiny_recipe, write_recipe
 
-from llmft.cli import derived_numbers
 from llmft.config import load_recipe
 from llmft.config.recipe import attention_kernel
+from llmft.summary import derived_numbers
 
 CONFIG = REPO / "llmft" / "config"
 

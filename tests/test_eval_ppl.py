@@ -148,6 +148,32 @@ def test_cli_reports_short_books_writes_json_markdown_plot_and_compares(tiny_mod
     assert f"{100 * (b / a - 1):+.2f}%" in table
 
 
+def test_one_eval_loads_each_model_once_for_every_evaluation(tiny_model, books_dir, tmp_path, monkeypatch, capsys):
+    # the real loader, counted: perplexity and passkey for two models take two loads, not four
+    from llmft.eval import run as ev
+
+    loads, real = [], ev.load_eval_model
+    monkeypatch.setattr(ev, "load_eval_model", lambda name, *a, **k: loads.append(name) or real(name, *a, **k))
+    sharper = tmp_path / "sharper"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    model.save_pretrained(sharper)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(sharper)
+    out = tmp_path / "eval"
+    assert main(["eval", "--ppl", "pg19", "--passkey", "--model", str(tiny_model), "--model", str(sharper),
+                 "--data", str(books_dir), "--lengths", "64,128", "--depths", "0,1", "--trials", "2",
+                 "--out", str(out)]) == 0
+    assert loads == [str(tiny_model), str(sharper)]
+    report = json.loads((out / "ppl.json").read_text())["models"]
+    assert sorted(report) == sorted([str(tiny_model), str(sharper)])
+    for i, name in enumerate((tiny_model, sharper)):
+        pk = json.loads((out / f"passkey-{i}" / "passkey.json").read_text())
+        assert pk["model"] == str(name) and pk["lengths"] == [64, 128]
+    printed = capsys.readouterr().out
+    assert printed.count("# passkey retrieval:") == 2 and "| context |" in printed
+
+
 def test_cli_errors_exit_2(tiny_model, books_dir, tmp_path, capsys):
     assert main(["eval", "--ppl", "pg19", "--model", str(tmp_path / "nope"), "--data", str(books_dir)]) == 2
     assert "cannot load model" in capsys.readouterr().err

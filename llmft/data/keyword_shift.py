@@ -128,3 +128,44 @@ def write_shift_report(report: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "keyword_shift.png")
     plt.close(fig)
+
+
+def keyword_report(target: Path, keywords: list[str], out: Path | None = None,
+                   overrides: list[str] | None = None) -> tuple[dict, Path]:
+    """The keyword-shift report of a built mix (its ``stats.json`` holds the resolved recipe; the sources are read
+    again) or of a data recipe, written under ``out`` (default: the built directory).
+
+    Returns:
+        (the report, where it was written).
+
+    Raises:
+        RecipeError: ``out`` is missing for a recipe.
+        DataError: the build has no recipe in its stats, or the mix has no filters.
+    """
+    from llmft.config import RecipeError
+    from llmft.config.data import MixRecipe, load_mix
+    from llmft.data.build import curate_recipe
+    from llmft.data.sources import DataError
+
+    if target.is_dir():
+        stats_file = target / "stats.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        if "mix" not in stats:
+            raise DataError(f"{target}: no stats.json with the recipe (built before filters existed?); rebuild it or "
+                            "pass the data recipe")
+        mix, out = MixRecipe.model_validate(stats["mix"]), Path(out or target)
+    else:
+        if out is None:
+            raise RecipeError([f"{target}: --out is required when reporting on a recipe (where to write the report)"])
+        mix = load_mix(target, overrides or [])
+    if not mix.filters:
+        raise DataError(f"{target}: the mix has no filters, so nothing shifted; add a filters section")
+    curated = curate_recipe(mix)
+    texts = [t for c in curated.values() for t in c.texts]
+    keep = np.concatenate([c.keep for c in curated.values()])
+    weights = None if mix.reweight is None else np.concatenate([c.weights for c in curated.values()])
+    report = keyword_shift(texts, keep, weights, keywords)
+    report["by_source"] = {n: keyword_shift(c.texts, c.keep, c.weights, keywords)["keywords"]
+                           for n, c in curated.items()}
+    write_shift_report(report, out)
+    return report, out

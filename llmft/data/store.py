@@ -281,3 +281,25 @@ class RowStore:
         rows = PackedRows(full["input_ids"], full["labels"], full["position_ids"], self.mode, self.index["real_tokens"],
                           self.index["dropped_tokens"], self.index["split_examples"])
         return rows, full.get("weight")
+
+
+def describe_rows(rows, tokenizer, n: int, chars: int) -> list[str]:
+    """The first ``n`` rows decoded, one block per row, with each segment's span and trained-token count marked and
+    its text cut to ``chars`` characters (``llmft data inspect``)."""
+    import torch
+
+    blocks = []
+    for r in range(min(n, len(rows))):
+        row = rows.batch([r])
+        pos, ids_row, labels_row = row["position_ids"][0], row["input_ids"][0], row["labels"][0]
+        # a segment starts where position ids restart (isolated) or at a BOS token (a document, in concat rows)
+        is_start = (pos == 0) | (ids_row == tokenizer.bos_token_id if tokenizer.bos_token_id is not None else False)
+        starts = torch.nonzero(is_start).flatten().tolist() + [len(pos)]
+        pieces = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            ids, labels = ids_row[a:b], labels_row[a:b]
+            trained = tokenizer.decode(ids[labels != IGNORE])
+            pieces.append(f"<<segment {a}:{b}, {int((labels != IGNORE).sum())} tokens trained>> "
+                          + tokenizer.decode(ids)[:chars] + ("" if len(trained) else " <<context only>>"))
+        blocks.append(f"===== row {r} ({rows.mode}) =====\n" + "\n".join(pieces))
+    return blocks

@@ -12,6 +12,7 @@ config.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,38 +60,102 @@ def max_context(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def run_ppl(models: list[str], data: str, lengths: list[int], mode: str, stride: int, max_docs: int | None,
-            out: Path, dtype: str = "float32", device: str = "cpu", wandb_project: str | None = None,
-            wandb_mode: str = "offline", attention: str = "sdpa") -> dict:
-    """Perplexity per byte of every model on the same books; writes ppl.json/md/png under ``out``.
+@dataclass(frozen=True)
+class PplRequest:
+    """Perplexity per byte on PG-19-shaped books (``llmft eval --ppl``)."""
+
+    data: str
+    lengths: list[int]
+    mode: str = "windows"
+    stride: int = 256
+    max_docs: int | None = None
+
+
+@dataclass(frozen=True)
+class PasskeyRequest:
+    """Passkey retrieval over lengths x depths (``llmft eval --passkey``)."""
+
+    lengths: list[int]
+    depths: list[float]
+    trials: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HelmRequest:
+    """HELM core scenarios (``llmft eval --helm``)."""
+
+    scenarios: list[str]
+    data_dir: Path
+    max_instances: int | None = None
+    seed: int = 0
+    trials: int = 3
+
+
+@dataclass
+class EvalResults:
+    """What :func:`evaluate` measured and wrote: per evaluation, per model, the results and the report paths."""
+
+    passkey: dict[str, tuple[dict, dict[str, Path]]] = field(default_factory=dict)  # model: (results, paths)
+    helm: dict[str, tuple[dict, tuple[Path, Path]]] = field(default_factory=dict)  # model: (results, (json, md))
+    ppl: dict | None = None  # {model: {length: result}}
+    ppl_paths: dict[str, Path] | None = None
+
+
+def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, passkey: PasskeyRequest | None = None,
+             helm: HelmRequest | None = None, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa",
+             wandb_project: str | None = None, wandb_mode: str = "offline") -> EvalResults:
+    """Load each model once and run every requested evaluation on it; write the reports under ``out``.
+
+    Passkey and HELM reports go to ``out`` for one model and ``out/passkey-<i>``, ``out/helm-<i>`` for several; the
+    perplexity report (ppl.json/md/png) compares all models in ``out``. Books are tokenized again only for a model
+    with another tokenizer.
 
     Raises:
         ModelLoadError: a model cannot be loaded.
         llmft.data.sources.SourceError: the books cannot be read.
+        HelmDataError: a HELM scenario's data file is missing.
+        ValueError: an unknown HELM scenario, or a request out of range.
     """
-    from llmft.eval.pg19 import evaluate_ppl, load_books
-    from llmft.eval.report import write_ppl_report
+    from llmft.eval.passkey import run_passkey, write_passkey_report
 
-    results, books, tok_vocab = {}, None, None
-    for name in models:
+    results = EvalResults()
+    ppl_results, books, tok_vocab = {}, None, None
+    for i, name in enumerate(models):
         model, tokenizer = load_eval_model(name, dtype, device, attention)
-        if books is None or tokenizer.get_vocab() != tok_vocab:  # re-tokenize only for another tokenizer
-            books = load_books(data, tokenizer, max_docs)
-            tok_vocab = tokenizer.get_vocab()
-        limit = max_context(model)
-        beyond = [n for n in lengths if limit is not None and n > limit]
-        if beyond:
-            log.warning("%s: lengths %s exceed its max_position_embeddings %d (scored anyway: that is what a "
-                        "context-extension comparison measures)", name, beyond, limit)
-        log.info("%s: %d books, %s tokens", name, len(books), f"{sum(len(b.ids) for b in books):,}")
-        results[name] = evaluate_ppl(model, books, lengths, mode, stride, device)
+        if passkey is not None:
+            r = run_passkey(model, tokenizer, passkey.lengths, passkey.depths, passkey.trials, passkey.seed, device,
+                            model_name=name)
+            results.passkey[name] = (r, write_passkey_report(r, out if len(models) == 1 else out / f"passkey-{i}"))
+        if helm is not None:
+            from llmft.eval.helm import run_helm, write_helm_report
+
+            r = run_helm(model, tokenizer, helm.scenarios, helm.data_dir, helm.max_instances, helm.seed,
+                         trials=helm.trials)
+            results.helm[name] = (r, write_helm_report(r, out if len(models) == 1 else out / f"helm-{i}"))
+        if ppl is not None:
+            from llmft.eval.pg19 import evaluate_ppl, load_books
+
+            if books is None or tokenizer.get_vocab() != tok_vocab:  # re-tokenize only for another tokenizer
+                books = load_books(ppl.data, tokenizer, ppl.max_docs)
+                tok_vocab = tokenizer.get_vocab()
+            limit = max_context(model)
+            beyond = [n for n in ppl.lengths if limit is not None and n > limit]
+            if beyond:
+                log.warning("%s: lengths %s exceed its max_position_embeddings %d (scored anyway: that is what a "
+                            "context-extension comparison measures)", name, beyond, limit)
+            log.info("%s: %d books, %s tokens", name, len(books), f"{sum(len(b.ids) for b in books):,}")
+            ppl_results[name] = evaluate_ppl(model, books, ppl.lengths, ppl.mode, ppl.stride, device)
         del model
-    protocol = {"data": str(data), "mode": mode, "stride": stride if mode == "sliding" else None,
-                "lengths": sorted(lengths), "max_docs": max_docs}
-    paths = write_ppl_report(results, protocol, out)
-    if wandb_project:
-        _log_wandb(results, protocol, wandb_project, wandb_mode, out)
-    return {"results": results, "paths": paths}
+    if ppl is not None:
+        from llmft.eval.report import write_ppl_report
+
+        protocol = {"data": str(ppl.data), "mode": ppl.mode, "stride": ppl.stride if ppl.mode == "sliding" else None,
+                    "lengths": sorted(ppl.lengths), "max_docs": ppl.max_docs}
+        results.ppl, results.ppl_paths = ppl_results, write_ppl_report(ppl_results, protocol, out)
+        if wandb_project:
+            _log_wandb(ppl_results, protocol, wandb_project, wandb_mode, out)
+    return results
 
 
 def _log_wandb(results: dict, protocol: dict, project: str, mode: str, out: Path) -> None:

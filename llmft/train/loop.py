@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from llmft.config import Recipe, RecipeError, recipe_to_yaml
+from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from llmft.data.loader import PackedLoader
 from llmft.data.sources import DataError
 from llmft.eval.ppl import perplexity_by_length
@@ -424,3 +424,20 @@ def _write_checkpoint(engine, built, recipe: Recipe, run_dir: Path, progress: di
     if rank == 0:
         ckpt.publish(tmp, step, recipe.checkpoint.keep_last)
     engine.barrier()
+
+
+def train_recipe(recipe_path: str | Path, overrides: list[str] | None = None, resume: bool = True) -> TrainResult:
+    """Train the recipe file, first training the recipe named by ``model.produced_by`` when its output is missing.
+
+    Raises:
+        RecipeError: the recipe is invalid, or its producer did not write ``model.name``.
+    """
+    recipe = load_recipe(recipe_path, overrides or [])
+    m = recipe.model
+    if m.produced_by is not None and not Path(m.name).is_dir():
+        log.info("%s does not exist yet: training %s first", m.name, m.produced_by)
+        result = train(load_recipe(m.produced_by), resume=True)
+        if not Path(m.name).is_dir():
+            raise RecipeError([f"{recipe_path}: model.name: {m.produced_by} wrote {result.final_dir}, not "
+                               f"{m.name}. Fix: set model.name: {result.final_dir}"])
+    return train(recipe, resume=resume)

@@ -1,0 +1,183 @@
+"""``llmft eval`` (perplexity per byte, passkey, HELM core, comparing reports) and ``llmft report`` (a run's
+learning curves and fit diagnosis)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from llmft.config import RecipeError
+
+
+def register(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length, passkey "
+                        "retrieval, HELM core scenarios; compare earlier reports")
+    ev.add_argument("--model", action="append", default=[], metavar="MODEL",
+                    help="a checkpoint directory, hub id or llmft adapter directory; repeat to compare models")
+    ev.add_argument("--ppl", choices=["pg19"], default=None, help="perplexity per byte (and token perplexity)")
+    ev.add_argument("--data", default="deepmind/pg19",
+                    help="PG-19 books: a directory of <id>.txt, HF-layout jsonl/parquet, or a datasets id (test "
+                    "split); default deepmind/pg19")
+    ev.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="comma-separated context lengths")
+    ev.add_argument("--mode", choices=["windows", "sliding"], default="windows",
+                    help="non-overlapping windows, or sliding windows scoring only the new tokens (PI/YaRN)")
+    ev.add_argument("--stride", type=int, default=256, help="sliding-window stride in tokens")
+    ev.add_argument("--max-docs", type=int, default=None, help="at most this many books")
+    ev.add_argument("--passkey", action="store_true", help="passkey retrieval over --lengths x --depths")
+    ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: comma-separated key depths in [0, 1]")
+    ev.add_argument("--trials", type=int, default=10, help="passkey: random keys per (length, depth) cell")
+    ev.add_argument("--helm", default=None, metavar="SCENARIOS",
+                    help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
+                    "suite in llmft/eval/helm_core.yaml")
+    ev.add_argument("--helm-data", default="data/helm", help="directory with the scenarios' files (see docs/eval.md)")
+    ev.add_argument("--max-instances", type=int, default=None, help="HELM: at most this many eval instances each")
+    ev.add_argument("--helm-trials", type=int, default=3, metavar="N",
+                    help="HELM: in-context example draws per scenario (train trials; trial t draws with seed + t), "
+                    "scores averaged over them; 3 as in HELM v1.0, zero-shot scenarios run 1")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed for passkey keys, the HELM instance sample and in-context examples (HELM trial t: "
+                    "seed + t)")
+    ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
+                    help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
+    ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ev.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
+                    help="attention kernel; auto: flash_attention_2 on CUDA with flash-attn and a 16-bit --dtype, "
+                    "else sdpa (flash_attention_2 with --dtype float32 is refused: flash-attn takes only bf16/fp16)")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--wandb-project", default=None, help="also log to this wandb project")
+    ev.add_argument("--wandb-mode", choices=["online", "offline"], default="offline")
+    ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="plot a run's training and validation loss and diagnose it (underfitting, "
+                        "overfitting or well fit)")
+    rp.add_argument("run_dir", help="the run directory (checkpoint.dir of the recipe)")
+    rp.add_argument("--window", type=int, default=3, help="evaluations the rules look back over")
+    rp.add_argument("--tol", type=float, default=0.01, help="relative change of the validation loss that counts")
+    rp.set_defaults(func=cmd_report)
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError([f"--lengths: got {text!r}; expected comma-separated token counts, e.g. 2048,4096"]) from None
+    if not lengths or min(lengths) < 2:
+        raise RecipeError([f"--lengths: got {text!r}; every length must be at least 2 tokens"])
+    return lengths
+
+
+def _requests(args: argparse.Namespace):
+    """(ppl, passkey, helm) requests from the arguments, each None when not asked for; checked before any model
+    is loaded.
+
+    Raises:
+        RecipeError: an option is out of range, or a HELM scenario is unknown.
+    """
+    from llmft.eval.run import HelmRequest, PasskeyRequest, PplRequest
+
+    ppl = passkey = helm = None
+    if args.ppl is not None or args.passkey:
+        lengths = _lengths(args.lengths)
+    if args.passkey:
+        try:
+            depths = [float(d) for d in args.depths.split(",") if d.strip()]
+        except ValueError:
+            raise RecipeError([f"--depths: got {args.depths!r}; expected fractions in [0, 1], e.g. 0,0.5,1"]) from None
+        if not depths or not all(0 <= d <= 1 for d in depths):
+            raise RecipeError([f"--depths: got {args.depths!r}; every depth must be in [0, 1]"])
+        passkey = PasskeyRequest(lengths, depths, args.trials, args.seed)
+    if args.helm is not None:
+        from llmft.eval.helm import DEFAULT_SUITE, load_helm_suite, select_scenarios
+
+        if args.helm_trials < 1:
+            raise RecipeError([f"--helm-trials: got {args.helm_trials}; expected at least 1 (HELM v1.0 ran 3)"])
+        names = [n.strip() for n in args.helm.split(",") if n.strip()]
+        try:
+            select_scenarios(load_helm_suite(DEFAULT_SUITE), names)
+        except ValueError as e:
+            raise RecipeError([f"--helm: {e}"]) from None
+        helm = HelmRequest(names, Path(args.helm_data), args.max_instances, args.seed, args.helm_trials)
+    if args.ppl is not None:
+        if args.mode == "sliding" and min(lengths) <= args.stride:
+            raise RecipeError([f"--stride {args.stride} must be below every length (got {min(lengths)}): each window "
+                               "keeps length - stride tokens of context. Fix: lower --stride or drop that length"])
+        ppl = PplRequest(args.data, lengths, args.mode, args.stride, args.max_docs)
+    return ppl, passkey, helm
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``llmft eval``: the requested evaluations of every --model (each loaded once), or --compare of reports.
+
+    Raises:
+        RecipeError: no evaluation or no model was given, an option is out of range, or the data is missing.
+    """
+    from llmft.eval import run as ev
+
+    out = Path(args.out)
+    if args.compare:
+        from llmft.eval.report import compare_reports
+
+        try:
+            paths = compare_reports([Path(p) for p in args.compare], out)
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError([f"--compare: {e}"]) from None
+        print(paths["table"])
+        print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
+        return 0
+    if args.ppl is None and args.helm is None and not args.passkey:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --helm SCENARIOS) or --compare "
+                           "REPORT..."])
+    if not args.model:
+        raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
+    ppl, passkey, helm = _requests(args)
+    from llmft.data.sources import SourceError
+    from llmft.model.build import resolve_attention
+
+    # flash-attn computes only in bf16/fp16: the kernel follows --dtype (auto: sdpa in float32)
+    attention, reason = resolve_attention(args.attention, {"float32": "fp32", "bfloat16": "bf16",
+                                                           "float16": "fp16"}[args.dtype])
+    logging.getLogger("llmft").info("attention: %s (%s)", attention, reason)
+    try:
+        results = ev.evaluate(args.model, out, ppl=ppl, passkey=passkey, helm=helm, dtype=args.dtype,
+                              device=args.device or ev.device_default(), attention=attention,
+                              wandb_project=args.wandb_project, wandb_mode=args.wandb_mode)
+    except (SourceError, FileNotFoundError, ValueError) as e:  # books or a scenario's file missing: what to fix
+        raise RecipeError([f"llmft eval: {e}"]) from None
+    _print(results)
+    return 0
+
+
+def _print(results) -> None:
+    from llmft.eval.helm import format_helm_table
+    from llmft.eval.passkey import format_passkey_table
+    from llmft.eval.report import format_ppl_table
+
+    for name, (r, paths) in results.passkey.items():
+        print(f"# passkey retrieval: {name}\n" + format_passkey_table(r))
+        print(f"[llmft] passkey report written to {', '.join(str(p) for p in paths.values())}")
+    for name, (r, (json_path, md_path)) in results.helm.items():
+        print(f"# HELM core: {name}\n" + format_helm_table(r))
+        print(f"[llmft] HELM report written to {md_path} and {json_path}")
+    if results.ppl is not None:
+        print(format_ppl_table(results.ppl))
+        paths = results.ppl_paths
+        print(f"[llmft] report written to {paths['markdown']}, {paths['json']} and {paths['plot']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``llmft report``: learning curves and a fit diagnosis of a run directory.
+
+    Raises:
+        RecipeError: the run directory has no metrics to plot.
+    """
+    from llmft.eval.curves import write_report
+
+    try:
+        r = write_report(Path(args.run_dir), args.window, args.tol)
+    except FileNotFoundError as e:
+        raise RecipeError([str(e)]) from None
+    print(f"[llmft] {args.run_dir}: {r['verdict']}\n[llmft]   rule: {r['rule']}\n[llmft]   suggestion: "
+          f"{r['suggestion']}\n[llmft] report written to {r['markdown']} and {r['plot']}")
+    return 0

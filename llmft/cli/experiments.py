@@ -1,0 +1,46 @@
+"""``llmft quickstart`` and ``llmft repro pi``: the offline CPU demo and the tiny-scale reproduction of a paper."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quickstart", help="offline CPU demo: pre-train a tiny base, extend it x8 with PI, "
+                       "print perplexity by context length before and after")
+    q.add_argument("--out", default="runs/quickstart", help="output directory")
+    q.add_argument("--steps-scale", type=float, default=1.0, help="scale the number of training steps")
+    q.set_defaults(func=cmd_quickstart)
+
+    rp = sub.add_parser("repro", help="reproduce a published result at tiny scale (offline, CPU)")
+    rpsub = rp.add_subparsers(dest="repro_command", required=True, metavar="EXPERIMENT")
+    pi = rpsub.add_parser("pi", help="Position Interpolation: pre-train at C, extend x8 with PI / none / YaRN / "
+                          "dynamic NTK, perplexity at C..8C and passkey; writes a PI-paper-shaped table and plots")
+    pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
+    pi.add_argument("--fast", action="store_true", help="the ~2-minute CI-sized version")
+    pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
+    pi.add_argument("--books", type=Path, default=None,
+                    help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "
+                    "(default: the two bundled books)")
+    pi.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
+    pi.add_argument("--doc", type=Path, default=None,
+                    help="also write the markdown and PNGs here (e.g. docs/results/pi_tiny.md)")
+    pi.set_defaults(func=cmd_repro_pi)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from llmft.quickstart import quickstart
+
+    quickstart(Path(args.out), steps_scale=args.steps_scale)
+    return 0
+
+
+def cmd_repro_pi(args: argparse.Namespace) -> int:
+    from llmft.repro import run_pi
+
+    command = "llmft repro pi " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "pi"] else None
+    run_pi(Path(args.out), fast=args.fast, seed=args.seed, books=args.books, fresh=args.fresh, doc=args.doc,
+           command=command)
+    return 0
