@@ -428,7 +428,7 @@ def test_spec_validation_messages(tmp_path):
 def test_a_huge_line_is_reported_and_skipped_without_losing_the_rest(tmp_path, monkeypatch):
     import llmft.data.sources as sources
 
-    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 1000)
+    monkeypatch.setattr(sources.files, "MAX_RECORD_BYTES", 1000)
     path = tmp_path / "huge.jsonl"
     huge = json.dumps({"text": "x" * 5000}).encode()
     path.write_bytes(b'{"text": "before"}\n' + huge + b'\n{"text": "after"}\n' + b"y" * 3000)  # no final newline
@@ -436,6 +436,6 @@ def test_a_huge_line_is_reported_and_skipped_without_losing_the_rest(tmp_path, m
     assert [d.text for d in docs] == ["before", "after"] and [d.where for d in docs] == [f"{path}:1", f"{path}:3"]
     assert report.bad_records == 2
     assert report.examples == [f"{path}:2: line longer than 1,000 bytes (a damaged file, or raise "
-                               "llmft.data.sources.MAX_RECORD_BYTES)",
+                               "llmft.data.sources.files.MAX_RECORD_BYTES)",
                                f"{path}:4: line longer than 1,000 bytes (a damaged file, or raise "
-                               "llmft.data.sources.MAX_RECORD_BYTES)"]
+                               "llmft.data.sources.files.MAX_RECORD_BYTES)"]
