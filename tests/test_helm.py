@@ -25,7 +25,6 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.config import RecipeError
-from llmft.eval import helm_metrics as hm
 from llmft.eval.helm import (
     DEFAULT_SUITE,
     HelmDataError,
@@ -42,6 +41,7 @@ from llmft.eval.helm import (
     select_scenarios,
     write_helm_report,
 )
+from llmft.eval.helm import metrics as hm
 
 DATA = Path(__file__).resolve().parent / "data" / "helm"
 
@@ -565,7 +565,7 @@ def test_train_trials_draw_helm_examples_on_the_same_instances(tiny_long):
 def test_trial_scores_are_averaged_and_their_spread_reported(tiny_long, monkeypatch):
     """With an instance score that depends on the trial's examples (the share of examples whose answer is the
     instance's), the reported score is the mean of the per-trial scores computed here and the ± is their spread."""
-    import llmft.eval.helm as helm
+    import llmft.eval.helm.runner as helm
 
     def score_by_examples(spec, model, tokenizer, instructions, train_blocks, inst, max_length, counters):
         share = sum(b.endswith(f"Answer: {inst.golds[0]}\n") for b in train_blocks) / max(len(train_blocks), 1)

@@ -29,7 +29,7 @@ def test_a_wheel_ships_the_helm_suite_and_the_assets(tmp_path):
                     str(src)], check=True, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("llmft-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "llmft/eval/helm_core.yaml" in names
+    assert "llmft/eval/helm/core.yaml" in names
     assert "llmft/assets/tiny-llama/tokenizer.json" in names and "llmft/assets/frankenstein.txt.gz" in names
 
     # installed apart from the repository and run from elsewhere: the default suite resolves inside the install

@@ -29,7 +29,7 @@ def register(sub) -> None:
     ev.add_argument("--trials", type=int, default=10, help="passkey: random keys per (length, depth) cell")
     ev.add_argument("--helm", default=None, metavar="SCENARIOS",
                     help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
-                    "suite in llmft/eval/helm_core.yaml")
+                    "suite in llmft/eval/helm/core.yaml")
     ev.add_argument("--helm-data", default="data/helm", help="directory with the scenarios' files (see docs/eval.md)")
     ev.add_argument("--max-instances", type=int, default=None, help="HELM: at most this many eval instances each")
     ev.add_argument("--helm-trials", type=int, default=3, metavar="N",

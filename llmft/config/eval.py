@@ -1,4 +1,4 @@
-"""The schema of a HELM suite file (``llmft/eval/helm_core.yaml``, or a user's): its scenarios, where their data
+"""The schema of a HELM suite file (``llmft/eval/helm/core.yaml``, or a user's): its scenarios, where their data
 is, HELM's adapter settings and each scenario's main metric. ``llmft/eval/helm.py`` loads and runs it."""
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class ScenarioSpec(Strict):
 
 
 class HelmSuite(Strict):
-    """A suite file (``llmft/eval/helm_core.yaml``, or a user's): a list of scenarios."""
+    """A suite file (``llmft/eval/helm/core.yaml``, or a user's): a list of scenarios."""
 
     description: str = Field(description="What the suite is and where its settings come from.")
     scenarios: list[ScenarioSpec] = Field(min_length=1, description="The scenarios, in table order.")

@@ -22,7 +22,7 @@ windows are skipped without hashing, and the vocabulary does not grow with the t
 
 Targets (:meth:`Decontaminator.add_target_path`, one per ``decontaminate.targets`` entry):
 
-- a HELM data directory (``data/helm``: one folder per scenario ``path`` of ``llmft/eval/helm_core.yaml``, or a copy
+- a HELM data directory (``data/helm``: one folder per scenario ``path`` of ``llmft/eval/helm/core.yaml``, or a copy
   of a scenario's hub dataset) or one scenario's folder (``data/helm/mmlu``): read through the same scenario loaders
   as ``llmft eval --helm`` (:func:`llmft.eval.helm.load_subsets`), so every field a prompt or a reference is built
   from is indexed (MMLU/TruthfulQA/CivilComments CSV, MS MARCO TSV, CNN/DM ``article``, XSum ``document``,
@@ -372,7 +372,7 @@ class Decontaminator:
             raise DecontamTargetError(
                 f"decontaminate.targets: {path} yields no {self.n}-word n-gram ({entry.files} files read, "
                 f"{entry.instances} items, {entry.short_texts} texts shorter than {self.n} words).{skipped} "
-                "Understood: a HELM data directory with one folder per scenario path of llmft/eval/helm_core.yaml "
+                "Understood: a HELM data directory with one folder per scenario path of llmft/eval/helm/core.yaml "
                 "(mmlu, boolq, narrative_qa, natural_qa, quac, hellaswag, openbookqa, truthful_qa, msmarco, "
                 "summarization_cnndm, summarization_xsum, imdb, raft, civil_comments) or one such folder, each in its "
                 "public layout (docs/eval.md, HELM core scenarios); PG-19-style .txt books; HELM instance "
