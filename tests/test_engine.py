@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 
 from llmft.config import RecipeError
 from llmft.config.data import load_mix
-from llmft.data import build as build_module
 from llmft.data.build import build
+from llmft.data.build import common as build_module
 from llmft.data.sources import DataError
 from llmft.testing.corpora import write_sharded_corpus
 

@@ -62,7 +62,7 @@ def test_a_share_needing_a_twentieth_reads_about_a_twentieth(tmp_path, corpus, t
 def test_sampled_reading_is_the_same_for_any_num_proc(tmp_path, corpus, tok, monkeypatch, capsys):
     """The reader works to character budgets and every tokenizing job before a budget is done before reading on, so
     what is read, and so the rows and stats, do not depend on the worker processes."""
-    monkeypatch.setattr("llmft.data.build.TOKENIZE_BATCH", 3)  # many jobs in flight at each budget
+    monkeypatch.setattr("llmft.data.build.common.TOKENIZE_BATCH", 3)  # many jobs in flight at each budget
     path = sharded_mix_file(tmp_path / "mix.yaml", corpus, packing="isolated")
     one = build(load_mix(path), tmp_path / "one", tok, 256)
     assert main(["data", "build", str(path), "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
@@ -80,7 +80,7 @@ def test_sampled_reading_is_the_same_for_any_num_proc(tmp_path, corpus, tok, mon
 
 def test_each_stage_logs_its_progress_without_a_terminal(tmp_path, corpus, tok, monkeypatch, caplog):
     """In a log (no terminal), reading and tokenizing each source and packing show tokens, rate and ETA."""
-    monkeypatch.setattr("llmft.data.build.PROGRESS_LOG_SECONDS", 0)
+    monkeypatch.setattr("llmft.data.build.common.PROGRESS_LOG_SECONDS", 0)
     caplog.set_level("INFO", logger="llmft.data.build")
     build(load_mix(sharded_mix_file(tmp_path / "mix.yaml", corpus)), tmp_path / "out", tok, 256)
     lines = [r.getMessage() for r in caplog.records]

@@ -179,7 +179,7 @@ def test_a_build_that_fails_while_writing_keeps_the_previous_build(tmp_path, boo
     before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert Path("rows/tokens.bin") in before and Path("stats.json") in before
 
-    import llmft.data.build as build_module
+    import llmft.data.build.pipeline as build_module
 
     class FillsTheDisk(StoreWriter):  # the store is written in full, then the next write fails
         def close(self) -> dict:

@@ -19,7 +19,8 @@ from conftest import TINY_TOKENIZER, sharded_mix_file
 from transformers import AutoTokenizer
 
 from llmft.config.data import Dedup, load_mix
-from llmft.data.build import _Dedup, build, load_built
+from llmft.data.build import build, load_built
+from llmft.data.build.curate import _Dedup
 from llmft.data.dedup import DedupIndex, _same_key_pairs, features, minhash_signatures
 from llmft.data.sources import DataError
 from llmft.data.units import ArraySpill
@@ -62,7 +63,7 @@ def test_a_deduplicated_share_is_sampled_and_has_no_duplicates(tmp_path, corpus,
     reads on, decides again over everything scanned, and ends with big's share, no document twice, and about the
     bytes its share needs after dedup. The same rows and stats with 2 worker processes."""
     caplog.set_level(logging.INFO, logger="llmft.data.build")
-    monkeypatch.setattr("llmft.data.build.TOKENIZE_BATCH", 3)  # many jobs in flight
+    monkeypatch.setattr("llmft.data.build.common.TOKENIZE_BATCH", 3)  # many jobs in flight
     path = sharded_mix_file(tmp_path / "mix.yaml", corpus, dedup=DEDUP)
     built = build(load_mix(path), tmp_path / "one", tok, 256)
     big = built.stats["sources"]["big"]
@@ -82,7 +83,7 @@ def test_a_deduplicated_share_is_sampled_and_has_no_duplicates(tmp_path, corpus,
     need = 8000 / tokens_of(corpus, tok, keep=lambda d: d < 4)
     assert 0.9 * need < big["read_fraction"] < 1.3 * need + 1 / SHARDS, (need, big)
 
-    monkeypatch.setattr("llmft.data.build.TOKENIZE_BATCH", 3)
+    monkeypatch.setattr("llmft.data.build.common.TOKENIZE_BATCH", 3)
     two = build(load_mix(path, ["num_proc=2"]), tmp_path / "two", tok, 256)
     for f in ("tokens.bin", "trained.bin", "starts.bin", "index.json"):
         assert (tmp_path / "one" / "rows" / f).read_bytes() == (tmp_path / "two" / "rows" / f).read_bytes(), f
@@ -98,7 +99,7 @@ def test_filters_run_while_reading_and_a_filtered_share_is_sampled(tmp_path, cor
     """A keyword filter removing every "doc 3" (2 in 8, with its copy): big is still read only about as far as its
     share needs after filtering, and the filtered documents and the report's counts are the ones read. (Filtering
     reads one batch ahead: 256 documents or 1 MiB, all of big here; 4 documents for this test.)"""
-    monkeypatch.setattr("llmft.data.build.FILTER_BATCH", 4)
+    monkeypatch.setattr("llmft.data.build.common.FILTER_BATCH", 4)
     path = sharded_mix_file(tmp_path / "mix.yaml", corpus,
                     filters=[{"kind": "keywords", "name": "doc3", "patterns": [r"doc 3 \."], "examples": 2}])
     built = build(load_mix(path), tmp_path / "out", tok, 256)

@@ -17,7 +17,9 @@ from transformers import AutoTokenizer
 
 from llmft.config.data import Reweight, load_mix
 from llmft.data import reweight as reweight_module
-from llmft.data.build import FILTER_BATCH, _reading_order, build, encode_documents
+from llmft.data.build import build, encode_documents
+from llmft.data.build.common import FILTER_BATCH
+from llmft.data.build.reading import _reading_order
 from llmft.data.decontam import normalize_words
 from llmft.data.dedup import Shingler, hashed_embedding
 from llmft.data.reweight import ReweightStream, fit_probe, principal_components, reweight

@@ -34,7 +34,7 @@ the executor's worker processes anew, a few seconds).
 With ``reweight`` (and no dedup), a job also records every document it read, kept by the filters or not: its
 sparse embedding (``embedding.idx`` / ``embedding.val``), the filters' decision and its characters
 (``reweight.npz``); the build replays the filters' batches over these records
-(:func:`llmft.data.build._engine_reweighted`), so its reweighting sees the same documents in the same batches as when
+(:func:`llmft.data.build.reading._engine_reweighted`), so its reweighting sees the same documents in the same batches as when
 it reads them itself.
 
 A malformed record under ``on_error: stop`` makes its job write an error, which the build raises (a
@@ -114,7 +114,7 @@ _DECONTAMINATORS: dict[str, tuple] = {}  # one index per process (the tasks a wo
 
 
 def _decontaminator(mix: MixRecipe) -> tuple:
-    from llmft.data.build import _decontaminator as make
+    from llmft.data.build.reading import _decontaminator as make
 
     key = json.dumps(mix.decontaminate.model_dump(mode="json") if mix.decontaminate else None)
     if key not in _DECONTAMINATORS:
@@ -131,17 +131,9 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
     Raises:
         OSError: the output cannot be written.
     """
-    from llmft.data.build import (
-        TOKENIZE_BATCH,
-        TOKENIZE_BATCH_CHARS,
-        _clean,
-        _encode,
-        _filtered,
-        _Reading,
-        _text,
-        _Tokenize,
-        doc_rng,
-    )
+    from llmft.data.build import common
+    from llmft.data.build.reading import _clean, _filtered, _Reading, _text, doc_rng
+    from llmft.data.build.tokenizing import _encode, _Tokenize
     from llmft.data.dedup import Shingler
     from llmft.data.dedup import features as dedup_features
     from llmft.data.packing import special_ids
@@ -205,7 +197,7 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
             batch.append(doc)
             chars.append(len(doc.text) + len(doc.prompt))
             size += chars[-1]
-            if len(batch) == TOKENIZE_BATCH or size >= TOKENIZE_BATCH_CHARS:
+            if len(batch) == common.TOKENIZE_BATCH or size >= common.TOKENIZE_BATCH_CHARS:
                 flush()
                 batch, seen, size = [], [], 0
         if batch:
@@ -234,7 +226,7 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
 
 
 class _Embedded:
-    """A job's record for the build's reweighting (the ``filters``' :func:`llmft.data.build._filtered` calls
+    """A job's record for the build's reweighting (the ``filters``' :func:`llmft.data.build.reading._filtered` calls
     :meth:`add` as a :class:`llmft.data.reweight.ReweightStream`): every document's sparse embedding, appended to
     ``embedding.idx`` / ``embedding.val``, and in ``reweight.npz`` its entries, the filters' decision and its
     characters as the filters' batching counts them, so that the build can replay the batches."""
@@ -481,7 +473,7 @@ class EngineRun:
             return
         if not self._jobs:
             return
-        from llmft.data.build import _progress
+        from llmft.data.build.common import _progress
 
         jobs, self._jobs = self._jobs, []
         with _progress(f"data engine: wave {self.waves}", len(jobs), unit="file") as progress:
