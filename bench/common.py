@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 SHARED_BOOKS = REPO.parent / "shared" / "data" / "gutenberg"  # 84 (Frankenstein), 2701 (Moby Dick)
 MODEL = {"vocab_size": 32000, "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 688}
-# glibc's dynamic mmap threshold keeps freed heap memory resident (see llmft/plan.py); both sides of every bench
+# glibc's dynamic mmap threshold keeps freed heap memory resident (see docs/memory.md); both sides of every bench
 # run with it fixed, so that peak RSS measures what a step needs rather than allocator slack
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
              "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}

@@ -1,251 +1,24 @@
-"""Peak memory per device of a training recipe, estimated before it runs (``llmft plan``).
-
-:func:`estimate_memory` itemizes the bytes each device (GPU, or the host for CPU runs) holds at the peak of a
-training step, from the recipe and the model's ``config.json`` alone (no weights are loaded; hub configs resolve
-offline, see ``llmft.model.build.architecture_config``). It then says whether that fits a given device memory and,
-if not, which recipe changes would make it fit, each with its estimated saving.
-
-Legend: ``b`` micro-batch, ``s`` sequence length, ``h`` hidden size, ``i`` MLP intermediate size, ``q`` = heads x
-head_dim, ``kv`` = key/value heads x head_dim, ``nh`` heads, ``L`` layers, ``v`` vocabulary, ``r`` LoRA rank,
-``N`` data-parallel ranks (``--gpus``), ``P`` parameters, ``Pt`` trainable parameters. Bytes per element: fp32 4,
-bf16/fp16 2.
-
-**Which engine.** ``N > 1`` means the ``deepspeed`` launcher (``DeepSpeedEngine``: ZeRO stage and offload from the
-recipe's ``deepspeed`` section or its JSON), ``N = 1`` plain PyTorch (``PlainEngine``), exactly as
-``llmft.train.loop`` picks. The activation dtypes follow from that ("modes"):
-
-- ``fp32``: ``train.precision: fp32`` (either engine): every tensor 4 bytes.
-- ``amp16``: ``PlainEngine`` with bf16/fp16: fp32 weights and residual stream, matmuls under autocast, so every
-  Linear saves its own 16-bit copy of its input and of its weight.
-- ``pure16``: ``DeepSpeedEngine`` with bf16/fp16: the module itself is 16-bit; each RMSNorm saves an fp32 copy of
-  its input.
-
-**Weights.** ``PlainEngine`` builds the model in fp32: ``4 P``. LoRA adds its A/B matrices, and PEFT keeps a
-trainable copy next to the frozen original of each ``trainable_extra`` module (both counted). QLoRA stores the
-decoder's Linear weights 4-bit: ``0.5`` byte per parameter plus the quantization constants, ``4/64`` byte (one fp32
-absmax per block of 64), or with double quantization ``1/64 + 4/(64*256)`` byte; embedding, lm_head and norms stay
-fp32 (``prepare_model_for_kbit_training``). DeepSpeed bf16/fp16 holds every floating-point parameter in 16 bits
-(``2 P``); ZeRO-3 divides the weights by ``N``; ``offload_param`` moves them to the host.
-
-**Gradients** exist for trainable parameters only: ``4 Pt`` (plain: fp32), DeepSpeed ``2 Pt`` (16-bit; fp32:
-``4 Pt``), divided by ``N`` from ZeRO-2 on; with ``offload_optimizer`` the reduced fp32 gradient partition lives on
-the host (``4 Pt / N``). ``PlainEngine`` frees them after each step (``zero_grad(set_to_none=True)``); DeepSpeed
-keeps its gradient buffers.
-
-**Optimizer states.** torch AdamW: ``exp_avg`` and ``exp_avg_sq``, ``8 Pt``; bitsandbytes 8-bit AdamW:
-``2 Pt`` plus one fp32 absmax per block of 256 per state (``8/256 Pt``); ``paged_`` optimizers are counted on the
-host on CUDA (bitsandbytes pages them to CPU memory under pressure; on CPU they are ordinary memory). DeepSpeed
-bf16/fp16 adds the fp32 master copy (``4 Pt``). ZeRO-1 and up divide all of it by ``N``; ``offload_optimizer``
-moves it to the host.
-
-**Optimizer step temporaries.** torch's multi-tensor AdamW allocates one fp32 tensor per parameter
-(``sqrt(exp_avg_sq)``): ``4 Pt``; bitsandbytes updates in place. DeepSpeed also converts the 16-bit gradient
-partition to fp32 for the step: ``+ 4 Pt / N`` (both on the host when offloaded).
-
-**Activations** saved for backward, per token, derived from what each op of a transformers ``LlamaDecoderLayer``
-keeps (checked against ``torch.autograd.graph.saved_tensors_hooks`` and the profiler's allocations, see
-tests/test_plan.py). For full fine-tuning in fp32 one layer keeps::
-
-    input_layernorm        x (h), x * rsqrt (h), output = q/k/v input (h)       3h   (+ rsqrt: 1 fp32)
-    attention (SDPA/flash) q, k (after RoPE), v, output = o_proj input       2q + 2kv (+ logsumexp: nh fp32)
-    post_attention_norm    x (h), x * rsqrt (h), output = gate/up input (h)  3h
-    MLP                    gate (i), silu(gate) (i), up (i), their product = down input (i)     4i
-
-that is ``(6h + 2q + 2kv + 4i) x 4`` bytes per token per layer, plus ``3h x 4`` outside the layers (the final norm's
-input, normalized input and output). A frozen weight saves less: a Linear saves its input only when its weight
-trains or it carries a LoRA adapter (whose A then saves it, and B saves A's output, ``r``); a norm saves the
-normalized input only when its weight trains; nothing before the first trainable op needs saving (LoRA without a
-trained embedding keeps no layer-0 input). LoRA dropout ``> 0`` adds, per adapted Linear, the dropped-out input and
-its mask (1 byte from CUDA's fused kernel; on CPU a float tensor of the input's dtype). ``amp16`` saves the fp32
-residual stream and norm internals, one 16-bit cast of the input per Linear that needs it (so q, k and v each keep
-one), and 16-bit q/k/v/attention/MLP tensors (QLoRA's 4-bit Linears return fp32, so its MLP tensors are 4 bytes),
-plus a 16-bit copy of every Linear weight used (``2`` bytes per Linear parameter; with checkpointing, of the
-trainable ones); a LoRA adapter on o_proj adds one more 16-bit copy of its input (PEFT casts it up to the fp32
-adapter's dtype and autocast back down). ``pure16`` saves 2 bytes per tensor, but each norm keeps a 4-byte copy of
-its input. Total: ``b x s x (L x layer + outside)``.
-
-**Backward working set.** A layer's backward frees each saved tensor as it produces its gradient; on top of the
-saved activations about ``b x s x (i + h)`` activation-gradient elements are alive (measured), plus, for eager
-attention, one fp32 ``(b, nh, s, s)`` score gradient.
-
-**Gradient checkpointing** keeps only each layer's input, ``L x b x s x h x`` (4, or 2 in ``pure16``), plus the
-outside-the-layers part; in backward one layer at a time is recomputed, holding that layer's activations (and
-attention probabilities / mask) again, on top of its working set. With ``checkpoint_every_n_layers: n`` only
-layers 0, n, 2n, ... are checkpointed (``ceil(L / n)`` inputs); the others keep their full activations. With
-``activation_offload`` on a GPU the checkpointed inputs are listed as host memory. With
-``checkpoint_keep_attention`` each checkpointed layer also keeps its attention kernel's output and logsumexp,
-``b x s x (q x e + nh x 4)`` (listed with the attention), so that the recompute skips attention.
-
-**Attention.** FlashAttention-2 and PyTorch SDPA never hold the ``(b, nh, s, s)`` scores: they save the output
-and a ``(b, nh, s)`` fp32 logsumexp (counted above). On CPU, torch 2.13's SDPA dispatches to its flash kernel too
-(``ScaledDotProductFlashAttentionForCpuBackward`` in the graph), with or without a mask. A mask (``data.packing:
-isolated`` with sdpa) is converted to a float ``(b, 1, s, s)`` tensor and saved by every layer: ``b s^2`` x dtype
-bytes per layer (and GQA keys/values are repeated to ``q`` width). ``eager`` keeps the softmax
-probabilities, ``b x nh x s^2 x 4`` per layer (``x 6`` in 16-bit: fp32 softmax plus its 16-bit cast) and an
-``e x q`` contiguous copy of its output for o_proj.
-
-**Logits and loss.** The model's own loss (``train.loss_chunk_tokens: 0``) peaks in the backward of the
-cross-entropy, when the saved fp32 log-softmax, its incoming gradient and the gradient of the logits coexist:
-``3 x b x s x v x 4`` bytes (the forward holds at most ``b s v (2 + 4 + 4)``: 16-bit logits, their fp32 copy, the
-log-softmax). With ``loss_chunk_tokens = C``, only one chunk's worth exists, plus two fp32 ``(b, s, h)`` gradient
-buffers of the chunked hidden states; the lm_head weight gradient accumulates over chunks. A plain Linear head (the
-fused path of llmft/train/loss.py) holds one fp32 ``(b C, v)`` buffer, ``b x C x v x 4`` (16-bit: ``x 8``, the
-16-bit logits and the gradient's 16-bit cast beside it); a wrapped head (LoRA on lm_head, ZeRO-3) recomputes the
-chunk in the backward pass: ``3 x b x C x v x 4``.
-
-**Peak.** Persistent: weights + optimizer states (+ DeepSpeed's gradient and communication buffers). On top of that
-the step passes through phases that do not overlap; the peak is the persistent part plus the largest::
-
-    loss backward:          activations + attention + autocast weight copies + logits/loss + G
-    layers' backward start: activations + attention + autocast weight copies + working set + G'
-    end of backward:        gradients + working set (+ the first layer's activations, or its recompute)
-    optimizer step:         gradients + optimizer step temporaries
-
-``G``: all gradients with gradient accumulation > 1 (kept between micro-batches), else the lm_head gradient with
-a chunked loss (it accumulates over the chunks), else none; ``G'`` the same with the lm_head gradient always.
-Gradients of later layers appear while activations of earlier ones are still held, so the layers' backward is
-bounded by its two ends (all activations and no layer gradients; all gradients and the first layer). DeepSpeed
-keeps its gradients in persistent buffers (counted as persistent).
-
-**DeepSpeed buffers.** ZeRO-1/2: the gradient reduction bucket, ``reduce_bucket_size x 2`` bytes (twice with
-``overlap_comm``); ZeRO-3: the reduction bucket plus the gathered parameters in use,
-``min(stage3_max_live_parameters, stage3_prefetch_bucket_size + one layer) x 2`` bytes. Values come from the
-recipe's DeepSpeed JSON, else DeepSpeed's defaults (5e8, 5e8, 5e7, 1e9). Not measured with llmft (no GPUs here).
-
-**Framework overhead**, reported separately from the peak: on CPU the resident memory of the imported libraries,
-measured once (:data:`FRAMEWORK_CPU_BYTES`); on CUDA the context and library workspaces, assumed
-(:data:`CUDA_CONTEXT_BYTES`).
-
-**What is validated** (tests/test_plan.py, CPU, torch 2.13, transformers 5.23). The saved activations equal
-what autograd saves in a real forward pass within 0.5% (fp32 and bf16 autocast, full and LoRA, with and without
-checkpointing). Two real training steps (build_model, apply_lora, PlainEngine) of a LLaMA with vocab 32000,
-hidden 256, 4 layers at 1024 tokens, each in a fresh process, peak at (estimate / measured RSS increase):
-full fine-tuning fp32 718 / 745 MB, with checkpointing and a 256-token loss chunk 391 / 422 MB, LoRA 536 /
-566 MB; asserted within 20%. The rest of the RSS is the tokenizer, module objects and malloc slack. Those runs
-fix glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``): with glibc's default, dynamic threshold, freed
-heap memory below 32 MB stays resident and the same runs measured 782, 700 and 698 MB (the checkpointed run 1.8x
-its live peak). On CPU, set that variable (or use jemalloc/tcmalloc) to get the estimate's peak. 16-bit modes,
-QLoRA, eager attention and masks were checked against the profiler's live-byte peak on smaller models (within
-about 10%); DeepSpeed sharding and buffers follow the formulas above and are not validated against a GPU run.
-"""
+"""The estimate: bytes per device at the peak of a training step, item by item (weights, gradients, optimizer states and
+temporaries, activations, attention, logits and loss, DeepSpeed buffers), whether it fits, and the recipe changes
+that would make it fit. The model is docs/memory.md."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from llmft.config import LORA_TARGET_PRESETS, LoraConfig, QLoraConfig, Recipe, RecipeError
-
-GB = 1e9
-
-# Resident memory of a fresh process after `import torch, transformers, peft, llmft.train.loop` (torch 2.13 CPU,
-# transformers 5.23, peft 0.21), measured on the CI machine: 449.5 MB (torch + transformers alone: 351.5 MB).
-FRAMEWORK_CPU_BYTES = 450_000_000
-# CUDA context, cuBLAS/cuDNN workspaces and kernels on one GPU: assumed, not measured here (typically 0.5-1 GB).
-CUDA_CONTEXT_BYTES = 1_000_000_000
-
-# DeepSpeed's defaults for the ZeRO buffer sizes (deepspeed.runtime.zero.config, 0.19).
-_DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9}
-_LINEARS = tuple(LORA_TARGET_PRESETS["all_linear"])  # every linear layer of a LLaMA decoder layer
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """The LLaMA-family dimensions the estimate needs, read from a transformers config."""
-
-    vocab: int
-    hidden: int
-    inter: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-    proj: dict  # name -> (in, out, has_bias)
-    config: object = field(repr=False, compare=False)  # the transformers config (LoRA counts read it)
-
-    @classmethod
-    def from_config(cls, config) -> Shapes:
-        from llmft.model.adapters import _projection_shapes
-
-        heads = config.num_attention_heads
-        return cls(vocab=config.vocab_size, hidden=config.hidden_size, inter=config.intermediate_size,
-                   layers=config.num_hidden_layers, heads=heads,
-                   kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)), proj=_projection_shapes(config),
-                   config=config)
-
-    @property
-    def q(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linear_params(self, name: str) -> int:
-        i, o, bias = self.proj[name]
-        return i * o + (o if bias else 0)
-
-    @property
-    def layer_linear_params(self) -> int:
-        return sum(self.linear_params(n) for n in _LINEARS)
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def head_params(self) -> int:
-        return 0 if self.tied else self.vocab * self.hidden
-
-    @property
-    def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-    @property
-    def total_params(self) -> int:
-        return self.layers * self.layer_linear_params + self.embed_params + self.head_params + self.norm_params
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything about a run that changes its memory; the suggestions are edits of this."""
-
-    device: Literal["cuda", "cpu"]
-    world_size: int
-    engine: Literal["plain", "deepspeed"]
-    method: Literal["full", "lora", "qlora"]
-    lora: LoraConfig | None
-    qlora: QLoraConfig | None
-    precision: Literal["fp32", "bf16", "fp16"]
-    optimizer: str
-    micro_batch: int
-    accumulation: int
-    seq_len: int
-    checkpointing: bool
-    loss_chunk: int
-    attention: Literal["flash_attention_2", "sdpa", "eager"]
-    isolated: bool
-    stage: int
-    offload_optimizer: str
-    offload_param: str
-    ds_buffers: dict = field(default_factory=dict)
-    every_n: int = 1  # with checkpointing: layers 0, n, 2n, ... are checkpointed, the others keep activations
-    offload: bool = False  # with checkpointing: the checkpointed layers' inputs live in host memory
-    keep_attention: bool = False  # with checkpointing: the checkpointed layers keep their attention outputs
-
-    @property
-    def mode(self) -> str:
-        if self.precision == "fp32":
-            return "fp32"
-        return "pure16" if self.engine == "deepspeed" else "amp16"
+from llmft.config import LoraConfig, QLoraConfig, Recipe, RecipeError
+from llmft.plan.inputs import (
+    _DS_DEFAULTS,
+    _LINEARS,
+    CUDA_CONTEXT_BYTES,
+    FRAMEWORK_CPU_BYTES,
+    GB,
+    Setup,
+    Shapes,
+    setup_from_recipe,
+)
 
 
 @dataclass
@@ -365,75 +138,6 @@ def _count(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g}{unit}"
     return str(int(n))
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def parse_bytes(text: str) -> float:
-    """``80GB`` / ``80G`` / ``80`` (GB = 1e9 bytes), ``80GiB`` (2**30), ``512MB``, ``512MiB``.
-
-    Raises:
-        RecipeError: not a size.
-    """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not m or float(m.group(1)) <= 0:
-        raise RecipeError([f"--gpu-mem: got {text!r}; expected a size such as 80GB, 24GiB or 40 (GB)"])
-    power = "kmgt".index(m.group(2)) + 1 if m.group(2) else 3
-    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
-
-
-def _ds_buffers(recipe: Recipe, world_size: int) -> tuple[int, dict]:
-    """The ZeRO stage and buffer sizes DeepSpeed will use for this recipe (JSON values, else its defaults)."""
-    from llmft.train.engine import deepspeed_config
-
-    zero = deepspeed_config(recipe, world_size).get("zero_optimization", {})
-    stage = recipe.zero_stage
-    buffers = {}
-    for key, default in _DS_DEFAULTS.items():
-        value = zero.get(key, default)
-        buffers[key] = float(value) if isinstance(value, (int, float)) else default  # "auto": DeepSpeed's default
-    overlap = zero.get("overlap_comm")
-    buffers["overlap_comm"] = bool(overlap) if isinstance(overlap, bool) else stage == 3
-    return stage, buffers
-
-
-def setup_from_recipe(recipe: Recipe, world_size: int = 1, device: Literal["cuda", "cpu"] = "cuda") -> Setup:
-    """The memory-relevant settings of a recipe run on ``world_size`` devices of type ``device``.
-
-    ``model.attention: auto`` resolves as at launch (:meth:`ModelConfig.attention_kernel`), flash-attn assumed
-    installed on CUDA (the ``gpu`` extra).
-
-    Raises:
-        RecipeError: the recipe's DeepSpeed JSON contradicts the recipe.
-    """
-    t, d, m = recipe.train, recipe.deepspeed, recipe.model
-    engine = "deepspeed" if world_size > 1 else "plain"
-    stage, buffers = _ds_buffers(recipe, world_size) if engine == "deepspeed" else (d.stage, {})
-    packing = recipe.data.packing
-    if recipe.data.recipe is not None:
-        from llmft.config.data import load_mix
-
-        packing = load_mix(recipe.data.recipe, check_paths=False).packing
-    elif recipe.data.built is not None:
-        import json
-
-        packing = json.loads((recipe.data.built / "stats.json").read_text())["packing"]["mode"]
-    attention = m.attention_kernel(flash_attn=device == "cuda", precision=t.precision)  # gpu extra on CUDA
-    return Setup(device=device, world_size=world_size, engine=engine, method=recipe.method,
-                 lora=recipe.adapter,
-                 qlora=recipe.qlora if recipe.method == "qlora" else None,
-                 precision=t.precision, optimizer=t.optimizer, micro_batch=t.micro_batch_size,
-                 accumulation=t.gradient_accumulation_steps, seq_len=m.max_seq_len,
-                 checkpointing=m.gradient_checkpointing, loss_chunk=t.loss_chunk_tokens, attention=attention,
-                 every_n=m.checkpoint_every_n_layers, offload=m.activation_offload,
-                 keep_attention=m.checkpoint_keep_attention,
-                 isolated=packing == "isolated",
-                 stage=stage, offload_optimizer=d.offload_optimizer, offload_param=d.offload_param,
-                 ds_buffers=buffers)
-
-
-# ---------------------------------------------------------------------------------------------- the model
 
 
 def _trainable(sh: Shapes, st: Setup) -> dict:
@@ -766,9 +470,6 @@ def plan_for(shapes: Shapes, setup: Setup, device_mem_bytes: float | None = None
     return plan
 
 
-# ---------------------------------------------------------------------------------------------- suggestions
-
-
 def _candidates(sh: Shapes, st: Setup) -> list[tuple[str, Setup]]:
     """Recipe changes that lower memory, each as (description, changed setup)."""
     r = dataclasses.replace
@@ -831,4 +532,3 @@ def _suggestions(sh: Shapes, st: Setup, peak: float, budget: float) -> tuple[lis
             p = _estimate(sh, current)[1]
             combined = Suggestion("; ".join(applied), peak - p, p, p <= budget)
     return [s for s, _ in singles], combined
-
