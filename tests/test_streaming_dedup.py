@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 from llmft.config.data import Dedup, load_mix
 from llmft.data.build import build, load_built
 from llmft.data.build.curate import _Dedup
-from llmft.data.dedup import DedupIndex, _same_key_pairs, features, minhash_signatures
+from llmft.data.dedup import DedupIndex, features, minhash_signatures
+from llmft.data.dedup.similarity import _same_key_pairs
 from llmft.data.sources import DataError
 from llmft.data.units import ArraySpill
 from llmft.testing.corpora import SHARDS, write_sharded_corpus
@@ -180,7 +181,7 @@ def test_signatures_bands_and_spills_equal_their_references(tmp_path, monkeypatc
 
     rng = np.random.default_rng(0)
     sets = [np.unique(rng.integers(0, 2**32, size, dtype=np.uint64)).astype(np.uint32) for size in (1, 50, 20_000)]
-    monkeypatch.setattr("llmft.data.dedup.SIGNATURE_CHUNK", 7)  # many updates per set
+    monkeypatch.setattr("llmft.data.dedup.similarity.SIGNATURE_CHUNK", 7)  # many updates per set
     sig = minhash_signatures(sets, 64, 3)
     for s, row in zip(sets, sig):
         m = MinHash(num_perm=64, seed=3, hashfunc=lambda x: x)

@@ -55,7 +55,8 @@ from scipy.optimize import minimize
 
 from llmft.config.data import Reweight
 from llmft.data.decontam import normalize_words
-from llmft.data.dedup import Shingler, _normalize
+from llmft.data.dedup import Shingler
+from llmft.data.dedup.embedding import _normalize
 from llmft.data.filters import load_function
 from llmft.data.units import ArraySpill
 
