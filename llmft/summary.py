@@ -1,5 +1,5 @@
-"""The numbers a person checks before launching a recipe (``llmft validate`` prints them): ranks, batch, tokens,
-steps, RoPE and parameters. Every number is read from the recipe's own derived numbers (``llmft.config.Recipe``)
+"""What a run will do, in the lines a person reads: before launching (``llmft validate``: ranks, batch, tokens,
+steps, RoPE and parameters) and once a training run is set up (:func:`run_summary`). Every number is read from the recipe's own derived numbers (``llmft.config.Recipe``)
 or from the model's config, so this printout, ``llmft plan`` and the training loop agree by construction."""
 
 from __future__ import annotations
@@ -51,4 +51,64 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     else:
         lines.append(f"parameters              {n:,} (all trainable: method full)" if n else
                      "parameters              (model not local: counted at launch)")
+    return lines
+
+
+def run_summary(recipe: Recipe, run_dir, world: int, distributed: bool, engine, built, base_params: int, data,
+                resumed_from) -> list[str]:
+    """The lines a training run prints once it is set up: processes, model, data, packing, batch and steps, resume.
+
+    Args:
+        recipe: the recipe being trained.
+        run_dir: its ``checkpoint.dir``.
+        world: processes (data-parallel ranks).
+        distributed: launched by deepspeed (the engine is DeepSpeed's).
+        engine: the training engine (its model, and ZeRO stage under DeepSpeed).
+        built: the built model (attention kernel, RoPE change).
+        base_params: the base model's parameter count, before adapters.
+        data: the built training data (rows, validation tokens, stats).
+        resumed_from: the checkpoint resumed from, or None.
+    """
+    from llmft.model.build import DTYPES, count_parameters
+
+    lora, t, seq_len = recipe.adapter, recipe.train, recipe.model.max_seq_len
+    rows, stats = data.rows, data.stats
+    trainable, total_params = count_parameters(engine.model)
+    tokens_per_step, total_steps = recipe.tokens_per_step(world), recipe.total_steps(world)
+    documents = sum(s["documents"] for s in stats["sources"].values())
+    bad_records = sum(s["bad_records"] for s in stats["sources"].values())
+    adapter_line = []
+    if lora is not None:
+        from llmft.model.adapters import trained_adapter_size_bytes
+
+        size = trained_adapter_size_bytes(engine.model, DTYPES[recipe.model.dtype])
+        adapter_line = [f"adapter on disk    ~{size / 1e6:.1f} MB per export in {recipe.model.dtype} (final/ and "
+                        "each checkpoint's model/)"]
+    lines = [
+        f"run dir            {run_dir}",
+        f"processes          {world} ({'DeepSpeed ZeRO-' + str(engine.stage) if distributed else 'plain PyTorch'})",
+        f"attention          {built.attention}",
+        f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
+        f"max_position_emb.  {built.model.config.max_position_embeddings}",
+        f"parameters         {total_params:,} ({trainable:,} trainable)" if lora is None else
+        f"parameters         {base_params:,} base, frozen; {trainable:,} trainable "
+        f"({100 * trainable / base_params:.2f}% of base{' (4-bit packed)' if recipe.qlora else ''}: "
+        f"{'QLoRA ' + recipe.qlora.quant_type if recipe.qlora else 'LoRA'} r={lora.rank} alpha={lora.alpha:g} on "
+        f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
+        + ")",
+        *adapter_line,
+        f"data               {documents} documents, {stats['total_tokens']:,} train tokens, "
+        f"{len(data.validation_tokens):,} validation tokens, {bad_records} bad records skipped",
+        f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
+        + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
+        + (f", {rows.split_examples} long documents split into chunks" if rows.split_examples else ""),
+        f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
+        f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
+        f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
+        f"{total_steps * tokens_per_step / max(1, len(rows) * seq_len):.2f} epochs)",
+        f"resume             {'from ' + str(resumed_from) if resumed_from else 'fresh start'}",
+    ]
+    if rows.has_weights:  # a reweighted build; after the packing line
+        lines.insert(-3, f"loss weights       per token, from the data reweight: mean "
+                     f"{rows.index['weight_mean']:.3f} over trained tokens; step loss = Σ w·nll / Σ w")
     return lines

@@ -27,6 +27,7 @@ from llmft.data.loader import PackedLoader
 from llmft.data.sources import DataError
 from llmft.eval.ppl import perplexity_by_length
 from llmft.model.build import DTYPES, build_model, count_parameters
+from llmft.summary import run_summary
 from llmft.train import checkpoint as ckpt
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
 from llmft.train.loss import step_divisor
@@ -63,58 +64,18 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
         Preempted: a stop signal arrived; a checkpoint was written (exit 143, resumable).
         Diverged: too many non-finite steps in a row (exit 3, last good state saved).
     """
-    # ---- processes and seeds --------------------------------------------------------------------------
-    distributed = launched_by_deepspeed()
-    if distributed:
-        import deepspeed
-
-        deepspeed.init_distributed()
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    seed_everything(recipe.train.seed + rank)
-    run_dir = Path(recipe.checkpoint.dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-
-    # ---- model and data ---------------------------------------------------------------------------------
+    procs = _setup_processes(recipe)
+    rank, world, distributed, run_dir = procs.rank, procs.world, procs.distributed, procs.run_dir
     ds_config = deepspeed_config(recipe, world) if distributed else None
-    zero3_init = None
-    if ds_config is not None and recipe.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
-    lora = recipe.adapter
-    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora,
-                        precision=recipe.train.precision)
-    model, tokenizer = built.model, built.tokenizer
-    base_params = count_parameters(model)[1]
-    if lora is not None:
-        from llmft.model.adapters import apply_lora, prepare_quantized  # imports peft: only for LoRA runs
-
-        if recipe.method == "qlora":  # norms etc. to fp32, input grads on, checkpointing as the recipe says
-            model = prepare_quantized(model, recipe.model)
-        model = apply_lora(model, lora)  # freezes the base; adapters (+ trainable_extra copies) train
+    built, model, base_params = _setup_model(recipe, ds_config)
+    tokenizer, lora = built.tokenizer, recipe.adapter
     seq_len, t = recipe.model.max_seq_len, recipe.train
     built_data = _training_data(recipe, tokenizer, run_dir / "data", rank, distributed)
-    rows, val_tokens, stats = built_data.rows, built_data.validation_tokens, built_data.stats
-    documents = sum(s["documents"] for s in stats["sources"].values())
-    bad_records = sum(s["bad_records"] for s in stats["sources"].values())
+    rows, val_tokens = built_data.rows, built_data.validation_tokens
     data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
     total_steps = recipe.total_steps(world)
     tokens_per_step = recipe.tokens_per_step(world)
-
-    if distributed:
-        engine = DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, rows.mode == "isolated")
-        if zero3_init is not None:  # later from_pretrained calls (e.g. on rank 0 only) must not enter zero.Init
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            del zero3_init
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        engine = PlainEngine(model, recipe, total_steps, device, built.attention, rows.mode == "isolated")
+    engine = _setup_engine(recipe, model, built, total_steps, ds_config, rows.mode == "isolated")
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, tokens_seen, wandb_id = 0, 0, None
@@ -132,43 +93,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     elif not resume and rank == 0 and (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")
 
-    # ---- the derived numbers, once -----------------------------------------------------------------------
-    trainable, total_params = count_parameters(engine.model)
-    adapter_line = []
-    if lora is not None:
-        from llmft.model.adapters import trained_adapter_size_bytes
-
-        size = trained_adapter_size_bytes(engine.model, DTYPES[recipe.model.dtype])
-        adapter_line = [f"adapter on disk    ~{size / 1e6:.1f} MB per export in {recipe.model.dtype} (final/ and "
-                        "each checkpoint's model/)"]
     if rank == 0:
-        lines = [
-            f"run dir            {run_dir}",
-            f"processes          {world} ({'DeepSpeed ZeRO-' + str(engine.stage) if distributed else 'plain PyTorch'})",
-            f"attention          {built.attention}",
-            f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
-            f"max_position_emb.  {model.config.max_position_embeddings}",
-            f"parameters         {total_params:,} ({trainable:,} trainable)" if lora is None else
-            f"parameters         {base_params:,} base, frozen; {trainable:,} trainable "
-            f"({100 * trainable / base_params:.2f}% of base{' (4-bit packed)' if recipe.qlora else ''}: "
-            f"{'QLoRA ' + recipe.qlora.quant_type if recipe.qlora else 'LoRA'} r={lora.rank} alpha={lora.alpha:g} on "
-            f"{', '.join(lora.targets)}" + (f" + {', '.join(lora.trainable_extra)}" if lora.trainable_extra else "")
-            + ")",
-            *adapter_line,
-            f"data               {documents} documents, {stats['total_tokens']:,} train tokens, "
-            f"{len(val_tokens):,} validation tokens, {bad_records} bad records skipped",
-            f"packing            {rows.mode}: {len(rows)} rows of {seq_len}, efficiency {rows.efficiency:.2%}"
-            + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
-            + (f", {rows.split_examples} long documents split into chunks" if rows.split_examples else ""),
-            f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
-            f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
-            f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
-            f"{total_steps * tokens_per_step / max(1, len(rows) * seq_len):.2f} epochs)",
-            f"resume             {'from ' + str(latest) if latest else 'fresh start'}",
-        ]
-        if rows.has_weights:  # a reweighted build; after the packing line
-            lines.insert(-3, f"loss weights       per token, from the data reweight: mean "
-                         f"{rows.index['weight_mean']:.3f} over trained tokens; step loss = Σ w·nll / Σ w")
+        lines = run_summary(recipe, run_dir, world, distributed, engine, built, base_params, built_data, latest)
         print("\n".join("[llmft] " + line for line in lines), flush=True)
     metrics = MetricsLogger(run_dir, recipe, rank, start_step, wandb_id)
 
@@ -278,6 +204,74 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     engine.close()
     metrics.close()
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
+
+
+
+@dataclass
+class _Processes:
+    distributed: bool  # launched by deepspeed: one rank of a process group
+    rank: int
+    world: int
+    run_dir: Path
+
+
+def _setup_processes(recipe: Recipe) -> _Processes:
+    """Join the process group (under the deepspeed launcher), seed this rank, and create the run directory with
+    the resolved recipe in it (rank 0)."""
+    distributed = launched_by_deepspeed()
+    if distributed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    seed_everything(recipe.train.seed + rank)
+    run_dir = Path(recipe.checkpoint.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    return _Processes(distributed, rank, world, run_dir)
+
+
+def _setup_model(recipe: Recipe, ds_config: dict | None):
+    """(the built model, the model to train, the base's parameter count): the ``model`` section's model, 4-bit
+    for QLoRA, with LoRA adapters for ``method: lora | qlora``. Under ZeRO-3 the weights are partitioned as they
+    load (``zero.Init``), and only while this runs.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded.
+    """
+    zero3_init = None
+    if ds_config is not None and recipe.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_init = HfDeepSpeedConfig(ds_config)  # from_pretrained partitions weights as it loads (zero.Init)
+    built = build_model(recipe.model, seed=recipe.train.seed, dtype=torch.float32, qlora=recipe.qlora,
+                        precision=recipe.train.precision)
+    model = built.model
+    base_params = count_parameters(model)[1]
+    if recipe.adapter is not None:
+        from llmft.model.adapters import apply_lora, prepare_quantized  # imports peft: only for LoRA runs
+
+        if recipe.method == "qlora":  # norms etc. to fp32, input grads on, checkpointing as the recipe says
+            model = prepare_quantized(model, recipe.model)
+        model = apply_lora(model, recipe.adapter)  # freezes the base; adapters (+ trainable_extra copies) train
+    if zero3_init is not None:  # later from_pretrained calls (e.g. on rank 0 only) must not enter zero.Init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del zero3_init
+    return built, model, base_params
+
+
+def _setup_engine(recipe: Recipe, model, built, total_steps: int, ds_config: dict | None, isolated: bool):
+    """The engine that runs forward, backward and the optimizer step: DeepSpeed (ZeRO, from the ``deepspeed``
+    section) under the deepspeed launcher, else plain PyTorch on CUDA when there is one, else on the CPU."""
+    if ds_config is not None:
+        return DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, isolated)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return PlainEngine(model, recipe, total_steps, device, built.attention, isolated)
 
 
 def _non_finite_step(engine, built, recipe: Recipe, run_dir: Path, progress: dict, data, metrics: MetricsLogger,
