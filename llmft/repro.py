@@ -39,11 +39,11 @@ import numpy as np
 import torch
 
 from llmft.config import RecipeError, RopeConfig, load_recipe
+from llmft.config.loading import shipped_path
 from llmft.config.sources import SourceSpec
 from llmft.data.sources import read_source
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPES = "recipes/repro"
+RECIPES = "recipes/repro"  # shipped with llmft: read from the installed package
 BUNDLED_BOOKS = ("llmft/assets/frankenstein.txt.gz", "llmft/assets/mobydick.txt.gz")
 HELD_OUT = 0.1
 MARKER = "<!-- written by `llmft repro pi` above this line; text below it is kept when the doc is regenerated -->"
@@ -110,7 +110,7 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
     if books is not None and (books / "train").is_dir() and (books / "test").is_dir():
         return books / "train", books / "test", f"{books}: its own train/ and test/ books (PG-19 layout)"
     if books is None:
-        sources = [REPO / p for p in BUNDLED_BOOKS]
+        sources = [shipped_path(p) for p in BUNDLED_BOOKS]
         where = "the two bundled books (Frankenstein, Moby Dick; Project Gutenberg #84, #2701)"
     else:
         sources = sorted(p for p in books.iterdir()
@@ -192,7 +192,7 @@ def _recipe(name: str, out: Path, scale: Scale, seed: int, train_dir: Path, mode
     overrides = [f"checkpoint.dir={out / name}", f"train.seed={seed}"]
     if model_name is not None:
         overrides.append(f"model.name={model_name}")
-    rec = load_recipe(f"{RECIPES}/{name}.yaml", overrides)
+    rec = load_recipe(shipped_path(f"{RECIPES}/{name}.yaml"), overrides)
     rec.data.sources = [SourceSpec(format="text", path=train_dir)]
     rec.data.validation_fraction = 0.0
     return rec
@@ -232,23 +232,18 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     """Run the whole experiment; returns the results written to ``OUT/results.json``.
 
     Raises:
-        RecipeError: not run from a clone of the repository, or ``books`` holds no books.
+        RecipeError: ``books`` holds no books.
     """
     from transformers import AutoTokenizer
 
     from llmft.eval.passkey import run_passkey
     from llmft.eval.pg19 import evaluate_ppl, load_books
 
-    if not (REPO / RECIPES / "base.yaml").is_file():
-        raise RecipeError([f"{REPO / RECIPES} not found: run `llmft repro pi` from a clone of llmft"])
     started = time.time()
     scale = FAST if fast else FULL
     out = Path(out).resolve()
     doc = Path(doc).resolve() if doc is not None else None
     books = Path(books).resolve() if books is not None else None
-    import os
-
-    os.chdir(REPO)  # recipe paths are relative to the repository root
     if fresh:
         for sub in ("base", "passkey_data", *[m[2] for m in METHODS if m[2]], "ft_passkey"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -349,7 +344,7 @@ def _command(fast: bool, seed: int, books: Path | None, doc: Path | None) -> str
     if books is not None:
         parts.append(f"--books {books}")
     if doc is not None:
-        parts.append(f"--doc {doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}")
+        parts.append(f"--doc {doc.relative_to(Path.cwd()) if doc.is_relative_to(Path.cwd()) else doc}")
     return " ".join(parts)
 
 

@@ -121,3 +121,24 @@ def test_library_does_not_import_the_test_fixtures():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("llmft.testing") for n in names), f"{path.relative_to(REPO)} imports {names}"
+
+
+def test_shipped_paths_resolve_from_any_directory_and_local_files_win(tmp_path, monkeypatch):
+    from llmft.config.loading import PACKAGE_DIR, shipped_path
+
+    monkeypatch.chdir(REPO)  # a clone reads its own files, relative paths kept
+    r = load_recipe("recipes/cpu/tiny_pi8x.yaml")
+    assert str(r.data.sources[0].path) == "llmft/assets/frankenstein.txt.gz"
+    assert str(r.model.produced_by) == "recipes/cpu/tiny_base.yaml"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the installed copies
+    r = load_recipe("recipes/cpu/tiny_pi8x.yaml")
+    assert r.data.sources[0].path == PACKAGE_DIR / "assets" / "frankenstein.txt.gz"
+    assert r.model.produced_by == PACKAGE_DIR / "recipes" / "cpu" / "tiny_base.yaml"
+    assert shipped_path("recipes/no_such.yaml") is None and shipped_path("meta-llama/Llama-2-7b-hf") is None
+    # a file of the user's at the same relative path is theirs, not the shipped one
+    (tmp_path / "llmft" / "assets").mkdir(parents=True)
+    (tmp_path / "llmft" / "assets" / "frankenstein.txt.gz").write_bytes(
+        (PACKAGE_DIR / "assets" / "frankenstein.txt.gz").read_bytes())
+    r = load_recipe("recipes/cpu/tiny_pi8x.yaml")
+    assert str(r.data.sources[0].path) == "llmft/assets/frankenstein.txt.gz"
+    assert r.data.sources[1].path == PACKAGE_DIR / "assets" / "mobydick.txt.gz"

@@ -12,6 +12,7 @@ def register(sub) -> None:
                        "print perplexity by context length before and after")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
     q.add_argument("--steps-scale", type=float, default=1.0, help="scale the number of training steps")
+    q.add_argument("--fast", action="store_true", help="the CI-sized version: 5%% of the steps (--steps-scale 0.05)")
     q.set_defaults(func=cmd_quickstart)
 
     rp = sub.add_parser("repro", help="reproduce a published result at tiny scale (offline, CPU)")
@@ -31,9 +32,9 @@ def register(sub) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from llmft.quickstart import quickstart
+    from llmft.quickstart import FAST_STEPS_SCALE, quickstart
 
-    quickstart(Path(args.out), steps_scale=args.steps_scale)
+    quickstart(Path(args.out), steps_scale=FAST_STEPS_SCALE if args.fast else args.steps_scale)
     return 0
 
 

@@ -7,6 +7,11 @@ naming the file, the YAML path (and line), the value received, what was expected
     to target_len / original_len, e.g. 8.0 for 4096 -> 32768.
 
 A field carries its "how to fix it" sentence as ``json_schema_extra=hint(...)``.
+
+Files shipped with llmft (``recipes/...``, ``data_recipes/...``, ``llmft/assets/...``) are named by their path in the
+repository. Relative paths are read from the current directory; one that does not exist there but names a shipped
+file is read from the installed package (:func:`shipped_path`), so the shipped recipes and the bundled model and
+books work from any directory and after a wheel install, while a clone keeps reading its own files.
 """
 
 from __future__ import annotations
@@ -18,6 +23,41 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the installed llmft package (in a clone: REPO/llmft)
+# repository path prefix -> where that directory is inside the installed package (recipes/ and data_recipes/ are
+# linked into the package, so a wheel carries them)
+SHIPPED = {"llmft/": PACKAGE_DIR, "recipes/": PACKAGE_DIR / "recipes", "data_recipes/": PACKAGE_DIR / "data_recipes"}
+
+
+def shipped_path(name: str | Path) -> Path | None:
+    """The installed copy of a file or directory shipped with llmft, named by its repository path (e.g.
+    ``recipes/cpu/tiny_base.yaml``, ``llmft/assets/tiny-llama``); None if ``name`` names none."""
+    text = Path(name).as_posix()
+    for prefix, root in SHIPPED.items():
+        if text.startswith(prefix) and (path := root / text[len(prefix):]).exists():
+            return path
+    return None
+
+
+def resolve_shipped(name: str) -> str:
+    """``name`` as given if it exists from the current directory (or names nothing shipped), else its installed
+    copy: what a recipe's relative path means."""
+    if Path(name).expanduser().exists():
+        return name
+    found = shipped_path(name)
+    return name if found is None else str(found)
+
+
+def _resolve_shipped_values(node: Any) -> Any:
+    """Every string value of a parsed YAML tree resolved with :func:`resolve_shipped`, in place."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(value, str) and value.startswith(tuple(SHIPPED)):
+            node[key] = resolve_shipped(value)
+        elif isinstance(value, (dict, list)):
+            _resolve_shipped_values(value)
+    return node
 
 
 class RecipeError(Exception):
@@ -189,8 +229,8 @@ def load_validated(path: str | Path, schema: type[BaseModel], overrides: list[st
     Raises:
         RecipeError: the file is missing or not YAML, or any field is invalid; holds every problem at once.
     """
-    path = Path(path)
     source = str(path)
+    path = Path(resolve_shipped(source))
     if not path.is_file():
         raise RecipeError([f"{source}: file not found"])
     text = path.read_text(encoding="utf-8")
@@ -206,6 +246,7 @@ def load_validated(path: str | Path, schema: type[BaseModel], overrides: list[st
         raise RecipeError([f"{source}: expected a mapping of sections, got {type(raw).__name__}"])
     overrides = overrides or []
     apply_overrides(raw, overrides)
+    _resolve_shipped_values(raw)
     overridden = {tuple(o.partition("=")[0].strip().split(".")) for o in overrides}
     overridden = {tuple(int(p) if p.isdigit() else p for p in o) for o in overridden}
     try:
