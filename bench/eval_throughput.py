@@ -1,4 +1,4 @@
-"""Evaluation throughput: ``llmft eval --ppl pg19`` (``llmft.eval.pg19.evaluate_ppl``, windows protocol) against a raw
+"""Evaluation throughput: ``llmft eval --ppl pg19`` (``llmft.eval.ppl.evaluate_ppl``, windows protocol) against a raw
 ``model(input_ids)`` forward loop over the same windows under ``torch.no_grad``, same model, in the same process.
 
     python bench/eval_throughput.py [--lengths 2048 4096] [--windows 6] [--repeats 3] [--quick]
@@ -44,7 +44,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from llmft.eval.pg19 import Book, evaluate_ppl, load_books
+    from llmft.eval.pg19 import load_books
+    from llmft.eval.ppl import Book, evaluate_ppl
     from llmft.testing.tiny import ASSETS, read_text
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +106,7 @@ def main() -> None:
         "",
         f"Command: `{cmd}`; machine: {machine()}. Model: LLaMA 4 layers, hidden 256, vocab 32000, random init, fp32, "
         f"SDPA, eval mode. Book: Moby Dick (Gutenberg #2701), the first {args.windows} windows of each length. "
-        "llmft: `llmft.eval.pg19.evaluate_ppl` (windows protocol: forward + NLL, tokens and bytes of every window); "
+        "llmft: `llmft.eval.ppl.evaluate_ppl` (windows protocol: forward + NLL, tokens and bytes of every window); "
         "baseline: `model(input_ids=window, use_cache=False)` under `torch.no_grad` (forward only, no KV cache). Same process, alternating, "
         f"{args.repeats} passes each after a warm-up window; median. Load: mean 1-minute load average.",
         "",

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from llmft.config import RopeConfig, load_recipe
 from llmft.config.loading import shipped_path
 from llmft.data.build import load_built
-from llmft.eval.ppl import format_table, perplexity_by_length
+from llmft.eval.ppl import perplexity_by_length
+from llmft.eval.report import plot_ppl, ppl_table
 from llmft.model.rope import apply_rope_scaling
 from llmft.train.loop import train
 
@@ -59,12 +60,10 @@ def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dic
         f"PI x8 fine-tuned ({ext.model.max_seq_len})": AutoModelForCausalLM.from_pretrained(ext_dir / "final"),
     }
     results = {name: perplexity_by_length(m, val_tokens, lengths, max_windows) for name, m in models.items()}
-    table = format_table(results)
+    table = ppl_table(results, ("ppl",), compare=False, length_format="{}")
     print("\nToken perplexity on held-out text (lower is better):\n\n" + table + "\n", flush=True)
     (out / "ppl.md").write_text(table + "\n")
     (out / "ppl.json").write_text(json.dumps({k: {str(n): r for n, r in v.items()} for k, v in results.items()}, indent=1))
-    from llmft.eval.report import plot_ppl  # matplotlib, only here
-
     plot_ppl(results, out / "ppl_by_length.png", metric="ppl", ylabel="token perplexity (held-out)", log_y=True,
              title="Context extension with Position Interpolation", trained_len=base.model.max_seq_len,
              trained_label="base training length")

@@ -237,7 +237,8 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from transformers import AutoTokenizer
 
     from llmft.eval.passkey import run_passkey
-    from llmft.eval.pg19 import evaluate_ppl, load_books
+    from llmft.eval.pg19 import load_books
+    from llmft.eval.ppl import evaluate_ppl
 
     started = time.time()
     scale = FAST if fast else FULL
@@ -374,17 +375,13 @@ def checks(ppl: dict[str, dict[int, dict]], lengths: list[int]) -> list[dict]:
     ]
 
 
-def ppl_table(results: dict, metric: str = "ppl_per_byte") -> str:
+def method_table(results: dict, metric: str = "ppl_per_byte") -> str:
     """Rows = methods, columns = evaluation lengths, as in the PI paper's Table 1."""
-    lengths = results["lengths"]
-    C = results["context"]
-    head = "| method | " + " | ".join(f"{n:,}" + (" (C)" if n == C else f" ({n // C}C)") for n in lengths) + " |"
-    lines = [head, "|---|" + "---:|" * len(lengths)]
-    for key, label, _, _ in METHODS:
-        row = results["ppl"][key]
-        lines.append(f"| {label} | " + " | ".join(f"{row[str(n)][metric]:.3f}" if metric == "ppl_per_byte"
-                                                 else f"{row[str(n)][metric]:.1f}" for n in lengths) + " |")
-    return "\n".join(lines)
+    from llmft.eval.report import ppl_table
+
+    models = {label: results["ppl"][key] for key, label, _, _ in METHODS}
+    return ppl_table(models, (metric,), by="model", context=results["context"], first_header="method",
+                     digits=3 if metric == "ppl_per_byte" else 1)
 
 
 def passkey_table(results: dict) -> str:
@@ -483,13 +480,13 @@ scored, so a window of 8C also contains positions below C.
 
 ## Perplexity per byte (rows = methods, columns = evaluation context)
 
-{ppl_table(r)}
+{method_table(r)}
 
 ![perplexity per byte by context length]({ppl_png})
 
 Token perplexity (the PI paper's Table 1 reports this):
 
-{ppl_table(r, 'token_ppl')}
+{method_table(r, 'token_ppl')}
 
 ## Loss by position in a {L}-token window
 

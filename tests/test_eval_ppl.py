@@ -15,7 +15,8 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmft.cli import main
-from llmft.eval.pg19 import evaluate_ppl, load_books, score_book, tokenize_book
+from llmft.eval.pg19 import load_books, tokenize_book
+from llmft.eval.ppl import evaluate_ppl, score_book
 
 GUTENBERG_HEADER = "*** START OF THE PROJECT GUTENBERG EBOOK {t} ***\n"
 GUTENBERG_FOOTER = "\n*** END OF THE PROJECT GUTENBERG EBOOK {t} ***\n"
@@ -222,3 +223,19 @@ def test_an_adapter_directory_loads_on_its_base_with_its_rope_config(tiny_model,
         tiny_model, config=loaded.config), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_one_table_writer_for_lengths_and_for_methods():
+    from llmft.eval.report import ppl_table
+
+    models = {"base": {128: {"ppl_per_byte": 1.5, "token_ppl": 10.0}, 256: {"ppl_per_byte": 3.0, "token_ppl": 40.0}},
+              "pi": {"128": {"ppl_per_byte": 1.2, "token_ppl": 8.0}, "256": {"ppl_per_byte": 1.1, "token_ppl": 7.0}}}
+    rows = ppl_table(models).splitlines()
+    assert rows[0] == "| context | base ppl/byte | pi ppl/byte | base token ppl | pi token ppl | pi vs base |"
+    assert rows[2] == "| 128 | 1.500 | 1.200 | 10.00 | 8.00 | -20.00% |"
+    assert rows[3] == "| 256 | 3.000 | 1.100 | 40.00 | 7.00 | -63.33% |"
+    by_model = ppl_table(models, ("token_ppl",), by="model", context=128, digits=1, first_header="method")
+    assert by_model.splitlines() == ["| method | 128 (C) | 256 (2C) |", "|---|---:|---:|", "| base | 10.0 | 40.0 |",
+                                     "| pi | 8.0 | 7.0 |"]
+    plain = ppl_table({"m": {1024: {"ppl": 3.14159}}}, ("ppl",), compare=False, length_format="{}")
+    assert plain.splitlines() == ["| context | m |", "|---|---:|", "| 1024 | 3.14 |"]

@@ -152,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _print(results) -> None:
     from llmft.eval.helm import format_helm_table
     from llmft.eval.passkey import format_passkey_table
-    from llmft.eval.report import format_ppl_table
+    from llmft.eval.report import ppl_table
 
     for name, (r, paths) in results.passkey.items():
         print(f"# passkey retrieval: {name}\n" + format_passkey_table(r))
@@ -161,7 +161,7 @@ def _print(results) -> None:
         print(f"# HELM core: {name}\n" + format_helm_table(r))
         print(f"[llmft] HELM report written to {md_path} and {json_path}")
     if results.ppl is not None:
-        print(format_ppl_table(results.ppl))
+        print(ppl_table(results.ppl))
         paths = results.ppl_paths
         print(f"[llmft] report written to {paths['markdown']}, {paths['json']} and {paths['plot']}")
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -25,24 +27,63 @@ def _num(x: float, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def format_ppl_table(models: dict[str, dict[int, dict]], metric: str = "ppl_per_byte") -> str:
-    """Markdown: one row per context length, one column per model (``metric``), then token perplexity; the
-    first model is the baseline of the comparison columns when there are two or more."""
+LABELS = {"ppl_per_byte": "ppl/byte", "token_ppl": "token ppl", "ppl": "token ppl"}
+DIGITS = {"ppl_per_byte": 3, "token_ppl": 2, "ppl": 2}
+
+
+def ppl_table(models: dict[str, dict[int, dict]], metrics: Sequence[str] = ("ppl_per_byte", "token_ppl"), *,
+              by: Literal["length", "model"] = "length", compare: bool = True, context: int | None = None,
+              digits: int | None = None, length_format: str = "{:,}", first_header: str | None = None) -> str:
+    """The markdown table of perplexity results, for every report that has one (``llmft eval``, ``--compare``,
+    the quickstart, ``llmft repro``).
+
+    Args:
+        models: ``{name: {length: {metric: value, ...}}}`` (lengths as ints or strings).
+        metrics: the columns (``by="length"``: a column per metric per model, labelled ``"<model> <metric>"`` when
+            there are several metrics, else ``"<model>"``; ``by="model"``: the first metric only).
+        by: ``"length"``: a row per context length; ``"model"``: a row per model, a column per length (the PI
+            paper's Table 1).
+        compare: with ``by="length"`` and two or more models, a column per later model with its relative change
+            of the first metric against the first model.
+        context: with ``by="model"``, the pre-training length C: length columns read ``2,048 (2C)``.
+        digits: decimals (default: 3 for perplexity per byte, 2 for token perplexity).
+        length_format: how a length is written.
+        first_header: the first column's header (default: ``context``, or ``model`` with ``by="model"``).
+
+    Books shorter than a length (``too_short``) are listed under the table.
+    """
     names = list(models)
+
+    def get(name: str, length: int) -> dict:
+        res = models[name]
+        return res.get(length, res.get(str(length), {}))
+
+    def num(x, metric: str) -> str:
+        return _num(x, DIGITS.get(metric, 2) if digits is None else digits)
+
     lengths = sorted({int(n) for r in models.values() for n in r})
-    label = {"ppl_per_byte": "ppl/byte", "token_ppl": "token ppl"}[metric]
-    head = ["context"] + [f"{n} {label}" for n in names] + [f"{n} token ppl" for n in names]
-    if len(names) > 1:
+    if by == "model":
+        metric = metrics[0]
+        head = [first_header or "model"] + [
+            length_format.format(n) + ("" if context is None else " (C)" if n == context else f" ({n // context}C)")
+            for n in lengths]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(lengths)]
+        lines += ["| " + " | ".join([name] + [num(get(name, n).get(metric, math.nan), metric) for n in lengths]) + " |"
+                  for name in names]
+        return "\n".join(lines)
+    cols = [(m, n) for m in metrics for n in names]
+    head = [first_header or "context"] + [f"{n} {LABELS.get(m, m)}" if len(metrics) > 1 else n for m, n in cols]
+    compare = compare and len(names) > 1
+    if compare:
         head += [f"{n} vs {names[0]}" for n in names[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for length in lengths:
-        rows = [models[n].get(length, {}) for n in names]
-        cells = [f"{length:,}"] + [_num(r.get(metric, math.nan)) for r in rows] + \
-            [_num(r.get("token_ppl", math.nan), 2) for r in rows]
-        base = rows[0].get(metric, math.nan)
-        for r in rows[1:]:
-            v = r.get(metric, math.nan)
-            cells.append("—" if math.isnan(base) or math.isnan(v) else f"{100 * (v / base - 1):+.2f}%")
+        cells = [length_format.format(length)] + [num(get(n, length).get(m, math.nan), m) for m, n in cols]
+        if compare:
+            base = get(names[0], length).get(metrics[0], math.nan)
+            for n in names[1:]:
+                v = get(n, length).get(metrics[0], math.nan)
+                cells.append("—" if math.isnan(base) or math.isnan(v) else f"{100 * (v / base - 1):+.2f}%")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {n}: {len(r['too_short'])} book(s) shorter than {int(length):,} tokens, not scored at that length "
              f"({', '.join(r['too_short'][:5])}{', ...' if len(r['too_short']) > 5 else ''})"
@@ -101,7 +142,7 @@ def write_ppl_report(models: dict[str, dict[int, dict]], protocol: dict, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"protocol": protocol, "models": {m: {str(n): r for n, r in res.items()} for m, res in models.items()}}
     (out_dir / "ppl.json").write_text(json.dumps(data, indent=1))
-    table = format_ppl_table(models)
+    table = ppl_table(models)
     desc = ", ".join(f"{k} {v}" for k, v in protocol.items() if v is not None)
     (out_dir / "ppl.md").write_text(f"# Perplexity by context length\n\n{desc}\n\n{table}\n")
     plot_ppl(models, out_dir / "ppl.png", title=f"PG-19 perplexity per byte ({protocol.get('mode', '')})")
@@ -145,7 +186,7 @@ def compare_reports(paths: list[Path], out_dir: Path) -> dict[str, Path]:
             name = label if len(rep["models"]) == 1 else f"{label}:{model}"
             models[name] = {int(n): r for n, r in res.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_ppl_table(models)
+    table = ppl_table(models)
     (out_dir / "compare.md").write_text(f"# Perplexity per byte: {' vs '.join(models)}\n\n"
                                         f"{', '.join(f'{k} {v}' for k, v in first.items())}\n\n{table}\n")
     plot_ppl(models, out_dir / "compare.png", title="PG-19 perplexity per byte")

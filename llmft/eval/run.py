@@ -134,7 +134,8 @@ def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, pas
                          trials=helm.trials)
             results.helm[name] = (r, write_helm_report(r, out if len(models) == 1 else out / f"helm-{i}"))
         if ppl is not None:
-            from llmft.eval.pg19 import evaluate_ppl, load_books
+            from llmft.eval.pg19 import load_books
+            from llmft.eval.ppl import evaluate_ppl
 
             if books is None or tokenizer.get_vocab() != tok_vocab:  # re-tokenize only for another tokenizer
                 books = load_books(ppl.data, tokenizer, ppl.max_docs)
