@@ -520,7 +520,7 @@ from the evaluation keys.
 
 The run takes {mins['total']} min: {mins['pretrain']} min pre-training, {mins['ft_linear']} min per
 fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey. A run resumes where it was
-interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that `tests/test_repro_pi.py` runs.
+interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that `tests/integration/test_repro_pi.py` runs.
 
 {MARKER}
 """

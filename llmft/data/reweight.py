@@ -23,7 +23,7 @@ Why smooth. The removed documents appear only among the unfiltered, so a flexibl
 feature itself (a kept document lacks it: no use) and memorizes documents (a kept document is in both samples,
 so memorizing flattens its odds to a constant). Few components and cross-fitting (``folds``: a document's weight
 comes from a probe that did not train on it) leave the broad content that the filter correlates with. On the
-test corpus (tests/test_filters.py: a filter removing 14% of one class and 6% of the other) this undoes about
+test corpus (tests/unit/data/test_filters.py: a filter removing 14% of one class and 6% of the other) this undoes about
 90-100% of the keyword shift; all 4096 hashed dimensions with the same folds, 50-70%.
 
 Memory (:class:`ReweightStream`): a build feeds each source's documents batch by batch as it reads them; the

@@ -19,12 +19,12 @@ which the backward pass only scales by the incoming gradient. One (b C, v) fp32 
 recompute: the head costs 6 v h FLOPs per token, as without chunking. Any other head (a PEFT wrapper, ZeRO-3)
 runs each chunk under activation checkpointing instead (the logits are made again in the backward pass).
 
-The result equals the full-logits loss up to float summation order; its gradients too (tests/test_loss.py).
+The result equals the full-logits loss up to float summation order; its gradients too (tests/unit/train/test_loss.py).
 
 Per-token loss weights (a ``weight`` (b, s) entry of the batch, from a data recipe's ``reweight``): every path
 returns ``Σ w_t · nll_t / num_items``, where ``w_t`` is the weight of the *predicted* token t (labels and weights
 shift together) and the caller passes ``num_items = Σ w_t`` over the trained tokens of the whole step. A weight of
-2 then counts exactly like two copies of the example (tests/test_loss_weights.py). The fused path multiplies each
+2 then counts exactly like two copies of the example (tests/unit/train/test_loss_weights.py). The fused path multiplies each
 row of d loss / d logits by its weight in the forward pass. Without ``weight`` the loss is computed as before.
 """
 

@@ -34,7 +34,7 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit
 
 
 # torch's fused AdamW kernel: one pass over each parameter instead of foreach's dozen list ops (about 5x faster on
-# the bench model on CPU, 13 vs 66 ms a step), the same update to float rounding (tests/test_train.py)
+# the bench model on CPU, 13 vs 66 ms a step), the same update to float rounding (tests/unit/train/test_train.py)
 FUSED_DEVICES = ("cpu", "cuda")
 
 

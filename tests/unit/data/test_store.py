@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 from llmft.cli import main
 from llmft.config.data import load_mix
@@ -25,7 +26,6 @@ from llmft.data.packing import Example, PackedRows, pack_concat, pack_isolated
 from llmft.data.sources import DataError
 from llmft.data.store import RowStore, StoreError, StoreWriter, write_store
 
-REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = "llmft/assets/tiny-llama"
 
 

@@ -179,7 +179,7 @@ def test_lora_recipe_rules(tmp_path, tiny_model, text_file):
     base = tiny_recipe(tiny_model, text_file, tmp_path / "r")
     with pytest.raises(RecipeError, match=r"lora: the lora section applies only to method: lora"):
         load_recipe(write_recipe(tmp_path / "a.yaml", {**base, "lora": {"rank": 4}}))
-    # method: qlora (tests/test_qlora.py) takes its adapter settings from the same lora section
+    # method: qlora (tests/unit/model/test_qlora.py) takes its adapter settings from the same lora section
     assert load_recipe(write_recipe(tmp_path / "b.yaml", {**base, "method": "qlora"})).lora.rank == 8
     with pytest.raises(RecipeError) as e:
         load_recipe(write_recipe(tmp_path / "c.yaml", {**base, "method": "lora",

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_recipe, write_recipe
-from reweighted import reference, shard_columns, write_reweighted_mix
 from transformers import AutoModelForCausalLM
 
 from llmft.config import load_recipe
 from llmft.data.packing import Example, attention_kwargs, pack_isolated, segment_ids
 from llmft.model.build import build_model
+from llmft.testing.reweighted import reference, shard_columns, write_reweighted_mix
 from llmft.train.loop import train
 from llmft.train.loss import _fusable, causal_lm_loss, step_divisor
 

@@ -37,6 +37,7 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
     raise AssertionError(f"{text!r} not seen:\n{seen[-2000:]}")
 
 
+@pytest.mark.usefixtures("one_thread")  # bitwise across processes
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(tmp_path, tiny_model, text_file):
     steps = 30
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "pre", train={"max_steps": steps})

@@ -71,6 +71,7 @@ def test_deterministic_on_cpu(tmp_path, tiny_model, text_file):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.usefixtures("one_thread")  # bitwise across processes
 def test_sigkill_then_rerun_resumes_at_next_step_with_identical_result(tmp_path, tiny_model, text_file):
     steps, every = 40, 5
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "killed",

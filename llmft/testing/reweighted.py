@@ -1,5 +1,5 @@
 """A small reweighted data mix (keyword filter + ``reweight:``) and its hand-computed weighted loss, shared by
-tests/test_loss_weights.py (plain engine) and tests/test_deepspeed.py (DeepSpeed on 2 ranks)."""
+tests/unit/train/test_loss_weights.py (plain engine) and tests/integration/test_deepspeed.py (DeepSpeed on 2 ranks)."""
 
 from __future__ import annotations
 

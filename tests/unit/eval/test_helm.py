@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DATA
 from nltk.metrics.scores import f_measure
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,7 +44,7 @@ from llmft.eval.helm import (
 )
 from llmft.eval.helm import metrics as hm
 
-DATA = Path(__file__).resolve().parent / "data" / "helm"
+DATA = TEST_DATA / "helm"
 
 
 # ------------------------------------------------------------------ HELM's reference functions, transcribed

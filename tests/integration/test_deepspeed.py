@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, tiny_recipe, write_recipe
-from reweighted import reference, shard_columns, write_reweighted_mix
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmft.config import load_recipe
 from llmft.data.packing import attention_kwargs
 from llmft.model.build import build_model
+from llmft.testing.reweighted import reference, shard_columns, write_reweighted_mix
 from llmft.train.loop import train
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_recipe
+from conftest import REPO, TESTS, write_recipe
 
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
@@ -86,9 +86,9 @@ def measured(tmp_path_factory, book_text) -> dict:
                       intermediate_size=SIZE["inter"], max_position_embeddings=SIZE["seq"]).save_pretrained(model_dir)
     text = root / "book.txt"
     text.write_text(book_text)
-    # glibc's dynamic mmap threshold keeps freed heap memory resident (see llmft/plan.py): fix it, so that RSS
+    # glibc's dynamic mmap threshold keeps freed heap memory resident (see docs/memory.md): fix it, so that RSS
     # measures the memory the step needs
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     procs = {}
     for name, sections in CONFIGS.items():
         recipe = {"model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",

@@ -2,7 +2,7 @@
 
 flash-attn takes only bf16/fp16. With fp32 master weights, a forward outside autocast hands it fp32 queries: on a
 GPU that crashes at the first evaluation of a LoRA/QLoRA run. Here transformers' real flash_attention_2 path runs on
-CPU with stand-in kernels that refuse fp32 as flash-attn does (tests/cpu_flash_attention.py), through a training
+CPU with stand-in kernels that refuse fp32 as flash-attn does (llmft/testing/cpu_flash_attention.py), through a training
 run with perplexity and passkey evaluation; its losses equal the SDPA block-mask path within bf16 tolerance.
 """
 
@@ -13,10 +13,10 @@ import json
 import pytest
 import torch
 from conftest import tiny_recipe, write_recipe
-from cpu_flash_attention import cpu_flash_attention
 
 from llmft.config import RecipeError, load_recipe
 from llmft.model import build
+from llmft.testing.cpu_flash_attention import cpu_flash_attention
 from llmft.train.loop import train
 
 

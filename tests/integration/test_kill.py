@@ -21,7 +21,7 @@ from llmft.config import load_recipe
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # bitwise across processes
 
 
 def step_of(path: Path | None) -> int:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from llmft.data.decontam import Decontaminator, DecontamReport, DecontamTargetError
 
@@ -225,7 +226,7 @@ def test_the_build_reports_each_target_and_fails_on_an_empty_one(tmp_path, helm_
 
     docs = [{"text": f"{FILLER} {PLANTED[s]} {FILLER}"} for s in sorted(PLANTED)] + [{"text": FILLER * 3}]
     jsonl(tmp_path / "web.jsonl", docs)
-    recipe = {"tokenizer": str(Path(__file__).resolve().parents[1] / "llmft/assets/tiny-llama"), "seq_len": 128,
+    recipe = {"tokenizer": str(REPO / "llmft/assets/tiny-llama"), "seq_len": 128,
               "validation_fraction": 0.0, "decontaminate": {"targets": [str(helm_dir), str(shared_data / "gutenberg")],
                                                              "n": 10},
               "sources": [{"name": "web", "weight": 1.0, "source": {"format": "jsonl", "path": str(tmp_path / "web.jsonl")}}]}
