@@ -24,9 +24,9 @@ pytest.importorskip("sentence_transformers")
 
 from llmft.cli import main  # noqa: E402
 from llmft.config.data import Dedup  # noqa: E402
-from llmft.data import dedup as dedup_module  # noqa: E402
 from llmft.data.decontam import normalize_words  # noqa: E402
 from llmft.data.dedup import Shingler, all_pairs, deduplicate  # noqa: E402
+from llmft.data.dedup import index as dedup_module  # noqa: E402  (where DedupIndex calls it)
 from llmft.data.sources import DataError  # noqa: E402
 from llmft.testing.dedup_corpus import planted_corpus  # noqa: E402
 
