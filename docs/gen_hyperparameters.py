@@ -101,7 +101,7 @@ def recipe_row(path: Path) -> Row:
     """
     from llmft.config import load_recipe
     from llmft.model.adapters import lora_parameter_count
-    from llmft.model.build import architecture_config, parameter_count_from_config
+    from llmft.model.load import architecture_config, parameter_count_from_config
 
     recipe = load_recipe(path)
     m, t = recipe.model, recipe.train

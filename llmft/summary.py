@@ -13,7 +13,7 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     Raises:
         RecipeError: the model's config cannot be found (offline, not shipped) to count its parameters.
     """
-    from llmft.model.build import ModelLoadError, architecture_config, parameter_count_from_config
+    from llmft.model.load import ModelLoadError, architecture_config, parameter_count_from_config
     m = recipe.model
     per_step = recipe.tokens_per_step(world_size)
     steps = recipe.total_steps(world_size)
@@ -36,7 +36,7 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
                          f"rope_parameters {config.rope_parameters}")
     if n and recipe.uses_adapters:
         from llmft.model.adapters import adapter_size_bytes, lora_parameter_count
-        from llmft.model.build import DTYPES
+        from llmft.model.load import DTYPES
 
         try:
             config = architecture_config(m)
@@ -69,7 +69,7 @@ def run_summary(recipe: Recipe, run_dir, world: int, distributed: bool, engine, 
         data: the built training data (rows, validation tokens, stats).
         resumed_from: the checkpoint resumed from, or None.
     """
-    from llmft.model.build import DTYPES, count_parameters
+    from llmft.model.load import DTYPES, count_parameters
 
     lora, t, seq_len = recipe.adapter, recipe.train, recipe.model.max_seq_len
     rows, stats = data.rows, data.stats

@@ -16,7 +16,7 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from llmft.data.sources import DataError
-    from llmft.model.build import ModelLoadError
+    from llmft.model.load import ModelLoadError
     from llmft.train.checkpoint import CheckpointError
 
     return RecipeError, ModelLoadError, DataError, CheckpointError

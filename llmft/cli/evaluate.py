@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
     ppl, passkey, helm = _requests(args)
     from llmft.data.sources import SourceError
-    from llmft.model.build import resolve_attention
+    from llmft.model.load import resolve_attention
 
     # flash-attn computes only in bf16/fp16: the kernel follows --dtype (auto: sdpa in float32)
     attention, reason = resolve_attention(args.attention, {"float32": "fp32", "bfloat16": "bf16",

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from llmft.model.adapters import merge_adapters, parse_adapter_spec
-    from llmft.model.build import DTYPES
+    from llmft.model.load import DTYPES
 
     adapters = [parse_adapter_spec(spec) for spec in args.adapter]
     out = merge_adapters(args.base, adapters, Path(args.out), DTYPES[args.dtype])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmft.model.build import DTYPES, ModelLoadError
+from llmft.model.load import DTYPES, ModelLoadError
 
 log = logging.getLogger(__name__)
 

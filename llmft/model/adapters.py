@@ -46,7 +46,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from llmft.config import LoraConfig, ModelConfig
-from llmft.model.build import ModelLoadError, checkpoint_kwargs, enable_checkpointing
+from llmft.model.load import ModelLoadError, checkpoint_kwargs, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def prepare_quantized(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedMod
     """PEFT's ``prepare_model_for_kbit_training`` for a 4-bit base: freezes it, casts the non-quantized weights
     (norms, embedding) to fp32, makes the input embedding output require grad (needed with checkpointing
     and a frozen embedding) and enables gradient checkpointing when the recipe asks for it (llmft's selective
-    checkpointing, :func:`llmft.model.build.checkpoint_kwargs`)."""
+    checkpointing, :func:`llmft.model.load.checkpoint_kwargs`)."""
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                  gradient_checkpointing_kwargs=checkpoint_kwargs())
     if cfg.gradient_checkpointing:  # peft enabled it on every layer: apply the recipe's layer choice and offload

@@ -434,7 +434,7 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_mem_bytes: float
     Raises:
         RecipeError: the model's config cannot be found, or its architecture has no closed form here.
     """
-    from llmft.model.build import ModelLoadError, architecture_config
+    from llmft.model.load import ModelLoadError, architecture_config
 
     try:
         config = architecture_config(recipe.model)

@@ -71,7 +71,7 @@ def cpu_flash_attention():
     import transformers.modeling_flash_attention_utils as fau
     from transformers.modeling_utils import PreTrainedModel
 
-    import llmft.model.build as build
+    import llmft.model.load as build
 
     names = ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
              "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn")

@@ -26,7 +26,7 @@ from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from llmft.data.loader import PackedLoader
 from llmft.data.sources import DataError
 from llmft.eval.ppl import perplexity_by_length
-from llmft.model.build import DTYPES, build_model, count_parameters
+from llmft.model.load import DTYPES, build_model, count_parameters
 from llmft.summary import run_summary
 from llmft.train import checkpoint as ckpt
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed

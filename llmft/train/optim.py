@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from llmft.config import TrainConfig
-from llmft.model.build import require_bitsandbytes
+from llmft.model.load import require_bitsandbytes
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

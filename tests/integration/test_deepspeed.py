@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmft.config import load_recipe
 from llmft.data.packing import attention_kwargs
-from llmft.model.build import build_model
+from llmft.model.load import build_model
 from llmft.testing.reweighted import reference, shard_columns, write_reweighted_mix
 from llmft.train.loop import train
 

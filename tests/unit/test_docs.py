@@ -14,9 +14,9 @@ from conftest import REPO
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmft.config import ModelConfig, load_recipe
-from llmft.model import build
+from llmft.model import load as model_load
 from llmft.model.adapters import apply_lora
-from llmft.model.build import ModelLoadError, architecture_config, load_config, parameter_count_from_config
+from llmft.model.load import ModelLoadError, architecture_config, load_config, parameter_count_from_config
 
 DOC = REPO / "docs" / "hyperparameters.md"
 _spec = importlib.util.spec_from_file_location("gen_hyperparameters", REPO / "docs" / "gen_hyperparameters.py")
@@ -84,10 +84,10 @@ def test_tiny_lora_trainable_count_equals_a_real_peft_model(monkeypatch):
 
 def test_llama2_7b_counts_from_the_shipped_config(monkeypatch, caplog):
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(build, "_FALLBACK_LOGGED", set())
+    monkeypatch.setattr(model_load, "_FALLBACK_LOGGED", set())
     rows = table()
     m = load_recipe("recipes/llama2_32k_qlora.yaml").model
-    with caplog.at_level(logging.INFO, logger="llmft.model.build"):
+    with caplog.at_level(logging.INFO, logger="llmft.model.load"):
         config = architecture_config(m)
     assert "llmft/assets/configs/meta-llama--Llama-2-7b-hf/config.json" in caplog.text
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size) == (

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmft.config.eval import ScenarioSpec
-from llmft.model.build import hub_resolves
+from llmft.model.load import hub_resolves
 
 TRAIN, VALID, TEST = "train", "valid", "test"
 

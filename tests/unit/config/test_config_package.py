@@ -82,7 +82,7 @@ def test_attention_kernel(requested, flash, precision, expected):
 
 
 def test_cli_plan_and_loop_read_the_same_numbers(recipe_at):
-    from llmft.model.build import resolve_attention
+    from llmft.model.load import resolve_attention
     from llmft.plan import setup_from_recipe
 
     r = recipe_at(train={"micro_batch_size": 2, "gradient_accumulation_steps": 3, "max_steps": None,

@@ -273,7 +273,7 @@ def test_missing_data_file_names_path_and_format(tmp_path):
 
 def test_an_unreachable_hub_fails_at_once(tmp_path):
     """Not offline by setting, but no route to the hub: one message at once, not after datasets' retries."""
-    from llmft.model.build import hub_resolves
+    from llmft.model.load import hub_resolves
 
     if hub_resolves():
         pytest.skip("the hub's host name resolves here")

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_recipe, write_recipe
 
 from llmft.config import RecipeError, load_recipe
-from llmft.model import build
+from llmft.model import load as model_load
 from llmft.testing.cpu_flash_attention import cpu_flash_attention
 from llmft.train.loop import train
 
@@ -78,19 +78,19 @@ def test_flash_attention_with_fp32_training_is_refused_at_validation(tmp_path, t
 def test_auto_attention_choice(monkeypatch, cuda, flash, precision, expected, why):
     """``auto`` on every kind of machine (the availability checks are set, so this passes on a GPU box too)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(build, "flash_attn_available", lambda: flash)
-    impl, reason = build.resolve_attention("auto", precision)
+    monkeypatch.setattr(model_load, "flash_attn_available", lambda: flash)
+    impl, reason = model_load.resolve_attention("auto", precision)
     assert impl == expected and why in reason
 
 
 def test_explicit_flash_attention_refused_in_fp32_or_without_the_package(monkeypatch):
-    monkeypatch.setattr(build, "flash_attn_available", lambda: True)
-    with pytest.raises(build.ModelLoadError, match="only in bf16 or fp16"):
-        build.resolve_attention("flash_attention_2", "fp32")
-    assert build.resolve_attention("flash_attention_2", "bf16")[0] == "flash_attention_2"
-    monkeypatch.setattr(build, "flash_attn_available", lambda: False)
-    with pytest.raises(build.ModelLoadError, match="cannot run here"):
-        build.resolve_attention("flash_attention_2", "bf16")
+    monkeypatch.setattr(model_load, "flash_attn_available", lambda: True)
+    with pytest.raises(model_load.ModelLoadError, match="only in bf16 or fp16"):
+        model_load.resolve_attention("flash_attention_2", "fp32")
+    assert model_load.resolve_attention("flash_attention_2", "bf16")[0] == "flash_attention_2"
+    monkeypatch.setattr(model_load, "flash_attn_available", lambda: False)
+    with pytest.raises(model_load.ModelLoadError, match="cannot run here"):
+        model_load.resolve_attention("flash_attention_2", "bf16")
 
 
 def test_llmft_eval_runs_flash_attention_in_its_dtype_and_refuses_float32(tiny_model, tmp_path, book_text, capsys):

@@ -24,7 +24,7 @@ from llmft.model.adapters import (
     lora_parameter_count,
     trained_adapter_size_bytes,
 )
-from llmft.model.build import count_parameters
+from llmft.model.load import count_parameters
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
 

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmft.cli import main
 from llmft.config import LoraConfig, RopeConfig
 from llmft.model.adapters import apply_lora, export_adapter, merge_adapters, parse_adapter_spec
-from llmft.model.build import ModelLoadError
+from llmft.model.load import ModelLoadError
 from llmft.model.rope import apply_rope_scaling
 
 EMBED = "model.embed_tokens.weight"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmft.config import ModelConfig
-from llmft.model.build import ModelLoadError, build_model, count_parameters, resolve_attention
+from llmft.model.load import ModelLoadError, build_model, count_parameters, resolve_attention
 
 
 def test_explicit_backends_pass_through():

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmft.cli import main
 from llmft.config import RecipeError, load_recipe
 from llmft.model.adapters import lora_parameter_count
-from llmft.model.build import ModelLoadError, count_parameters, require_bitsandbytes
+from llmft.model.load import ModelLoadError, count_parameters, require_bitsandbytes
 from llmft.train import checkpoint as ckpt
 from llmft.train.loop import train
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmft.config import ModelConfig, RopeConfig
-from llmft.model.build import build_model
+from llmft.model.load import build_model
 from llmft.model.rope import apply_rope_scaling
 
 THETA, ORIG = 10000.0, 32
@@ -236,7 +236,7 @@ def test_yarn_on_a_yarn_base_is_yarn_of_the_product_over_the_original_length(tin
     (RopeConfig(type="dynamic", factor=4.0), RopeConfig(type="linear", factor=2.0), "start from the base"),
 ])
 def test_combinations_that_do_not_compose_are_refused_with_the_fix(tiny_model, tmp_path, base_rope, rope, fix):
-    from llmft.model.build import ModelLoadError
+    from llmft.model.load import ModelLoadError
 
     base = scaled_base(tiny_model, tmp_path, base_rope)
     with pytest.raises(ModelLoadError, match=f"model.rope: the base already has {base_rope.type} RoPE scaling.*{fix}"):

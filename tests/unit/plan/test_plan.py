@@ -51,7 +51,7 @@ def measure_training_peak(recipe_path: str, steps: int = 2) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from llmft.model.adapters import apply_lora
-    from llmft.model.build import build_model
+    from llmft.model.load import build_model
     from llmft.train.engine import PlainEngine
 
     recipe = load_recipe(recipe_path)
@@ -167,7 +167,7 @@ def test_saved_activations_match_autograd(tiny_model, text_file, tmp_path, preci
     ``checkpointing`` 2: every 2nd layer (layer 0 of the tiny model's 2; layer 1 keeps its activations)."""
     from llmft.config import LoraConfig
     from llmft.model.adapters import apply_lora
-    from llmft.model.build import build_model
+    from llmft.model.load import build_model
     from llmft.train.loss import causal_lm_loss
 
     raw = {"model": {"name": str(tiny_model), "dtype": "float32", "attention": "sdpa", "max_seq_len": 256,

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_recipe, write_recipe
 
 from llmft.config import RecipeError, load_recipe
-from llmft.model.build import build_model
+from llmft.model.load import build_model
 from llmft.train.loss import causal_lm_loss
 
 

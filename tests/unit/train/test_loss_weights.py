@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from llmft.config import load_recipe
 from llmft.data.packing import Example, attention_kwargs, pack_isolated, segment_ids
-from llmft.model.build import build_model
+from llmft.model.load import build_model
 from llmft.testing.reweighted import reference, shard_columns, write_reweighted_mix
 from llmft.train.loop import train
 from llmft.train.loss import _fusable, causal_lm_loss, step_divisor

@@ -213,9 +213,9 @@ def test_cli_help_lists_subcommands():
 
 def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_model, text_file, capsys,
                                                                  monkeypatch):
-    from llmft.model import build
+    from llmft.model import load as model_load
 
-    monkeypatch.setattr(build, "flash_attn_available", lambda: False)  # as here, also on a machine that has it
+    monkeypatch.setattr(model_load, "flash_attn_available", lambda: False)  # as here, also on a machine that has it
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", model={"attention": "flash_attention_2"},
                          train={"precision": "bf16"})
     path = write_recipe(tmp_path / "r.yaml", recipe)
@@ -226,7 +226,7 @@ def test_flash_attention_requested_without_cuda_is_a_clear_error(tmp_path, tiny_
 
 def test_weight_decay_skips_norms_and_biases(tiny_model):
     from llmft.config import ModelConfig, TrainConfig
-    from llmft.model.build import build_model
+    from llmft.model.load import build_model
     from llmft.train.optim import build_optimizer
 
     model = build_model(ModelConfig(name=str(tiny_model), max_seq_len=32, dtype="float32")).model
@@ -242,7 +242,7 @@ def test_weight_decay_skips_norms_and_biases(tiny_model):
 def test_fused_adamw_matches_foreach(tiny_model, text_file):
     """The plain engine's fused AdamW makes the same updates as the foreach one, to float rounding."""
     from llmft.config import ModelConfig, TrainConfig
-    from llmft.model.build import build_model
+    from llmft.model.load import build_model
     from llmft.train.optim import build_optimizer
 
     cfg = TrainConfig(lr=1e-3, weight_decay=0.1, max_steps=1)
@@ -292,7 +292,7 @@ def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, sharp
     rows = load_built(tmp_path / "run" / "data").rows  # the rows the run built, served in the run's order
     assert rows.index["real_tokens"] == sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)  # + BOS, EOS
     loader = PackedLoader(rows, micro_batch_size=2, seed=0)
-    from llmft.model.build import build_model
+    from llmft.model.load import build_model
 
     model = build_model(recipe.model).model.eval()  # initial weights, RoPE x4 as in training
     nll, count = 0.0, 0

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import llmft.train.loss as loss_mod
 from llmft.config import load_recipe
-from llmft.model.build import build_model
+from llmft.model.load import build_model
 from llmft.train.loop import train
 
 FUSABLE = loss_mod._fusable
