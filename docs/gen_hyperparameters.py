@@ -1,7 +1,7 @@
 """Generate the table of shipped recipes in docs/hyperparameters.md from the recipes themselves.
 
     python docs/gen_hyperparameters.py           # rewrite the table between the BEGIN/END markers
-    python docs/gen_hyperparameters.py --check   # exit 1 if the table in the file is stale (CI: tests/unit/test_docs.py)
+    python docs/gen_hyperparameters.py --check   # exit 1 if the table is stale (CI: tests/unit/test_docs.py)
 
 Every number comes from files in this repository, never from the network: each recipe under ``recipes/`` (all
 subfolders) is loaded and validated with llmft's own loader; total parameters are counted by instantiating the

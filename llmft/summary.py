@@ -1,6 +1,7 @@
-"""What a run will do, in the lines a person reads: before launching (``llmft validate``: ranks, batch, tokens,
-steps, RoPE and parameters) and once a training run is set up (:func:`run_summary`). Every number is read from the recipe's own derived numbers (``llmft.config.Recipe``)
-or from the model's config, so this printout, ``llmft plan`` and the training loop agree by construction."""
+"""What a run will do, in the lines a person reads: before launching (``llmft validate``: ranks, batch, tokens, steps,
+RoPE and parameters) and once a training run is set up (:func:`run_summary`). Every number is read from the recipe's own
+derived numbers (``llmft.config.Recipe``) or from the model's config, so this printout, ``llmft plan`` and the training
+loop agree by construction."""
 
 from __future__ import annotations
 

@@ -31,11 +31,10 @@ a source 20x larger than its need is prepared in two waves, about a file past wh
 all sources run together, and so do the second waves of every source still short of its need (each wave starts
 the executor's worker processes anew, a few seconds).
 
-With ``reweight`` (and no dedup), a job also records every document it read, kept by the filters or not: its
-sparse embedding (``embedding.idx`` / ``embedding.val``), the filters' decision and its characters
-(``reweight.npz``); the build replays the filters' batches over these records
-(:func:`llmft.data.build.reading._engine_reweighted`), so its reweighting sees the same documents in the same batches as when
-it reads them itself.
+With ``reweight`` (and no dedup), a job also records every document it read, kept by the filters or not: its sparse
+embedding (``embedding.idx`` / ``embedding.val``), the filters' decision and its characters (``reweight.npz``); the
+build replays the filters' batches over these records (:func:`llmft.data.build.reading._engine_reweighted`), so its
+reweighting sees the same documents in the same batches as when it reads them itself.
 
 A malformed record under ``on_error: stop`` makes its job write an error, which the build raises (a
 :class:`llmft.data.sources.DataError` naming the file and line) once the wave ends.

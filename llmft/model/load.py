@@ -334,11 +334,11 @@ def _keep_attention(ctx, op, *args, **kwargs):
 def checkpoint_kwargs(keep_attention: bool = False) -> dict:
     """``torch.utils.checkpoint`` arguments of ``model.gradient_checkpointing`` (non-reentrant).
 
-    Each checkpointed decoder layer keeps only its input and is recomputed in the backward pass. With
-    ``keep_attention`` (``model.checkpoint_keep_attention``) the recompute is selective: the attention kernel's
-    outputs (the attention output, (b, s, q), and its (b, nh, s) fp32 logsumexp) are kept from the forward pass and
-    the kernel is not run again, which skips the one recomputed op whose cost grows with s^2; q, k and v are
-    recomputed as before (cheap projections). Gradients are bitwise the same either way (tests/unit/train/test_train_speed.py).
+    Each checkpointed decoder layer keeps only its input and is recomputed in the backward pass. With ``keep_attention``
+    (``model.checkpoint_keep_attention``) the recompute is selective: the attention kernel's outputs (the attention
+    output, (b, s, q), and its (b, nh, s) fp32 logsumexp) are kept from the forward pass and the kernel is not run
+    again, which skips the one recomputed op whose cost grows with s^2; q, k and v are recomputed as before (cheap
+    projections). Gradients are bitwise the same either way (tests/unit/train/test_train_speed.py).
     """
     if not keep_attention:
         return {"use_reentrant": False}

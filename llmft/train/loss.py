@@ -21,10 +21,10 @@ runs each chunk under activation checkpointing instead (the logits are made agai
 
 The result equals the full-logits loss up to float summation order; its gradients too (tests/unit/train/test_loss.py).
 
-Per-token loss weights (a ``weight`` (b, s) entry of the batch, from a data recipe's ``reweight``): every path
-returns ``Σ w_t · nll_t / num_items``, where ``w_t`` is the weight of the *predicted* token t (labels and weights
-shift together) and the caller passes ``num_items = Σ w_t`` over the trained tokens of the whole step. A weight of
-2 then counts exactly like two copies of the example (tests/unit/train/test_loss_weights.py). The fused path multiplies each
+Per-token loss weights (a ``weight`` (b, s) entry of the batch, from a data recipe's ``reweight``): every path returns
+``Σ w_t · nll_t / num_items``, where ``w_t`` is the weight of the *predicted* token t (labels and weights shift
+together) and the caller passes ``num_items = Σ w_t`` over the trained tokens of the whole step. A weight of 2 then
+counts exactly like two copies of the example (tests/unit/train/test_loss_weights.py). The fused path multiplies each
 row of d loss / d logits by its weight in the forward pass. Without ``weight`` the loss is computed as before.
 """
 

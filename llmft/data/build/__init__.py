@@ -7,14 +7,14 @@ filter by token count, cut every document into units of at most ``seq_len`` toke
 in the staging directory (:mod:`llmft.data.units`: 3 bytes per token on disk, 16 bytes per unit in memory), and
 hold out the tail ``validation_fraction`` of the units for validation (``validation_sources`` are held out whole).
 
-Dedup (:class:`~llmft.data.build.curate._Dedup`) never holds the texts: a first reading of every source (the scan) computes each kept
-document's features in the workers (exact hash, MinHash signature, shingles) into a
-:class:`llmft.data.dedup.DedupIndex` (in memory: ``num_perm * 4`` bytes per document while deciding, under 100
-bytes otherwise; the shingles and excerpts spill to the staging directory); the duplicates are decided over all of
-them; a second reading yields only the documents kept (by their position in the reading order; a file changed in
-between is an error) and counts the tokens of the removed ones for the report. A plain source's ``min_tokens`` /
-``max_tokens`` run in the scan (its workers count each document's tokens), so a document they drop takes no place
-in the index: a web source where most documents are under Together's 2K tokens costs signatures only for the rest.
+Dedup (:class:`~llmft.data.build.curate._Dedup`) never holds the texts: a first reading of every source (the scan)
+computes each kept document's features in the workers (exact hash, MinHash signature, shingles) into a
+:class:`llmft.data.dedup.DedupIndex` (in memory: ``num_perm * 4`` bytes per document while deciding, under 100 bytes
+otherwise; the shingles and excerpts spill to the staging directory); the duplicates are decided over all of them; a
+second reading yields only the documents kept (by their position in the reading order; a file changed in between is an
+error) and counts the tokens of the removed ones for the report. A plain source's ``min_tokens`` / ``max_tokens`` run in
+the scan (its workers count each document's tokens), so a document they drop takes no place in the index: a web source
+where most documents are under Together's 2K tokens costs signatures only for the rest.
 
 When a source's need is known before it is read (``total_tokens`` with weighted shares), its files are read in a
 seeded random order and reading stops once its units hold the ``weight * total`` training tokens it needs (character

@@ -139,7 +139,8 @@ class _Dedup:
                 sc.chars += len(text)
                 if sample is not None:
                     sample.append(text)
-                    if sc.chars >= min(common.ESTIMATE_CHARS, 2 * need):  # the budget: the need at the measured chars/token
+                    # the budget: the need at the measured chars/token
+                    if sc.chars >= min(common.ESTIMATE_CHARS, 2 * need):
                         tokens = sum(len(ids) + 2 for ids in _encode(self.tokenizer, sample))  # + BOS, EOS
                         target = need / (1 - vf) * sc.chars / max(1, tokens) * common.SCAN_MARGIN
                         progress.total, sample = int(target), None
@@ -205,7 +206,8 @@ class _Dedup:
                 if sample is not None:
                     sample += plain + 2
                     if sc.chars >= min(common.ESTIMATE_CHARS, 2 * need):
-                        target = need / (1 - self.mix.validation_fraction) * sc.chars / max(1, sample) * common.SCAN_MARGIN
+                        target = (need / (1 - self.mix.validation_fraction) * sc.chars / max(1, sample)
+                                  * common.SCAN_MARGIN)
                         sample = None
                 if length_filter and lo and n_train < lo:
                     sc.dropped_min_tokens += 1

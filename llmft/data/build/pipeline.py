@@ -59,7 +59,8 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 def fingerprint(mix: MixRecipe, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> str:
     """Hash of everything the build output depends on."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": common.FORMAT_VERSION, "mix": mix.model_dump(mode="json", exclude={"num_proc", "engine"}), "seq_len": seq_len,
+    resolved = mix.model_dump(mode="json", exclude={"num_proc", "engine"})
+    h.update(json.dumps({"v": common.FORMAT_VERSION, "mix": resolved, "seq_len": seq_len,
                          "tokenizer": tokenizer_hash(tokenizer)}, sort_keys=True).encode())
     inputs = [f for spec in [*(s.source for s in mix.sources), *mix.validation_sources] for f in list_files(spec)]
     if mix.decontaminate:

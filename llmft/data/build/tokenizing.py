@@ -50,7 +50,8 @@ class _Tokenize:
         if transform == "dedup":  # texts
             self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
             return dedup_features(docs, self.dedup, self._shingler)
-        if transform == "dedup+tokens":  # documents: their features and each one's tokens as encode_documents makes them
+        # documents: their features and each one's tokens as encode_documents makes them
+        if transform == "dedup+tokens":
             self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
             lengths = np.array([len(e) for e in encode_documents(docs, self.tokenizer, self.add_eos)], np.int64)
             return dedup_features([_text(d) for d in docs], self.dedup, self._shingler), lengths

@@ -13,8 +13,8 @@ Sources (stanford-crfm/helm, ``src/helm/benchmark/``):
 - ``metrics/ranking_metrics.py`` and ``common/general.py`` (``binarize_dict``): MS MARCO's binary ranking, scored
   with trec_eval's ``recip_rank`` (top-k limited) and ``ndcg_cut`` as computed by ``pytrec_eval``.
 
-The test suite (``tests/unit/eval/test_helm.py``) checks these against a transcription of HELM's functions on a battery of
-prediction/reference pairs.
+The test suite (``tests/unit/eval/test_helm.py``) checks these against a transcription of HELM's functions on a battery
+of prediction/reference pairs.
 """
 
 from __future__ import annotations
