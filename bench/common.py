@@ -34,7 +34,10 @@ def matmul_params(model: dict = MODEL) -> int:
     and the norms are not counted."""
     h = model["hidden_size"]
     kv_dim = h * model.get("num_kv_heads", model["num_heads"]) // model["num_heads"]
-    return model["num_layers"] * (2 * h * h + 2 * h * kv_dim + 3 * h * model["intermediate_size"]) + h * model["vocab_size"]
+    return (
+        model["num_layers"] * (2 * h * h + 2 * h * kv_dim + 3 * h * model["intermediate_size"])
+        + h * model["vocab_size"]
+    )
 
 
 def flops_per_token(seq_len: int, model: dict = MODEL) -> float:

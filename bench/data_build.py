@@ -3,11 +3,11 @@ run (ratio), plus the cached rebuild time.
 
     python bench/data_build.py [--copies 4] [--num-proc 2] [--repeats 3]
 
-Text: the bundled books (Frankenstein, Moby Dick) split into ~2,000-character documents, written as jsonl
-``--copies`` times. The pipeline reads, tokenizes (with BOS/EOS), chunks, mixes, packs (concat, 2048) and writes
-the row store (and the validation tokens as parquet); the baselines only tokenize the same documents in batches of 256: the transformers tokenizer call, and
-the Rust tokenizer's ``encode_batch_fast`` (no offsets), which the build itself uses. Baselines and build
-alternate ``--repeats`` times (medians); then the build runs once with ``--num-proc`` tokenizer workers (spawned
+Text: the bundled books (Frankenstein, Moby Dick) split into ~2,000-character documents, written as jsonl ``--copies``
+times. The pipeline reads, tokenizes (with BOS/EOS), chunks, mixes, packs (concat, 2048) and writes the row store (and
+the validation tokens as parquet); the baselines only tokenize the same documents in batches of 256: the transformers
+tokenizer call, and the Rust tokenizer's ``encode_batch_fast`` (no offsets), which the build itself uses. Baselines and
+build alternate ``--repeats`` times (medians); then the build runs once with ``--num-proc`` tokenizer workers (spawned
 processes, one tokenizer thread each).
 """
 
@@ -82,7 +82,8 @@ def main() -> None:
     lines = [
         f"## data_build — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        f"Command: `python bench/data_build.py --copies {args.copies} --num-proc {args.num_proc} --repeats {args.repeats}`; "
+        f"Command: `python bench/data_build.py --copies {args.copies} --num-proc {args.num_proc} "
+        f"--repeats {args.repeats}`; "
         f"machine: {platform.machine()}, {torch.get_num_threads()} threads, CPU. {len(docs):,} documents of ~2,000 "
         "characters (bundled books), tiny-llama BPE tokenizer (2048), concat packing at 2048. Raw tokenizer and build "
         f"alternate {args.repeats} times in one process; medians (range in brackets). The first build in the process "
@@ -90,7 +91,8 @@ def main() -> None:
         "",
         "| path | tokens | seconds | tokens/s | ratio |",
         "|---|---:|---:|---:|---:|",
-        f"| raw fast tokenizer: `tok(batch of 256)` | {n_raw:,} | {raw_s:.2f} [{min(raw_times):.2f}-{max(raw_times):.2f}] | "
+        f"| raw fast tokenizer: `tok(batch of 256)` | {n_raw:,} | "
+        f"{raw_s:.2f} [{min(raw_times):.2f}-{max(raw_times):.2f}] | "
         f"{n_raw / raw_s:,.0f} | 1.00 |",
         f"| raw `tok.backend_tokenizer.encode_batch_fast(batch of 256)` | {n_raw:,} | {fast_s:.2f} "
         f"[{min(fast_times):.2f}-{max(fast_times):.2f}] | {n_raw / fast_s:,.0f} | {raw_s / fast_s:.2f} |",

@@ -277,11 +277,16 @@ def main() -> None:
                   f"Together's 1.5 B-token phase 1: "
                   f"{(b1['watched_peak_rss'] + slope * (1.5e9 - b1['total_tokens'])) / GB:,.2f} GB."]
     if args.dedup:
-        lines += ["", "Dedup (Together's settings: exact + MinHash, 256 permutations, keep longest; sentence-run "
-                  f"documents, {COPIES:.0%} exact and {COPIES:.0%} near copies per shard; read/needed above counts "
-                  "the removed documents as needed reading): peak RSS of the same build with and without dedup.", "",
-                  "| training tokens | documents scanned | removed (exact) | peak RSS without | peak RSS with dedup | "
-                  "difference | per document scanned | build s without / with |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "Dedup (Together's settings: exact + MinHash, 256 permutations, keep longest; sentence-run "
+            f"documents, {COPIES:.0%} exact and {COPIES:.0%} near copies per shard; read/needed above counts "
+            "the removed documents as needed reading): peak RSS of the same build with and without dedup.",
+            "",
+            "| training tokens | documents scanned | removed (exact) | peak RSS without | peak RSS with dedup | "
+            "difference | per document scanned | build s without / with |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for size, sources, b, t, r in table:
             d, p = b["dedup"], b["plain"]
             diff = b["watched_peak_rss"] - p["watched_peak_rss"]

@@ -5,12 +5,12 @@
                                     [--results bench/RESULTS.md]
 
 Model: LLaMA 4 layers, hidden 256, 4 heads, MLP 688, vocab 32000, random init (seed 0), fp32, SDPA, eval mode.
-Book: Moby Dick (Project Gutenberg #2701, ../shared/data/gutenberg, header and footer stripped by llmft's PG-19
-reader; else the bundled copy), tokenized by ``llmft.eval.pg19.load_books``; at each length L the first
-``--windows`` x L tokens. llmft scores every window (NLL sum, tokens, bytes); the baseline only runs the forward
-pass (logits, no loss, ``use_cache=False``: without it the forward also fills a KV cache, which made the baseline
-slower than llmft's scoring in the 15:54 run of 2026-11-22). The two alternate ``--repeats`` times after one warm-up window each; tokens/s = windows x L /
-median seconds.
+Book: Moby Dick (Project Gutenberg #2701, ../shared/data/gutenberg, header and footer stripped by llmft's PG-19 reader;
+else the bundled copy), tokenized by ``llmft.eval.pg19.load_books``; at each length L the first ``--windows`` x L
+tokens. llmft scores every window (NLL sum, tokens, bytes); the baseline only runs the forward pass (logits, no loss,
+``use_cache=False``: without it the forward also fills a KV cache, which made the baseline slower than llmft's scoring
+in the 15:54 run of 2026-11-22). The two alternate ``--repeats`` times after one warm-up window each; tokens/s = windows
+x L / median seconds.
 """
 
 from __future__ import annotations
@@ -107,13 +107,16 @@ def main() -> None:
         f"Command: `{cmd}`; machine: {machine()}. Model: LLaMA 4 layers, hidden 256, vocab 32000, random init, fp32, "
         f"SDPA, eval mode. Book: Moby Dick (Gutenberg #2701), the first {args.windows} windows of each length. "
         "llmft: `llmft.eval.ppl.evaluate_ppl` (windows protocol: forward + NLL, tokens and bytes of every window); "
-        "baseline: `model(input_ids=window, use_cache=False)` under `torch.no_grad` (forward only, no KV cache). Same process, alternating, "
+        "baseline: `model(input_ids=window, use_cache=False)` under `torch.no_grad` (forward only, no KV cache). "
+        "Same process, alternating, "
         f"{args.repeats} passes each after a warm-up window; median. Load: mean 1-minute load average.",
         "",
         "| context | raw forward tokens/s | llmft eval --ppl tokens/s | ratio | load |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {r['length']} | {r['raw_tps']:,.0f} | {r['llmft_tps']:,.0f} | {r['ratio']:.2f} | {r['load']:.2f} |"
-          for r in rows],
+        *[
+            f"| {r['length']} | {r['raw_tps']:,.0f} | {r['llmft_tps']:,.0f} | {r['ratio']:.2f} | {r['load']:.2f} |"
+            for r in rows
+        ],
         "",
     ]
     print("\n".join(lines))

@@ -171,10 +171,13 @@ def check_qlora(quick: bool) -> dict:
         torch.cuda.reset_peak_memory_stats() if cuda else None
         losses, seconds, _ = _train(path)
     fell = sum(losses[-2:]) < sum(losses[:2])  # the mean of the last two steps below the first two
-    return {"ok": all(math.isfinite(x) for x in losses) and fell,
-            "summary": f"NF4 + double quant, r=64 all linear, {'paged_adamw_32bit' if cuda else 'adamw'}, {seq_len} "
-                       f"tokens: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps of {accum} rows, {seconds:.0f} s, peak "
-                       f"{_peak_mem():.1f} GiB", "losses": losses}
+    return {
+        "ok": all(math.isfinite(x) for x in losses) and fell,
+        "summary": f"NF4 + double quant, r=64 all linear, {'paged_adamw_32bit' if cuda else 'adamw'}, {seq_len} "
+        f"tokens: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps of {accum} rows, {seconds:.0f} s, peak "
+        f"{_peak_mem():.1f} GiB",
+        "losses": losses,
+    }
 
 
 def check_eval_fa2(quick: bool) -> dict:

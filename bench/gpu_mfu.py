@@ -3,15 +3,15 @@
     python bench/gpu_mfu.py [--runs 8192:off 32768:on] [--warmup 2] [--steps 5] [--attention auto]
                             [--chunk 4096] [--quick] [--results bench/RESULTS.md]
 
-Needs a CUDA GPU (``--quick`` runs the same code on the CPU bench model at 256 tokens in fp32, as a smoke test;
-its table is not a GPU result). Model: the TinyLlama-1.1B shape (22 layers, hidden 2048, 32 heads, 4 key-value heads, MLP 5632,
-vocab 32000), random init, built from config; llmft's tiny tokenizer (so the ids use the first rows of the
+Needs a CUDA GPU (``--quick`` runs the same code on the CPU bench model at 256 tokens in fp32, as a smoke test; its
+table is not a GPU result). Model: the TinyLlama-1.1B shape (22 layers, hidden 2048, 32 heads, 4 key-value heads, MLP
+5632, vocab 32000), random init, built from config; llmft's tiny tokenizer (so the ids use the first rows of the
 embedding; the compute is that of the full vocabulary). Training: ``llmft.train.loop.train`` on a recipe,
 ``train.precision: bf16`` (autocast, fp32 master weights, fused AdamW), one sequence per step,
-``train.loss_chunk_tokens`` = ``--chunk``, gradient checkpointing per run (``SEQ_LEN:on|off``), concat rows of the
-real Gutenberg books (``bench/train_throughput.py``'s llmft run, which keeps the attention outputs of checkpointed
-layers). ``--attention auto``: ``flash_attention_2`` when the flash-attn package imports, else
-``sdpa`` (whose CUDA flash backend is FlashAttention-2's algorithm); the table says which ran.
+``train.loss_chunk_tokens`` = ``--chunk``, gradient checkpointing per run (``SEQ_LEN:on|off``), concat rows of the real
+Gutenberg books (``bench/train_throughput.py``'s llmft run, which keeps the attention outputs of checkpointed layers).
+``--attention auto``: ``flash_attention_2`` when the flash-attn package imports, else ``sdpa`` (whose CUDA flash backend
+is FlashAttention-2's algorithm); the table says which ran.
 
 A step's time: between the ends of consecutive optimizer steps, after ``torch.cuda.synchronize()``; the first
 ``--warmup`` steps are dropped; tokens/s = SEQ_LEN / median step. MFU = model FLOPs per token (6 N + 12 L h s, N =
@@ -67,10 +67,18 @@ def child(args: argparse.Namespace) -> None:
     ends = r["step_ends"]
     peak = (gemm_peak((4096, 8192), repeats=10, device="cuda", dtype=torch.bfloat16) if cuda
             else gemm_peak((1024,)))  # CPU: only the --quick smoke test gets here
-    print(json.dumps({"step_seconds": [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])],
-                      "losses": r["losses"], "peak_mem": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
-                      "gpu": torch.cuda.get_device_name() if cuda else "CPU", "peak_flops": peak,
-                      "plan_bytes": plan.total_bytes}))
+    print(
+        json.dumps(
+            {
+                "step_seconds": [b - a for a, b in zip(ends[args.warmup - 1 :], ends[args.warmup :])],
+                "losses": r["losses"],
+                "peak_mem": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+                "gpu": torch.cuda.get_device_name() if cuda else "CPU",
+                "peak_flops": peak,
+                "plan_bytes": plan.total_bytes,
+            }
+        )
+    )
 
 
 def run(spec: str, warmup: int, steps: int, attention: str, chunk: int, quick: bool) -> dict:
@@ -145,18 +153,27 @@ def main() -> None:
         f"## gpu_mfu — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"Command: `{cmd}`; device: {rows[0]['gpu']}, torch {torch.__version__}. Model: "
-        + ("the CPU bench model (smoke test, fp32: not a GPU result)" if args.quick else
-           f"LLaMA 22 layers, hidden 2048, 32 heads (4 KV), MLP 5632, vocab 32000 ({n / 1e9:.2f} B matmul weights), "
-           "random init; bf16 autocast, fp32 master weights")
+        + (
+            "the CPU bench model (smoke test, fp32: not a GPU result)"
+            if args.quick
+            else f"LLaMA 22 layers, hidden 2048, 32 heads (4 KV), MLP 5632, vocab 32000 "
+            f"({n / 1e9:.2f} B matmul weights), "
+            "random init; bf16 autocast, fp32 master weights"
+        )
         + f", attention `{args.attention}`, `train.loss_chunk_tokens: {args.chunk}`, 1 sequence per step, "
-        f"{args.warmup} warm-up steps dropped, median of {args.steps}. MFU: (6 N + 12 L h s) x tokens/s / the best bf16 "
+        f"{args.warmup} warm-up steps dropped, median of {args.steps}. "
+        "MFU: (6 N + 12 L h s) x tokens/s / the best bf16 "
         "square matmul measured on this GPU in each run (and / 989 TFLOP/s, the H100 SXM dense bf16 datasheet peak).",
         "",
-        "| seq | checkpointing | tokens/s | model TFLOP/s | measured bf16 peak (TFLOP/s) | MFU | MFU vs datasheet | " + mem
+        "| seq | checkpointing | tokens/s | model TFLOP/s | measured bf16 peak (TFLOP/s) | MFU | MFU vs datasheet | "
+        + mem
         + " | llmft plan (GiB) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {r['seq_len']} | {r['ckpt']} | {r['tps']:,.0f} | {r['tflops']:.3g} | {r['peak_tflops']:.3g} | "
-          f"{r['mfu']:.1%} | {100 * r['mfu_spec']:.3g}% | {r['mem_gib']:.1f} | {r['plan_gib']:.1f} |" for r in rows],
+        *[
+            f"| {r['seq_len']} | {r['ckpt']} | {r['tps']:,.0f} | {r['tflops']:.3g} | {r['peak_tflops']:.3g} | "
+            f"{r['mfu']:.1%} | {100 * r['mfu_spec']:.3g}% | {r['mem_gib']:.1f} | {r['plan_gib']:.1f} |"
+            for r in rows
+        ],
         "",
     ]
     print("\n".join(lines))

@@ -102,7 +102,8 @@ def main() -> None:
         "|---|---:|---:|",
         f"| concat | {concat_tps:,.0f} | 1.00 |",
         f"| isolated (block-diagonal mask) | {isolated_tps:,.0f} | {isolated_tps / concat_tps:.2f} |",
-        f"| isolated, non-pad tokens only ({isolated_rows.efficiency:.2%} full) | {useful:,.0f} | {useful / concat_tps:.2f} |",
+        f"| isolated, non-pad tokens only ({isolated_rows.efficiency:.2%} full) | {useful:,.0f} | "
+        f"{useful / concat_tps:.2f} |",
         "",
         f"| length distribution | isolated packing efficiency at {s} |",
         "|---|---:|",

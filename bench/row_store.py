@@ -160,7 +160,9 @@ def main() -> None:
         mem_rss = " / ".join(f"{r['data_rss'] / MB:,.0f} MiB" for r in memory) if memory else "not run"
         us = sum(r["us_per_batch"] for r in mapped) / 2
         mem_us = f"{sum(r['us_per_batch'] for r in memory) / 2:.0f}" if memory else ""
-        ratio = f"{max(r['data_rss'] for r in memory) / max(1, max(r['data_rss'] for r in mapped)):,.0f}x" if memory else ""
+        ratio = (
+            f"{max(r['data_rss'] for r in memory) / max(1, max(r['data_rss'] for r in mapped)):,.0f}x" if memory else ""
+        )
         lines.append(f"| {tokens / 1e6:,.0f} M | {disk / MB:,.0f} MiB ({disk / tokens:.2f} B/token) | "
                      f"{tokens / write_s / 1e6:.1f} M | {rss} | {mapped[0]['read_bytes'] / MB:,.0f} MiB | {us:.0f} | "
                      f"{mem_rss} | {mem_us} | {ratio} |")

@@ -63,7 +63,9 @@ def quickstart(out: Path, steps_scale: float = 1.0, max_windows: int = 8) -> dic
     table = ppl_table(results, ("ppl",), compare=False, length_format="{}")
     print("\nToken perplexity on held-out text (lower is better):\n\n" + table + "\n", flush=True)
     (out / "ppl.md").write_text(table + "\n")
-    (out / "ppl.json").write_text(json.dumps({k: {str(n): r for n, r in v.items()} for k, v in results.items()}, indent=1))
+    (out / "ppl.json").write_text(
+        json.dumps({k: {str(n): r for n, r in v.items()} for k, v in results.items()}, indent=1)
+    )
     plot_ppl(results, out / "ppl_by_length.png", metric="ppl", ylabel="token perplexity (held-out)", log_y=True,
              title="Context extension with Position Interpolation", trained_len=base.model.max_seq_len,
              trained_label="base training length")

@@ -142,7 +142,8 @@ def python() -> str:
 
 
 def sharded_mix_file(path: Path, corpus: dict[str, Path], **mix) -> Path:
-    """A two-source mix over :func:`llmft.testing.corpora.write_sharded_corpus`'s corpus, half each; ``mix`` updates it."""
+    """A two-source mix over :func:`llmft.testing.corpora.write_sharded_corpus`'s corpus, half each; ``mix``
+    updates it."""
     mix = {"tokenizer": str(TINY_TOKENIZER), "seq_len": 256, "seed": 0, "total_tokens": 16_000, "packing": "concat",
            "sources": [{"name": "big", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["big"])}},
                        {"name": "small", "weight": 0.5, "source": {"format": "jsonl", "path": str(corpus["small"])}}],

@@ -156,7 +156,9 @@ def _field_for(loc: tuple, root: type[BaseModel]) -> Any:
             return None
         info = fields[part]
         ann = info.annotation
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if model is None and hasattr(ann, "__args__"):
             inner = [a for x in ann.__args__ for a in getattr(x, "__args__", ())]
             model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
@@ -198,7 +200,11 @@ def _describe(err: dict, source: str, lines: dict[tuple, int], overridden: set[t
     got_s = json.dumps(got, default=str) if not isinstance(got, dict) else "a mapping"
     msg = err["msg"].removeprefix("Value error, ")
     info = _field_for(loc, root)
-    hint = (info.json_schema_extra or {}).get("hint") if info is not None and isinstance(info.json_schema_extra, dict) else None
+    hint = (
+        (info.json_schema_extra or {}).get("hint")
+        if info is not None and isinstance(info.json_schema_extra, dict)
+        else None
+    )
     if kind.startswith(("greater", "less")):
         msg = "a number " + msg.removeprefix("Input should be ")
     elif msg.startswith("Input should be"):
@@ -239,7 +245,9 @@ def load_validated(path: str | Path, schema: type[BaseModel], overrides: list[st
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError([f"{where}: not valid YAML: {getattr(e, 'problem', e)}. Fix: check indentation and quoting"]) from None
+        raise RecipeError(
+            [f"{where}: not valid YAML: {getattr(e, 'problem', e)}. Fix: check indentation and quoting"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

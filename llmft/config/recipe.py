@@ -562,8 +562,15 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         if mixed_up:
             problems.append((("data",), f"{', '.join(mixed_up)} belong in the data recipe when data.recipe is set; "
                              "move them there"))
-    if recipe.eval.every_steps and d.recipe is None and d.built is None and not (d.validation or d.validation_fraction > 0):
-        problems.append((("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction"))
+    if (
+        recipe.eval.every_steps
+        and d.recipe is None
+        and d.built is None
+        and not (d.validation or d.validation_fraction > 0)
+    ):
+        problems.append(
+            (("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction")
+        )
     return problems
 
 

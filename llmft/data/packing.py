@@ -11,10 +11,10 @@ run 0..s-1 in every row. Nothing is padded, so efficiency is 100% except for the
     row 0   tokens  [a a a a a b b b]      position_ids  0 1 2 3 4 5 6 7
     row 1   tokens  [b b c c c c c c]      position_ids  0 1 2 3 4 5 6 7
 
-``isolated`` (instruction data, few-shot demos, exact per-example losses): whole examples are placed into rows
-by bin packing (:func:`pack_bins`: 99.5-99.98% full on instruction-length data). Position ids restart at 0 for every example. Each token attends only to
-earlier tokens of its own example, and the first token of each example carries no label (its predecessor
-belongs to another example). Padding fills the rest of a row with label -100. An example longer than ``s``
+``isolated`` (instruction data, few-shot demos, exact per-example losses): whole examples are placed into rows by bin
+packing (:func:`pack_bins`: 99.5-99.98% full on instruction-length data). Position ids restart at 0 for every example.
+Each token attends only to earlier tokens of its own example, and the first token of each example carries no label (its
+predecessor belongs to another example). Padding fills the rest of a row with label -100. An example longer than ``s``
 is split into consecutive chunks of at most ``s`` tokens; nothing is truncated::
 
     tokens        [a a a b b c c p]        (p = pad)

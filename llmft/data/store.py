@@ -188,7 +188,9 @@ class RowStore:
         self.path = Path(path)
         index_path = self.path / "index.json"
         if not index_path.is_file():
-            raise StoreError(f"{self.path} is not a row store (no index.json); rebuild the data with `llmft data build`")
+            raise StoreError(
+                f"{self.path} is not a row store (no index.json); rebuild the data with `llmft data build`"
+            )
         self.index = json.loads(index_path.read_text())
         if self.index.get("format") != FORMAT or self.index.get("version") != VERSION:
             raise StoreError(f"{index_path}: format {self.index.get('format')!r} version {self.index.get('version')} "

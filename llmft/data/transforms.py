@@ -68,8 +68,12 @@ def ul2(doc: Document, rng: np.random.Generator, cfg: UL2Config) -> Document:
         inputs.append("".join(pieces[at : at + keep]) + sentinel + " ")
         targets.append(sentinel + " " + "".join(pieces[at + keep : at + keep + drop]))
         at += keep + drop
-    return Document(text="".join(targets), where=doc.where, meta={**doc.meta, "ul2": f"{d.kind}{d.mean_span:g}/{d.rate:g}"},
-                    prompt=f"{mode} {''.join(inputs)}")
+    return Document(
+        text="".join(targets),
+        where=doc.where,
+        meta={**doc.meta, "ul2": f"{d.kind}{d.mean_span:g}/{d.rate:g}"},
+        prompt=f"{mode} {''.join(inputs)}",
+    )
 
 
 def ul2_reconstruct(doc: Document, cfg: UL2Config) -> str:

@@ -316,8 +316,8 @@ def enable_checkpointing(model, cfg: ModelConfig) -> None:
     model.config.use_cache = False
 
 
-# The attention kernels whose outputs ``checkpoint_keep_attention`` keeps, as the dispatcher names them (SDPA's CPU and CUDA
-# backends, the flash-attn package's custom ops).
+# The attention kernels whose outputs ``checkpoint_keep_attention`` keeps, as the dispatcher names them (SDPA's CPU and
+# CUDA backends, the flash-attn package's custom ops).
 ATTENTION_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",

@@ -156,9 +156,15 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     }
     zero: dict = {"stage": d.stage}
     if d.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": d.offload_optimizer, **({"nvme_path": str(d.nvme_path)} if d.offload_optimizer == "nvme" else {})}
+        zero["offload_optimizer"] = {
+            "device": d.offload_optimizer,
+            **({"nvme_path": str(d.nvme_path)} if d.offload_optimizer == "nvme" else {}),
+        }
     if d.offload_param != "none":
-        zero["offload_param"] = {"device": d.offload_param, **({"nvme_path": str(d.nvme_path)} if d.offload_param == "nvme" else {})}
+        zero["offload_param"] = {
+            "device": d.offload_param,
+            **({"nvme_path": str(d.nvme_path)} if d.offload_param == "nvme" else {}),
+        }
     if d.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if d.config is None:

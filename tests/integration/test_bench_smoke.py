@@ -1,5 +1,6 @@
-"""The llmft-vs-transformers benches and the GPU MFU bench run (their --quick modes, all at once) and write their tables: every
-number in them positive and finite; and the max-context search doubles, bisects and respects its time budget."""
+"""The llmft-vs-transformers benches and the GPU MFU bench run (their --quick modes, all at once) and write their
+tables: every number in them positive and finite; and the max-context search doubles, bisects and respects its time
+budget."""
 
 from __future__ import annotations
 

@@ -57,7 +57,9 @@ def test_a_wheel_ships_the_helm_suite_the_assets_and_the_recipes(wheel, tmp_path
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(tmp_path / "site"))
-    assert got["scenarios"] == [s.name for s in load_helm_suite(DEFAULT_SUITE).scenarios] and len(got["scenarios"]) == 16
+    assert (
+        got["scenarios"] == [s.name for s in load_helm_suite(DEFAULT_SUITE).scenarios] and len(got["scenarios"]) == 16
+    )
 
 
 def test_the_llmft_command_of_a_fresh_virtualenv_works_outside_the_repository(wheel, tmp_path):

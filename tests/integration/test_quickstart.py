@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_short(tmp_path):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "llmft.cli", "quickstart", "--out", str(out), "--steps-scale", "0.05"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)  # not the repo root: it must find it
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmft.cli", "quickstart", "--out", str(out), "--steps-scale", "0.05"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # not the repo root: it must find it
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (out / "ppl.md").read_text().splitlines()
     assert table[0].startswith("| context | base (128) | base + PI x8, no training | PI x8 fine-tuned (1024) |")

@@ -89,7 +89,9 @@ def _strings(items: list[str]) -> pa.StringArray:
 def _flat_column(path: Path, name: str, dtype: type) -> np.ndarray:
     """The values of a list column of a parquet file, concatenated (no nulls), read without pandas (see above)."""
     values = pq.ParquetFile(path).read(columns=[name]).column(name).combine_chunks().flatten()
-    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * np.dtype(dtype).itemsize)
+    return np.frombuffer(
+        values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * np.dtype(dtype).itemsize
+    )
 
 
 def _validation_tokens(out: Path) -> np.ndarray:

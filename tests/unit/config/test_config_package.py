@@ -105,7 +105,9 @@ def test_no_recomputed_derived_numbers():
     # the expressions the config now owns appear nowhere else in the package
     banned = ['method in ("lora", "qlora")', "micro_batch_size * t.gradient_accumulation_steps",
               'attention == "auto"']
-    for path in sorted([*(REPO / "llmft").rglob("*.py"), *(REPO / "docs").glob("*.py"), *(REPO / "bench").glob("*.py")]):
+    for path in sorted(
+        [*(REPO / "llmft").rglob("*.py"), *(REPO / "docs").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    ):
         if path.parent == CONFIG:
             continue
         text = path.read_text(encoding="utf-8")

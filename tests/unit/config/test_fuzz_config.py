@@ -155,8 +155,12 @@ def test_fuzzed_data_recipes_exit_2_naming_each_path(text_file, tmp_path_factory
     jsonl = tmp_path_factory.getbasetemp() / "mix-docs.jsonl"
     if not jsonl.exists():
         jsonl.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(5)))
-    mix = {"tokenizer": str(REPO / "llmft/assets/tiny-llama"), "seq_len": 256, "decontaminate": {"targets": [str(jsonl)]},
-           "sources": [{"name": "a", "weight": 1.0, "source": {"format": "jsonl", "path": str(jsonl)}}]}
+    mix = {
+        "tokenizer": str(REPO / "llmft/assets/tiny-llama"),
+        "seq_len": 256,
+        "decontaminate": {"targets": [str(jsonl)]},
+        "sources": [{"name": "a", "weight": 1.0, "source": {"format": "jsonl", "path": str(jsonl)}}],
+    }
     for path, value in mutations:
         _set_list_path(mix, path.lstrip("."), value)
     tmp = tmp_path_factory.mktemp("mix")

@@ -70,7 +70,9 @@ def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, to
     t2 = time.perf_counter()
     assert build(mix, tmp_path / "out", tok, 1024).cached
     assert time.perf_counter() - t2 < 0.1 * (t1 - t0)  # a rebuild with unchanged inputs: < 10% of the first
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == written  # nothing rewritten
+    assert {
+        p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()
+    } == written  # nothing rewritten
     for name, src in built.stats["sources"].items():
         assert abs(src["realized_share"] - src["target_share"]) < 0.01, (name, src)
     assert built.stats["packing"]["efficiency"] == 1.0
@@ -129,7 +131,11 @@ def test_each_unit_appears_exactly_as_often_as_its_epochs(tmp_path, two_sources,
     def units(path):
         out = []
         for line in path.read_text().splitlines():
-            ids = [tok.bos_token_id] + tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = (
+                [tok.bos_token_id]
+                + tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+                + [tok.eos_token_id]
+            )
             out += [tuple(ids[i : i + 256]) for i in range(0, len(ids), 256)]
         return out
 
@@ -216,16 +222,24 @@ def test_bad_mix_recipe_names_the_yaml_path(tmp_path, two_sources):
 def test_on_error_stop_exits_2_with_file_and_line(tmp_path, tok, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
-    path = mix_file(tmp_path, on_error="stop", sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(bad)}}])
+    path = mix_file(
+        tmp_path, on_error="stop", sources=[{"name": "a", "weight": 1, "source": {"format": "jsonl", "path": str(bad)}}]
+    )
     assert main(["data", "build", str(path), "--out", str(tmp_path / "o")]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err
 
 
 def test_training_from_a_data_recipe(tmp_path, tiny_model, two_sources, capsys):
     a, b = two_sources
-    path = mix_file(tmp_path, packing="isolated", validation_fraction=0.1,
-                    sources=[{"name": "a", "weight": 0.7, "source": {"format": "jsonl", "path": str(a)}},
-                             {"name": "b", "weight": 0.3, "source": {"format": "jsonl", "path": str(b)}, "max_epochs": 4}])
+    path = mix_file(
+        tmp_path,
+        packing="isolated",
+        validation_fraction=0.1,
+        sources=[
+            {"name": "a", "weight": 0.7, "source": {"format": "jsonl", "path": str(a)}},
+            {"name": "b", "weight": 0.3, "source": {"format": "jsonl", "path": str(b)}, "max_epochs": 4},
+        ],
+    )
     raw = yaml.safe_load(path.read_text())
     del raw["seq_len"], raw["tokenizer"]
     path.write_text(yaml.safe_dump(raw))
@@ -236,7 +250,11 @@ def test_training_from_a_data_recipe(tmp_path, tiny_model, two_sources, capsys):
     result = train(load_recipe(rpath))
     assert len(result.losses) == 3 and (tmp_path / "run" / "data" / "stats.json").is_file()
     assert "packing            isolated" in capsys.readouterr().out
-    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval/ppl@64" in line]
+    evals = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "eval/ppl@64" in line
+    ]
     assert len(evals) == 1
     recipe["data"]["packing"] = "concat"
     with pytest.raises(RecipeError, match="belong in the data recipe"):

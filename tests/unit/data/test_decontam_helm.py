@@ -80,18 +80,37 @@ def write_helm_core(root: Path) -> Path:
     p = PLANTED
     # MMLU (Hendrycks' data.tar): dev/ for examples, test/ scored; no header; question,A,B,C,D,answer
     csv_rows(root / "mmlu/dev/abstract_algebra_dev.csv", None, [[other(i), "a", "b", "c", "d", "A"] for i in range(5)])
-    csv_rows(root / "mmlu/test/abstract_algebra_test.csv", None,
-             [[p["mmlu"], "a shortage", "a surplus", "no change", "lower rents", "A"], [other(9), "a", "b", "c", "d", "B"]])
+    csv_rows(
+        root / "mmlu/test/abstract_algebra_test.csv",
+        None,
+        [[p["mmlu"], "a shortage", "a surplus", "no change", "lower rents", "A"], [other(9), "a", "b", "c", "d", "B"]],
+    )
     # BoolQ jsonl
-    jsonl(root / "boolq/train.jsonl", [{"question": "is it q", "passage": other(i), "answer": i % 2 == 0} for i in range(5)])
+    jsonl(
+        root / "boolq/train.jsonl",
+        [{"question": "is it q", "passage": other(i), "answer": i % 2 == 0} for i in range(5)],
+    )
     jsonl(root / "boolq/dev.jsonl", [{"question": "is the caspian a lake", "passage": p["boolq"], "answer": True}])
     # NarrativeQA repository CSVs
     csv_rows(root / "narrative_qa/summaries.csv", ["document_id", "set", "summary", "summary_tokenized"],
              [["d1", "train", other(1), "x"], ["d2", "test", p["narrative_qa"], "x"]])
-    csv_rows(root / "narrative_qa/qaps.csv", ["document_id", "set", "question", "answer1", "answer2", "question_tokenized",
-                                              "answer1_tokenized", "answer2_tokenized"],
-             [["d1", "train", "Who is it", "A", "B", "x", "x", "x"], ["d2", "test", "Who adopts the dog", "Elias", "Brandt",
-                                                                      "x", "x", "x"]])
+    csv_rows(
+        root / "narrative_qa/qaps.csv",
+        [
+            "document_id",
+            "set",
+            "question",
+            "answer1",
+            "answer2",
+            "question_tokenized",
+            "answer1_tokenized",
+            "answer2_tokenized",
+        ],
+        [
+            ["d1", "train", "Who is it", "A", "B", "x", "x", "x"],
+            ["d2", "test", "Who adopts the dog", "Elias", "Brandt", "x", "x", "x"],
+        ],
+    )
     # NaturalQuestions dev jsonl (original format: document_html, byte offsets of the long/short answers)
     def nq(question: str, passage: str, short: str) -> dict:
         html = f"<P>{passage}</P>"
@@ -104,7 +123,9 @@ def write_helm_core(root: Path) -> Path:
         nq(p["natural_qa_closedbook"], p["natural_qa_openbook_longans"], "Great Barrier Reef")])
     # QuAC v0.2 json
     def quac(context: str) -> dict:
-        qas = [{"question": f"q{i}", "orig_answer": {"text": f"a{i}"}, "answers": [{"text": f"a{i}"}]} for i in range(3)]
+        qas = [
+            {"question": f"q{i}", "orig_answer": {"text": f"a{i}"}, "answers": [{"text": f"a{i}"}]} for i in range(3)
+        ]
         return {"title": "T", "background": "B", "section_title": "S",
                 "paragraphs": [{"context": context + " CANNOTANSWER", "qas": qas}]}
     (root / "quac").mkdir()
@@ -116,8 +137,21 @@ def write_helm_core(root: Path) -> Path:
           "ctx_b": ctx_b[0].lower() + ctx_b[1:], "ctx": p["hellaswag"], "split": "val", "split_type": "indomain",
           "label": 0, "endings": ["digs a hole.", "eats it.", "sings.", "leaves."]}])
     # OpenbookQA Data/Main test jsonl
-    jsonl(root / "openbookqa/test.jsonl", [{"id": "1", "question": {"stem": p["openbookqa"], "choices": [
-        {"text": t, "label": lab} for t, lab in zip(["gets hot", "melts", "floats", "sinks"], "ABCD")]}, "answerKey": "A"}])
+    jsonl(
+        root / "openbookqa/test.jsonl",
+        [
+            {
+                "id": "1",
+                "question": {
+                    "stem": p["openbookqa"],
+                    "choices": [
+                        {"text": t, "label": lab} for t, lab in zip(["gets hot", "melts", "floats", "sinks"], "ABCD")
+                    ],
+                },
+                "answerKey": "A",
+            }
+        ],
+    )
     # TruthfulQA.csv
     csv_rows(root / "truthful_qa/TruthfulQA.csv", ["Type", "Category", "Question", "Best Answer", "Correct Answers",
                                                   "Incorrect Answers", "Source"],
@@ -226,10 +260,13 @@ def test_the_build_reports_each_target_and_fails_on_an_empty_one(tmp_path, helm_
 
     docs = [{"text": f"{FILLER} {PLANTED[s]} {FILLER}"} for s in sorted(PLANTED)] + [{"text": FILLER * 3}]
     jsonl(tmp_path / "web.jsonl", docs)
-    recipe = {"tokenizer": str(REPO / "llmft/assets/tiny-llama"), "seq_len": 128,
-              "validation_fraction": 0.0, "decontaminate": {"targets": [str(helm_dir), str(shared_data / "gutenberg")],
-                                                             "n": 10},
-              "sources": [{"name": "web", "weight": 1.0, "source": {"format": "jsonl", "path": str(tmp_path / "web.jsonl")}}]}
+    recipe = {
+        "tokenizer": str(REPO / "llmft/assets/tiny-llama"),
+        "seq_len": 128,
+        "validation_fraction": 0.0,
+        "decontaminate": {"targets": [str(helm_dir), str(shared_data / "gutenberg")], "n": 10},
+        "sources": [{"name": "web", "weight": 1.0, "source": {"format": "jsonl", "path": str(tmp_path / "web.jsonl")}}],
+    }
     path = tmp_path / "mix.yaml"
     import yaml
 

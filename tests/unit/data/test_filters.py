@@ -166,7 +166,12 @@ def test_build_records_filters_carries_weights_and_keys_the_cache(tmp_path, tok)
     assert not build(load_mix(path, ["reweight.l2=0.1"]), out, tok, 1024, load_rows=False).cached
     assert not build(load_mix(path, ["filters.1.threshold=0.01"]), out, tok, 1024, load_rows=False).cached
     plain = build(load_mix(mix_file(tmp_path, texts)), out, tok, 1024)
-    assert not plain.rows.has_weights and not (out / "rows" / "weight.bin").exists() and plain.stats["filters"] is None and not (out / "filters.md").exists()
+    assert (
+        not plain.rows.has_weights
+        and not (out / "rows" / "weight.bin").exists()
+        and plain.stats["filters"] is None
+        and not (out / "filters.md").exists()
+    )
 
     missing = mix_file(tmp_path, texts, filters=[{"kind": "classifier", "function": "no_such_mod:f", "threshold": 1}])
     with pytest.raises(DataError, match="cannot import f from no_such_mod"):

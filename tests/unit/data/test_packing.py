@@ -108,7 +108,9 @@ def test_without_a_mask_sdpa_leaks_across_examples(tiny_model):
     packed = pack_isolated(make_examples([20, 20], seed=2), seq_len=40, pad_id=3)
     with torch.no_grad():
         leaky = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits
-        kw = attention_kwargs({"input_ids": packed.input_ids, "position_ids": packed.position_ids}, "sdpa", torch.float32)
+        kw = attention_kwargs(
+            {"input_ids": packed.input_ids, "position_ids": packed.position_ids}, "sdpa", torch.float32
+        )
         isolated = model(**kw).logits
     assert (leaky[0, 20:] - isolated[0, 20:]).abs().max() > 1e-2
     torch.testing.assert_close(leaky[0, :20], isolated[0, :20])
@@ -173,8 +175,10 @@ def test_isolated_efficiency_on_one_natural_instructions_task(shared_data):
     tok = AutoTokenizer.from_pretrained("llmft/assets/tiny-llama")
     definition = " ".join(task["Definition"]) if isinstance(task["Definition"], list) else task["Definition"]
     demos = "".join(f"Input: {d['input']}\nOutput: {d['output']}\n\n" for d in task["Positive Examples"][:2])
-    lengths = [len(tok(f"Definition: {definition}\n\n{demos}Input: {i['input']}\nOutput: {i['output'][0]}")["input_ids"]) + 2
-               for i in task["Instances"]]
+    lengths = [
+        len(tok(f"Definition: {definition}\n\n{demos}Input: {i['input']}\nOutput: {i['output'][0]}")["input_ids"]) + 2
+        for i in task["Instances"]
+    ]
     rng = np.random.default_rng(0)
     sample = rng.choice(lengths, 4000).tolist()
     packed = pack_isolated(make_examples(sample, seed=5), seq_len=2048, pad_id=3)
@@ -187,7 +191,10 @@ def test_block_causal_mask_and_flash_kwargs():
     expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                              [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
-    batch = {"input_ids": torch.arange(12).view(2, 6), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])}
+    batch = {
+        "input_ids": torch.arange(12).view(2, 6),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]),
+    }
     kw = attention_kwargs(batch, "flash_attention_2", torch.bfloat16)
     assert kw["input_ids"].shape == (1, 12)
     assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10, 12] and kw["max_length_q"] == 4
@@ -215,7 +222,9 @@ def test_concat_stream_equals_pack_concat_for_any_window(window):
     whole = pack_concat(examples, seq_len=64)
     ids, labels, pos, real, dropped, split, w = _cat(list(pack_stream(iter(examples), 64, "concat", 0, window,
                                                                       weights=True)))
-    assert torch.equal(ids, whole.input_ids) and torch.equal(labels, whole.labels) and torch.equal(pos, whole.position_ids)
+    assert (
+        torch.equal(ids, whole.input_ids) and torch.equal(labels, whole.labels) and torch.equal(pos, whole.position_ids)
+    )
     assert (real, dropped, split) == (whole.real_tokens, whole.dropped_tokens, 0)
     expected_w = np.concatenate([np.full(len(e), e.weight, np.float32) for e in examples])[: ids.numel()]
     assert torch.equal(w.flatten(), torch.from_numpy(expected_w))
@@ -227,7 +236,9 @@ def test_isolated_stream_in_one_window_is_pack_isolated():
     chunks = list(pack_stream(iter(examples), 512, "isolated", 3, 10**9))
     assert len(chunks) == 1
     ids, labels, pos, real, dropped, split, _ = _cat(chunks)
-    assert torch.equal(ids, whole.input_ids) and torch.equal(labels, whole.labels) and torch.equal(pos, whole.position_ids)
+    assert (
+        torch.equal(ids, whole.input_ids) and torch.equal(labels, whole.labels) and torch.equal(pos, whole.position_ids)
+    )
 
 
 def test_isolated_stream_places_every_example_once_with_weights_and_fills_like_one_window():

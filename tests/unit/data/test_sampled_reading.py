@@ -88,7 +88,9 @@ def test_each_stage_logs_its_progress_without_a_terminal(tmp_path, corpus, tok, 
                   "pack (concat) and write"):
         logged = [m for m in lines if m.startswith(stage)]
         assert logged, (stage, lines)
-        assert any(re.search(r"\d+(\.\d+)?k?/\d+(\.\d+)?k? \[.*<.*tok/s", m) for m in logged), logged  # done/total [elapsed<ETA, rate]
+        assert any(re.search(r"\d+(\.\d+)?k?/\d+(\.\d+)?k? \[.*<.*tok/s", m) for m in logged), (
+            logged
+        )  # done/total [elapsed<ETA, rate]
     assert any(re.search(r"read and tokenize big.*, \d+ docs\]", m) for m in lines)
 
 

@@ -153,12 +153,19 @@ def test_natural_instructions_list_definition_and_bad_instance(tmp_path):
     path = tmp_path / "task999_sum.json"
     path.write_text(json.dumps(task))
     docs, report = read(format="natural_instructions", path=tmp_path, ni_positive_examples=1)
-    assert docs == [Document(
-        text="9", where=f"{path}#instances[0]",
-        meta={"task": "task999_sum", "id": "task999-a", "ni_head": "Definition: Answer with the sum.\n\nInput: 1 2\nOutput: 3\n\n",
-              "ni_query": "Input: 4 5\nOutput: "},
-        prompt="Definition: Answer with the sum.\n\nInput: 1 2\nOutput: 3\n\nInput: 4 5\nOutput: ",
-    )]
+    assert docs == [
+        Document(
+            text="9",
+            where=f"{path}#instances[0]",
+            meta={
+                "task": "task999_sum",
+                "id": "task999-a",
+                "ni_head": "Definition: Answer with the sum.\n\nInput: 1 2\nOutput: 3\n\n",
+                "ni_query": "Input: 4 5\nOutput: ",
+            },
+            prompt="Definition: Answer with the sum.\n\nInput: 1 2\nOutput: 3\n\nInput: 4 5\nOutput: ",
+        )
+    ]
     assert report.examples == [f"{path}#instances[1]: no 'output' (a non-empty list of strings)"]
 
 

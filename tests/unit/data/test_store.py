@@ -1,10 +1,10 @@
 """The memory-mapped row store of a data build (llmft/data/store.py) and how a build publishes it.
 
-Round trip: what training reads back equals what the packer produced, token for token (labels and position ids
-derived per batch), in uint16 and int32, with and without weights. The loader serves the same batches from the
-store as from rows in memory, per rank, across a resume. Serving batches reads only their rows: bytes read and
-resident memory (/proc/self/io, /proc/self/status) grow by the batches, not the file. A damaged or old-format store is a clear error; a build that fails while writing leaves the
-previous build loadable and unchanged.
+Round trip: what training reads back equals what the packer produced, token for token (labels and position ids derived
+per batch), in uint16 and int32, with and without weights. The loader serves the same batches from the store as from
+rows in memory, per rank, across a resume. Serving batches reads only their rows: bytes read and resident memory
+(/proc/self/io, /proc/self/status) grow by the batches, not the file. A damaged or old-format store is a clear error; a
+build that fails while writing leaves the previous build loadable and unchanged.
 """
 
 from __future__ import annotations

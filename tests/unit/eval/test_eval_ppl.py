@@ -123,7 +123,9 @@ def test_cli_reports_short_books_writes_json_markdown_plot_and_compares(tiny_mod
     report = json.loads((out_a / "ppl.json").read_text())
     res = report["models"][str(tiny_model)]
     assert report["protocol"]["mode"] == "windows" and sorted(int(n) for n in res) == [64, 256, 1024]
-    assert res["1024"]["too_short"] == ["300"] and res["1024"]["books"] == 2 and res["64"]["books"] == 3  # reported, not dropped
+    assert (
+        res["1024"]["too_short"] == ["300"] and res["1024"]["books"] == 2 and res["64"]["books"] == 3
+    )  # reported, not dropped
     md = (out_a / "ppl.md").read_text()
     assert "| context |" in md and "300" in md and "shorter than 1,024 tokens" in md
     img = Image.open(out_a / "ppl.png")

@@ -735,8 +735,10 @@ def test_natural_qa_loader_reads_nq_dev_format(tmp_path):
 
 def test_quac_loader_builds_dialogue_prefix(tmp_path):
     def dialogue(n):
-        qas = [{"question": f"q{i}", "orig_answer": {"text": f"a{i}"}, "answers": [{"text": f"a{i}"}, {"text": f"a{i}"}]}
-               for i in range(n)]
+        qas = [
+            {"question": f"q{i}", "orig_answer": {"text": f"a{i}"}, "answers": [{"text": f"a{i}"}, {"text": f"a{i}"}]}
+            for i in range(n)
+        ]
         return {"title": "T", "background": "B", "section_title": "S",
                 "paragraphs": [{"context": "C C CANNOTANSWER", "qas": qas}]}
 

@@ -162,7 +162,10 @@ def test_qlora_zero3_needs_quant_storage_in_the_training_dtype(tmp_path, tiny_mo
     assert "Fix: set qlora.quant_storage_dtype: bfloat16, or use ZeRO stage 2" in err and "Traceback" not in err
     ds_json = tmp_path / "ds.json"
     ds_json.write_text('{"zero_optimization": {"stage": 3}}')
-    assert main(["validate", str(write_recipe(tmp_path / "json.yaml", {**base, "deepspeed": {"config": str(ds_json)}}))]) == 2
+    assert (
+        main(["validate", str(write_recipe(tmp_path / "json.yaml", {**base, "deepspeed": {"config": str(ds_json)}}))])
+        == 2
+    )
     assert "Fix: set qlora.quant_storage_dtype: bfloat16" in capsys.readouterr().err
     assert main(["validate", str(path), "qlora.quant_storage_dtype=bfloat16"]) == 0
     assert main(["validate", str(path), "deepspeed.stage=2"]) == 0  # ZeRO-2 keeps uint8 storage

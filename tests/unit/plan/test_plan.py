@@ -88,7 +88,12 @@ def measured(tmp_path_factory, book_text) -> dict:
     text.write_text(book_text)
     # glibc's dynamic mmap threshold keeps freed heap memory resident (see docs/memory.md): fix it, so that RSS
     # measures the memory the step needs
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]),
+        "OMP_NUM_THREADS": "1",
+    }
     procs = {}
     for name, sections in CONFIGS.items():
         recipe = {"model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",

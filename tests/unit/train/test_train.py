@@ -164,7 +164,9 @@ def test_rotation_keeps_last_k_complete(tmp_path):
 
 
 def test_wandb_offline_writes_a_local_run_and_disabled_writes_nothing(tmp_path, tiny_model, text_file):
-    on, _ = run(tmp_path, tiny_model, text_file, name="on", overrides=["train.max_steps=2", "logging.wandb.mode=offline"])
+    on, _ = run(
+        tmp_path, tiny_model, text_file, name="on", overrides=["train.max_steps=2", "logging.wandb.mode=offline"]
+    )
     runs = list((on.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     off, _ = run(tmp_path, tiny_model, text_file, name="off", overrides=["train.max_steps=2"])
@@ -290,7 +292,9 @@ def test_isolated_packing_step_loss_equals_examples_scored_alone(tmp_path, sharp
     recipe = load_recipe(path, overrides)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = load_built(tmp_path / "run" / "data").rows  # the rows the run built, served in the run's order
-    assert rows.index["real_tokens"] == sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)  # + BOS, EOS
+    assert rows.index["real_tokens"] == sum(
+        len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs
+    )  # + BOS, EOS
     loader = PackedLoader(rows, micro_batch_size=2, seed=0)
     from llmft.model.load import build_model
 
