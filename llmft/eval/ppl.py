@@ -49,8 +49,6 @@ class Book:
     nbytes: np.ndarray
 
 
-
-
 def _scored_positions(n: int, length: int, mode: str, stride: int) -> list[tuple[int, int, int]]:
     """(window start, window end, first scored position) for one book of n tokens; positions are book indices
     and a window scores [first scored, end)."""

@@ -206,7 +206,6 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     return TrainResult(run_dir, final_dir, total_steps, start_step, losses, engine.model)
 
 
-
 @dataclass
 class _Processes:
     distributed: bool  # launched by deepspeed: one rank of a process group
@@ -261,7 +260,6 @@ def _setup_model(recipe: Recipe, ds_config: dict | None):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-        del zero3_init
     return built, model, base_params
 
 
