@@ -19,11 +19,17 @@ def derived_numbers(recipe: Recipe, world_size: int) -> list[str]:
     per_step = recipe.tokens_per_step(world_size)
     steps = recipe.total_steps(world_size)
     lines = [
-        f"data-parallel ranks     {world_size}",
+        f"data-parallel ranks     {recipe.data_parallel_size(world_size)}"
+        + (f" (x {recipe.parallel.sequence} sequence-parallel, {world_size} processes in all)"
+           if recipe.parallel.sequence > 1 else ""),
         f"effective batch         {recipe.sequences_per_step(world_size)} sequences of {m.max_seq_len} tokens",
         f"tokens per step         {per_step:,}",
         f"steps                   {steps} ({steps * per_step:,} tokens)",
     ]
+    sp = recipe.parallel.sequence
+    if world_size % sp:
+        lines.append(f"note                    parallel.sequence {sp} needs a multiple of {sp} ranks; these numbers "
+                     f"are for {world_size} (give --world-size)")
     try:
         n = parameter_count_from_config(m)
         config = architecture_config(m) if m.rope is not None else None
@@ -72,7 +78,7 @@ def run_summary(recipe: Recipe, run_dir, world: int, distributed: bool, engine, 
     """
     from llmft.model.load import DTYPES, count_parameters
 
-    lora, t, seq_len = recipe.adapter, recipe.train, recipe.model.max_seq_len
+    lora, t, seq_len, sp = recipe.adapter, recipe.train, recipe.model.max_seq_len, recipe.parallel.sequence
     rows, stats = data.rows, data.stats
     trainable, total_params = count_parameters(engine.model)
     tokens_per_step, total_steps = recipe.tokens_per_step(world), recipe.total_steps(world)
@@ -88,7 +94,9 @@ def run_summary(recipe: Recipe, run_dir, world: int, distributed: bool, engine, 
     lines = [
         f"run dir            {run_dir}",
         f"processes          {world} ({'DeepSpeed ZeRO-' + str(engine.stage) if distributed else 'plain PyTorch'})",
-        f"attention          {built.attention}",
+        f"attention          {built.attention}" + (
+            f", sequence parallel over {sp} ranks (DeepSpeed Ulysses): {seq_len // sp} tokens of each sequence per "
+            "rank" if sp > 1 else ""),
         f"RoPE               {built.rope.describe() if built.rope else 'unchanged'}",
         f"max_position_emb.  {built.model.config.max_position_embeddings}",
         f"parameters         {total_params:,} ({trainable:,} trainable)" if lora is None else
@@ -104,7 +112,8 @@ def run_summary(recipe: Recipe, run_dir, world: int, distributed: bool, engine, 
         + (f", {rows.dropped_tokens} tokens in a short final piece unused" if rows.dropped_tokens else "")
         + (f", {rows.split_examples} long documents split into chunks" if rows.split_examples else ""),
         f"tokens per step    {tokens_per_step:,} = {t.micro_batch_size} micro x {t.gradient_accumulation_steps} "
-        f"accum x {world} ranks x {seq_len} tokens (effective batch {tokens_per_step // seq_len} sequences)",
+        f"accum x {recipe.data_parallel_size(world)} data-parallel ranks x {seq_len} tokens (effective batch "
+        f"{tokens_per_step // seq_len} sequences)",
         f"steps              {total_steps} ({total_steps * tokens_per_step:,} tokens, "
         f"{total_steps * tokens_per_step / max(1, len(rows) * seq_len):.2f} epochs)",
         f"resume             {'from ' + str(resumed_from) if resumed_from else 'fresh start'}",

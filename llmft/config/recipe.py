@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from llmft.config.adapters import LoraConfig, QLoraConfig
 from llmft.config.loading import Strict, hint, load_validated
 from llmft.config.sources import SourceSpec
 
@@ -146,6 +147,12 @@ class ModelConfig(Strict):
         "4-layer model on 2 CPU cores) and reused after. Same numbers as eager up to float rounding; works with "
         "gradient checkpointing and LoRA, not with activation_offload. Turns the training forward's KV cache off "
         "(config use_cache: false, as gradient checkpointing does). Speed-up: bench/RESULTS.md (compile).",
+    )
+    tiled_mlp: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Compute each MLP a tile of the sequence at a time (DeepSpeed's TiledMLP, ALST): "
+        "the gate/up activations (s x intermediate) exist for s / tiles tokens at once; the backward recomputes "
+        "each tile (one more MLP forward per step). 0: off; N: N tiles; 'auto': ceil(tokens / hidden_size), 8 for "
+        "32K tokens of a 4096-wide model. LLaMA-style MLPs.",
     )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
@@ -312,6 +319,19 @@ class DeepSpeedConfig(Strict):
         return self
 
 
+class ParallelConfig(Strict):
+    """How the ranks of a ``deepspeed`` launch split the work besides ZeRO (llmft/train/sequence_parallel.py)."""
+
+    sequence: int = Field(
+        default=1, ge=1,
+        description="Sequence parallelism (DeepSpeed Ulysses, ALST): this many ranks share each sequence, each "
+        "holding max_seq_len / sequence of its tokens; attention swaps to a split over heads with two all-to-alls "
+        "per layer. The ranks form world / sequence data-parallel groups. 1: off. Needs the deepspeed launcher, "
+        "heads and max_seq_len divisible by it (KV heads: divisible, or dividing it).",
+        json_schema_extra=hint("e.g. 8 to spread a 128K-token sequence over 8 GPUs"),
+    )
+
+
 class CheckpointConfig(Strict):
     """Where the run writes. ``dir`` holds step checkpoints, ``final/``, metrics.jsonl and wandb files."""
 
@@ -366,73 +386,6 @@ class EvalConfig(Strict):
     )
 
 
-# ---------------------------------------------------------------------------------------------- lora
-
-# Target presets for LLaMA-family models (the module names transformers uses for these projections).
-LORA_TARGET_PRESETS: dict[str, list[str]] = {
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
-class LoraConfig(Strict):
-    """LoRA adapters (Hu et al. 2021) for ``method: lora``, applied with PEFT. The base weights stay frozen; only
-    the low-rank A/B matrices (plus ``trainable_extra``) are trained. LongLoRA (Chen et al. 2023) extends context
-    with r=8, alpha=16 on q/k/v/o and also trains the embedding and the norms: without them LoRA falls short of
-    full fine-tuning at long context."""
-
-    rank: int = Field(default=8, gt=0, description="LoRA rank r (inner dimension of B @ A).")
-    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r "
-                         "(alpha / sqrt(r) with use_rslora).")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input path.")
-    target_modules: Literal["attention", "all_linear"] | Annotated[list[str], Field(min_length=1)] = Field(
-        default="attention",
-        description="Linear layers that get adapters: 'attention' (q_proj, k_proj, v_proj, o_proj), 'all_linear' "
-        "(those + gate_proj, up_proj, down_proj), or an explicit list of module names.",
-        json_schema_extra=hint("use attention, all_linear, or a list such as [q_proj, v_proj]"),
-    )
-    trainable_extra: list[Literal["embed", "norm", "lm_head"]] = Field(
-        default_factory=list,
-        description="Whole modules trained (and saved in the adapter) next to LoRA: 'embed' (input embedding), "
-        "'norm' (every RMSNorm weight), 'lm_head'. LongLoRA uses [embed, norm].",
-    )
-    use_rslora: bool = Field(default=False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
-    bias: Literal["none", "all", "lora_only"] = Field(
-        default="none", description="Which biases train: none, all, or only those of adapted layers.")
-
-    @property
-    def targets(self) -> list[str]:
-        """The target module names, with a preset expanded."""
-        if isinstance(self.target_modules, str):
-            return list(LORA_TARGET_PRESETS[self.target_modules])
-        return list(self.target_modules)
-
-    @field_validator("trainable_extra")
-    @classmethod
-    def _no_repeats(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("list each of embed, norm, lm_head at most once")
-        return v
-
-
-class QLoraConfig(Strict):
-    """QLoRA (Dettmers et al. 2023) for ``method: qlora``: the frozen base is loaded 4-bit quantized with
-    bitsandbytes and LoRA adapters (the ``lora`` section) train on top of it in ``compute_dtype``."""
-
-    quant_type: Literal["nf4", "fp4"] = Field(
-        default="nf4", description="4-bit data type of the base weights: 'nf4' (NormalFloat4, the paper's) or 'fp4'.")
-    double_quant: bool = Field(
-        default=True, description="Also quantize the per-block quantization constants (saves ~0.4 bit/parameter).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="dtype the 4-bit weights are de-quantized to for each matmul.")
-    quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        default="uint8",
-        description="dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 shards all parameters as one "
-        "dtype, so there it must be the training dtype: bfloat16 for train.precision bf16, float16 for fp16, "
-        "float32 for fp32 (checked at validation).",
-    )
-
-
 # -------------------------------------------------------------------------------------------- recipe
 
 
@@ -455,6 +408,7 @@ class Recipe(Strict):
     data: DataConfig
     train: TrainConfig
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -490,12 +444,18 @@ class Recipe(Strict):
             return stage if isinstance(stage, int) else d.stage
         return d.stage
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel groups among ``world_size`` ranks: each group of ``parallel.sequence`` ranks trains on the
+        same sequences (its own share of each)."""
+        return max(1, world_size // self.parallel.sequence)
+
     def sequences_per_step(self, world_size: int) -> int:
-        """Sequences in one optimizer step over ``world_size`` data-parallel ranks (the global batch)."""
-        return self.train.micro_batch_size * self.train.gradient_accumulation_steps * world_size
+        """Sequences in one optimizer step over ``world_size`` ranks (the global batch)."""
+        t = self.train
+        return t.micro_batch_size * t.gradient_accumulation_steps * self.data_parallel_size(world_size)
 
     def tokens_per_step(self, world_size: int) -> int:
-        """Token positions in one optimizer step over ``world_size`` data-parallel ranks."""
+        """Token positions in one optimizer step over ``world_size`` ranks."""
         return self.sequences_per_step(world_size) * self.model.max_seq_len
 
     def total_steps(self, world_size: int) -> int:
@@ -533,10 +493,15 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
                          "train.precision is fp32, so every forward (training and the evaluations during it) would "
                          "hand it fp32 tensors. Fix: set train.precision: bf16 (master weights stay fp32), or "
                          "model.attention: sdpa"))
+    if m.compile and m.tiled_mlp:
+        problems.append((("model", "compile"), "cannot be combined with model.tiled_mlp (DeepSpeed's TiledMLP is an "
+                         "autograd function that torch.compile would break the layer graph around). Fix: remove one "
+                         "of model.compile and model.tiled_mlp"))
     if m.compile and m.activation_offload:
         problems.append((("model", "compile"), "cannot be combined with model.activation_offload: torch.compile "
                          "cannot trace the offload's saved-tensor hooks, so every layer would fall back to eager "
                          "(compile time spent for nothing). Fix: remove model.compile, or model.activation_offload"))
+    problems += _sequence_parallel_checks(recipe)
     if recipe.method == "qlora" and m.init == "random":
         problems.append((("model", "init"), "method: qlora quantizes pretrained weights. Fix: set init: pretrained, "
                          "or use method: full to train from scratch"))
@@ -571,6 +536,47 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append(
             (("eval", "every_steps"), "needs held-out text. Fix: set data.validation or data.validation_fraction")
         )
+    return problems
+
+
+def _sequence_parallel_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """What ``parallel.sequence`` > 1 needs of the model and the data layout (checked again on the loaded model at
+    run time, for hub models whose config is not on disk)."""
+    sp, m = recipe.parallel.sequence, recipe.model
+    if sp == 1:
+        return []
+    problems = []
+    if m.max_seq_len % sp:
+        problems.append((("model", "max_seq_len"), f"is {m.max_seq_len}, not divisible by parallel.sequence {sp}: "
+                         f"each of the {sp} ranks holds an equal share of every sequence. Fix: make max_seq_len a "
+                         f"multiple of {sp}, e.g. {m.max_seq_len // sp * sp or sp}"))
+    if m.attention == "eager":
+        problems.append((("model", "attention"), "eager attention cannot run under sequence parallelism (it needs "
+                         "a full (s x s) mask, and DeepSpeed's Ulysses attention drops masks). Fix: set "
+                         "model.attention: sdpa (packed documents isolated by their position ids) or "
+                         "flash_attention_2"))
+    config = Path(m.name).expanduser() / "config.json"
+    if config.is_file():
+        problems += [(("parallel", "sequence"), p) for p in heads_problems(json.loads(config.read_text()), sp)]
+    return problems
+
+
+def heads_problems(config: dict, sp: int) -> list[str]:
+    """Why a model with this ``config.json`` cannot split its attention heads over ``sp`` ranks (DeepSpeed's
+    Ulysses rule: query heads divisible by sp; KV heads divisible by sp, or dividing it, then replicated)."""
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads", heads)
+    if heads is None:
+        return []
+    problems = []
+    if heads % sp:
+        problems.append(f"is {sp}, but the model's {heads} attention heads do not divide by it: each rank computes "
+                        f"attention for heads / {sp} of them. Fix: use a divisor of {heads}")
+    elif kv % sp and sp % kv:
+        problems.append(f"is {sp}, but the model's {kv} KV heads neither divide by it nor divide it (DeepSpeed "
+                        f"splits or replicates them). Fix: use a divisor of {math.gcd(heads, kv)} or a multiple of "
+                        f"{kv} that divides {heads}")
     return problems
 
 

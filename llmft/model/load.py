@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,9 +267,57 @@ def build_model(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.floa
         )
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg)
+    if cfg.tiled_mlp:
+        tile_mlps(model, cfg.tiled_mlp)
     if cfg.compile:
         compile_layers(model)
     return BuiltModel(model, tokenizer, attention, scaling)
+
+
+def tile_mlps(model: torch.nn.Module, tiles: int | str) -> int:
+    """Run each decoder layer's MLP a slice of the sequence at a time (``model.tiled_mlp``), with DeepSpeed's
+    ``TiledMLP`` (ALST): the forward keeps only the MLP's input, and the backward recomputes one tile at a time,
+    so the (b, s, intermediate) activations of gate/up/act exist for s / tiles tokens at once instead of s. Costs one
+    more MLP forward per step. Same loss and gradients up to float rounding (tests/unit/model/test_tiled_mlp.py).
+
+    Args:
+        model: a transformers causal LM whose decoder layers have an ``mlp`` with gate/up/down projections
+            (LLaMA family); PEFT adapters added later are used (the projections are looked up at each call).
+        tiles: tiles per sequence, or "auto": ceil(tokens / hidden_size), ALST's choice (8 for 32K tokens of a
+            4096-wide model).
+
+    Returns:
+        The number of MLPs tiled.
+
+    Raises:
+        ModelLoadError: the model has no LLaMA-style MLPs.
+    """
+    import types
+
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mlps = [m.mlp for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and hasattr(m, "mlp")]
+    mlps = [m for m in mlps if all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj", "act_fn"))]
+    if not mlps:
+        raise ModelLoadError(f"model.tiled_mlp: {type(model).__name__} has no LLaMA-style MLPs (gate/up/down "
+                             "projections) to tile. Fix: remove model.tiled_mlp")
+
+    def mlp(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def tiled_forward(self, x):  # x (b, s, h)
+        n = math.ceil(x.shape[-2] / x.shape[-1]) if tiles == "auto" else tiles
+        n = max(1, min(n, x.shape[-2]))
+        # the trainable weights: DeepSpeed holds their gradients back until the last tile has added to them
+        params = [p for p in self.parameters() if p.requires_grad]
+        return TiledMLP.apply(mlp, self, x, n, params)
+
+    for m in mlps:
+        m.forward = types.MethodType(tiled_forward, m)
+    log.info("tiled MLP: %d MLPs computed %s tiles of the sequence at a time", len(mlps),
+             "ceil(tokens / hidden)" if tiles == "auto" else tiles)
+    return len(mlps)
 
 
 def compile_layers(model: torch.nn.Module) -> int:

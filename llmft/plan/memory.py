@@ -448,7 +448,11 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_mem_bytes: float
     except (AttributeError, TypeError) as e:
         raise RecipeError([f"model.name: llmft plan models LLaMA-family decoders; {recipe.model.name!r} has no {e}"])
     setup = setup_from_recipe(recipe, world_size, device)
-    return plan_for(shapes, setup, device_mem_bytes, recipe_name)
+    plan = plan_for(shapes, setup, device_mem_bytes, recipe_name)
+    if recipe.parallel.sequence > 1:
+        plan.notes.append(f"parallel.sequence {recipe.parallel.sequence} is not modelled yet: the activation items are "
+                          "those of the whole sequence on one rank, an upper bound")
+    return plan
 
 
 def plan_for(shapes: Shapes, setup: Setup, device_mem_bytes: float | None = None,

@@ -28,6 +28,7 @@ from llmft.config import Recipe, RecipeError
 from llmft.data.packing import attention_kwargs
 from llmft.train.loss import causal_lm_loss
 from llmft.train.optim import build_optimizer, build_scheduler
+from llmft.train.sequence_parallel import SequenceParallel
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -196,6 +197,10 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
             raise RecipeError([f"{d.config}: remove the {section!r} section; llmft builds AdamW and the lr "
                                "schedule from the recipe's train section"])
     cfg["train_batch_size"] = recipe.sequences_per_step(world_size)
+    if recipe.parallel.sequence > 1:  # read where no mpu is passed (ZeRO-3's zero.Init while the model loads)
+        cfg["sequence_parallel_size"] = recipe.parallel.sequence
+        if cfg["zero_optimization"].get("stage") == 3:
+            cfg["zero_optimization"]["reduce_scatter"] = False
     cfg["zero_allow_untested_optimizer"] = True
     cfg["zero_force_ds_cpu_optimizer"] = False
     cfg.setdefault("steps_per_print", 10**9)
@@ -207,17 +212,18 @@ class DeepSpeedEngine:
     """A DeepSpeed engine around the model with llmft's AdamW and schedule (launched by ``deepspeed``)."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe, total_steps: int, ds_config: dict,
-                 attention: str, isolate: bool):
+                 attention: str, isolate: bool, sp: SequenceParallel | None = None):
         import deepspeed
 
         self.isolate = isolate  # rows hold isolated examples: confine attention to each
         self.attention = attention
+        self.sp = sp  # sequence parallelism: each rank computes its slice of every row
         self.cfg = recipe.train
         optimizer = build_optimizer(model, recipe.train)
         scheduler = build_scheduler(optimizer, recipe.train, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            mpu=sp.mpu if sp is not None else None)
         self.model = self.engine.module
         self.device = self.engine.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -231,12 +237,15 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()
 
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
+        if self.sp is not None:  # this rank's slice of each row; isolation comes from the whole rows' position ids
+            batch = {k: v.to(self.device) for k, v in self.sp.shard(batch).items()}
+            return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens, run=self.engine)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.isolate:
             batch = attention_kwargs(batch, self.attention, torch.float32)
-        if self.cfg.loss_chunk_tokens or "weight" in batch:  # calls the model directly (ZeRO-3 gathers per
-            # submodule); per-token loss weights need the logits, which the model's own loss does not take
-            return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
+        if self.cfg.loss_chunk_tokens or "weight" in batch:  # the loss made here, the forward still the engine's
+            # (ZeRO-3 gathers the head per chunk); per-token weights need logits, which the model's loss cannot take
+            return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens, run=self.engine)
         return self.engine(**batch, num_items_in_batch=num_tokens).loss
 
     def backward(self, loss: torch.Tensor) -> None:

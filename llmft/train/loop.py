@@ -29,6 +29,7 @@ from llmft.eval.ppl import perplexity_by_length
 from llmft.model.load import DTYPES, build_model, count_parameters
 from llmft.summary import run_summary
 from llmft.train import checkpoint as ckpt
+from llmft.train import sequence_parallel
 from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
 from llmft.train.loss import step_divisor
 from llmft.train.metrics import MetricsLogger
@@ -60,22 +61,26 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     Raises:
         ModelLoadError: the model cannot be loaded (the launcher prints it as one line, exit 2).
         DataError: the data cannot be read or built, or a resume changes the number of ranks (exit 2).
-        RecipeError: a built data directory or mix does not match the model (exit 2).
+        RecipeError: a built data directory or mix does not match the model, or ``parallel.sequence`` does not fit
+            the launch or the model (exit 2).
         Preempted: a stop signal arrived; a checkpoint was written (exit 143, resumable).
         Diverged: too many non-finite steps in a row (exit 3, last good state saved).
     """
     procs = _setup_processes(recipe)
     rank, world, distributed, run_dir = procs.rank, procs.world, procs.distributed, procs.run_dir
     ds_config = deepspeed_config(recipe, world) if distributed else None
-    built, model, base_params = _setup_model(recipe, ds_config)
+    built, model, base_params, sp = _setup_model(recipe, ds_config)
     tokenizer, lora = built.tokenizer, recipe.adapter
     seq_len, t = recipe.model.max_seq_len, recipe.train
     built_data = _training_data(recipe, tokenizer, run_dir / "data", rank, distributed)
     rows, val_tokens = built_data.rows, built_data.validation_tokens
-    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank, world_size=world)
+    # the ranks of a sequence-parallel group read the same rows: data-parallel shard rank // parallel.sequence
+    dp_world = recipe.data_parallel_size(world)
+    data = PackedLoader(rows, t.micro_batch_size, seed=t.seed, rank=rank // recipe.parallel.sequence,
+                        world_size=dp_world)
     total_steps = recipe.total_steps(world)
     tokens_per_step = recipe.tokens_per_step(world)
-    engine = _setup_engine(recipe, model, built, total_steps, ds_config, rows.mode == "isolated")
+    engine = _setup_engine(recipe, model, built, total_steps, ds_config, rows.mode == "isolated", sp)
 
     # ---- resume -----------------------------------------------------------------------------------------
     start_step, tokens_seen, wandb_id = 0, 0, None
@@ -114,8 +119,10 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
             # token-weighted mean over the whole step: each token counts once, whatever micro-batch it is in
             # (with per-token loss weights: Σ w·nll / Σ w, a weight of 2 counts exactly as two copies of the example)
             num_tokens = step_divisor(micro_batches)
-            if distributed:  # over the tokens of all ranks: DeepSpeed averages the ranks' gradients, so each rank
-                # divides by (global count / world) and the step is Σ_all w·nll / Σ_all w, not a mean of ratios
+            if distributed:  # over the tokens of all ranks: DeepSpeed sums the ranks' gradients and divides by the
+                # data-parallel size, so each rank divides by (global count / data-parallel size) and the step is
+                # Σ_all w·nll / Σ_all w, not a mean of ratios. Under sequence parallelism the N ranks of a group
+                # count the same (whole) rows: the sum over the world is N x the count, and world / N = dp size.
                 total = torch.tensor([float(num_tokens)], dtype=torch.float64, device=engine.device)
                 dist.all_reduce(total)
                 num_tokens = float(total) / world
@@ -130,10 +137,10 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
                 loss_sum += loss.detach().float().cpu()
             grad_norm = engine.step()  # plain engine: skips the update when the gradient is not finite
             step_loss = float(loss_sum)
-            if distributed:  # mean over ranks (= Σ_all w·nll / Σ_all w, as divided above), for the log only
+            if distributed:  # Σ over ranks / dp size (= Σ_all w·nll / Σ_all w, as divided above), for the log only
                 reduced = torch.tensor([step_loss], device=engine.device)
                 dist.all_reduce(reduced)
-                step_loss = float(reduced) / world
+                step_loss = float(reduced) / dp_world
             losses.append(step_loss)
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - t0
@@ -216,7 +223,11 @@ class _Processes:
 
 def _setup_processes(recipe: Recipe) -> _Processes:
     """Join the process group (under the deepspeed launcher), seed this rank, and create the run directory with
-    the resolved recipe in it (rank 0)."""
+    the resolved recipe in it (rank 0).
+
+    Raises:
+        RecipeError: ``parallel.sequence`` cannot run on this launch (plain python, or a world it does not divide).
+    """
     distributed = launched_by_deepspeed()
     if distributed:
         import deepspeed
@@ -225,6 +236,7 @@ def _setup_processes(recipe: Recipe) -> _Processes:
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
+    sequence_parallel.check_launch(recipe, world, distributed)
     seed_everything(recipe.train.seed + rank)
     run_dir = Path(recipe.checkpoint.dir)
     if rank == 0:
@@ -234,12 +246,14 @@ def _setup_processes(recipe: Recipe) -> _Processes:
 
 
 def _setup_model(recipe: Recipe, ds_config: dict | None):
-    """(the built model, the model to train, the base's parameter count): the ``model`` section's model, 4-bit
-    for QLoRA, with LoRA adapters for ``method: lora | qlora``. Under ZeRO-3 the weights are partitioned as they
-    load (``zero.Init``), and only while this runs.
+    """(the built model, the model to train, the base's parameter count, the sequence-parallel setup or None):
+    the ``model`` section's model, 4-bit for QLoRA, with LoRA adapters for ``method: lora | qlora``, its attention
+    wrapped in DeepSpeed's Ulysses attention for ``parallel.sequence`` > 1. Under ZeRO-3 the weights are
+    partitioned as they load (``zero.Init``), and only while this runs.
 
     Raises:
         ModelLoadError: the model cannot be loaded.
+        RecipeError: the model's heads or attention kernel do not allow ``parallel.sequence``.
     """
     zero3_init = None
     if ds_config is not None and recipe.zero_stage == 3:
@@ -260,14 +274,16 @@ def _setup_model(recipe: Recipe, ds_config: dict | None):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-    return built, model, base_params
+    sp = sequence_parallel.setup(model, recipe, built.attention)
+    return built, model, base_params, sp
 
 
-def _setup_engine(recipe: Recipe, model, built, total_steps: int, ds_config: dict | None, isolated: bool):
+def _setup_engine(recipe: Recipe, model, built, total_steps: int, ds_config: dict | None, isolated: bool, sp):
     """The engine that runs forward, backward and the optimizer step: DeepSpeed (ZeRO, from the ``deepspeed``
-    section) under the deepspeed launcher, else plain PyTorch on CUDA when there is one, else on the CPU."""
+    section; sequence parallelism with ``sp``) under the deepspeed launcher, else plain PyTorch on CUDA when there
+    is one, else on the CPU."""
     if ds_config is not None:
-        return DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, isolated)
+        return DeepSpeedEngine(model, recipe, total_steps, ds_config, built.attention, isolated, sp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return PlainEngine(model, recipe, total_steps, device, built.attention, isolated)
 

@@ -4,8 +4,9 @@ Both return ``sum of token NLLs / num_items`` where ``num_items`` counts the tra
 optimizer step (so accumulation weighs every token once), with labels shifted inside (position p predicts p + 1)
 and -100 ignored, as transformers' ``ForCausalLMLoss`` does.
 
-Chunked (``train.loss_chunk_tokens`` = C > 0): the decoder runs once; the LM head and the cross-entropy then
-run C positions at a time (b x C rows), so only one chunk's logits (b C, v) exist at a time instead of the full
+Chunked (``train.loss_chunk_tokens`` = C > 0): the decoder runs once (the model's forward with
+``logits_to_keep=1``, so the head makes logits for one position); the LM head and the cross-entropy then run C
+positions at a time (b x C rows), so only one chunk's logits (b C, v) exist at a time instead of the full
 (b, s, v) fp32 logits::
 
     hidden (b, s, h) ──┬─ chunk 0: lm_head -> (b C, v) fp32 -> CE sum, d/dhidden, d/dW ─┐
@@ -38,30 +39,41 @@ IGNORE = -100
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], num_items: int,
-                   chunk_tokens: int = 0) -> torch.Tensor:
+                   chunk_tokens: int = 0, run=None) -> torch.Tensor:
     """Loss of ``model`` (a transformers causal LM, possibly wrapped by PEFT) on ``batch``.
 
     Args:
         model: the causal LM.
+        run: what the forward pass calls, when not ``model`` itself: a DeepSpeed engine around it (its forward
+            prepares each micro-batch's backward; under ZeRO-3 a bare module call would make the gradients of
+            accumulated micro-batches overwrite each other). The chunked loss calls it with
+            ``output_hidden_states=True, logits_to_keep=1``: the decoder's normed output, and head logits for
+            one position only.
         batch: ``input_ids``, ``labels`` and what the attention kernel needs (position ids, mask, cu_seq_lens);
-            optionally ``weight`` (b, s) float, the per-token loss weights.
+            optionally ``weight`` (b, s) float, the per-token loss weights. Or, for a slice of a row
+            (sequence parallelism), ``shift_labels`` (b, n): the token each position predicts, and optionally
+            ``shift_weight`` (b, n), that token's weight.
         num_items: trained tokens in the whole optimizer step (the loss divisor); with ``weight``, the sum of the
             weights of the step's trained (predicted) tokens.
         chunk_tokens: 0 for the model's own loss; otherwise positions per chunk of the chunked loss.
     """
-    labels, weight = batch["labels"], batch.get("weight")
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weight")}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "weight", "shift_labels", "shift_weight")}
+    if "shift_labels" in batch:  # already aligned: position p predicts shift_labels[p] (a sequence-parallel slice)
+        keep, targets, w = slice(None), batch["shift_labels"], batch.get("shift_weight")
+    else:  # position p predicts token p + 1
+        keep, targets, w = slice(None, -1), batch["labels"][:, 1:], batch.get("weight")
+        w = w[:, 1:] if w is not None else None
+    w = w.float() if w is not None else None  # (b, n): the predicted token's weight
+    run = model if run is None else run
     if not chunk_tokens:
-        if weight is None:
-            return model(**batch, num_items_in_batch=num_items).loss
-        logits = model(**inputs).logits[:, :-1].float()  # (b, s-1, v): position p predicts token p + 1
-        nll = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                              reduction="none")  # (b (s-1),), 0 where ignored
-        return (nll * weight[:, 1:].flatten().float()).sum() / num_items
+        if w is None and "labels" in batch:
+            return run(**batch, num_items_in_batch=num_items).loss
+        logits = run(**inputs).logits[:, keep].float()  # (b, n, v)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                              reduction="none")  # (b n,), 0 where ignored
+        return (nll if w is None else nll * w.flatten()).sum() / num_items
+    hidden = run(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, keep]  # (b, n, h)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(**inputs).last_hidden_state  # (b, s, h)
-    hidden, targets = hidden[:, :-1], labels[:, 1:]  # position p predicts token p + 1
-    w = weight[:, 1:].float() if weight is not None else None  # (b, s-1): the predicted token's weight
     head = base.get_output_embeddings()
     if _fusable(head):
         b, n, h = hidden.shape
