@@ -115,6 +115,8 @@ class Setup:
     every_n: int = 1  # with checkpointing: layers 0, n, 2n, ... are checkpointed, the others keep activations
     offload: bool = False  # with checkpointing: the checkpointed layers' inputs live in host memory
     keep_attention: bool = False  # with checkpointing: the checkpointed layers keep their attention outputs
+    sequence: int = 1  # parallel.sequence: ranks sharing each sequence (each holds seq_len / sequence tokens)
+    tiled_mlp: int | str = 0  # model.tiled_mlp: 0 off, N tiles, or "auto" (ceil(tokens / hidden))
 
     @property
     def mode(self) -> str:
@@ -183,4 +185,4 @@ def setup_from_recipe(recipe: Recipe, world_size: int = 1, device: Literal["cuda
                  keep_attention=m.checkpoint_keep_attention,
                  isolated=packing == "isolated",
                  stage=stage, offload_optimizer=d.offload_optimizer, offload_param=d.offload_param,
-                 ds_buffers=buffers)
+                 ds_buffers=buffers, sequence=recipe.parallel.sequence, tiled_mlp=m.tiled_mlp)

@@ -93,7 +93,9 @@ class Plan:
             f"attention {st.attention}",
             f"model: {_count(sh.total_params)} parameters ({_count(self.trainable_params)} trainable, method "
             f"{st.method}), {sh.layers} layers, hidden {sh.hidden}, vocab {sh.vocab}; micro-batch {st.micro_batch} "
-            f"x {st.seq_len} tokens, gradient checkpointing {'on' if st.checkpointing else 'off'}, loss "
+            f"x {st.seq_len} tokens" + (f" ({st.seq_len // st.sequence} per rank: sequence parallel over "
+                                        f"{st.sequence})" if st.sequence > 1 else "")
+            + f", gradient checkpointing {'on' if st.checkpointing else 'off'}, loss "
             + (f"in chunks of {st.loss_chunk}" if st.loss_chunk else "over full logits"),
             "",
             f"{'item':<34}{'device (GB)':>12}{'host (GB)':>11}  note",
@@ -212,16 +214,30 @@ def _layer_bytes_per_token(sh: Shapes, st: Setup, tr: dict, rg_in: bool) -> floa
         total += e * q if st.attention == "eager" else 4 * nh  # eager: o_proj's contiguous copy; else logsumexp
     total += linear_inputs(("o_proj",), q, already_saved=True)
     rg_mid = rg_attn or needs_input("o_proj")
-    total += norm(rg_mid) + linear_inputs(("gate_proj", "up_proj"), h)
+    total += norm(rg_mid)
+    if st.tiled_mlp:  # TiledMLP keeps only the MLP's input; each tile is recomputed in the backward pass
+        return total + (e if mode != "amp16" else 4) * h
+    total += linear_inputs(("gate_proj", "up_proj"), h)
     rg_mlp = rg_mid or tr["norm"] or needs_input("gate_proj") or needs_input("up_proj")
     if rg_mlp:
         total += 3 * e_mlp * i  # gate (silu input), silu(gate), up
     return total + linear_inputs(("down_proj",), i)
 
 
+def mlp_tiles(sh: Shapes, st: Setup) -> int:
+    """Tiles each MLP runs in (1: not tiled); "auto" is ceil(tokens / hidden) of the rank's share."""
+    if not st.tiled_mlp:
+        return 1
+    tokens = st.seq_len // st.sequence
+    return max(1, -(-tokens // sh.hidden)) if st.tiled_mlp == "auto" else int(st.tiled_mlp)
+
+
 def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
     """Activation-side bytes per device (see the module docstring)."""
-    b, s, h, v, L = st.micro_batch, st.seq_len, sh.hidden, sh.vocab, sh.layers
+    # s: the tokens of each sequence this rank holds (all of them, or seq_len / parallel.sequence); the attention
+    # of a sequence-parallel rank spans the whole sequence (s_full) for heads / parallel.sequence heads
+    b, s_full, h, v, L = st.micro_batch, st.seq_len, sh.hidden, sh.vocab, sh.layers
+    s = s_full // st.sequence
     mode = st.mode
     res = 2 if mode == "pure16" else 4
     rg0 = tr["embed"] or st.method == "qlora"  # QLoRA's prepare makes the embedding output require grad
@@ -243,10 +259,14 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
         attn_layer = b * sh.heads * s * s * (4 if mode == "fp32" else 6)
         attn_transient = b * sh.heads * s * s * 4  # the fp32 score gradient of one layer in its backward
     elif st.attention == "sdpa" and st.isolated:
-        attn_layer = b * s * s * e
+        # under sequence parallelism each layer builds its own bool (b, 1, s, s) mask over the whole sequence
+        attn_layer = b * s_full * s_full * (e if st.sequence == 1 else 1)
     # a layer's backward frees each saved tensor as it makes its gradient: net, about one MLP-wide gradient (i)
-    # and the gradient of the layer output (h) are alive on top of the saved activations
-    grad_transient = b * s * (sh.inter * e + h * res) + attn_transient
+    # and the gradient of the layer output (h) are alive on top of the saved activations (a tiled MLP: one tile's)
+    grad_transient = b * s * (sh.inter * e / mlp_tiles(sh, st) + h * res) + attn_transient
+    # sequence parallelism: one layer's all-to-all buffers (the q, k, v slices sent; the attention output sent
+    # and received), alive while the layer runs
+    a2a = e * b * s * (3 * sh.q + 2 * sh.kv) if st.sequence > 1 else 0.0
     offloaded = 0.0
     if st.checkpointing:
         lc = -(-L // st.every_n)  # checkpointed layers: 0, n, 2n, ...; the others keep their activations
@@ -272,15 +292,18 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
     # autocast's 16-bit weight copies (PlainEngine bf16/fp16)
     casts = 0.0
     if mode == "amp16":
-        layer_lin = sh.layer_linear_params if st.method != "qlora" else 0  # 4-bit weights dequantize instead
-        trainable_lin = sum(sh.linear_params(n) for n in tr["linears"])
+        # a tiled MLP runs its forward without autograd: no cast of its weights is saved
+        mlp = ("gate_proj", "up_proj", "down_proj") if st.tiled_mlp else ()
+        layer_lin = sh.layer_linear_params - sum(sh.linear_params(n) for n in mlp)
+        layer_lin = layer_lin if st.method != "qlora" else 0  # 4-bit weights dequantize instead
+        trainable_lin = sum(sh.linear_params(n) for n in tr["linears"] if n not in mlp)
         if st.checkpointing:  # trainable casts stay cached for the forward; frozen ones: one layer's recompute
             casts = 2 * (L * trainable_lin + layer_lin + (v * h if tr["head"] else 0))
         else:
             casts = 2 * (L * layer_lin + v * h)
         casts += 2 * tr["adapter"]
     return {"saved": saved, "working": working, "attention": attention, "logits": logits, "casts": casts,
-            "first_layer": first, "other_layer": other, "offloaded": offloaded}
+            "first_layer": first, "other_layer": other, "offloaded": offloaded, "a2a": a2a}
 
 
 def _quantized_bytes_per_param(qcfg: QLoraConfig) -> float:
@@ -374,6 +397,8 @@ def _estimate(sh: Shapes, st: Setup) -> tuple[list[Item], float, str, int]:
     logits = add("logits + loss", act["logits"],
                  note=(f"one chunk of {min(st.loss_chunk, st.seq_len - 1)} positions" if st.loss_chunk else
                        "full (b, s, v) fp32, x3 in the loss backward"))
+    a2a = add("all-to-all buffers (SP)", act["a2a"],
+              note=f"one layer's q, k, v and output exchange over {st.sequence} ranks") if st.sequence > 1 else None
     casts = add("16-bit weight copies (autocast)", act["casts"],
                 note="saved by autocast matmuls" if st.mode == "amp16" else "none in this mode")
 
@@ -401,13 +426,13 @@ def _estimate(sh: Shapes, st: Setup) -> tuple[list[Item], float, str, int]:
     g_loss = g_dev if st.accumulation > 1 else (head_grad if st.loss_chunk else 0)
     g_layers = g_dev if st.accumulation > 1 else head_grad
     held = acts.device_bytes + attention.device_bytes + casts.device_bytes
-    first_layer = 0.0 if st.checkpointing else act["first_layer"] * st.micro_batch * st.seq_len
+    first_layer = 0.0 if st.checkpointing else act["first_layer"] * st.micro_batch * st.seq_len // st.sequence
     phases = {
         "loss backward (activations + logits/loss" + (" + gradients)" if g_loss else ")"):
             held + logits.device_bytes + g_loss,
         "start of the layers' backward (activations + one layer's working set" + (" + gradients)" if g_layers
                                                                                     else ")"):
-            held + working.device_bytes + g_layers,
+            held + working.device_bytes + g_layers + (a2a.device_bytes if a2a else 0.0),
         "end of backward (gradients + the first layer's " + ("recompute)" if st.checkpointing else "activations)"):
             g_dev + working.device_bytes + first_layer,
         "optimizer step (gradients + step temporaries)": g_dev + step_tmp.device_bytes,
@@ -449,9 +474,6 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_mem_bytes: float
         raise RecipeError([f"model.name: llmft plan models LLaMA-family decoders; {recipe.model.name!r} has no {e}"])
     setup = setup_from_recipe(recipe, world_size, device)
     plan = plan_for(shapes, setup, device_mem_bytes, recipe_name)
-    if recipe.parallel.sequence > 1:
-        plan.notes.append(f"parallel.sequence {recipe.parallel.sequence} is not modelled yet: the activation items are "
-                          "those of the whole sequence on one rank, an upper bound")
     return plan
 
 
@@ -498,6 +520,15 @@ def _candidates(sh: Shapes, st: Setup) -> list[tuple[str, Setup]]:
     if st.method in ("full", "lora") and st.device == "cuda" and (st.engine == "plain" or st.stage != 3):
         out.append(("use method: qlora (4-bit NF4 base)",
                     r(st, method="qlora", lora=st.lora or LoraConfig(), qlora=QLoraConfig())))
+    if st.engine == "deepspeed":  # every sequence-parallel size this launch and model allow
+        from llmft.config import heads_problems
+
+        for n in (2, 4, 8, 16, 32, 64):
+            if n > st.sequence and st.world_size % n == 0 and st.seq_len % n == 0 and not heads_problems(
+                    {"num_attention_heads": sh.heads, "num_key_value_heads": sh.kv_heads}, n):
+                out.append((f"set parallel.sequence: {n}", r(st, sequence=n)))
+    if not st.tiled_mlp:
+        out.append(("set model.tiled_mlp: auto", r(st, tiled_mlp="auto")))
     if st.micro_batch > 1:
         half = st.micro_batch // 2
         out.append((f"lower train.micro_batch_size to {half} (and double gradient_accumulation_steps)",
@@ -521,6 +552,11 @@ def _suggestions(sh: Shapes, st: Setup, peak: float, budget: float) -> tuple[lis
         if p < peak:
             singles.append((Suggestion(change, peak - p, p, p <= budget), new))
     singles.sort(key=lambda x: -x[0].saving_bytes)
+    # of the sequence-parallel sizes, only the smallest that fits (or, if none does, the largest)
+    sp = [x for x in singles if x[0].change.startswith("set parallel.sequence")]
+    if sp:
+        keep = min((x for x in sp if x[0].fits), key=lambda x: x[1].sequence, default=sp[0])
+        singles = [x for x in singles if x not in sp or x is keep]
     combined, current, applied = None, st, []
     if singles and not singles[0][0].fits:
         for s, new in singles:

@@ -165,11 +165,14 @@ def _tiny_plan(sections: dict):
 
 @pytest.mark.parametrize("precision,method,checkpointing", [
     ("fp32", "full", False), ("fp32", "lora", False), ("bf16", "full", False), ("bf16", "lora", False),
-    ("fp32", "full", True), ("fp32", "full", 2)])
+    ("fp32", "full", True), ("fp32", "full", 2), ("fp32", "full", "tiled"), ("bf16", "lora", "tiled")])
 def test_saved_activations_match_autograd(tiny_model, text_file, tmp_path, precision, method, checkpointing):
     """The activation formula equals the bytes autograd saves for backward in one forward pass of a real
     transformers LLaMA (unique storages, parameters excluded; plus the fp32 log-softmax the loss saves).
-    ``checkpointing`` 2: every 2nd layer (layer 0 of the tiny model's 2; layer 1 keeps its activations)."""
+    ``checkpointing`` 2: every 2nd layer (layer 0 of the tiny model's 2; layer 1 keeps its activations);
+    "tiled": no checkpointing, ``model.tiled_mlp: 4`` (each MLP keeps only its input)."""
+    tiled = checkpointing == "tiled"
+    checkpointing = False if tiled else checkpointing
     from llmft.config import LoraConfig
     from llmft.model.adapters import apply_lora
     from llmft.model.load import build_model
@@ -177,7 +180,8 @@ def test_saved_activations_match_autograd(tiny_model, text_file, tmp_path, preci
 
     raw = {"model": {"name": str(tiny_model), "dtype": "float32", "attention": "sdpa", "max_seq_len": 256,
                      "gradient_checkpointing": bool(checkpointing),
-                     **({"checkpoint_every_n_layers": checkpointing} if checkpointing not in (True, False) else {})},
+                     **({"checkpoint_every_n_layers": checkpointing} if checkpointing not in (True, False) else {}),
+                     **({"tiled_mlp": 4} if tiled else {})},
            "data": {"sources": [{"format": "text", "path": str(text_file)}]},
            "train": {"lr": 1e-3, "max_steps": 1, "precision": precision, "micro_batch_size": 2},
            "checkpoint": {"dir": str(tmp_path / "run")}}
@@ -264,6 +268,32 @@ def test_full_fine_tuning_on_one_gpu_suggests_the_biggest_savings_first(in_repo)
     assert savings == sorted(savings, reverse=True) and len(savings) >= 3
     assert "gradient_checkpointing" in plan.suggestions[0].change
     assert plan.combined is not None and plan.combined.fits  # e.g. checkpointing + QLoRA
+
+
+def test_sequence_parallelism_divides_the_activations_and_the_smallest_size_that_fits_is_suggested(in_repo):
+    """llama2_7b_128k_sp (SP=2 on 8 GPUs): the per-token items are half of SP=1's, the weights and optimizer
+    states (ZeRO-3 over all 8 ranks) the same, plus the all-to-all buffers. Without SP the run does not fit 80 GB
+    and the suggestion is SP=2; in 50 GB SP=2 does not fit either and the suggestion is SP=4."""
+    sp = estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml"), world_size=8, device_mem_bytes=80 * GB)
+    one = estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml", ["parallel.sequence=1"]), world_size=8,
+                          device_mem_bytes=80 * GB)
+    assert sp.setup.sequence == 2 and sp.fits and not one.fits, (sp.report(), one.report())
+    for name in ("activations (saved for backward)", "backward working set (one layer)"):
+        assert sp.item(name).device_bytes == pytest.approx(one.item(name).device_bytes / 2)
+    for name in ("weights", "optimizer states", "gradients"):
+        assert sp.item(name).device_bytes == one.item(name).device_bytes
+    # q, k, v slices sent + the attention output sent and received: e b (s/N) (3 q + 2 kv), one layer
+    assert sp.item("all-to-all buffers (SP)").device_bytes == 2 * 65536 * (3 * 4096 + 2 * 4096)
+    assert "65536 per rank: sequence parallel over 2" in sp.report()
+    changes = [s.change for s in one.suggestions]
+    assert changes[0] == "set parallel.sequence: 2" and one.suggestions[0].fits
+    assert not any("parallel.sequence: 4" in c or "parallel.sequence: 8" in c for c in changes)
+    tight = estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml", ["parallel.sequence=1"]), world_size=8,
+                            device_mem_bytes=50 * GB)
+    sizes = [s.change for s in tight.suggestions if "parallel.sequence" in s.change]
+    assert sizes == ["set parallel.sequence: 4"]
+    assert estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml", ["parallel.sequence=4"]), world_size=8,
+                           device_mem_bytes=50 * GB).fits
 
 
 # ------------------------------------------------------------------------------ command line
