@@ -15,6 +15,14 @@ fails when the process's RSS passes ``--mem-gib`` (sampled every 50 ms; its addr
 other work never meets the OOM killer; reported separately). Every process runs with
 ``MALLOC_MMAP_THRESHOLD_=131072``.
 
+Sequence parallelism (``--sp``): the same model trained by ``llmft.train.loop.train`` under the deepspeed launcher
+(ZeRO-2, fp32, gradient checkpointing, ``train.loss_chunk_tokens: 1024``), as 1 rank with 2 threads and as 2 ranks
+with one thread each and ``parallel.sequence: 2`` (each rank holds half of every sequence), at the fixed lengths
+``--sp-lengths``: each rank's peak RSS, the step's tokens/s, and, from a straight line through peak RSS vs length
+per side, the longest sequence each fits in the same memory per rank (``--mem-gib`` / 2), marked as extrapolated.
+
+    python bench/max_context.py --sp [--sp-lengths 4096 8192 16384] [--quick]
+
 Time: one step's cost grows with s^2 (attention); on 2 CPU cores one step at 128K tokens is about an hour. So the
 search also has a time budget, ``--budget-min``, shared by the sides: before each attempt the step time is predicted
 from the longest finished step (x (s / s_done)^2, an upper bound) and an attempt that would not finish within the
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -37,7 +46,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, book_paths, machine, run_child, write_model_dir, write_section  # noqa: E402
+from common import (  # noqa: E402
+    CHILD_ENV,
+    REPO,
+    RESULTS,
+    book_paths,
+    machine,
+    peak_rss_bytes,
+    run_child,
+    write_model_dir,
+    write_section,
+)
 
 CHUNK = 1024
 MAX_LEN = 524_288  # the two books hold ~590K tokens of the bench tokenizer
@@ -117,7 +136,117 @@ def search(side: str, args, model_dir: Path, books: list[str], cap: int, deadlin
     return {"tried": tried, "max_ok": ok, "first_fail": bad, "stop": stop, "fit": line, "extrapolated": extrapolated}
 
 
+def sp_child(recipe_path: str) -> None:
+    """One rank of a ``--sp`` run: train the recipe, then print this rank's peak RSS."""
+    sys.path.insert(0, str(REPO))
+    from llmft.config import load_recipe
+    from llmft.train.loop import train
+
+    train(load_recipe(recipe_path), resume=False)
+    print("[sp-rank] " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "peak_rss": peak_rss_bytes()}),
+          flush=True)
+
+
+def sp_run(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int) -> dict:
+    """Train ``steps`` steps at ``seq_len`` on ``sequence`` ranks (SP = ``sequence``) under the deepspeed launcher:
+    per-rank peak RSS and the tokens/s of the last step."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    run = out / f"sp{sequence}-{seq_len}"
+    recipe = {
+        "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",
+                  "max_seq_len": seq_len, "gradient_checkpointing": True},
+        "data": {"sources": [{"format": "text", "path": b} for b in books], "packing": "concat"},
+        "train": {"lr": 1e-4, "max_steps": steps, "precision": "fp32", "micro_batch_size": 1,
+                  "loss_chunk_tokens": CHUNK, "seed": 0},
+        "deepspeed": {"stage": 2},
+        "parallel": {"sequence": sequence},
+        "checkpoint": {"dir": str(run)},
+        "logging": {"every_steps": 1},
+    }
+    path = out / f"sp{sequence}-{seq_len}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    env = {**os.environ, **CHILD_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // sequence)}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [deepspeed, "--num_accelerators", str(sequence), "--master_port", str(port), __file__, "--sp-child",
+           str(path)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"SP={sequence} at {seq_len} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    ranks = [json.loads(line.split("[sp-rank] ", 1)[1]) for line in proc.stdout.splitlines() if "[sp-rank] " in line]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    r = {"peak_rss": max(x["peak_rss"] for x in ranks), "ranks": len(ranks),
+         "tokens_per_second": rows[-1]["tokens_per_second"], "loss": rows[-1]["loss"],
+         "seconds": time.perf_counter() - t0}
+    print(f"[bench] SP={sequence} {seq_len:>7,}: peak RSS per rank {r['peak_rss'] / 2**30:.2f} GiB, "
+          f"{r['tokens_per_second']:,.0f} tok/s, {r['seconds']:.0f} s", flush=True)
+    return r
+
+
+def sp_main(args) -> None:
+    """``--sp``: SP=2 over 2 ranks against 1 rank, at fixed lengths; a RESULTS.md section."""
+    lengths = [512, 1024] if args.quick else args.sp_lengths
+    steps = 2
+    limit = args.mem_gib * 2**30 / 2  # the same memory per rank on both sides: half of this machine's share
+    t0 = time.monotonic()
+    runs: dict[int, dict[int, dict]] = {1: {}, 2: {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = write_model_dir(tmp / "model", max(lengths))
+        books = [str(b) for b in book_paths(tmp)]
+        for n in lengths:
+            for sp in (1, 2):
+                runs[sp][n] = sp_run(n, sp, model_dir, books, tmp, steps)
+    minutes = (time.monotonic() - t0) / 60
+    fits = {sp: fit_line([(n, float(r["peak_rss"])) for n, r in rs.items()]) for sp, rs in runs.items()}
+    longest = {sp: int((limit - f[0]) / f[1]) if f and f[1] > 0 else None for sp, f in fits.items()}
+    cmd = "python bench/max_context.py --sp " + ("--quick" if args.quick else
+                                                  f"--sp-lengths {' '.join(map(str, lengths))}")
+    lines = [
+        f"## max_context, sequence parallelism — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Command: `{cmd}`; machine: {machine()}; {minutes:.1f} min. The bench model (LLaMA 4 layers, hidden 256, "
+        f"vocab 32000), fp32, SDPA, gradient checkpointing, `train.loss_chunk_tokens: {CHUNK}`, DeepSpeed ZeRO-2 on "
+        "CPU (gloo), batch 1, "
+        f"{steps} steps (tokens/s of the last). 1 rank: 2 threads; SP=2: 2 ranks x 1 thread, each holding half of "
+        "every sequence. Peak RSS: the largest rank's, whole process (framework included).",
+        "",
+        "| length | 1 rank: peak RSS (GiB) | SP=2: peak RSS per rank (GiB) | ratio | 1 rank: tok/s | SP=2: tok/s | "
+        "ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in lengths:
+        a, b = runs[1][n], runs[2][n]
+        lines.append(f"| {n:,} | {a['peak_rss'] / 2**30:.2f} | {b['peak_rss'] / 2**30:.2f} | "
+                     f"{b['peak_rss'] / a['peak_rss']:.2f} | {a['tokens_per_second']:,.0f} | "
+                     f"{b['tokens_per_second']:,.0f} | {b['tokens_per_second'] / a['tokens_per_second']:.2f} |")
+    lines += ["", f"Longest sequence in {limit / 2**30:.2f} GiB per rank, extrapolated from the line through each "
+              "side's peaks (not trained at that length):", ""]
+    for sp in (1, 2):
+        f = fits[sp]
+        what = (f"{longest[sp]:,} tokens (peak ~ {f[0] / 2**30:.2f} GiB + {f[1] * 1024 / 2**20:.2f} MiB per 1K "
+                "tokens)" if longest[sp] else "-")
+        lines.append(f"- {'1 rank' if sp == 1 else 'SP=2 over 2 ranks'}: {what}")
+    if longest[1] and longest[2]:
+        lines.append(f"- ratio: {longest[2] / longest[1]:.2f}x")
+    lines.append("")
+    print("\n".join(lines))
+    print("[bench] json " + json.dumps({"runs": {sp: {n: {k: v for k, v in r.items()} for n, r in rs.items()}
+                                                 for sp, rs in runs.items()}, "longest": longest}))
+    write_section(args.results, lines)
+
+
 def main() -> None:
+    if "--sp-child" in sys.argv:  # a rank of a --sp run (the deepspeed launcher adds --local_rank=N)
+        sp_child(sys.argv[sys.argv.index("--sp-child") + 1])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     p.add_argument("--mem-gib", type=float, default=round(total_gib - 2, 1),
@@ -130,7 +259,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: one attempt per side at 1024 tokens (one "
                    "book), 3 GiB cap")
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file the section is appended to")
+    p.add_argument("--sp", action="store_true", help="sequence parallelism: SP=2 over 2 ranks vs 1 rank")
+    p.add_argument("--sp-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     args = p.parse_args()
+    if args.sp:
+        sp_main(args)
+        return
     if args.quick:
         args.mem_gib, args.start, args.resolution, args.max_len, args.budget_min = 3.0, 1024, 1024, 1024, 10
     cap = int(args.mem_gib * 2**30)

@@ -457,10 +457,15 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_mem_bytes: float
         A :class:`Plan` (bytes per device; see the module docstring for every formula).
 
     Raises:
-        RecipeError: the model's config cannot be found, or its architecture has no closed form here.
+        RecipeError: the model's config cannot be found, or its architecture has no closed form here, or
+            ``parallel.sequence`` does not divide ``world_size``.
     """
     from llmft.model.load import ModelLoadError, architecture_config
 
+    sp = recipe.parallel.sequence
+    if world_size % sp:
+        raise RecipeError([f"parallel.sequence: {sp} splits each sequence over {sp} ranks, but the plan is for "
+                           f"{world_size}. Fix: give --gpus a multiple of {sp}"])
     try:
         config = architecture_config(recipe.model)
     except ModelLoadError as e:

@@ -201,3 +201,22 @@ def test_gpu_check_smoke_version_runs_every_check(tmp_path):
     text = results.read_text()
     assert "\n## gpu_check — " in text and "5/5 checks passed" in text and "CPU (smoke version" in text
     assert text.count("| pass |") == 5
+
+
+def test_sequence_parallel_bench_measures_both_sides(tmp_path):
+    """``max_context.py --sp --quick``: 1 rank and SP=2 over 2 ranks at two lengths under the deepspeed launcher;
+    per-rank peaks, tokens/s and losses, all positive (at these lengths the framework dominates the peaks: the
+    comparison itself is in bench/RESULTS.md)."""
+    results = tmp_path / "sp.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "max_context.py"), "--sp", "--quick", "--results",
+                           str(results)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = results.read_text()
+    assert "\n## max_context, sequence parallelism — " in text and "--sp --quick" in text
+    numbers = table_numbers(text)
+    assert len(numbers) == 2 * 7 and all(math.isfinite(x) and x > 0 for x in numbers), numbers
+    data = bench_json(proc.stdout)
+    runs = data["runs"]
+    assert set(runs) == {"1", "2"} and all(r["ranks"] == int(sp) for sp, rs in runs.items() for r in rs.values())
+    assert all(positive_finite(r[k]) for rs in runs.values() for r in rs.values()
+               for k in ("peak_rss", "tokens_per_second", "loss"))

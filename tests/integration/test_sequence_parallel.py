@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 from test_deepspeed import deepspeed_train, free_port, zero3_config
+from transformers import AutoModelForCausalLM
 
 from llmft.config import load_recipe
 from llmft.testing.reweighted import write_reweighted_mix
@@ -110,10 +111,24 @@ def test_sequence_parallel_step_equals_the_single_process_step(method, data, sta
 
 def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model, text_file):
     """SP=2 killed (SIGKILL, whole launcher process group) after step 3 with a step-2 checkpoint on disk: the
-    rerun resumes at step 3 and ends with weights bitwise equal to an uninterrupted SP=2 run."""
+    rerun resumes at step 3 and ends with weights bitwise equal to an uninterrupted SP=2 run. The evaluation
+    during training (every 3 steps, each window whole on every rank) logs the perplexity one process computes
+    on the exported model."""
+    from llmft.data.build import load_built
+    from llmft.eval.ppl import perplexity_by_length
+
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "whole", train={"max_steps": 6},
-                         checkpoint={"every_steps": 2}, parallel={"sequence": 2}, data={"packing": "isolated"})
+                         checkpoint={"every_steps": 2}, parallel={"sequence": 2}, data={"packing": "isolated"},
+                         eval={"every_steps": 3, "lengths": [64, 128], "max_windows": 2})
     deepspeed_train(write_recipe(tmp_path / "whole.yaml", recipe), "deepspeed.stage=2")
+    evals = [r for r in metrics(tmp_path / "whole") if "eval/ppl@128" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final", dtype=torch.float32)
+    val = load_built(tmp_path / "whole" / "data").validation_tokens
+    with torch.no_grad():
+        alone = perplexity_by_length(model, val, [64, 128], 2)
+    for n in (64, 128):
+        assert evals[-1][f"eval/ppl@{n}"] == pytest.approx(alone[n]["ppl"], rel=1e-5), (n, evals[-1], alone)
 
     recipe["checkpoint"]["dir"] = str(tmp_path / "killed")
     path = write_recipe(tmp_path / "killed.yaml", recipe)
@@ -126,7 +141,7 @@ def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model
     log = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+        if log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -140,8 +155,8 @@ def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model
     diff = max(float((resumed[k] - whole[k]).abs().max()) for k in whole)
     print(f"SP=2 killed and resumed: max |resumed - uninterrupted| = {diff:.3g}")
     assert diff == 0.0
-    losses = [r["loss"] for r in metrics(tmp_path / "whole")]
-    assert [r["loss"] for r in metrics(tmp_path / "killed")][-1] == losses[-1]
+    losses = [r["loss"] for r in metrics(tmp_path / "whole") if "loss" in r]
+    assert [r["loss"] for r in metrics(tmp_path / "killed") if "loss" in r][-1] == losses[-1]
 
 
 def test_a_launch_sequence_parallelism_cannot_use_exits_2(tmp_path, tiny_model, text_file, python):

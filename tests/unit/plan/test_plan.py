@@ -294,6 +294,8 @@ def test_sequence_parallelism_divides_the_activations_and_the_smallest_size_that
     assert sizes == ["set parallel.sequence: 4"]
     assert estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml", ["parallel.sequence=4"]), world_size=8,
                            device_mem_bytes=50 * GB).fits
+    with pytest.raises(RecipeError, match="Fix: give --gpus a multiple of 2"):
+        estimate_memory(load_recipe("recipes/llama2_7b_128k_sp.yaml"), world_size=1)
 
 
 # ------------------------------------------------------------------------------ command line
