@@ -307,8 +307,7 @@ def tile_mlps(model: torch.nn.Module, tiles: int | str) -> int:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     def tiled_forward(self, x):  # x (b, s, h)
-        n = math.ceil(x.shape[-2] / x.shape[-1]) if tiles == "auto" else tiles
-        n = max(1, min(n, x.shape[-2]))
+        n = mlp_tile_count(tiles, x.shape[-2], x.shape[-1])
         # the trainable weights: DeepSpeed holds their gradients back until the last tile has added to them
         params = [p for p in self.parameters() if p.requires_grad]
         return TiledMLP.apply(mlp, self, x, n, params)
@@ -318,6 +317,13 @@ def tile_mlps(model: torch.nn.Module, tiles: int | str) -> int:
     log.info("tiled MLP: %d MLPs computed %s tiles of the sequence at a time", len(mlps),
              "ceil(tokens / hidden)" if tiles == "auto" else tiles)
     return len(mlps)
+
+
+def mlp_tile_count(tiles: int | str, tokens: int, hidden: int) -> int:
+    """The tiles a tiled MLP cuts ``tokens`` into: ``tiles``, or for "auto" ceil(tokens / hidden); at least 1, at
+    most one per token."""
+    n = math.ceil(tokens / hidden) if tiles == "auto" else int(tiles)
+    return max(1, min(n, tokens))
 
 
 def compile_layers(model: torch.nn.Module) -> int:

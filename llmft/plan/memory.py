@@ -224,12 +224,11 @@ def _layer_bytes_per_token(sh: Shapes, st: Setup, tr: dict, rg_in: bool) -> floa
     return total + linear_inputs(("down_proj",), i)
 
 
-def mlp_tiles(sh: Shapes, st: Setup) -> int:
-    """Tiles each MLP runs in (1: not tiled); "auto" is ceil(tokens / hidden) of the rank's share."""
-    if not st.tiled_mlp:
-        return 1
-    tokens = st.seq_len // st.sequence
-    return max(1, -(-tokens // sh.hidden)) if st.tiled_mlp == "auto" else int(st.tiled_mlp)
+def _mlp_tiles(sh: Shapes, st: Setup) -> int:
+    """Tiles each MLP runs in over the rank's share of a sequence (1: not tiled)."""
+    from llmft.model.load import mlp_tile_count
+
+    return mlp_tile_count(st.tiled_mlp, st.seq_len // st.sequence, sh.hidden) if st.tiled_mlp else 1
 
 
 def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
@@ -263,7 +262,7 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
         attn_layer = b * s_full * s_full * (e if st.sequence == 1 else 1)
     # a layer's backward frees each saved tensor as it makes its gradient: net, about one MLP-wide gradient (i)
     # and the gradient of the layer output (h) are alive on top of the saved activations (a tiled MLP: one tile's)
-    grad_transient = b * s * (sh.inter * e / mlp_tiles(sh, st) + h * res) + attn_transient
+    grad_transient = b * s * (sh.inter * e / _mlp_tiles(sh, st) + h * res) + attn_transient
     # sequence parallelism: one layer's all-to-all buffers (the q, k, v slices sent; the attention output sent
     # and received), alive while the layer runs
     a2a = e * b * s * (3 * sh.q + 2 * sh.kv) if st.sequence > 1 else 0.0
@@ -478,8 +477,7 @@ def estimate_memory(recipe: Recipe, world_size: int = 1, device_mem_bytes: float
     except (AttributeError, TypeError) as e:
         raise RecipeError([f"model.name: llmft plan models LLaMA-family decoders; {recipe.model.name!r} has no {e}"])
     setup = setup_from_recipe(recipe, world_size, device)
-    plan = plan_for(shapes, setup, device_mem_bytes, recipe_name)
-    return plan
+    return plan_for(shapes, setup, device_mem_bytes, recipe_name)
 
 
 def plan_for(shapes: Shapes, setup: Setup, device_mem_bytes: float | None = None,
