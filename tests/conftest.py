@@ -8,6 +8,7 @@ the benches), marked ``slow`` here. ``pytest -m "not slow"`` is the fast tier; C
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -134,6 +135,13 @@ def tiny_recipe(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> 
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a launcher's --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

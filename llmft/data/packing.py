@@ -32,8 +32,11 @@ is split into consecutive chunks of at most ``s`` tokens; nothing is truncated::
 
 How the isolation is enforced depends on the attention kernel; :func:`attention_kwargs` builds the right
 inputs. flash_attention_2 gets varlen ``cu_seq_lens`` with the rows flattened, as transformers' padding-free
-path expects. sdpa gets a boolean block-causal mask of shape (b, 1, s, s). eager gets the same mask as
-additive -inf. With sdpa, ``position_ids`` alone do NOT isolate: transformers then builds a plain causal mask.
+path expects. sdpa gets the block-causal mask of shape (b, 1, s, s) as an additive mask (0 / -inf) in the compute
+dtype: torch's sdpa turns a boolean mask into exactly that, but as a new tensor in every layer, which autograd then
+saves per layer (L copies of s^2 elements); given the additive mask, every layer reads and saves the same one.
+eager gets it with the dtype's most negative value instead of -inf. With sdpa, ``position_ids`` alone do NOT
+isolate: transformers then builds a plain causal mask.
 """
 
 from __future__ import annotations
@@ -412,8 +415,22 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
     seg = segment_ids(position_ids)  # (b, s)
     s = position_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()  # (s, s)
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (b, 1, s, s)
+    allowed = seg[:, :, None] == seg[:, None, :]  # (b, s, s)
+    allowed &= torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril_()  # in place: 2 bytes per pair
+    return allowed[:, None]  # (b, 1, s, s)
+
+
+def additive_block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype, fill: float = float("-inf")
+                               ) -> torch.Tensor:
+    """(b, s) position ids -> (b, 1, s, s) of ``dtype``: 0 where query i may attend key j, ``fill`` elsewhere.
+
+    With ``fill`` = -inf this is the tensor torch's sdpa makes from :func:`block_causal_mask` itself (same values,
+    same results), made once instead of once per layer. At most 1 + itemsize bytes per (i, j) pair while it is built.
+    """
+    import torch
+
+    allowed = block_causal_mask(position_ids)  # (b, 1, s, s) bool
+    return torch.full(allowed.shape, fill, dtype=dtype, device=position_ids.device).masked_fill_(allowed, 0.0)
 
 
 def attention_kwargs(batch: dict[str, torch.Tensor], attention: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -422,11 +439,12 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attention: str, dtype: torc
     Args:
         batch: ``input_ids``, ``labels``, ``position_ids``, each (b, s).
         attention: "flash_attention_2", "sdpa" or "eager".
-        dtype: compute dtype (the eager additive mask uses its most negative value).
+        dtype: the attention's compute dtype (its query's): the mask's dtype, so that no layer converts it.
 
     Returns:
         The batch with what the kernel needs: flattened rows + ``cu_seq_lens_*`` for flash_attention_2, a
-        (b, 1, s, s) ``attention_mask`` for sdpa (bool) and eager (additive).
+        (b, 1, s, s) additive ``attention_mask`` of ``dtype`` for sdpa (0 / -inf) and eager (0 / the most negative
+        value).
     """
     import torch
 
@@ -437,7 +455,5 @@ def attention_kwargs(batch: dict[str, torch.Tensor], attention: str, dtype: torc
         cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         return {**flat, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
-    mask = block_causal_mask(batch["position_ids"])
-    if attention == "eager":
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return {**batch, "attention_mask": mask}
+    fill = torch.finfo(dtype).min if attention == "eager" else float("-inf")
+    return {**batch, "attention_mask": additive_block_causal_mask(batch["position_ids"], dtype, fill)}

@@ -212,7 +212,9 @@ def _layer_bytes_per_token(sh: Shapes, st: Setup, tr: dict, rg_in: bool) -> floa
         kv_width = q if (st.isolated and st.attention == "sdpa" and sh.kv_heads != sh.heads) else kv  # repeat_kv
         total += e * (2 * q + 2 * kv_width)  # q, k after RoPE, v, attention output
         total += e * q if st.attention == "eager" else 4 * nh  # eager: o_proj's contiguous copy; else logsumexp
-    total += linear_inputs(("o_proj",), q, already_saved=True)
+    # o_proj reads the attention output that the attention saved anyway; under sequence parallelism it reads the
+    # all-to-all's output instead, a tensor of its own
+    total += linear_inputs(("o_proj",), q, already_saved=st.sequence == 1)
     rg_mid = rg_attn or needs_input("o_proj")
     total += norm(rg_mid)
     if st.tiled_mlp:  # TiledMLP keeps only the MLP's input; each tile is recomputed in the backward pass
@@ -257,9 +259,11 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
     if st.attention == "eager":
         attn_layer = b * sh.heads * s * s * (4 if mode == "fp32" else 6)
         attn_transient = b * sh.heads * s * s * 4  # the fp32 score gradient of one layer in its backward
-    elif st.attention == "sdpa" and st.isolated:
-        # under sequence parallelism each layer builds its own bool (b, 1, s, s) mask over the whole sequence
-        attn_layer = b * s_full * s_full * (e if st.sequence == 1 else 1)
+    # isolated packing: one additive (b, 1, s, s) mask over the whole sequence in the compute dtype, shared by every
+    # layer (llmft.data.packing.attention_kwargs; under sequence parallelism packed_sdpa builds it once per forward)
+    attn_shared = b * s_full * s_full * e if st.isolated and st.attention in ("sdpa", "eager") else 0.0
+    # under sequence parallelism with checkpointing it is rebuilt in a layer's recompute, from a bool mask
+    attn_rebuild = b * s_full * s_full if attn_shared and st.sequence > 1 and st.checkpointing else 0.0
     # a layer's backward frees each saved tensor as it makes its gradient: net, about one MLP-wide gradient (i)
     # and the gradient of the layer output (h) are alive on top of the saved activations (a tiled MLP: one tile's)
     grad_transient = b * s * (sh.inter * e / _mlp_tiles(sh, st) + h * res) + attn_transient
@@ -273,14 +277,14 @@ def _activations(sh: Shapes, st: Setup, tr: dict) -> dict:
         if st.offload and st.device == "cuda":  # save_on_cpu: the layer inputs wait in pinned host memory
             offloaded, inputs = inputs, 0.0
         saved = inputs + b * s * ((L - lc) * other + outside)
-        working = b * s * layer_max + attn_layer + grad_transient  # one layer recomputed, then its backward
-        attention = (L - lc) * attn_layer
+        working = b * s * layer_max + attn_layer + attn_rebuild + grad_transient  # a layer recomputed, its backward
+        attention = (L - lc) * attn_layer + attn_shared
         if st.keep_attention and st.attention != "eager":  # the checkpointed layers' attention outputs, kept
             attention += lc * b * s * (e * sh.q + 4 * sh.heads)  # (b, s, q) and the (b, nh, s) fp32 logsumexp
     else:
         saved = b * s * (per_token_layers + outside)
         working = grad_transient
-        attention = L * attn_layer
+        attention = L * attn_layer + attn_shared
     # logits and loss
     if st.loss_chunk:
         c = min(st.loss_chunk, s - 1)
@@ -358,9 +362,11 @@ def _estimate(sh: Shapes, st: Setup) -> tuple[list[Item], float, str, int]:
     # optimizer states
     paged = st.optimizer.startswith("paged_")
     per_state = 2 + 8 / 256 if "8bit" in st.optimizer else 8
-    o = pt * per_state + (pt * 4 if ds and sixteen else 0)
+    # ZeRO keeps an fp32 master copy of its partition even of fp32 weights (a clone); so does 16-bit DeepSpeed
+    master = ds and (sixteen or st.stage >= 1)
+    o = pt * per_state + (pt * 4 if master else 0)
     onote = ("bitsandbytes 8-bit AdamW" if "8bit" in st.optimizer else "AdamW m, v fp32") + \
-        (" + fp32 master" if ds and sixteen else "") + (", paged" if paged else "")
+        (" + fp32 master" if master else "") + (", paged" if paged else "")
     shard_o = ds and st.stage >= 1
     if shard_o:
         o /= n
@@ -389,8 +395,8 @@ def _estimate(sh: Shapes, st: Setup) -> tuple[list[Item], float, str, int]:
                   note="one layer's activations recomputed" if st.checkpointing else
                   "gradients of one layer's activations in its backward")
     attn_note = {"flash_attention_2": "FlashAttention-2: no (s, s) scores", "eager": "eager: softmax (b, nh, s, s) "
-                 "kept per layer"}.get(st.attention, "sdpa " + ("with the isolated-packing mask (b, 1, s, s) "
-                                                                "saved per layer" if st.isolated else
+                 "kept per layer"}.get(st.attention, "sdpa " + ("with the isolated-packing mask (b, 1, s, s), one "
+                                                                "shared by the layers" if st.isolated else
                                                                 "flash/efficient kernel: no (s, s) scores"))
     attention = add("attention scores / masks", act["attention"], note=attn_note)
     logits = add("logits + loss", act["logits"],

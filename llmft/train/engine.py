@@ -64,7 +64,7 @@ class PlainEngine:
     def forward(self, batch: dict[str, torch.Tensor], num_tokens: int) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.isolate:
-            batch = attention_kwargs(batch, self.attention, torch.float32)
+            batch = attention_kwargs(batch, self.attention, self.amp_dtype or torch.float32)
         with self.autocast():
             return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens)
 
@@ -228,6 +228,7 @@ class DeepSpeedEngine:
         self.device = self.engine.device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.dtype = _AMP.get(recipe.train.precision, torch.float32)  # the module's (and the attention's) dtype
         self.frozen = any(not p.requires_grad for p in self.model.parameters())  # e.g. a LoRA base
         self._stage0_norm = float("nan")
 
@@ -242,7 +243,7 @@ class DeepSpeedEngine:
             return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens, run=self.engine)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.isolate:
-            batch = attention_kwargs(batch, self.attention, torch.float32)
+            batch = attention_kwargs(batch, self.attention, self.dtype)
         if self.cfg.loss_chunk_tokens or "weight" in batch:  # the loss made here, the forward still the engine's
             # (ZeRO-3 gathers the head per chunk); per-token weights need logits, which the model's loss cannot take
             return causal_lm_loss(self.model, batch, num_tokens, self.cfg.loss_chunk_tokens, run=self.engine)

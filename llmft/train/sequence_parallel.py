@@ -16,36 +16,56 @@ the step's loss and gradients are those of the unsharded step (tests/integration
 Packed documents stay isolated across slices: the attention gets the position ids of the whole row (Ulysses
 gathers them) and a document starts wherever the position is 0. flash_attention_2 turns that into varlen
 attention (the rows of a micro-batch are flattened into one, so each row is a document boundary too); sdpa, on
-CPU, gets the block-causal mask built from them here (:func:`packed_sdpa`).
+CPU, gets the block-causal mask built from them here (:func:`packed_sdpa`), once per forward: the layers of a
+forward share it (and autograd saves it once), as the unsharded path shares the one in its batch.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llmft.config import Recipe, RecipeError, heads_problems
-from llmft.data.packing import block_causal_mask
+from llmft.data.packing import additive_block_causal_mask
 from llmft.train.loss import IGNORE
 
 # sdpa that isolates packed documents by their position ids: the core attention under sequence parallelism
 PACKED_SDPA = "llmft_packed_sdpa"
 
 
+# the mask of the newest forward: (its position ids, dtype, weak reference). It lives as long as a layer's saved
+# tensors hold it; a later layer of the same forward gets the same tensor instead of building one more
+_MASK: list = []
+
+
+def _shared_mask(pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive block-causal mask (b, 1, s, s) for ``pos`` (b, s): the one the previous layers made if it is
+    still alive, else a new one."""
+    if _MASK:
+        seen, seen_dtype, ref = _MASK[0]
+        mask = ref()
+        if mask is not None and seen_dtype == dtype and seen.shape == pos.shape and torch.equal(seen, pos):
+            return mask
+    mask = additive_block_causal_mask(pos, dtype)
+    _MASK[:] = [(pos.clone(), dtype, weakref.ref(mask))]
+    return mask
+
+
 def packed_sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa confined to each packed document. query (b, h, s, d); ``kwargs["position_ids"]`` (b, s)
     of the same (whole) rows: a document starts wherever the position id is 0. A row holding one document runs
-    plain causal attention (no mask); otherwise a (b, 1, s, s) block-causal mask is built. Decoding (query
-    shorter than the keys) and explicit masks pass through unchanged."""
+    plain causal attention (no mask); otherwise the additive (b, 1, s, s) block-causal mask, shared by the layers
+    of a forward. Decoding (query shorter than the keys) and explicit masks pass through unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     pos = kwargs.get("position_ids")
     q_len = query.shape[2]
     if attention_mask is None and pos is not None and q_len > 1 and pos.shape[-1] == q_len == key.shape[2]:
         if bool((pos[:, 1:] == 0).any()):  # several documents in a row
-            attention_mask = block_causal_mask(pos)
+            attention_mask = _shared_mask(pos, query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -13,14 +13,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe, write_recipe
+from conftest import REPO, free_port, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -31,12 +30,6 @@ from llmft.testing.reweighted import reference, shard_columns, write_reweighted_
 from llmft.train.loop import train
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def zero3_config(tmp_path) -> str:

@@ -20,9 +20,9 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe, write_recipe
+from conftest import REPO, free_port, tiny_recipe, write_recipe
 from safetensors.torch import load_file
-from test_deepspeed import deepspeed_train, free_port, zero3_config
+from test_deepspeed import deepspeed_train, zero3_config
 from transformers import AutoModelForCausalLM
 
 from llmft.config import load_recipe

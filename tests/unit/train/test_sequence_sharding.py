@@ -81,6 +81,41 @@ def test_packed_sdpa_isolates_documents_by_position_ids(tiny_model):
     torch.testing.assert_close(one_document, causal, atol=1e-5, rtol=0)
 
 
+def test_packed_sdpa_layers_share_one_saved_mask(tiny_model):
+    """Under SP every layer's sdpa needs the (b, 1, s, s) block mask: the layers of one training forward read and
+    save the same tensor (not one each: L x s^2 elements), with the same loss and gradients as a mask per layer."""
+    from llmft.data.packing import block_causal_mask
+
+    register_packed_sdpa()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=PACKED_SDPA)
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    batch = _rows()
+    s = batch["input_ids"].shape[1]
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"]}
+    masks: dict[int, int] = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (s, s):
+            masks[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        shared = model(**inputs).loss
+    shared.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert len(masks) == 1, masks
+    assert sum(masks.values()) == batch["input_ids"].shape[0] * s * s * 4  # one fp32 (b, 1, s, s)
+    # reference: a bool mask for every layer (sdpa converts it in each)
+    model.set_attn_implementation("sdpa")
+    own = model(**inputs, attention_mask=block_causal_mask(batch["position_ids"])).loss
+    own.backward()
+    assert torch.equal(own, shared)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+
+
 def _errors(path, *overrides) -> str:
     with pytest.raises(RecipeError) as info:
         load_recipe(path, list(overrides))
