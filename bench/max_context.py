@@ -23,6 +23,14 @@ per side, the longest sequence each fits in the same memory per rank (``--mem-gi
 
     python bench/max_context.py --sp [--sp-lengths 4096 8192 16384] [--quick]
 
+``--sp --search`` verifies the longest-sequence comparison with real steps instead of the line: each side (1 rank;
+SP=2 over 2 ranks) trains one step per attempt under the same RSS cap per rank, ``--sp-cap-gib`` (every rank
+watched every 50 ms; all ranks killed once one passes it), lengths doubling from ``--start`` and bisected to
+``--resolution``, within ``--budget-min``. The cap is small (default 1.5 GiB, of which ~0.9 GiB is the framework)
+so that the lengths stay within minutes per step on 2 cores.
+
+    python bench/max_context.py --sp --search [--sp-cap-gib 1.5] [--start 8192] [--resolution 4096]
+
 Time: one step's cost grows with s^2 (attention); on 2 CPU cores one step at 128K tokens is about an hour. So the
 search also has a time budget, ``--budget-min``, shared by the sides: before each attempt the step time is predicted
 from the longest finished step (x (s / s_done)^2, an upper bound) and an attempt that would not finish within the
@@ -51,7 +59,9 @@ from common import (  # noqa: E402
     REPO,
     RESULTS,
     book_paths,
+    load1,
     machine,
+    mem_available,
     peak_rss_bytes,
     run_child,
     write_model_dir,
@@ -87,7 +97,10 @@ def attempt(side: str, seq_len: int, model_dir: Path, books: list[str], cap: int
     return r
 
 
-def search(side: str, args, model_dir: Path, books: list[str], cap: int, deadline: float) -> dict:
+def search(side: str, args, model_dir: Path, books: list[str], cap: int, deadline: float, run=None) -> dict:
+    """Lengths from ``args.start`` doubling until an attempt fails, then bisected to ``args.resolution``, within
+    ``deadline``. ``run(s, timeout_s)`` makes one attempt (default: :func:`attempt` for ``side``)."""
+    run = run or (lambda s, timeout_s: attempt(side, s, model_dir, books, cap, timeout_s=timeout_s))
     tried: dict[int, dict] = {}
     stop = ""
 
@@ -104,7 +117,7 @@ def search(side: str, args, model_dir: Path, books: list[str], cap: int, deadlin
         if predicted(s) > left:
             stop = f"{s:,} not tried: one step predicted {predicted(s) / 60:.0f} min, {max(left, 0) / 60:.0f} left"
             return None
-        tried[s] = attempt(side, s, model_dir, books, cap, timeout_s=max(left, 1))
+        tried[s] = run(s, max(left, 1))
         if tried[s]["status"] == "time":
             stop = f"{s:,} stopped: the time budget ran out during the step"
             return None
@@ -147,15 +160,10 @@ def sp_child(recipe_path: str) -> None:
           flush=True)
 
 
-def sp_run(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int) -> dict:
-    """Train ``steps`` steps at ``seq_len`` on ``sequence`` ranks (SP = ``sequence``) under the deepspeed launcher:
-    per-rank peak RSS and the tokens/s of the last step."""
-    import shutil
-    import subprocess
-
+def sp_recipe(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int) -> Path:
+    """The recipe of a ``--sp`` run: ``steps`` steps at ``seq_len`` with ``parallel.sequence: sequence``."""
     import yaml
 
-    run = out / f"sp{sequence}-{seq_len}"
     recipe = {
         "model": {"name": str(model_dir), "init": "random", "dtype": "float32", "attention": "sdpa",
                   "max_seq_len": seq_len, "gradient_checkpointing": True},
@@ -164,11 +172,32 @@ def sp_run(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: 
                   "loss_chunk_tokens": CHUNK, "seed": 0},
         "deepspeed": {"stage": 2},
         "parallel": {"sequence": sequence},
-        "checkpoint": {"dir": str(run)},
+        "checkpoint": {"dir": str(out / f"sp{sequence}-{seq_len}")},
         "logging": {"every_steps": 1},
     }
     path = out / f"sp{sequence}-{seq_len}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def sp_launch(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int,
+              cap_bytes: int | None = None, timeout_s: float | None = None) -> dict:
+    """Train ``steps`` steps at ``seq_len`` on ``sequence`` ranks (SP = ``sequence``) under the deepspeed launcher,
+    watching every rank's RSS every 50 ms.
+
+    Returns ``status``: "ok", "memory" (a rank passed ``cap_bytes``, or the machine's available memory fell below
+    1 GiB: all ranks killed) or "time" (killed after ``timeout_s``); ``peak_rss``: the largest rank's peak (its
+    own ru_maxrss when it finished, else the sampled one); ``seconds``; and, when ok, ``tokens_per_second`` of the
+    last step and its ``loss``.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import threading
+
+    import psutil
+
+    path = sp_recipe(seq_len, sequence, model_dir, books, out, steps)
     deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     env = {**os.environ, **CHILD_ENV, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // sequence)}
     with socket.socket() as sock:
@@ -177,17 +206,110 @@ def sp_run(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: 
     cmd = [deepspeed, "--num_accelerators", str(sequence), "--master_port", str(port), __file__, "--sp-child",
            str(path)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a kill reaches every rank
+    streams: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, s=s: streams.__setitem__(k, s.read()), daemon=True)
+               for k, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for r in readers:
+        r.start()
+    launcher, watched, status, why = psutil.Process(proc.pid), 0, None, ""
+    while proc.poll() is None:
+        try:
+            ranks = [c for c in launcher.children(recursive=True) if "--sp-child" in " ".join(c.cmdline())]
+            watched = max([watched] + [c.memory_info().rss for c in ranks])
+        except psutil.Error:  # a rank ended between the listing and the reading
+            pass
+        if cap_bytes is not None and watched > cap_bytes:
+            status, why = "memory", f"a rank passed the {cap_bytes / 2**30:.2f} GiB cap"
+        elif cap_bytes is not None and mem_available() < (1 << 30):
+            status, why = "memory", "the machine's available memory fell below 1 GiB"
+        elif timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+            status, why = "time", "killed: time budget"
+        if status:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    for r in readers:
+        r.join()
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # a killed run cannot free them
+        f.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    if status:
+        return {"status": status, "why": why, "peak_rss": watched, "seconds": seconds}
+    stdout = streams.get("stdout", "")
     if proc.returncode != 0:
-        raise SystemExit(f"SP={sequence} at {seq_len} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    ranks = [json.loads(line.split("[sp-rank] ", 1)[1]) for line in proc.stdout.splitlines() if "[sp-rank] " in line]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    r = {"peak_rss": max(x["peak_rss"] for x in ranks), "ranks": len(ranks),
-         "tokens_per_second": rows[-1]["tokens_per_second"], "loss": rows[-1]["loss"],
-         "seconds": time.perf_counter() - t0}
+        raise SystemExit(f"SP={sequence} at {seq_len} failed:\n{stdout[-2000:]}{streams.get('stderr', '')[-2000:]}")
+    ranks = [json.loads(line.split("[sp-rank] ", 1)[1]) for line in stdout.splitlines() if "[sp-rank] " in line]
+    rows = [json.loads(line) for line in (out / f"sp{sequence}-{seq_len}" / "metrics.jsonl").read_text().splitlines()]
+    return {"status": "ok", "peak_rss": max(x["peak_rss"] for x in ranks), "ranks": len(ranks),
+            "tokens_per_second": rows[-1]["tokens_per_second"], "loss": rows[-1]["loss"], "seconds": seconds,
+            "watched_peak_rss": watched}
+
+
+def sp_run(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int) -> dict:
+    """:func:`sp_launch` without a cap: per-rank peak RSS and the tokens/s of the last step."""
+    r = sp_launch(seq_len, sequence, model_dir, books, out, steps)
     print(f"[bench] SP={sequence} {seq_len:>7,}: peak RSS per rank {r['peak_rss'] / 2**30:.2f} GiB, "
           f"{r['tokens_per_second']:,.0f} tok/s, {r['seconds']:.0f} s", flush=True)
     return r
+
+
+def sp_search_main(args) -> None:
+    """``--sp --search``: the longest sequence 1 rank and SP=2 over 2 ranks each train one real step on under the
+    same memory cap per rank (``--sp-cap-gib``); a RESULTS.md section."""
+    cap = int(args.sp_cap_gib * 2**30)
+    t0 = time.monotonic()
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = write_model_dir(tmp / "model", args.max_len)
+        books = [str(b) for b in book_paths(tmp)]
+        for i, sp in enumerate((1, 2)):
+            share = (args.budget_min * 60 - (time.monotonic() - t0)) / (2 - i)
+
+            def run(s: int, timeout_s: float, sp=sp) -> dict:
+                r = sp_launch(s, sp, model_dir, books, tmp, 1, cap, timeout_s)
+                print(f"[bench] SP={sp} {s:>7,}: {r['status']}, peak RSS per rank {r['peak_rss'] / 2**30:.2f} GiB, "
+                      f"{r['seconds']:.0f} s", flush=True)
+                return {**r, "load1": load1()}
+
+            found[sp] = search(f"sp{sp}", args, model_dir, books, cap, time.monotonic() + share, run=run)
+    minutes = (time.monotonic() - t0) / 60
+    cmd = (f"python bench/max_context.py --sp --search --sp-cap-gib {args.sp_cap_gib} --start {args.start} "
+           f"--resolution {args.resolution} --budget-min {args.budget_min:g}")
+    side = {1: "1 rank", 2: "SP=2 over 2 ranks"}
+    now = datetime.now(timezone.utc)
+    lines = [
+        f"## max_context, sequence parallelism, longest trained sequence — {now:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Command: `{cmd}`; machine: {machine()}; {minutes:.1f} min. The bench model (LLaMA 4 layers, hidden 256, "
+        f"vocab 32000), fp32, SDPA, gradient checkpointing, `train.loss_chunk_tokens: {CHUNK}`, DeepSpeed ZeRO-2 on "
+        "CPU (gloo), batch 1, one real optimizer step per attempt. Cap: "
+        f"{args.sp_cap_gib} GiB RSS per rank (the whole process, framework included), the same for both sides; "
+        "an attempt whose rank passes it is killed. Lengths double from the start until an attempt fails, then are "
+        "bisected to the resolution.",
+        "",
+        "| side | length | result | peak RSS per rank (GiB) | seconds | load |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for sp, f in found.items():
+        for n, r in sorted(f["tried"].items()):
+            what = "trained one step" if r["status"] == "ok" else r["why"]
+            lines.append(f"| {side[sp]} | {n:,} | {what} | {r['peak_rss'] / 2**30:.2f} | {r['seconds']:.0f} | "
+                         f"{r['load1']:.2f} |")
+    lines += ["", "| side | longest trained (verified) | first failure | search stopped |", "|---|---:|---:|---|"]
+    for sp, f in found.items():
+        fail = f"{f['first_fail']:,}" if f["first_fail"] else "-"
+        lines.append(f"| {side[sp]} | {f['max_ok'] or 0:,} | {fail} | {f['stop'] or 'bracketed to the resolution'} |")
+    if found[1]["max_ok"] and found[2]["max_ok"]:
+        lines += ["", f"Ratio of the longest trained sequences, SP=2 / 1 rank: "
+                  f"**{found[2]['max_ok'] / found[1]['max_ok']:.2f}x**."]
+    lines.append("")
+    print("\n".join(lines))
+    print("[bench] json " + json.dumps({sp: {k: v for k, v in f.items() if k != "tried"} for sp, f in found.items()}))
+    write_section(args.results, lines)
 
 
 def sp_main(args) -> None:
@@ -261,7 +383,13 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file the section is appended to")
     p.add_argument("--sp", action="store_true", help="sequence parallelism: SP=2 over 2 ranks vs 1 rank")
     p.add_argument("--sp-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--search", action="store_true", help="with --sp: search the longest sequence each side trains "
+                   "under --sp-cap-gib per rank, with real steps")
+    p.add_argument("--sp-cap-gib", type=float, default=1.5, help="with --sp --search: RSS cap per rank")
     args = p.parse_args()
+    if args.sp and args.search:
+        sp_search_main(args)
+        return
     if args.sp:
         sp_main(args)
         return

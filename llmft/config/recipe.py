@@ -555,6 +555,10 @@ def _sequence_parallel_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
                          "a full (s x s) mask, and DeepSpeed's Ulysses attention drops masks). Fix: set "
                          "model.attention: sdpa (packed documents isolated by their position ids) or "
                          "flash_attention_2"))
+    odd = [n for n in recipe.eval.lengths if n % sp]
+    if recipe.eval.every_steps and odd:
+        problems.append((("eval", "lengths"), f"has {odd}, not divisible by parallel.sequence {sp}: evaluation "
+                         f"windows are split over the {sp} ranks like training rows. Fix: use multiples of {sp}"))
     config = Path(m.name).expanduser() / "config.json"
     if config.is_file():
         problems += [(("parallel", "sequence"), p) for p in heads_problems(json.loads(config.read_text()), sp)]

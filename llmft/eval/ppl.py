@@ -31,6 +31,7 @@ without them (:func:`perplexity_by_length`, the held-out tokens of a build) repo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +85,11 @@ def nll_sum_by_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def score_book(model: torch.nn.Module, book: Book, length: int, mode: str = "windows", stride: int = 256,
-               device: torch.device | str = "cpu") -> dict:
+               device: torch.device | str = "cpu", window_nll: Callable | None = None) -> dict:
     """NLL sum, scored tokens and scored bytes of one book at context ``length``.
+
+    ``window_nll(model, x, first)``: the NLL sum of the tokens ``x[0, first:]`` of a window x (1, w), in place of
+    one forward over the whole window here (sequence parallelism: ``SequenceParallel.window_nll``).
 
     Returns:
         ``{"nll", "tokens", "bytes", "windows"}``; all 0 when the book is shorter than ``length``.
@@ -103,11 +107,14 @@ def score_book(model: torch.nn.Module, book: Book, length: int, mode: str = "win
     ids = torch.from_numpy(book.ids)
     for start, end, first in spans:
         x = ids[start:end].to(device)[None]  # (1, w)
-        logits = model(input_ids=x, use_cache=False).logits[0]  # (w, v)
-        # position p is predicted by the logits at p - 1
-        pred = logits[first - start - 1 : end - start - 1]  # (k, v)
-        target = x[0, first - start : end - start]  # (k,)
-        nll_sum += float(nll_sum_by_rows(pred, target))
+        if window_nll is not None:
+            nll_sum += window_nll(model, x, first - start)
+        else:
+            logits = model(input_ids=x, use_cache=False).logits[0]  # (w, v)
+            # position p is predicted by the logits at p - 1
+            pred = logits[first - start - 1 : end - start - 1]  # (k, v)
+            target = x[0, first - start : end - start]  # (k,)
+            nll_sum += float(nll_sum_by_rows(pred, target))
         tokens += end - first
         nbytes += int(book.nbytes[first:end].sum())
     return {"nll": nll_sum, "tokens": tokens, "bytes": nbytes, "windows": len(spans)}
@@ -151,7 +158,7 @@ def evaluate_ppl(model: torch.nn.Module, books: list[Book], lengths: list[int], 
 
 
 def perplexity_by_length(model: torch.nn.Module, tokens: np.ndarray, lengths: list[int], max_windows: int,
-                         device: torch.device | str = "cpu") -> dict[int, dict]:
+                         device: torch.device | str = "cpu", window_nll: Callable | None = None) -> dict[int, dict]:
     """Token perplexity of ``model`` at each context length on a token stream, non-overlapping windows.
 
     For every length L the same leading span of the stream is scored (``max_windows`` windows of the longest
@@ -164,6 +171,7 @@ def perplexity_by_length(model: torch.nn.Module, tokens: np.ndarray, lengths: li
         lengths: context lengths L to score.
         max_windows: number of windows of the longest length; the span scored is the same for every L.
         device: where to run.
+        window_nll: how a window is scored, if not by one forward here (see :func:`score_book`).
 
     Returns:
         ``{L: {"ppl", "nll", "scored_tokens", "windows"}}`` (``nll`` per scored token); a length whose window does
@@ -178,7 +186,7 @@ def perplexity_by_length(model: torch.nn.Module, tokens: np.ndarray, lengths: li
     stream = Book("held-out", np.asarray(tokens[:span], dtype=np.int64), np.zeros(span, dtype=np.int64))
     results = {}
     for length in sorted(lengths):
-        r = score_book(model, stream, length, "windows", device=device)
+        r = score_book(model, stream, length, "windows", device=device, window_nll=window_nll)
         nll = r["nll"] / r["tokens"] if r["tokens"] else math.nan
         results[length] = {"ppl": math.exp(nll), "nll": nll, "scored_tokens": r["tokens"], "windows": r["windows"]}
     model.train(was_training)

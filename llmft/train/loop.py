@@ -170,10 +170,12 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
 
             ev = recipe.eval
             if ev.every_steps and (done % ev.every_steps == 0 or (ev.at_end and done == total_steps)):
-                # every rank runs the same windows (ZeRO-3 needs all ranks in each forward); rank 0 logs
+                # every rank runs the same windows (ZeRO-3 needs all ranks in each forward), split over the ranks
+                # of a sequence-parallel group as in training; rank 0 logs
                 with engine.autocast():  # the precision training runs in (flash-attn takes only bf16/fp16)
                     results = perplexity_by_length(engine.model, val_tokens, ev.lengths or [seq_len],
-                                                   ev.max_windows, device=engine.device)
+                                                   ev.max_windows, device=engine.device,
+                                                   window_nll=sp.window_nll if sp is not None else None)
                     metrics.log(done, {f"eval/ppl@{n}": r["ppl"] for n, r in results.items()})
                     if ev.passkey is not None:
                         passkey = _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done)

@@ -22,15 +22,18 @@ forward share it (and autograd saves it once), as the unsharded path shares the 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llmft.config import Recipe, RecipeError, heads_problems
 from llmft.data.packing import additive_block_causal_mask
-from llmft.train.loss import IGNORE
+from llmft.train.loss import IGNORE, causal_lm_loss
 
 # sdpa that isolates packed documents by their position ids: the core attention under sequence parallelism
 PACKED_SDPA = "llmft_packed_sdpa"
@@ -84,10 +87,47 @@ class SequenceParallel:
     rank: int  # this rank's index in its group
     mpu: object  # DeepSpeed's parallel-state module (deepspeed.initialize(mpu=...))
     flatten: bool  # rows of a micro-batch joined into one (flash attention detects documents only in one row)
+    attention: object = None  # DeepSpeed's UlyssesSPAttentionHF (its all-to-all is off in eval mode unless asked)
+    loss_chunk: int = 0  # train.loss_chunk_tokens: evaluation scores a slice's positions this many at a time
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slice of a micro-batch (:func:`shard`)."""
         return shard(batch, self.rank, self.size, self.flatten)
+
+    @contextlib.contextmanager
+    def _all_to_all_in_eval(self, rows: int):
+        """DeepSpeed's attention with its all-to-all in eval mode too (it runs each rank's tokens whole there), for
+        ``rows`` rows a forward (it checks the micro-batch size it was registered with)."""
+        a = self.attention
+        names = ("disable_in_eval", "batch_size", "required_query_shape", "required_key_value_shape",
+                 "required_context_shape")
+        saved = {n: getattr(a, n) for n in names}
+        a.disable_in_eval, a.batch_size = False, rows
+        for n in names[2:]:  # [seq, batch, ...]
+            setattr(a, n, torch.Size([saved[n][0], rows, *saved[n][2:]]))
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(a, n, v)
+
+    @torch.no_grad()
+    def window_nll(self, model: torch.nn.Module, x: torch.Tensor, first: int) -> float:
+        """Σ NLL of the tokens ``x[0, first:]`` of one evaluation window x (1, w), each given the tokens before it,
+        computed by the whole group: each rank runs the model on its w / N tokens (attention over the whole window
+        through the all-to-all, as in training) and the sums are added over the group. Every rank of the group
+        must call it with the same window; w must be divisible by N. A window that one rank could not hold in a
+        whole forward is scored this way in 1 / N of the activations and logits.
+        """
+        w = x.shape[1]
+        labels = x.clone()
+        labels[:, :first] = IGNORE  # context only
+        part = self.shard({"input_ids": x, "labels": labels,
+                           "position_ids": torch.arange(w, device=x.device)[None]})  # each (1, w / N)
+        with self._all_to_all_in_eval(rows=1):  # the training loss code: logits in chunks when training has them
+            nll = causal_lm_loss(model, {**part, "use_cache": False}, 1, self.loss_chunk).float()  # Σ, this slice
+        dist.all_reduce(nll, group=self.mpu.get_sequence_parallel_group())
+        return float(nll)
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, size: int, flatten: bool = False) -> dict[str, torch.Tensor]:
@@ -168,5 +208,10 @@ def setup(model: torch.nn.Module, recipe: Recipe, attention: str) -> SequencePar
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attention, sequence_parallel_size=sp,
         micro_batch_size=1 if flatten else recipe.train.micro_batch_size, seq_length_is_variable=True,
-        disable_in_eval=True)  # evaluation windows run whole on every rank
-    return SequenceParallel(sp, mpu.get_sequence_parallel_rank(), mpu, flatten)
+        disable_in_eval=True)  # eval-mode forwards (passkey decoding) run whole; window_nll turns it on
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # DeepSpeed keeps its attention object only in the closure of the function it registered under the kernel's name
+    ulysses = inspect.getclosurevars(ALL_ATTENTION_FUNCTIONS[attention]).nonlocals["uattn"]
+    return SequenceParallel(sp, mpu.get_sequence_parallel_rank(), mpu, flatten, ulysses,
+                            recipe.train.loss_chunk_tokens)

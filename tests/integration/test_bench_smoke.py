@@ -220,3 +220,18 @@ def test_sequence_parallel_bench_measures_both_sides(tmp_path):
     assert set(runs) == {"1", "2"} and all(r["ranks"] == int(sp) for sp, rs in runs.items() for r in rs.values())
     assert all(positive_finite(r[k]) for rs in runs.values() for r in rs.values()
                for k in ("peak_rss", "tokens_per_second", "loss"))
+
+
+def test_sequence_parallel_attempt_over_the_per_rank_cap_is_killed(tmp_path):
+    """``max_context.py --sp --search``'s attempt: a rank that passes the cap gets every rank of the launch killed,
+    and the attempt reports "memory" with the rank's sampled peak (here the cap is below what importing torch
+    takes, so the attempt ends within seconds)."""
+    import psutil
+
+    model_dir = max_context.write_model_dir(tmp_path / "model", 1024)
+    books = [str(b) for b in max_context.book_paths(tmp_path)][-1:]
+    cap = 200 * 2**20
+    r = max_context.sp_launch(1024, 2, model_dir, books, tmp_path, 1, cap_bytes=cap, timeout_s=300)
+    assert r["status"] == "memory" and "cap" in r["why"] and r["peak_rss"] > cap, r
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left

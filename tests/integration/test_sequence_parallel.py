@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_sequence_parallel_step_equals_the_single_process_step(method, data, sta
 def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model, text_file):
     """SP=2 killed (SIGKILL, whole launcher process group) after step 3 with a step-2 checkpoint on disk: the
     rerun resumes at step 3 and ends with weights bitwise equal to an uninterrupted SP=2 run. The evaluation
-    during training (every 3 steps, each window whole on every rank) logs the perplexity one process computes
+    during training (every 3 steps, each window split over the 2 ranks) logs the perplexity one process computes
     on the exported model."""
     from llmft.data.build import load_built
     from llmft.eval.ppl import perplexity_by_length
@@ -159,6 +160,53 @@ def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model
     assert [r["loss"] for r in metrics(tmp_path / "killed") if "loss" in r][-1] == losses[-1]
 
 
+def _sharded_window_child(recipe_path: str) -> None:
+    """One rank (under the deepspeed launcher): score one 128-token window split over the SP group
+    (``SequenceParallel.window_nll``) and whole on this rank, recording what the embedding received each time."""
+    from llmft.eval.ppl import nll_sum_by_rows
+    from llmft.train import loop
+    from llmft.train.engine import deepspeed_config
+
+    recipe = load_recipe(recipe_path)
+    procs = loop._setup_processes(recipe)
+    ds_config = deepspeed_config(recipe, procs.world)
+    built, model, _, sp = loop._setup_model(recipe, ds_config)
+    engine = loop._setup_engine(recipe, model, built, 1, ds_config, False, sp)
+    engine.model.eval()
+    x = torch.randint(3, 500, (1, 128), generator=torch.Generator().manual_seed(0))
+    shapes = []
+    hook = engine.model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: shapes.append(list(inputs[0].shape)))
+    sharded = sp.window_nll(engine.model, x, 1)
+    with torch.no_grad():  # eval mode: DeepSpeed's attention runs the whole window locally
+        whole = float(nll_sum_by_rows(engine.model(input_ids=x, use_cache=False).logits[0, :-1], x[0, 1:]))
+    hook.remove()
+    engine.close()
+    out = Path(recipe.checkpoint.dir) / f"window-rank{procs.rank}.json"
+    out.write_text(json.dumps({"sharded": sharded, "whole": whole, "shapes": shapes}))
+
+
+def test_evaluation_windows_are_split_over_the_sequence_parallel_group(tmp_path, tiny_model, text_file):
+    """Under SP an evaluation window is scored like a training row: each rank embeds and runs its 64 of the 128
+    tokens (attention over all 128 through the all-to-all; the loss in chunks of 48 positions, as training's), and
+    the group's NLL sum equals the whole window's on one rank."""
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", parallel={"sequence": 2},
+                         train={"loss_chunk_tokens": 48})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")])}
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    proc = subprocess.run([deepspeed, "--master_port", str(free_port()), "--num_accelerators", "2", __file__,
+                           "--sharded-window", str(path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / f"window-rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["shapes"] == [[1, 64], [1, 128]], r["shapes"]  # split, then whole
+        assert r["sharded"] == pytest.approx(r["whole"], rel=1e-5), r
+    assert ranks[0]["sharded"] == ranks[1]["sharded"]
+
+
 def test_a_launch_sequence_parallelism_cannot_use_exits_2(tmp_path, tiny_model, text_file, python):
     """More sequence-parallel ranks than the launch has (deepspeed), or SP under plain python: exit 2, one message
     naming parallel.sequence and the fix, no traceback."""
@@ -175,3 +223,7 @@ def test_a_launch_sequence_parallelism_cannot_use_exits_2(tmp_path, tiny_model, 
     proc = subprocess.run([python, "launch/train.py", str(path)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "parallel.sequence: 4 splits each sequence over 4 ranks, which needs the deepspeed launcher" in proc.stderr
+
+
+if __name__ == "__main__" and "--sharded-window" in sys.argv:  # a rank of the window test (+ --local_rank=N)
+    _sharded_window_child(sys.argv[sys.argv.index("--sharded-window") + 1])

@@ -136,6 +136,12 @@ def test_recipe_checks_for_sequence_parallelism(tiny_model, text_file, tmp_path)
     msg = _errors(path, "parallel.sequence=8")  # 128 divides by 8; 4 heads do not
     assert "4 attention heads do not divide by it" in msg and "model.max_seq_len" not in msg
     assert "parallel.sequence: got 0" in _errors(path, "parallel.sequence=0")
+    # evaluation windows are split like training rows
+    odd = write_recipe(tmp_path / "odd.yaml", tiny_recipe(tiny_model, text_file, tmp_path / "run",
+                                                          parallel={"sequence": 2},
+                                                          eval={"every_steps": 2, "lengths": [64, 127]}))
+    msg = _errors(odd)
+    assert "eval.lengths: has [127], not divisible by parallel.sequence 2" in msg and "Fix: use multiples of 2" in msg
 
 
 def test_heads_rule_is_deepspeeds():
