@@ -112,7 +112,8 @@ def test_sequence_parallel_step_equals_the_single_process_step(method, data, sta
 
 def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model, text_file):
     """SP=2 killed (SIGKILL, whole launcher process group) after step 3 with a step-2 checkpoint on disk: the
-    rerun resumes at step 3 and ends with weights bitwise equal to an uninterrupted SP=2 run. The evaluation
+    rerun resumes at step 3 and ends with weights bitwise equal to an uninterrupted SP=2 run, continuing the same
+    wandb run (offline; rank 0 logs). The evaluation
     during training (every 3 steps, each window split over the 2 ranks) logs the perplexity one process computes
     on the exported model."""
     from llmft.data.build import load_built
@@ -120,8 +121,11 @@ def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model
 
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "whole", train={"max_steps": 6},
                          checkpoint={"every_steps": 2}, parallel={"sequence": 2}, data={"packing": "isolated"},
-                         eval={"every_steps": 3, "lengths": [64, 128], "max_windows": 2})
+                         eval={"every_steps": 3, "lengths": [64, 128], "max_windows": 2},
+                         logging={"wandb": {"mode": "offline"}})
     deepspeed_train(write_recipe(tmp_path / "whole.yaml", recipe), "deepspeed.stage=2")
+    runs = list((tmp_path / "whole" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs  # one wandb run, from rank 0 only
     evals = [r for r in metrics(tmp_path / "whole") if "eval/ppl@128" in r]
     assert [r["step"] for r in evals] == [3, 6]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final", dtype=torch.float32)
@@ -158,6 +162,9 @@ def test_sigkill_under_sequence_parallelism_resumes_bitwise(tmp_path, tiny_model
     assert diff == 0.0
     losses = [r["loss"] for r in metrics(tmp_path / "whole") if "loss" in r]
     assert [r["loss"] for r in metrics(tmp_path / "killed") if "loss" in r][-1] == losses[-1]
+    # the resumed run continues the killed run's wandb run (same id)
+    runs = sorted((tmp_path / "killed" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({f.name for r in runs for f in r.glob("run-*.wandb")}) == 1, runs
 
 
 def _sharded_window_child(recipe_path: str) -> None:
