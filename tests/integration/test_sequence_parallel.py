@@ -214,6 +214,56 @@ def test_evaluation_windows_are_split_over_the_sequence_parallel_group(tmp_path,
     assert ranks[0]["sharded"] == ranks[1]["sharded"]
 
 
+def _train_with_cpu_flash_child(recipe_path: str) -> None:
+    """One rank (under the deepspeed launcher): train the recipe with transformers' flash_attention_2 path on the
+    CPU stand-in kernels, and record which kernels ran."""
+    from llmft.testing.cpu_flash_attention import cpu_flash_attention
+
+    recipe = load_recipe(recipe_path)
+    with cpu_flash_attention() as calls:
+        train(recipe)
+    rank = int(os.environ.get("RANK", 0))
+    (Path(recipe.checkpoint.dir) / f"flash-calls-rank{rank}.json").write_text(json.dumps(dict(calls)))
+
+
+def test_flash_attention_2_under_sequence_parallelism_isolates_documents_by_varlen(tmp_path, sharp_model, book_text):
+    """flash_attention_2 under SP=2: the rows of a micro-batch are flattened into one, each rank keeps half, and
+    after DeepSpeed's all-to-all transformers' flash path finds the documents from the gathered position ids and
+    runs varlen attention (CPU stand-in kernels for flash-attn's two functions, everything else real). bf16, as
+    flash-attn requires: the first loss equals one rank's on the same rows within 1e-5 (relative), later ones within
+    1e-3, and a run whose documents see each other (concat packing) is off by more than 1e-3."""
+    docs = [book_text[i : i + 90 + (i * 7) % 500] for i in range(0, 30_000, 600)]  # 50 documents, 90-590 chars
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")])}
+    deepspeed = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+
+    def run(name: str, ranks: int, packing: str) -> list[float]:
+        recipe = tiny_recipe(sharp_model, data, tmp_path / name, train={"max_steps": 3, "precision": "bf16"},
+                             parallel={"sequence": ranks}, data={"packing": packing})
+        recipe["model"]["attention"] = "flash_attention_2"
+        path = write_recipe(tmp_path / f"{name}.yaml", recipe)
+        proc = subprocess.run([deepspeed, "--master_port", str(free_port()), "--num_accelerators", str(ranks),
+                               __file__, "--train-cpu-flash", str(path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for r in range(ranks):
+            calls = json.loads((tmp_path / name / f"flash-calls-rank{r}.json").read_text())
+            assert (calls.get("varlen", 0) > 0) == (packing == "isolated") and calls.get("torch.float32", 0) == 0, \
+                calls
+        return [r["loss"] for r in metrics(tmp_path / name) if "loss" in r]
+
+    sp, one = run("sp", 2, "isolated"), run("one", 1, "isolated")
+    print(f"flash_attention_2 SP=2 {sp}, one rank {one}")
+    # the first step's loss comes before any bf16 update: equal (seen: bitwise); later ones drift (seen: 5e-5)
+    assert abs(sp[0] - one[0]) <= 1e-5 * one[0], (sp, one)
+    torch.testing.assert_close(torch.tensor(sp), torch.tensor(one), rtol=1e-3, atol=0)
+    across = run("across", 1, "concat")[0]  # the same text, documents attending to each other
+    print(f"documents attending across: first loss {across}")
+    assert abs(across - one[0]) > 1e-3 * one[0], (across, one[0])
+
+
 def test_a_launch_sequence_parallelism_cannot_use_exits_2(tmp_path, tiny_model, text_file, python):
     """More sequence-parallel ranks than the launch has (deepspeed), or SP under plain python: exit 2, one message
     naming parallel.sequence and the fix, no traceback."""
@@ -234,3 +284,5 @@ def test_a_launch_sequence_parallelism_cannot_use_exits_2(tmp_path, tiny_model, 
 
 if __name__ == "__main__" and "--sharded-window" in sys.argv:  # a rank of the window test (+ --local_rank=N)
     _sharded_window_child(sys.argv[sys.argv.index("--sharded-window") + 1])
+if __name__ == "__main__" and "--train-cpu-flash" in sys.argv:  # a rank of the flash test
+    _train_with_cpu_flash_child(sys.argv[sys.argv.index("--train-cpu-flash") + 1])
