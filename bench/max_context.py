@@ -315,7 +315,7 @@ def sp_search_main(args) -> None:
 def sp_main(args) -> None:
     """``--sp``: SP=2 over 2 ranks against 1 rank, at fixed lengths; a RESULTS.md section."""
     lengths = [512, 1024] if args.quick else args.sp_lengths
-    steps = 2
+    steps = args.sp_steps
     limit = args.mem_gib * 2**30 / 2  # the same memory per rank on both sides: half of this machine's share
     t0 = time.monotonic()
     runs: dict[int, dict[int, dict]] = {1: {}, 2: {}}
@@ -330,7 +330,8 @@ def sp_main(args) -> None:
     fits = {sp: fit_line([(n, float(r["peak_rss"])) for n, r in rs.items()]) for sp, rs in runs.items()}
     longest = {sp: int((limit - f[0]) / f[1]) if f and f[1] > 0 else None for sp, f in fits.items()}
     cmd = "python bench/max_context.py --sp " + ("--quick" if args.quick else
-                                                  f"--sp-lengths {' '.join(map(str, lengths))}")
+                                                  f"--sp-lengths {' '.join(map(str, lengths))}") + (
+        f" --sp-steps {steps}" if steps != 2 else "")
     lines = [
         f"## max_context, sequence parallelism — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
@@ -383,6 +384,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS, help="markdown file the section is appended to")
     p.add_argument("--sp", action="store_true", help="sequence parallelism: SP=2 over 2 ranks vs 1 rank")
     p.add_argument("--sp-lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--sp-steps", type=int, default=2, help="with --sp: steps per run (tokens/s of the last)")
     p.add_argument("--search", action="store_true", help="with --sp: search the longest sequence each side trains "
                    "under --sp-cap-gib per rank, with real steps")
     p.add_argument("--sp-cap-gib", type=float, default=1.5, help="with --sp --search: RSS cap per rank")
