@@ -16,10 +16,11 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from llmft.data.sources import DataError
+    from llmft.generate import GenerationError
     from llmft.model.load import ModelLoadError
     from llmft.train.checkpoint import CheckpointError
 
-    return RecipeError, ModelLoadError, DataError, CheckpointError
+    return RecipeError, ModelLoadError, DataError, CheckpointError, GenerationError
 
 
 def setup_logging() -> None:

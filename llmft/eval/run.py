@@ -17,42 +17,13 @@ from pathlib import Path
 
 import torch
 
-from llmft.model.load import DTYPES, ModelLoadError
+from llmft.model.load import load_trained
 
 log = logging.getLogger(__name__)
 
 
-def load_eval_model(name: str, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa"):
-    """(model in eval mode, tokenizer) for a checkpoint or an llmft adapter directory.
-
-    Raises:
-        ModelLoadError: the model, its base or its tokenizer cannot be loaded.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name).expanduser()
-    try:
-        if (path / "adapter_config.json").is_file():
-            import json
-
-            import peft
-
-            from llmft.model.adapters import unquantized_base_config
-
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
-            model = AutoModelForCausalLM.from_pretrained(base, config=unquantized_base_config([path]),
-                                                         dtype=DTYPES[dtype],
-                                                         use_safetensors=True, attn_implementation=attention)
-            model = peft.PeftModel.from_pretrained(model, path)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], use_safetensors=True,
-                                                         attn_implementation=attention)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer
+# one loader for every command that runs a trained model (eval, generate, chat)
+load_eval_model = load_trained
 
 
 def max_context(model) -> int | None:

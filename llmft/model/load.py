@@ -403,6 +403,48 @@ def checkpoint_kwargs(keep_attention: bool = False) -> dict:
                                                                     _keep_attention)}
 
 
+def load_trained(name: str, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa"):
+    """(model in eval mode, tokenizer) for a trained model: a checkpoint directory or hub id, an llmft run directory
+    (its ``final/``), or an llmft adapter directory (``method: lora`` / ``qlora`` output), applied to the base
+    named in its ``adapter_config.json`` with the adapter's RoPE-scaled config.
+
+    Raises:
+        ModelLoadError: the model, its base or its tokenizer cannot be loaded.
+    """
+    path = Path(name).expanduser()
+    if (path / "final").is_dir() and not (path / "config.json").is_file() and \
+            not (path / "adapter_config.json").is_file():  # a run directory
+        path = path / "final"
+        name = str(path)
+    try:
+        if (path / "adapter_config.json").is_file():
+            import json
+
+            import peft
+
+            from llmft.model.adapters import unquantized_base_config
+
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
+            model = AutoModelForCausalLM.from_pretrained(base, config=unquantized_base_config([path]),
+                                                         dtype=DTYPES[dtype],
+                                                         use_safetensors=True, attn_implementation=attention)
+            model = peft.PeftModel.from_pretrained(model, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], use_safetensors=True,
+                                                         attn_implementation=attention)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{name}: no tokenizer could be loaded from it ({str(e).splitlines()[0]}). Fix: copy the "
+                             "base model's tokenizer files (tokenizer.json, tokenizer_config.json, "
+                             "special_tokens_map.json) into it") from None
+    return model.to(device).eval(), tokenizer
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (full sizes, also for ZeRO-3 partitioned parameters)."""
 
