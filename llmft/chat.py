@@ -1,7 +1,7 @@
-"""Chat templates and a multi-turn chat session: what ``llmft chat`` runs.
+"""A multi-turn chat session: what ``llmft chat`` runs.
 
 A conversation is rendered with the tokenizer's own chat template, or, for a base model that has none, with a
-named one (:data:`TEMPLATES`: ChatML, LLaMA-2 chat). The history is kept within the model's context: before each
+named one (llmft.data.chat). The history is kept within the model's context: before each
 reply the oldest (user, assistant) turns are dropped until the rendered conversation leaves room for
 ``max_new_tokens``; the system prompt and the newest user turn always stay.
 """
@@ -17,50 +17,10 @@ from pathlib import Path
 
 import torch
 
+from llmft.data.chat import chat_template, render
 from llmft.generate import Completion, GenerationError, Sampling, context_length, generate
 
 log = logging.getLogger(__name__)
-
-# Named templates (Jinja, as transformers' apply_chat_template takes them) and the text that ends an assistant turn
-TEMPLATES = {
-    "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "llama2": (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-        "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
-        "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}{{ m['content'] | trim }} [/INST]"
-        "{% else %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}"
-    ),
-}
-TURN_ENDS = {"chatml": ("<|im_end|>",), "llama2": ("[INST]",)}
-ROLES = ("system", "user", "assistant")
-
-
-def chat_template(tokenizer, name: str | None) -> tuple[str | None, tuple[str, ...]]:
-    """(the Jinja template to render with, or None for the tokenizer's own; the texts that end an assistant turn).
-
-    Raises:
-        GenerationError: an unknown template name, or none given for a tokenizer without a chat template.
-    """
-    if name is not None:
-        if name not in TEMPLATES:
-            raise GenerationError(f"--template: got {name!r}; expected one of {', '.join(TEMPLATES)}")
-        return TEMPLATES[name], TURN_ENDS[name]
-    if not getattr(tokenizer, "chat_template", None):
-        raise GenerationError("this model's tokenizer has no chat template (a base model). Fix: pass --template "
-                              f"{' or --template '.join(TEMPLATES)}")
-    return None, ()
-
-
-def render(tokenizer, messages: list[dict], template: str | None, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered with ``template`` (None: the tokenizer's own)."""
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
 
 class ChatSession:
     """A conversation with a model: :meth:`reply` adds a user turn and the model's answer."""

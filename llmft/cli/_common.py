@@ -15,12 +15,13 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from llmft.data.chat import ChatTemplateError
     from llmft.data.sources import DataError
     from llmft.generate import GenerationError
     from llmft.model.load import ModelLoadError
     from llmft.train.checkpoint import CheckpointError
 
-    return RecipeError, ModelLoadError, DataError, CheckpointError, GenerationError
+    return RecipeError, ModelLoadError, DataError, CheckpointError, GenerationError, ChatTemplateError
 
 
 def setup_logging() -> None:

@@ -22,7 +22,7 @@ from llmft.config.loading import Strict
 
 Format = Literal[
     "text", "jsonl", "parquet", "arrow", "redpajama", "oig", "natural_instructions", "p3", "pile", "pg19",
-    "csv", "sqlite", "html", "prompt_completion",
+    "csv", "sqlite", "html", "prompt_completion", "chat",
 ]
 
 # The subsets as RedPajama-1T names them (its ``red_pajama_subset`` values and top-level directories).
@@ -53,11 +53,12 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
     "sqlite": (".sqlite", ".sqlite3", ".db"),
     "html": (".html", ".htm"),
     "prompt_completion": _JSONL,
+    "chat": _JSONL,
 }
 TEXT_FIELD_FORMATS = ("jsonl", "parquet", "arrow", "csv")
 _SUBSET_FORMATS = ("redpajama", "pile")
 # The record formats: each row becomes a document by the same function whether it came from a file or a hub.
-HUB_FORMATS = ("jsonl", "parquet", "arrow", "redpajama", "oig", "p3", "pile", "pg19", "prompt_completion")
+HUB_FORMATS = ("jsonl", "parquet", "arrow", "redpajama", "oig", "p3", "pile", "pg19", "prompt_completion", "chat")
 # `datasets` packaged builders: `hub: json` etc. read data_files (usually local) and are not Hub repositories.
 PACKAGED_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 _HUB_ONLY_FIELDS = ("hub_config", "split", "revision", "data_files", "streaming")
@@ -129,6 +130,13 @@ class SourceSpec(Strict):
     )
     ni_positive_examples: int = Field(
         default=2, ge=0, description="natural_instructions: positive examples shown in each prompt."
+    )
+    chat_template: Literal["chatml", "llama2"] | None = Field(
+        default=None, description="chat: render conversations with this named template (default: the tokenizer's "
+        "own chat template; a base model's tokenizer has none)."
+    )
+    train_on: Literal["all", "last"] = Field(
+        default="all", description="chat: train on every assistant turn, or on the last one only."
     )
 
     @model_validator(mode="before")
@@ -255,6 +263,8 @@ class SourceSpec(Strict):
             raise ValueError("prompt_field and completion_field must differ")
         if "ni_positive_examples" in given and fmt != "natural_instructions":
             raise ValueError(f"ni_positive_examples applies only to format natural_instructions, not {fmt!r}")
+        if {"chat_template", "train_on"} & given and fmt != "chat":
+            raise ValueError(f"chat_template/train_on apply only to format chat, not {fmt!r}")
         return self
 
 

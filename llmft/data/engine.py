@@ -174,7 +174,7 @@ def prepare_file(mix: MixRecipe, job: FileJob, tokenizer: PreTrainedTokenizerBas
         if shingler is None:
             return
         texts = [_text(d) for _, d in seen]
-        if src.transform == "none" and not any(d.prompt for _, d in seen):  # the example is BOS text EOS
+        if src.transform == "none" and not any(d.prompt or d.messages is not None for _, d in seen):  # BOS text EOS
             scan["plain"].extend(len(e) - specials for e in examples)
         else:
             scan["plain"].extend(len(ids) for ids in _encode(tokenizer, texts))

@@ -18,18 +18,39 @@ from llmft.data.build.reading import _text
 from llmft.data.dedup import Features, Shingler
 from llmft.data.dedup import features as dedup_features
 from llmft.data.packing import Example, special_ids
-from llmft.data.sources import Document
+from llmft.data.sources import DataError, Document
 from llmft.data.transforms import ni_fewshot
 
 
-def encode_documents(docs: list[Document], tokenizer: PreTrainedTokenizerBase, add_eos: bool = True) -> list[Example]:
+def encode_documents(docs: list[Document], tokenizer: PreTrainedTokenizerBase, add_eos: bool = True,
+                     max_tokens: int | None = None) -> list[Example]:
     """Each document as an :class:`Example` ``[BOS] prompt text [EOS]``, trained on ``text [EOS]`` (plain text has
-    no prompt, so every token is trained): how every build turns documents into tokens."""
+    no prompt, so every token is trained): how every build turns documents into tokens. A conversation (format
+    chat) is rendered with its chat template and trained on its assistant turns
+    (:func:`llmft.data.chat.encode_conversation`; cut at a turn boundary to ``max_tokens``)."""
+    if any(d.messages is not None for d in docs):
+        plain = [d for d in docs if d.messages is None]
+        encoded = iter(encode_documents(plain, tokenizer, add_eos) if plain else [])
+        return [next(encoded) if d.messages is None else _encode_chat(d, tokenizer, max_tokens) for d in docs]
     bos, eos = special_ids(tokenizer, add_eos)
     prompts = _encode(tokenizer, [d.prompt for d in docs]) if any(d.prompt for d in docs) \
         else [[] for _ in docs]  # plain text: no prompts to encode
     texts = _encode(tokenizer, [d.text for d in docs])
     return [Example.from_parts(bos, p, t, eos) for p, t in zip(prompts, texts)]
+
+
+def _encode_chat(doc: Document, tokenizer: PreTrainedTokenizerBase, max_tokens: int | None) -> Example:
+    """A conversation document as an example trained on its assistant turns.
+
+    Raises:
+        DataError: its chat template is unknown, or the tokenizer has none and the source names none.
+    """
+    from llmft.data.chat import ChatTemplateError, encode_conversation
+
+    try:
+        return encode_conversation(tokenizer, doc.messages, doc.chat["template"], doc.chat["train_on"], max_tokens)
+    except ChatTemplateError as e:
+        raise DataError(f"{doc.where}: {e} (set chat_template: chatml or llama2 on the chat source)") from None
 
 
 class _Tokenize:
@@ -53,11 +74,12 @@ class _Tokenize:
         # documents: their features and each one's tokens as encode_documents makes them
         if transform == "dedup+tokens":
             self._shingler = self._shingler or Shingler(self.dedup.shingle_size)
-            lengths = np.array([len(e) for e in encode_documents(docs, self.tokenizer, self.add_eos)], np.int64)
+            lengths = np.array([len(e) for e in encode_documents(docs, self.tokenizer, self.add_eos, self.seq_len)],
+                               np.int64)
             return dedup_features([_text(d) for d in docs], self.dedup, self._shingler), lengths
         if transform == "ni_fewshot":  # many instances of a task per sequence, after one header
             return ni_fewshot(docs, self.tokenizer, self.seq_len, self.add_eos)
-        return encode_documents(docs, self.tokenizer, self.add_eos)
+        return encode_documents(docs, self.tokenizer, self.add_eos, self.seq_len)
 
 
 _WORKER: _Tokenize | None = None

@@ -22,6 +22,9 @@ csv                   a column, or a ``str.format`` template over columns
 sqlite                the rows of a SELECT (column ``text``; other columns go to ``meta``)
 html                  the visible text of .html/.htm pages
 prompt_completion     jsonl pairs: the prompt is conditioned on, only the completion is trained on
+chat                  conversations: OpenAI ``{"messages": [{"role", "content"}]}`` or ShareGPT
+                      ``{"conversations": [{"from", "value"}]}``, rendered with a chat template when
+                      tokenized; trained on the assistant turns (all, or the last: ``train_on``)
 ===================== ==================================================================================
 
 A malformed record (bad JSON, non-UTF-8 bytes, a missing or non-string field, empty text, a truncated
@@ -88,6 +91,7 @@ _READERS = {
     "sqlite": _read_sqlite,
     "html": _read_html,
     "prompt_completion": _read_json_records,
+    "chat": _read_json_records,
 }
 
 

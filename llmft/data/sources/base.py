@@ -20,6 +20,10 @@ class Document:
     # "hub[config]/split:row" (0-based) for hub rows
     meta: dict = field(default_factory=dict)  # e.g. {"red_pajama_subset": "book"}, {"task": "task085"}
     prompt: str = ""  # conditioned on but not trained on (loss masked); "" for plain text
+    # a conversation (format chat): [{"role", "content"}], rendered with a chat template when tokenized (``text``
+    # then holds the contents, for filters, deduplication and decontamination), and how to render and train it
+    messages: list | None = None
+    chat: dict | None = None  # {"template": name or None, "train_on": "all" | "last"}
 
 
 class SourceError(Exception):

@@ -144,6 +144,38 @@ def _prompt_completion_record(record: dict, where: str, rows: _Rows) -> Document
     return _pair_record(record, where, rows, rows.spec.prompt_field, rows.spec.completion_field)
 
 
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _chat_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    """A conversation: OpenAI ``{"messages": [{"role", "content"}]}`` or ShareGPT ``{"conversations": [{"from",
+    "value"}]}`` (human/gpt/system), with at least one assistant turn."""
+    if isinstance(record.get("messages"), list):
+        turns, role_key, text_key, roles = record["messages"], "role", "content", {r: r for r in
+                                                                                   ("system", "user", "assistant")}
+    elif isinstance(record.get("conversations"), list):
+        turns, role_key, text_key, roles = record["conversations"], "from", "value", _SHAREGPT_ROLES
+    else:
+        rows.report.bad(where, 'expected a "messages" list (OpenAI) or a "conversations" list (ShareGPT)',
+                        rows.on_error)
+        return None
+    messages = []
+    for i, turn in enumerate(turns):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        content = turn.get(text_key) if isinstance(turn, dict) else None
+        if role not in roles or not isinstance(content, str):
+            rows.report.bad(where, f"turn {i}: expected {{{role_key!r}: one of {', '.join(sorted(roles))}, "
+                            f"{text_key!r}: a string}}, got {json.dumps(turn)[:80]}", rows.on_error)
+            return None
+        messages.append({"role": roles[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        rows.report.bad(where, "no assistant turn: nothing to train on", rows.on_error)
+        return None
+    text = "\n".join(m["content"] for m in messages)
+    return Document(text=text, where=where, messages=messages,
+                    chat={"template": rows.spec.chat_template, "train_on": rows.spec.train_on})
+
+
 def _read_json_records(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
     """The JSON-lines record formats (jsonl, redpajama, oig, p3, pile, prompt_completion): one record a line."""
     rows = _Rows(spec, on_error, report, subset=_redpajama_subset_from_path(path))
@@ -237,4 +269,5 @@ _RECORDS: dict[str, _RecordFn] = {
     "pile": _pile_record,
     "pg19": _pg19_record,
     "prompt_completion": _prompt_completion_record,
+    "chat": _chat_record,
 }
