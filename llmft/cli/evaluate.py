@@ -38,6 +38,15 @@ def register(sub) -> None:
     ev.add_argument("--seed", type=int, default=0,
                     help="seed for passkey keys, the HELM instance sample and in-context examples (HELM trial t: "
                     "seed + t)")
+    ev.add_argument("--task", action="append", choices=["mdqa", "summarization"], default=[],
+                    help="an application: multi-document QA by gold position (Lost in the Middle; --mdqa-data), or "
+                    "summarization ROUGE (BookSum-style jsonl; --summ-data); repeat for both")
+    ev.add_argument("--mdqa-data", default=None, help="directory of nq-open-<k>_total_documents_gold_at_<i>.jsonl.gz")
+    ev.add_argument("--mdqa-docs", default="10,20,30", help="mdqa: comma-separated numbers of documents to run")
+    ev.add_argument("--summ-data", default=None, help="summarization: jsonl of {chapter, summary_text}")
+    ev.add_argument("--max-examples", type=int, default=None, help="tasks: at most this many examples per file")
+    ev.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tasks: tokens generated per answer (default: mdqa 100, summarization 256)")
     ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
                     help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
     ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
@@ -126,9 +135,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(paths["table"])
         print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
         return 0
-    if args.ppl is None and args.helm is None and not args.passkey:
-        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --helm SCENARIOS) or --compare "
-                           "REPORT..."])
+    if args.ppl is None and args.helm is None and not args.passkey and not args.task:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --helm SCENARIOS, --task "
+                           "mdqa|summarization) or --compare REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
     ppl, passkey, helm = _requests(args)
@@ -140,13 +149,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                            "float16": "fp16"}[args.dtype])
     logging.getLogger("llmft").info("attention: %s (%s)", attention, reason)
     try:
-        results = ev.evaluate(args.model, out, ppl=ppl, passkey=passkey, helm=helm, dtype=args.dtype,
+        results = ev.evaluate(args.model, out, ppl=ppl, passkey=passkey, helm=helm, tasks=_tasks(args),
+                              dtype=args.dtype,
                               device=args.device or ev.device_default(), attention=attention,
                               wandb_project=args.wandb_project, wandb_mode=args.wandb_mode)
     except (SourceError, FileNotFoundError, ValueError) as e:  # books or a scenario's file missing: what to fix
         raise RecipeError([f"llmft eval: {e}"]) from None
     _print(results)
     return 0
+
+
+def _tasks(args: argparse.Namespace):
+    """The application tasks asked for, or None.
+
+    Raises:
+        RecipeError: a task without its data, or --mdqa-docs / --max-examples out of range.
+    """
+    from llmft.eval.run import TaskRequest
+
+    if not args.task:
+        return None
+    problems = []
+    if "mdqa" in args.task and not args.mdqa_data:
+        problems.append("--task mdqa: give --mdqa-data DIR (the nq-open-<k>_total_documents_gold_at_<i>.jsonl.gz "
+                        "files of Lost in the Middle, or the synthetic ones of llmft.testing.applications)")
+    if "summarization" in args.task and not args.summ_data:
+        problems.append("--task summarization: give --summ-data FILE.jsonl ({\"chapter\", \"summary_text\"} rows)")
+    try:
+        docs = [int(x) for x in args.mdqa_docs.split(",") if x.strip()]
+    except ValueError:
+        docs = []
+    if not docs or min(docs) < 1:
+        problems.append(f"--mdqa-docs: got {args.mdqa_docs!r}; expected numbers of documents, e.g. 10,20,30")
+    for flag, value in (("--max-examples", args.max_examples), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            problems.append(f"{flag}: got {value}; expected at least 1")
+    if problems:
+        raise RecipeError(problems)
+    return TaskRequest(args.task, Path(args.mdqa_data) if args.mdqa_data else None, docs,
+                       Path(args.summ_data) if args.summ_data else None, args.max_examples, args.max_new_tokens)
 
 
 def _print(results) -> None:
@@ -160,6 +201,16 @@ def _print(results) -> None:
     for name, (r, (json_path, md_path)) in results.helm.items():
         print(f"# HELM core: {name}\n" + format_helm_table(r))
         print(f"[llmft] HELM report written to {md_path} and {json_path}")
+    if results.mdqa:
+        from llmft.eval.applications import mdqa_table
+
+        for name, r in results.mdqa.items():
+            print(f"# multi-document QA: {name}\n" + mdqa_table(r))
+        paths = results.mdqa_paths
+        print(f"[llmft] MDQA report written to {paths['markdown']}, {paths['json']} and {paths['plot']}")
+    for name, r in results.summarization.items():
+        print(f"# summarization: {name}: ROUGE-1 {r['rouge1']:.2f}, ROUGE-2 {r['rouge2']:.2f}, ROUGE-L "
+              f"{r['rougeL']:.2f} over {r['n']} examples ({r['too_long']} longer than the context)")
     if results.ppl is not None:
         print(ppl_table(results.ppl))
         paths = results.ppl_paths

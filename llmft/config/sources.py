@@ -22,7 +22,7 @@ from llmft.config.loading import Strict
 
 Format = Literal[
     "text", "jsonl", "parquet", "arrow", "redpajama", "oig", "natural_instructions", "p3", "pile", "pg19",
-    "csv", "sqlite", "html", "prompt_completion", "chat",
+    "csv", "sqlite", "html", "prompt_completion", "chat", "long_data_collections", "booksum", "lost_in_the_middle",
 ]
 
 # The subsets as RedPajama-1T names them (its ``red_pajama_subset`` values and top-level directories).
@@ -54,11 +54,15 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
     "html": (".html", ".htm"),
     "prompt_completion": _JSONL,
     "chat": _JSONL,
+    "long_data_collections": _JSONL,
+    "booksum": _JSONL,
+    "lost_in_the_middle": _JSONL,
 }
 TEXT_FIELD_FORMATS = ("jsonl", "parquet", "arrow", "csv")
 _SUBSET_FORMATS = ("redpajama", "pile")
 # The record formats: each row becomes a document by the same function whether it came from a file or a hub.
-HUB_FORMATS = ("jsonl", "parquet", "arrow", "redpajama", "oig", "p3", "pile", "pg19", "prompt_completion", "chat")
+HUB_FORMATS = ("jsonl", "parquet", "arrow", "redpajama", "oig", "p3", "pile", "pg19", "prompt_completion", "chat",
+               "long_data_collections", "booksum", "lost_in_the_middle")
 # `datasets` packaged builders: `hub: json` etc. read data_files (usually local) and are not Hub repositories.
 PACKAGED_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 _HUB_ONLY_FIELDS = ("hub_config", "split", "revision", "data_files", "streaming")
@@ -137,6 +141,10 @@ class SourceSpec(Strict):
     )
     train_on: Literal["all", "last"] = Field(
         default="all", description="chat: train on every assistant turn, or on the last one only."
+    )
+    answer_marker: str | None = Field(
+        default=None, min_length=1, description="long_data_collections: the cue before the answer (default: the "
+        "last '\\nA:' or '\\nAnswer:' of each text)."
     )
 
     @model_validator(mode="before")
@@ -263,6 +271,8 @@ class SourceSpec(Strict):
             raise ValueError("prompt_field and completion_field must differ")
         if "ni_positive_examples" in given and fmt != "natural_instructions":
             raise ValueError(f"ni_positive_examples applies only to format natural_instructions, not {fmt!r}")
+        if "answer_marker" in given and fmt != "long_data_collections":
+            raise ValueError(f"answer_marker applies only to format long_data_collections, not {fmt!r}")
         if {"chat_template", "train_on"} & given and fmt != "chat":
             raise ValueError(f"chat_template/train_on apply only to format chat, not {fmt!r}")
         return self

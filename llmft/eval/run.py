@@ -11,6 +11,7 @@ config.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,18 @@ class HelmRequest:
     trials: int = 3
 
 
+@dataclass(frozen=True)
+class TaskRequest:
+    """The application tasks (``llmft eval --task mdqa | summarization``)."""
+
+    tasks: list[str]
+    mdqa_data: Path | None = None
+    mdqa_docs: list[int] | None = None
+    summ_data: Path | None = None
+    max_examples: int | None = None
+    max_new_tokens: int | None = None
+
+
 @dataclass
 class EvalResults:
     """What :func:`evaluate` measured and wrote: per evaluation, per model, the results and the report paths."""
@@ -71,10 +84,14 @@ class EvalResults:
     helm: dict[str, tuple[dict, tuple[Path, Path]]] = field(default_factory=dict)  # model: (results, (json, md))
     ppl: dict | None = None  # {model: {length: result}}
     ppl_paths: dict[str, Path] | None = None
+    mdqa: dict[str, dict] = field(default_factory=dict)  # model: results
+    mdqa_paths: dict[str, Path] | None = None
+    summarization: dict[str, dict] = field(default_factory=dict)  # model: ROUGE
 
 
 def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, passkey: PasskeyRequest | None = None,
-             helm: HelmRequest | None = None, dtype: str = "float32", device: str = "cpu", attention: str = "sdpa",
+             helm: HelmRequest | None = None, tasks: TaskRequest | None = None, dtype: str = "float32",
+             device: str = "cpu", attention: str = "sdpa",
              wandb_project: str | None = None, wandb_mode: str = "offline") -> EvalResults:
     """Load each model once and run every requested evaluation on it; write the reports under ``out``.
 
@@ -104,6 +121,16 @@ def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, pas
             r = run_helm(model, tokenizer, helm.scenarios, helm.data_dir, helm.max_instances, helm.seed,
                          trials=helm.trials)
             results.helm[name] = (r, write_helm_report(r, out if len(models) == 1 else out / f"helm-{i}"))
+        if tasks is not None:
+            from llmft.eval import applications as apps
+
+            new = {"max_new_tokens": tasks.max_new_tokens} if tasks.max_new_tokens else {}
+            if "mdqa" in tasks.tasks:
+                results.mdqa[name] = apps.run_mdqa(model, tokenizer, tasks.mdqa_data, tasks.mdqa_docs,
+                                                   tasks.max_examples, **new)
+            if "summarization" in tasks.tasks:
+                results.summarization[name] = apps.run_summarization(model, tokenizer, tasks.summ_data,
+                                                                     tasks.max_examples, **new)
         if ppl is not None:
             from llmft.eval.pg19 import load_books
             from llmft.eval.ppl import evaluate_ppl
@@ -119,6 +146,13 @@ def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, pas
             log.info("%s: %d books, %s tokens", name, len(books), f"{sum(len(b.ids) for b in books):,}")
             ppl_results[name] = evaluate_ppl(model, books, ppl.lengths, ppl.mode, ppl.stride, device)
         del model
+    if results.mdqa:
+        from llmft.eval.applications import write_mdqa_report
+
+        results.mdqa_paths = write_mdqa_report(results.mdqa, out)
+    if results.summarization:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summarization.json").write_text(json.dumps(results.summarization, indent=1))
     if ppl is not None:
         from llmft.eval.report import write_ppl_report
 

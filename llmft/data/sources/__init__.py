@@ -25,6 +25,10 @@ prompt_completion     jsonl pairs: the prompt is conditioned on, only the comple
 chat                  conversations: OpenAI ``{"messages": [{"role", "content"}]}`` or ShareGPT
                       ``{"conversations": [{"from", "value"}]}``, rendered with a chat template when
                       tokenized; trained on the assistant turns (all, or the last: ``train_on``)
+long_data_collections Together's Long-Data-Collections fine-tune jsonl: each ``text`` split at its answer
+                      cue; only the answer is trained (llmft/data/sources/applications.py)
+booksum               BookSum chapter rows ``{"chapter", "summary_text"}``: trained on the summary only
+lost_in_the_middle    the "Lost in the Middle" MDQA files: question + passages as context, the answer trained
 ===================== ==================================================================================
 
 A malformed record (bad JSON, non-UTF-8 bytes, a missing or non-string field, empty text, a truncated
@@ -92,6 +96,9 @@ _READERS = {
     "html": _read_html,
     "prompt_completion": _read_json_records,
     "chat": _read_json_records,
+    "long_data_collections": _read_json_records,
+    "booksum": _read_json_records,
+    "lost_in_the_middle": _read_json_records,
 }
 
 

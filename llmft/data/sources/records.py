@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmft.config.sources import REDPAJAMA_SUBSETS, SourceSpec
+from llmft.data.sources.applications import mdqa_prompt, split_at_answer, summary_prompt
 from llmft.data.sources.base import Document, SourceReport
 from llmft.data.sources.files import _decode_text, _json_lines, _json_type, _read_bytes, _string_field
 from llmft.data.sources.text import strip_gutenberg
@@ -176,6 +177,41 @@ def _chat_record(record: dict, where: str, rows: _Rows) -> Document | None:
                     chat={"template": rows.spec.chat_template, "train_on": rows.spec.train_on})
 
 
+def _ldc_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    text = _string_field(record, "text", where, rows.on_error, rows.report)
+    if text is None:
+        return None
+    parts = split_at_answer(text, rows.spec.answer_marker)
+    if parts is None:
+        cue = repr(rows.spec.answer_marker) if rows.spec.answer_marker else "'\\nA:' or '\\nAnswer:'"
+        rows.report.bad(where, f"no answer after a {cue} cue: nothing to train on", rows.on_error)
+        return None
+    return Document(text=parts[1], where=where, prompt=parts[0])
+
+
+def _booksum_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    chapter_key = "chapter" if "chapter" in record else "text"
+    summary_key = "summary_text" if "summary_text" in record else "summary"
+    chapter = _string_field(record, chapter_key, where, rows.on_error, rows.report)
+    if chapter is None:
+        return None
+    summary = _string_field(record, summary_key, where, rows.on_error, rows.report)
+    return None if summary is None else Document(text=" " + summary.strip(), where=where,
+                                                 prompt=summary_prompt(chapter))
+
+
+def _lost_in_the_middle_record(record: dict, where: str, rows: _Rows) -> Document | None:
+    question, answers, ctxs = record.get("question"), record.get("answers"), record.get("ctxs")
+    if not isinstance(question, str) or not isinstance(answers, list) or not answers or \
+            not all(isinstance(a, str) for a in answers) or not isinstance(ctxs, list) or \
+            not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in ctxs):
+        rows.report.bad(where, 'expected {"question": str, "answers": [str, ...], "ctxs": [{"title", "text"}, ...]}',
+                        rows.on_error)
+        return None
+    return Document(text=" " + answers[0], where=where, prompt=mdqa_prompt(question, ctxs),
+                    meta={"gold": next((i for i, c in enumerate(ctxs) if c.get("isgold")), -1)})
+
+
 def _read_json_records(path: Path, spec: SourceSpec, on_error: str, report: SourceReport) -> Iterator[Document]:
     """The JSON-lines record formats (jsonl, redpajama, oig, p3, pile, prompt_completion): one record a line."""
     rows = _Rows(spec, on_error, report, subset=_redpajama_subset_from_path(path))
@@ -270,4 +306,7 @@ _RECORDS: dict[str, _RecordFn] = {
     "pg19": _pg19_record,
     "prompt_completion": _prompt_completion_record,
     "chat": _chat_record,
+    "long_data_collections": _ldc_record,
+    "booksum": _booksum_record,
+    "lost_in_the_middle": _lost_in_the_middle_record,
 }
