@@ -149,6 +149,18 @@ def search(side: str, args, model_dir: Path, books: list[str], cap: int, deadlin
     return {"tried": tried, "max_ok": ok, "first_fail": bad, "stop": stop, "fit": line, "extrapolated": extrapolated}
 
 
+def attempt_rows(found: dict, label: dict) -> list[str]:
+    """The attempts of each side's search as table rows: side, length, result, peak RSS (GiB), seconds, load."""
+    rows = []
+    for side, f in found.items():
+        for n, r in sorted(f["tried"].items()):
+            what = {"ok": "trained one step", "memory": r.get("why"), "time": "killed: time budget"}[r["status"]]
+            peak = r.get("peak_rss") or r["watched_peak_rss"]
+            rows.append(f"| {label[side]} | {n:,} | {what} | {peak / 2**30:.2f} | {r['seconds']:.0f} | "
+                        f"{r['load1']:.2f} |")
+    return rows
+
+
 def sp_child(recipe_path: str) -> None:
     """One rank of a ``--sp`` run: train the recipe, then print this rank's peak RSS."""
     sys.path.insert(0, str(REPO))
@@ -294,11 +306,7 @@ def sp_search_main(args) -> None:
         "| side | length | result | peak RSS per rank (GiB) | seconds | load |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for sp, f in found.items():
-        for n, r in sorted(f["tried"].items()):
-            what = "trained one step" if r["status"] == "ok" else r["why"]
-            lines.append(f"| {side[sp]} | {n:,} | {what} | {r['peak_rss'] / 2**30:.2f} | {r['seconds']:.0f} | "
-                         f"{r['load1']:.2f} |")
+    lines += attempt_rows(found, side)
     lines += ["", "| side | longest trained (verified) | first failure | search stopped |", "|---|---:|---:|---|"]
     for sp, f in found.items():
         fail = f"{f['first_fail']:,}" if f["first_fail"] else "-"
@@ -425,12 +433,7 @@ def main() -> None:
         "| side | length | result | peak RSS (GiB) | seconds | load |",
         "|---|---:|---|---:|---:|---:|",
     ]
-    for side, f in found.items():
-        for n, r in sorted(f["tried"].items()):
-            what = {"ok": "trained one step", "memory": r.get("why"), "time": "killed: time budget"}[r["status"]]
-            peak = r.get("peak_rss") or r["watched_peak_rss"]
-            lines.append(f"| {name[side]} | {n:,} | {what} | {peak / 2**30:.2f} | {r['seconds']:.0f} | "
-                         f"{r['load1']:.2f} |")
+    lines += attempt_rows(found, name)
     lines += ["", "| side | longest trained (verified) | first failure | memory-limited length, extrapolated | "
               "search stopped |", "|---|---:|---:|---:|---|"]
     for side, f in found.items():
