@@ -15,7 +15,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a run directory (its final/), a checkpoint directory or hub id, "
                    "or an llmft adapter directory (applied to its base with the adapter's RoPE config)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights and compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="weights and compute dtype (default on CUDA: the training recipe's precision, else bfloat16; "
+                   "on CPU: float32)")
     p.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
                    help="attention kernel; auto: flash_attention_2 on CUDA with flash-attn and 16-bit, else sdpa")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -65,15 +66,36 @@ def _sampling(args: argparse.Namespace):
     return s
 
 
+def _trained_with(model: str) -> dict:
+    """The precision and attention of the run that made ``model`` (a run directory or its final/), from the
+    recipe.yaml training wrote there; {} for anything else."""
+    import yaml
+
+    path = Path(model).expanduser()
+    for run in (path, path.parent):
+        recipe = run / "recipe.yaml"
+        if (run / "final").is_dir() and recipe.is_file():
+            raw = yaml.safe_load(recipe.read_text()) or {}
+            return {"precision": (raw.get("train") or {}).get("precision"),
+                    "attention": (raw.get("model") or {}).get("attention")}
+    return {}
+
+
 def _load(args: argparse.Namespace):
-    """(model, tokenizer) as the options say."""
+    """(model, tokenizer) as the options say; by default in the precision and with the attention of the recipe
+    that trained it (16-bit only on CUDA)."""
     import torch
 
     from llmft.model.load import load_trained, resolve_attention
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    attention, _ = resolve_attention(args.attention, {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
+    recipe = _trained_with(args.model)
+    dtype = args.dtype or ({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(recipe.get("precision"),
+                                                                                           "bfloat16")
+                           if device == "cuda" else "float32")
+    requested = recipe.get("attention") or "auto" if args.attention == "auto" else args.attention
+    attention, _ = resolve_attention(requested if requested != "flash_attention_2" or device == "cuda" else "auto",
+                                     {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
     return load_trained(args.model, dtype, device, attention)
 
 
