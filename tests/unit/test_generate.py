@@ -197,3 +197,19 @@ def test_chat_history_keeps_the_newest_turns_within_the_context(model_dir, book_
     with pytest.raises(GenerationError, match="the model's context is 512"):
         chat.reply(book_text[:3000])  # one message longer than the context
     assert chat.turns == turns  # the refused message is not kept
+
+
+def test_a_run_directory_is_loaded_with_its_recipes_attention(pi_run):
+    import argparse
+
+    from llmft.cli.generate import _load
+
+    (pi_run / "recipe.yaml").write_text("model: {attention: eager}\ntrain: {precision: bf16}\n")
+    try:
+        args = argparse.Namespace(model=str(pi_run), device="cpu", dtype=None, attention="auto")
+        model, _ = _load(args)
+        assert model.config._attn_implementation == "eager" and model.dtype == torch.float32  # 16-bit: CUDA only
+        args.attention = "sdpa"  # an explicit choice wins
+        assert _load(args)[0].config._attn_implementation == "sdpa"
+    finally:
+        (pi_run / "recipe.yaml").unlink()
