@@ -92,6 +92,13 @@ def _targets(names: list[str]) -> str:
     return " ".join(n.removesuffix("_proj") for n in names)
 
 
+def _model_rope(config) -> str:
+    """The scaling a model's own config already applies (a recipe without a rope section keeps it), or "—"."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    kind = rp.get("rope_type", "default")
+    return "—" if kind == "default" else f"{kind} ×{rp.get('factor', 1.0):g} (model's)"
+
+
 def recipe_row(path: Path) -> Row:
     """Load and validate one recipe (from the repository root) and derive its row.
 
@@ -120,7 +127,7 @@ def recipe_row(path: Path) -> Row:
         q = recipe.qlora
         method = f"qlora ({q.quant_type}{', double quant' if q.double_quant else ''}, " \
                  f"{SHORT_DTYPE[q.compute_dtype]} compute, {t.optimizer})"
-    rope = f"{m.rope.type} ×{m.rope.factor:g}" if m.rope is not None else "—"
+    rope = f"{m.rope.type} ×{m.rope.factor:g}" if m.rope is not None else _model_rope(architecture_config(m))
     return Row(path=path.as_posix(), method=method, rope=rope, max_seq_len=m.max_seq_len, rank=rank, alpha=alpha,
                scale=scale, targets=targets, extras=extras, lr=t.lr, warmup=t.warmup_steps,
                steps=recipe.total_steps(ranks), ranks=ranks, sequences=recipe.sequences_per_step(ranks), total=total,

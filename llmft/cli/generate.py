@@ -17,8 +17,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and compute dtype (default on CUDA: the training recipe's precision, else bfloat16; "
                    "on CPU: float32)")
-    p.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
-                   help="attention kernel; auto: flash_attention_2 on CUDA with flash-attn and 16-bit, else sdpa")
+    p.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default=None,
+                   help="attention kernel (default: the training recipe's, else auto); auto: flash_attention_2 on "
+                        "CUDA with flash-attn and 16-bit, else sdpa")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding (default); > 0: sampling")
@@ -93,7 +94,7 @@ def _load(args: argparse.Namespace):
     dtype = args.dtype or ({"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(recipe.get("precision"),
                                                                                            "bfloat16")
                            if device == "cuda" else "float32")
-    requested = recipe.get("attention") or "auto" if args.attention == "auto" else args.attention
+    requested = args.attention or recipe.get("attention") or "auto"
     attention, _ = resolve_attention(requested if requested != "flash_attention_2" or device == "cuda" else "auto",
                                      {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype])
     return load_trained(args.model, dtype, device, attention)

@@ -206,7 +206,7 @@ def test_a_run_directory_is_loaded_with_its_recipes_attention(pi_run):
 
     (pi_run / "recipe.yaml").write_text("model: {attention: eager}\ntrain: {precision: bf16}\n")
     try:
-        args = argparse.Namespace(model=str(pi_run), device="cpu", dtype=None, attention="auto")
+        args = argparse.Namespace(model=str(pi_run), device="cpu", dtype=None, attention=None)
         model, _ = _load(args)
         assert model.config._attn_implementation == "eager" and model.dtype == torch.float32  # 16-bit: CUDA only
         args.attention = "sdpa"  # an explicit choice wins
