@@ -162,14 +162,16 @@ def attempt_rows(found: dict, label: dict) -> list[str]:
 
 
 def sp_child(recipe_path: str) -> None:
-    """One rank of a ``--sp`` run: train the recipe, then print this rank's peak RSS."""
+    """One rank of a ``--sp`` run: train the recipe, then write this rank's peak RSS to ``rank<N>.json`` in the
+    run directory (a file each: lines two ranks print to one pipe can interleave)."""
     sys.path.insert(0, str(REPO))
     from llmft.config import load_recipe
     from llmft.train.loop import train
 
-    train(load_recipe(recipe_path), resume=False)
-    print("[sp-rank] " + json.dumps({"rank": int(os.environ.get("RANK", 0)), "peak_rss": peak_rss_bytes()}),
-          flush=True)
+    recipe = load_recipe(recipe_path)
+    train(recipe, resume=False)
+    rank = int(os.environ.get("RANK", 0))
+    Path(recipe.checkpoint.dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss": peak_rss_bytes()}))
 
 
 def sp_recipe(seq_len: int, sequence: int, model_dir: Path, books: list[str], out: Path, steps: int) -> Path:
@@ -253,8 +255,9 @@ def sp_launch(seq_len: int, sequence: int, model_dir: Path, books: list[str], ou
     stdout = streams.get("stdout", "")
     if proc.returncode != 0:
         raise SystemExit(f"SP={sequence} at {seq_len} failed:\n{stdout[-2000:]}{streams.get('stderr', '')[-2000:]}")
-    ranks = [json.loads(line.split("[sp-rank] ", 1)[1]) for line in stdout.splitlines() if "[sp-rank] " in line]
-    rows = [json.loads(line) for line in (out / f"sp{sequence}-{seq_len}" / "metrics.jsonl").read_text().splitlines()]
+    run_dir = out / f"sp{sequence}-{seq_len}"
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"status": "ok", "peak_rss": max(x["peak_rss"] for x in ranks), "ranks": len(ranks),
             "tokens_per_second": rows[-1]["tokens_per_second"], "loss": rows[-1]["loss"], "seconds": seconds,
             "watched_peak_rss": watched}
