@@ -1,4 +1,4 @@
-"""``llmft quickstart`` and ``llmft repro pi``: the offline CPU demo and the tiny-scale reproduction of a paper."""
+"""``llmft quickstart`` and ``llmft repro pi | mdqa``: the offline CPU demo and tiny-scale reproductions."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ def register(sub) -> None:
                     help="also write the markdown and PNGs here (e.g. docs/results/pi_tiny.md)")
     pi.set_defaults(func=cmd_repro_pi)
 
+    mq = rpsub.add_parser("mdqa", help="multi-document QA (Lost in the Middle protocol, synthetic stand-in): "
+                          "accuracy by gold position of the quickstart's PI model before and after fine-tuning")
+    mq.add_argument("--out", default="runs/repro-mdqa", help="output directory (default: runs/repro-mdqa)")
+    mq.add_argument("--model", type=Path, default=None,
+                    help="the start model, e.g. runs/quickstart/extended/final (default: run the quickstart)")
+    mq.add_argument("--fast", action="store_true", help="the CI-sized version (a few minutes)")
+    mq.add_argument("--seed", type=int, default=0, help="seed of the data and the fine-tune")
+    mq.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
+    mq.add_argument("--doc", type=Path, default=None,
+                    help="also write the markdown and PNG here (e.g. docs/results/mdqa_tiny.md)")
+    mq.set_defaults(func=cmd_repro_mdqa)
+
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from llmft.quickstart import FAST_STEPS_SCALE, quickstart
@@ -44,4 +56,13 @@ def cmd_repro_pi(args: argparse.Namespace) -> int:
     command = "llmft repro pi " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "pi"] else None
     run_pi(Path(args.out), fast=args.fast, seed=args.seed, books=args.books, fresh=args.fresh, doc=args.doc,
            command=command)
+    return 0
+
+
+def cmd_repro_mdqa(args: argparse.Namespace) -> int:
+    from llmft.repro_mdqa import run_mdqa_demo
+
+    command = "llmft repro mdqa " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "mdqa"] else None
+    run_mdqa_demo(Path(args.out), model=args.model, fast=args.fast, seed=args.seed, fresh=args.fresh, doc=args.doc,
+                  command=command)
     return 0

@@ -20,7 +20,7 @@ import logging
 import re
 from pathlib import Path
 
-from llmft.data.sources.applications import answer_in, mdqa_prompt, summary_prompt
+from llmft.data.sources.applications import answer_in, mdqa_prompt, normalize_answer, summary_prompt
 from llmft.generate import GenerationError, Sampling, context_length, generate
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ def run_mdqa(model, tokenizer, root: Path, docs: list[int] | None = None, max_ex
     """Accuracy by number of documents and gold position.
 
     Returns:
-        ``{"cells": {k: {i: {"accuracy", "correct", "n", "too_long"}}}, "examples": [first answers]}``; a prompt
-        longer than the model's context is counted as too long and not asked.
+        ``{"cells": {k: {i: {"accuracy", "correct", "n", "too_long"}}}, "examples": [first answers], "outputs":
+        [{"k", "gold", "output", "correct", "in_context"} for every question asked]}`` (``in_context``: the output
+        holds some passage's text, right or wrong: the model answered from the passages); a prompt longer than the
+        model's context is counted as too long and not asked.
 
     Raises:
         FileNotFoundError: no files (for the requested ``docs``).
@@ -67,7 +69,7 @@ def run_mdqa(model, tokenizer, root: Path, docs: list[int] | None = None, max_ex
     s = Sampling(max_new_tokens=max_new_tokens, stop=("\n",))
     ctx = context_length(model)
     cells: dict = {}
-    examples = []
+    examples, outputs = [], []
     for (k, i), path in sorted(files.items()):
         correct = n = too_long = 0
         for record in _jsonl(path)[:max_examples]:
@@ -83,13 +85,17 @@ def run_mdqa(model, tokenizer, root: Path, docs: list[int] | None = None, max_ex
             ok = answer_in(answer, record["answers"])
             correct += ok
             n += 1
+            said = normalize_answer(answer)
+            outputs.append({"k": k, "gold": i, "output": answer, "correct": ok,
+                            "in_context": bool(said) and any(said in normalize_answer(c["text"])
+                                                             for c in record["ctxs"])})
             if len(examples) < 5:
                 examples.append({"k": k, "gold": i, "question": record["question"], "answers": record["answers"],
                                  "output": answer, "correct": ok})
         cells.setdefault(k, {})[i] = {"accuracy": correct / n if n else float("nan"), "correct": correct, "n": n,
                                       "too_long": too_long}
         log.info("mdqa: %d documents, gold at %d: %d/%d", k, i, correct, n)
-    return {"cells": cells, "examples": examples}
+    return {"cells": cells, "examples": examples, "outputs": outputs}
 
 
 def mdqa_table(r: dict) -> str:

@@ -1,0 +1,38 @@
+"""The report of `llmft repro mdqa`: accuracy over all gold positions, how the model answers, and the verdict,
+from results made here with known answers."""
+
+from __future__ import annotations
+
+from llmft.repro_mdqa import behaviour, comparison_table, overall, verdict
+
+
+def _run(answers: dict[tuple[int, int], list[tuple[str, bool, bool]]]) -> dict:
+    """Results shaped as run_mdqa's: {(k, gold): [(output, correct, in_context)]}."""
+    cells, outputs = {}, []
+    for (k, i), rows in answers.items():
+        correct = sum(c for _, c, _ in rows)
+        cells.setdefault(k, {})[i] = {"accuracy": correct / len(rows), "correct": correct, "n": len(rows),
+                                      "too_long": 0}
+        outputs += [{"k": k, "gold": i, "output": o, "correct": c, "in_context": x} for o, c, x in rows]
+    return {"cells": cells, "examples": [], "outputs": outputs}
+
+
+def test_overall_accuracy_counts_questions_not_cells_and_the_verdict_follows_the_numbers():
+    before = _run({(4, 0): [("x", False, False)] * 4, (4, 3): [("x", False, False)] * 2})
+    after = _run({(4, 0): [(" 1234", True, True)] * 3 + [(" 9", False, False)],
+                  (4, 3): [(" 5", False, True), (" 5", False, True)]})
+    assert overall(after) == {4: 3 / 6} and overall(before) == {4: 0.0}  # per question: 3 of 6, not (3/4 + 0) / 2
+    b = behaviour(after)
+    assert b == {"n": 6, "from_a_passage": 5 / 6, "distinct_answers": 3, "most_common_answer": "1234",
+                 "most_common_share": 0.5}
+    results = {"overall": {"before": overall(before), "after": overall(after), "chance": {4: 0.25}},
+               "behaviour": {"before": behaviour(before), "after": b}}
+    assert "| 4 | 0.0% | 50.0% | 25.0% |" in comparison_table(results)
+    assert verdict(results).startswith("**Retrieval gained**") and "k = 4" in verdict(results)
+
+    collapsed = _run({(4, 0): [(" 7", False, False)] * 3 + [(" 1234", True, True)]})
+    results = {"overall": {"before": overall(before), "after": overall(collapsed), "chance": {4: 0.25}},
+               "behaviour": {"before": behaviour(before), "after": behaviour(collapsed)}}
+    text = verdict(results)
+    assert text.startswith("**No retrieval gained**") and "above the start model at k = 4" in text
+    assert "repeats one answer ('7', 75% of answers)" in text and "25.0% of its answers come from a passage" in text
