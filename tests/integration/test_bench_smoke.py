@@ -160,6 +160,22 @@ def test_row_store_bench_measures_both_sides(tmp_path):
     assert "## row_store — " in (tmp_path / "r.md").read_text()
 
 
+def test_prefill_bench_chunked_prompt_memory_stays_below_one_forward(tmp_path):
+    """bench/prefill_memory.py at 1K and 2K prompt tokens: the same greedy tokens both ways (the bench checks), and
+    prefilling 256 tokens at a time grows memory less than one forward over the prompt, by more the longer it is."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "prefill_memory.py"), "--lengths", "1024,2048",
+                          "--chunk", "256", "--new-tokens", "4", "--results", str(tmp_path / "r.md")], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = bench_json(out.stdout)
+    assert [r["length"] for r in runs] == [1024, 2048]
+    for r in runs:
+        assert r["whole"]["tokens"] == r["chunked"]["tokens"] and len(r["whole"]["tokens"]) == 4
+        assert r["chunked"]["growth_mb"] < 0.8 * r["whole"]["growth_mb"]
+    assert runs[1]["whole"]["growth_mb"] > 1.5 * runs[0]["whole"]["growth_mb"]  # one forward grows with the prompt
+    assert "## prefill_memory — " in (tmp_path / "r.md").read_text()
+
+
 def test_data_scale_bench_reports_build_and_rank_memory(tmp_path):
     """bench/data_scale.py at 0.3 M and 0.6 M training tokens: the build meets its shares, reads each source about
     as far as its share needs (the oversized one holds 10x that; at these sizes a document is ~1/10 of a share,
