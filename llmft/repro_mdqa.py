@@ -3,7 +3,7 @@
 Together fine-tuned LLaMA-2-7B-32K on multi-document QA (OpenChatKit's ``finetune_llama-2-7b-32k-mqa.sh``) and
 evaluated it with the "Lost in the Middle" protocol: a question, k retrieved passages, exactly one holding the
 answer at a varied position, accuracy by that position. This driver runs the same application end to end with the
-quickstart's PI-extended tiny model (1024 tokens) and the synthetic stand-in of llmft/testing/applications.py
+quickstart's PI-extended tiny model (1024 tokens) and the synthetic stand-in of llmft/data/synthetic.py
 (the same file layout as the paper's release; each passage states the code of a made-up name, the question asks
 one name's code, so the answer is nowhere but in its passage):
 
@@ -85,7 +85,7 @@ def _start_model(out: Path, model: Path | None, scale: Scale) -> Path:
 def write_data(out: Path, scale: Scale, seed: int) -> tuple[Path, Path]:
     """(evaluation directory, training file): the evaluation in the paper's file naming, the gold passage at every
     position; the training records in the same layout, gold at random positions, other names and codes."""
-    from llmft.testing.applications import mdqa_training_records, write_mdqa
+    from llmft.data.synthetic import mdqa_training_records, write_mdqa
 
     eval_dir, train_file = out / "data" / "eval", out / "data" / "train.jsonl"
     shutil.rmtree(eval_dir, ignore_errors=True)
@@ -299,7 +299,7 @@ Every number below comes from that run (`results.json` next to the run's copy of
 
 **Setup.** The start model is the quickstart's tiny LLaMA, pre-trained at 128 tokens and extended x8 to 1024 with
 linear Position Interpolation (`{Path(r['start_model']).name}` of the quickstart). The task is the synthetic
-stand-in of the "Lost in the Middle" protocol (`llmft/testing/applications.py`, the paper's file layout and
+stand-in of the "Lost in the Middle" protocol (`llmft/data/synthetic.py`, the paper's file layout and
 prompt): k passages, each stating the code of a made-up name, exactly one about the name the question asks. The
 answer is right when the gold code appears in the first line the model writes (greedy, at most {MAX_NEW_TOKENS}
 tokens). {s['eval_examples']} questions per (k, gold position), every position. Fine-tuning: {s['steps']} steps of

@@ -172,7 +172,7 @@ def _tasks(args: argparse.Namespace):
     problems = []
     if "mdqa" in args.task and not args.mdqa_data:
         problems.append("--task mdqa: give --mdqa-data DIR (the nq-open-<k>_total_documents_gold_at_<i>.jsonl.gz "
-                        "files of Lost in the Middle, or the synthetic ones of llmft.testing.applications)")
+                        "files of Lost in the Middle, or the synthetic ones of llmft.data.synthetic)")
     if "summarization" in args.task and not args.summ_data:
         problems.append("--task summarization: give --summ-data FILE.jsonl ({\"chapter\", \"summary_text\"} rows)")
     try:

@@ -5,7 +5,7 @@ exactly one holding the answer, at every gold position; the prompt is the paper'
 the model answers greedily, its answer is the text before the first newline (a base model goes on to write more
 documents), and it is right when a gold answer, normalized as in SQuAD, appears in it. Files:
 ``nq-open-{k}_total_documents_gold_at_{i}.jsonl[.gz]`` (the paper's release, or the synthetic stand-ins of
-llmft/testing/applications.py). The report: accuracy by k and gold position as a table, JSON and a PNG of the
+llmft/data/synthetic.py). The report: accuracy by k and gold position as a table, JSON and a PNG of the
 U-shaped curves.
 
 Summarization: BookSum-style rows ``{"chapter", "summary_text"}`` (or ``text``/``summary``); the model writes a

@@ -16,8 +16,8 @@ from llmft.config.sources import SourceSpec
 from llmft.data.build.tokenizing import encode_documents
 from llmft.data.sources import SourceReport, read_source
 from llmft.data.sources.applications import answer_in, mdqa_prompt, normalize_answer, summary_prompt
+from llmft.data.synthetic import write_mdqa, write_summaries
 from llmft.eval.applications import mdqa_files, run_mdqa, run_summarization
-from llmft.testing.applications import write_mdqa, write_summaries
 
 
 def test_the_answer_metric_is_squad_normalized_containment():

@@ -1,4 +1,4 @@
-"""Synthetic stand-ins for the two applications, in the public formats, for tests and the CPU demonstration.
+"""Synthetic stand-ins for the two applications, in the public formats, for `llmft repro mdqa` and the tests.
 
 - Multi-document QA: each question asks for one made-up fact ("the code of Orlan Vess"); k passages each state
   such a fact about a different name, exactly one (the gold passage, at a chosen position) about the asked name.
