@@ -165,9 +165,7 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, scale.steps // 10))
     rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, scale.steps)
     _log(f"2/3 fine-tuning on {scale.train_examples:,} examples ({scale.steps} steps, answers only, isolated)")
-    if fresh:
-        shutil.rmtree(out / "ft", ignore_errors=True)
-    result = train(rec, resume=True)
+    result = train(rec, resume=True)  # --fresh removed out/ft above
     tuned = out / "ft" / "final"
     timings["fine_tune"] = time.time() - t0
 

@@ -37,11 +37,11 @@ def test_repro_mdqa_fast_measures_before_and_after_and_reports_what_it_measured(
     assert len(losses) == FAST.steps and (out / "ft" / "final" / "config.json").is_file()
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
+    gold = {(k, i): [rec["answers"] for rec in map(json.loads, gzip.open(p, "rt"))] for (k, i), p in files.items()}
     # every reported accuracy recomputed from the answers the run recorded, each re-scored against the files
     for which in ("before", "after"):
         outputs = r[which]["outputs"]
         assert len(outputs) == FAST.eval_examples * sum(FAST.eval_ks)
-        gold = {(k, i): [rec["answers"] for rec in map(json.loads, gzip.open(p, "rt"))] for (k, i), p in files.items()}
         seen: dict = {}
         for o in outputs:
             n = seen.setdefault((o["k"], o["gold"]), 0)
