@@ -144,8 +144,9 @@ def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def generate(model, tokenizer, prompt: str | torch.Tensor, s: Sampling,
-             on_text: Callable[[str], None] | None = None) -> Completion:
+             on_text: Callable[[str], None] | None = None, *, limit_to_context: bool = True) -> Completion:
     """Continue ``prompt`` (text, or (1, n) token ids). ``on_text`` receives the new text as it is decoded.
+    ``limit_to_context=False`` lets prompt and answer run past the model's positions (to measure extrapolation).
 
     Raises:
         GenerationError: the prompt is empty, or fills the model's context.
@@ -154,7 +155,7 @@ def generate(model, tokenizer, prompt: str | torch.Tensor, s: Sampling,
     n = ids.shape[1]
     if n == 0:
         raise GenerationError("the prompt is empty. Fix: give some text")
-    ctx = context_length(model)
+    ctx = context_length(model) if limit_to_context else None
     if ctx is not None and n >= ctx:
         raise GenerationError(f"the prompt is {n:,} tokens and the model's context is {ctx:,}: no room to generate. "
                               f"Fix: shorten the prompt to under {ctx:,} tokens (or use a model extended further)")

@@ -25,7 +25,6 @@ the CI-sized version (``tests/integration/test_repro_mdqa.py``).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from llmft.atomic import save_figure, write_text
 from llmft.config import load_recipe
 from llmft.config.loading import shipped_path
 
@@ -62,12 +62,7 @@ def _log(msg: str) -> None:
     print(f"[llmft] repro mdqa: {msg}", flush=True)
 
 
-def _write(path: Path, text: str) -> None:
-    """Publish ``text`` at ``path`` atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+_write = write_text  # published atomically
 
 
 def _start_model(out: Path, model: Path | None, scale: Scale) -> Path:
@@ -278,10 +273,8 @@ def plot(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -12,14 +12,16 @@ from llmft.config import RecipeError
 
 def register(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate models: PG-19 perplexity per byte by context length, passkey "
-                        "retrieval, HELM core scenarios; compare earlier reports")
+                        "retrieval, RULER, HELM core scenarios; compare earlier reports")
     ev.add_argument("--model", action="append", default=[], metavar="MODEL",
                     help="a checkpoint directory, hub id or llmft adapter directory; repeat to compare models")
     ev.add_argument("--ppl", choices=["pg19"], default=None, help="perplexity per byte (and token perplexity)")
     ev.add_argument("--data", default="deepmind/pg19",
                     help="PG-19 books: a directory of <id>.txt, HF-layout jsonl/parquet, or a datasets id (test "
                     "split); default deepmind/pg19")
-    ev.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="comma-separated context lengths")
+    ev.add_argument("--lengths", default=None,
+                    help="comma-separated context lengths (default: 2048,...,32768; with --ruler RULER's "
+                    "4096,...,131072, lengths beyond the model's positions skipped)")
     ev.add_argument("--mode", choices=["windows", "sliding"], default="windows",
                     help="non-overlapping windows, or sliding windows scoring only the new tokens (PI/YaRN)")
     ev.add_argument("--stride", type=int, default=256, help="sliding-window stride in tokens")
@@ -27,6 +29,22 @@ def register(sub) -> None:
     ev.add_argument("--passkey", action="store_true", help="passkey retrieval over --lengths x --depths")
     ev.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: comma-separated key depths in [0, 1]")
     ev.add_argument("--trials", type=int, default=10, help="passkey: random keys per (length, depth) cell")
+    ev.add_argument("--ruler", nargs="?", const="all", default=None, metavar="TASKS",
+                    help="RULER's 13 synthetic tasks (or a comma-separated subset, e.g. niah_single_1,vt) at "
+                    "--lengths; per-task scores, the average and the effective length (llmft/eval/ruler.py)")
+    ev.add_argument("--samples", type=int, default=100, help="RULER: prompts per task and length (RULER ran 500)")
+    ev.add_argument("--ruler-threshold", type=float, default=85.6,
+                    help="RULER: the average a length must reach to count as effective (Llama-2-7B at 4K: 85.6)")
+    ev.add_argument("--haystack", default=None,
+                    help="RULER: books (.txt/.txt.gz file or directory) for the essay haystack; default the shipped "
+                    "public-domain books")
+    ev.add_argument("--ruler-qa-data", default=None, metavar="DIR",
+                    help="RULER: directory with squad.json (SQuAD v2.0 dev) and hotpotqa.json (HotpotQA dev "
+                    "distractor); without them qa_1/qa_2 are skipped with a note")
+    ev.add_argument("--strict", action="store_true",
+                    help="RULER: a length beyond the model's positions is an error (default: skipped with a warning)")
+    ev.add_argument("--beyond-context", action="store_true",
+                    help="RULER: run lengths beyond the model's positions too (to measure extrapolation)")
     ev.add_argument("--helm", default=None, metavar="SCENARIOS",
                     help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
                     "suite in llmft/eval/helm/core.yaml")
@@ -46,9 +64,11 @@ def register(sub) -> None:
     ev.add_argument("--summ-data", default=None, help="summarization: jsonl of {chapter, summary_text}")
     ev.add_argument("--max-examples", type=int, default=None, help="tasks: at most this many examples per file")
     ev.add_argument("--max-new-tokens", type=int, default=None,
-                    help="tasks: tokens generated per answer (default: mdqa 100, summarization 256)")
+                    help="tasks and RULER: tokens generated per answer (default: mdqa 100, summarization 256; RULER's "
+                    "per task, 30-128)")
     ev.add_argument("--compare", nargs="+", default=None, metavar="REPORT",
-                    help="compare earlier reports (directories holding ppl.json, e.g. RUN/eval); first = baseline")
+                    help="compare earlier reports (directories holding ppl.json and/or ruler.json, e.g. RUN/eval); "
+                    "first = baseline")
     ev.add_argument("--out", default="runs/eval", help="output directory for the reports")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ev.add_argument("--attention", choices=["auto", "flash_attention_2", "sdpa", "eager"], default="auto",
@@ -67,7 +87,11 @@ def register(sub) -> None:
     rp.set_defaults(func=cmd_report)
 
 
-def _lengths(text: str) -> list[int]:
+PPL_LENGTHS = "2048,4096,8192,16384,32768"
+
+
+def _lengths(text: str | None, default: str = PPL_LENGTHS) -> list[int]:
+    text = default if text is None else text
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -75,6 +99,35 @@ def _lengths(text: str) -> list[int]:
     if not lengths or min(lengths) < 2:
         raise RecipeError([f"--lengths: got {text!r}; every length must be at least 2 tokens"])
     return lengths
+
+
+def _ruler(args: argparse.Namespace):
+    """The RULER request, or None.
+
+    Raises:
+        RecipeError: an unknown task, or --samples / --max-new-tokens out of range.
+    """
+    from llmft.eval.ruler import DEFAULT_LENGTHS, TASKS
+    from llmft.eval.run import RulerRequest
+
+    if args.ruler is None:
+        return None
+    names = list(TASKS) if args.ruler == "all" else [t.strip() for t in args.ruler.split(",") if t.strip()]
+    problems = [f"--ruler: unknown task {t!r}; expected 'all' or some of {', '.join(TASKS)}"
+                for t in names if t not in TASKS]
+    if not names:
+        problems.append(f"--ruler: got {args.ruler!r}; expected 'all' or task names, e.g. niah_single_1,vt")
+    if args.samples < 1:
+        problems.append(f"--samples: got {args.samples}; expected at least 1 prompt per task and length")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens: got {args.max_new_tokens}; expected at least 1")
+    if args.haystack is not None and not Path(args.haystack).exists():
+        problems.append(f"--haystack: {args.haystack} does not exist; expected a .txt book or a directory of them")
+    if problems:
+        raise RecipeError(problems)
+    lengths = _lengths(args.lengths, ",".join(str(n) for n in DEFAULT_LENGTHS))
+    return RulerRequest(names, lengths, args.samples, args.seed, args.haystack, args.ruler_qa_data,
+                        args.ruler_threshold, args.strict, args.beyond_context, args.max_new_tokens)
 
 
 def _requests(args: argparse.Namespace):
@@ -126,21 +179,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.compare:
-        from llmft.eval.report import compare_reports
-
-        try:
-            paths = compare_reports([Path(p) for p in args.compare], out)
-        except (FileNotFoundError, ValueError) as e:
-            raise RecipeError([f"--compare: {e}"]) from None
-        print(paths["table"])
-        print(f"[llmft] comparison written to {paths['markdown']} and {paths['plot']}")
-        return 0
-    if args.ppl is None and args.helm is None and not args.passkey and not args.task:
-        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --helm SCENARIOS, --task "
-                           "mdqa|summarization) or --compare REPORT..."])
+        return _compare([Path(p) for p in args.compare], out)
+    if args.ppl is None and args.helm is None and not args.passkey and not args.task and args.ruler is None:
+        raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --ruler, --helm SCENARIOS, "
+                           "--task mdqa|summarization) or --compare REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
     ppl, passkey, helm = _requests(args)
+    ruler = _ruler(args)
     from llmft.data.sources import SourceError
     from llmft.model.load import resolve_attention
 
@@ -149,13 +195,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                            "float16": "fp16"}[args.dtype])
     logging.getLogger("llmft").info("attention: %s (%s)", attention, reason)
     try:
-        results = ev.evaluate(args.model, out, ppl=ppl, passkey=passkey, helm=helm, tasks=_tasks(args),
+        results = ev.evaluate(args.model, out, ppl=ppl, passkey=passkey, helm=helm, tasks=_tasks(args), ruler=ruler,
                               dtype=args.dtype,
                               device=args.device or ev.device_default(), attention=attention,
                               wandb_project=args.wandb_project, wandb_mode=args.wandb_mode)
     except (SourceError, FileNotFoundError, ValueError) as e:  # books or a scenario's file missing: what to fix
         raise RecipeError([f"llmft eval: {e}"]) from None
     _print(results)
+    return 0
+
+
+def _compare(paths: list[Path], out: Path) -> int:
+    """``--compare``: the perplexity reports and the RULER reports that every path holds, side by side.
+
+    Raises:
+        RecipeError: the paths share no report kind, or their reports were measured differently.
+    """
+    from llmft.eval.report import compare_reports, load_report
+    from llmft.eval.ruler import compare_ruler, load_ruler
+
+    done = 0
+    for load, compare, kind in ((load_report, compare_reports, "perplexity"), (load_ruler, compare_ruler, "RULER")):
+        try:
+            for p in paths:
+                load(p)
+        except FileNotFoundError:
+            continue
+        try:
+            written = compare(paths, out)
+        except ValueError as e:
+            raise RecipeError([f"--compare: {e}"]) from None
+        print(written["table"])
+        print(f"[llmft] {kind} comparison written to {written['markdown']} and {written['plot']}")
+        done += 1
+    if not done:
+        raise RecipeError([f"--compare: {', '.join(map(str, paths))}: no ppl.json or ruler.json in every one of "
+                           "them. Fix: run `llmft eval --ppl pg19` or `llmft eval --ruler` with --out there first"])
     return 0
 
 
@@ -198,6 +273,11 @@ def _print(results) -> None:
     for name, (r, paths) in results.passkey.items():
         print(f"# passkey retrieval: {name}\n" + format_passkey_table(r))
         print(f"[llmft] passkey report written to {', '.join(str(p) for p in paths.values())}")
+    for name, (r, paths) in results.ruler.items():
+        from llmft.eval.ruler import ruler_table
+
+        print(f"# RULER: {name}\n" + ruler_table(r))
+        print(f"[llmft] RULER report written to {paths['markdown']}, {paths['json']} and {paths['plot']}")
     for name, (r, (json_path, md_path)) in results.helm.items():
         print(f"# HELM core: {name}\n" + format_helm_table(r))
         print(f"[llmft] HELM report written to {md_path} and {json_path}")

@@ -1,13 +1,77 @@
-"""The schema of a HELM suite file (``llmft/eval/helm/core.yaml``, or a user's): its scenarios, where their data
-is, HELM's adapter settings and each scenario's main metric. ``llmft/eval/helm.py`` loads and runs it."""
+"""The evaluation schemas: the ``eval`` section of a training recipe (perplexity by length, passkey and RULER during
+training), and a HELM suite file (``llmft/eval/helm/core.yaml``, or a user's): its scenarios, where their data is,
+HELM's adapter settings and each scenario's main metric. ``llmft/eval/helm.py`` loads and runs it."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmft.config.loading import Strict
+
+# RULER's 13 tasks, in its order (llmft/eval/ruler_tasks.py defines them)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
+
+
+class PasskeyEval(Strict):
+    """Passkey retrieval during training (llmft/eval/passkey.py): random 5-digit keys hidden in filler text."""
+
+    lengths: list[Annotated[int, Field(gt=16)]] = Field(
+        default_factory=list, description="Prompt lengths in tokens (default: [model.max_seq_len])."
+    )
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0], description="Key positions as fractions of the filler (0 = start)."
+    )
+    trials: int = Field(default=5, ge=1, description="Random keys per (length, depth) cell.")
+
+
+class RulerEval(Strict):
+    """A small RULER subset during training (llmft/eval/ruler.py): synthetic retrieval and tracking tasks."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["niah_single_1", "niah_multikey_2", "niah_multivalue"],
+        description="RULER task names (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, "
+        "cwe, fwe, qa_1, qa_2).",
+    )
+    lengths: list[Annotated[int, Field(gt=16)]] = Field(
+        default_factory=list, description="Total lengths in tokens, prompt and answer (default: [model.max_seq_len])."
+    )
+    samples: int = Field(default=5, ge=1, description="Prompts per task and length.")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens generated per answer (default: RULER's per task, 30-128)."
+    )
+    haystack: str | None = Field(default=None, description="Books for the essay haystack (default: shipped books).")
+    qa_data: str | None = Field(default=None, description="Directory with squad.json / hotpotqa.json (qa_1, qa_2).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in RULER_TASKS]
+        if unknown or not v:
+            raise ValueError(f"unknown RULER task(s) {unknown or v}; expected some of {', '.join(RULER_TASKS)}")
+        return v
+
+
+class EvalConfig(Strict):
+    """Perplexity by context length on held-out text during training (needs data.validation*), and optionally
+    passkey retrieval and a RULER subset."""
+
+    every_steps: int = Field(default=0, ge=0, description="Evaluate every N optimizer steps (0: off).")
+    lengths: list[Annotated[int, Field(gt=1)]] = Field(
+        default_factory=list, description="Context lengths to score (default: [model.max_seq_len])."
+    )
+    max_windows: int = Field(default=8, ge=1, description="At most this many windows per length.")
+    at_end: bool = Field(default=True, description="Also evaluate after the last step (when every_steps > 0).")
+    passkey: PasskeyEval | None = Field(
+        default=None, description="Also run passkey retrieval at each evaluation; logged as eval/passkey@<length>."
+    )
+    ruler: RulerEval | None = Field(
+        default=None, description="Also run RULER tasks at each evaluation; logged as eval/ruler@<length> (the "
+        "average) and eval/ruler/<task>@<length>."
+    )
+
 
 Method = Literal["generation", "multiple_choice_joint", "multiple_choice_separate_original",
                  "multiple_choice_separate_calibrated", "ranking_binary"]

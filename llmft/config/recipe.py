@@ -20,6 +20,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from llmft.config.adapters import LoraConfig, QLoraConfig
+from llmft.config.eval import EvalConfig
 from llmft.config.loading import Strict, hint, load_validated
 from llmft.config.sources import SourceSpec
 
@@ -357,33 +358,6 @@ class WandbConfig(Strict):
 class LoggingConfig(Strict):
     every_steps: int = Field(default=1, ge=1, description="Log metrics every N optimizer steps.")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases.")
-
-
-class PasskeyEval(Strict):
-    """Passkey retrieval during training (llmft/eval/passkey.py): random 5-digit keys hidden in filler text."""
-
-    lengths: list[Annotated[int, Field(gt=16)]] = Field(
-        default_factory=list, description="Prompt lengths in tokens (default: [model.max_seq_len])."
-    )
-    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0], description="Key positions as fractions of the filler (0 = start)."
-    )
-    trials: int = Field(default=5, ge=1, description="Random keys per (length, depth) cell.")
-
-
-class EvalConfig(Strict):
-    """Perplexity by context length on held-out text during training (needs data.validation*), and optionally
-    passkey retrieval."""
-
-    every_steps: int = Field(default=0, ge=0, description="Evaluate every N optimizer steps (0: off).")
-    lengths: list[Annotated[int, Field(gt=1)]] = Field(
-        default_factory=list, description="Context lengths to score (default: [model.max_seq_len])."
-    )
-    max_windows: int = Field(default=8, ge=1, description="At most this many windows per length.")
-    at_end: bool = Field(default=True, description="Also evaluate after the last step (when every_steps > 0).")
-    passkey: PasskeyEval | None = Field(
-        default=None, description="Also run passkey retrieval at each evaluation; logged as eval/passkey@<length>."
-    )
 
 
 # -------------------------------------------------------------------------------------------- recipe

@@ -54,6 +54,22 @@ class PasskeyRequest:
 
 
 @dataclass(frozen=True)
+class RulerRequest:
+    """RULER's synthetic tasks at several lengths (``llmft eval --ruler``)."""
+
+    tasks: list[str]
+    lengths: list[int]
+    samples: int = 100
+    seed: int = 0
+    haystack: str | None = None
+    qa_dir: str | None = None
+    threshold: float = 85.6
+    strict: bool = False
+    beyond_context: bool = False
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class HelmRequest:
     """HELM core scenarios (``llmft eval --helm``)."""
 
@@ -81,6 +97,7 @@ class EvalResults:
     """What :func:`evaluate` measured and wrote: per evaluation, per model, the results and the report paths."""
 
     passkey: dict[str, tuple[dict, dict[str, Path]]] = field(default_factory=dict)  # model: (results, paths)
+    ruler: dict[str, tuple[dict, dict[str, Path]]] = field(default_factory=dict)  # model: (results, paths)
     helm: dict[str, tuple[dict, tuple[Path, Path]]] = field(default_factory=dict)  # model: (results, (json, md))
     ppl: dict | None = None  # {model: {length: result}}
     ppl_paths: dict[str, Path] | None = None
@@ -90,12 +107,14 @@ class EvalResults:
 
 
 def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, passkey: PasskeyRequest | None = None,
-             helm: HelmRequest | None = None, tasks: TaskRequest | None = None, dtype: str = "float32",
+             helm: HelmRequest | None = None, tasks: TaskRequest | None = None, ruler: RulerRequest | None = None,
+             dtype: str = "float32",
              device: str = "cpu", attention: str = "sdpa",
              wandb_project: str | None = None, wandb_mode: str = "offline") -> EvalResults:
     """Load each model once and run every requested evaluation on it; write the reports under ``out``.
 
-    Passkey and HELM reports go to ``out`` for one model and ``out/passkey-<i>``, ``out/helm-<i>`` for several; the
+    Passkey, RULER and HELM reports go to ``out`` for one model and ``out/passkey-<i>``, ``out/ruler-<i>``,
+    ``out/helm-<i>`` for several; the
     perplexity report (ppl.json/md/png) compares all models in ``out``. Books are tokenized again only for a model
     with another tokenizer.
 
@@ -103,7 +122,8 @@ def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, pas
         ModelLoadError: a model cannot be loaded.
         llmft.data.sources.SourceError: the books cannot be read.
         HelmDataError: a HELM scenario's data file is missing.
-        ValueError: an unknown HELM scenario, or a request out of range.
+        ValueError: an unknown HELM scenario, a request out of range, or (strict) a RULER length beyond a model's
+            positions.
     """
     from llmft.eval.passkey import run_passkey, write_passkey_report
 
@@ -115,6 +135,14 @@ def evaluate(models: list[str], out: Path, *, ppl: PplRequest | None = None, pas
             r = run_passkey(model, tokenizer, passkey.lengths, passkey.depths, passkey.trials, passkey.seed, device,
                             model_name=name)
             results.passkey[name] = (r, write_passkey_report(r, out if len(models) == 1 else out / f"passkey-{i}"))
+        if ruler is not None:
+            from llmft.eval.ruler import run_ruler, write_ruler_report
+
+            r = run_ruler(model, tokenizer, ruler.tasks, ruler.lengths, ruler.samples, ruler.seed,
+                          haystack=ruler.haystack, qa_dir=ruler.qa_dir, threshold=ruler.threshold,
+                          strict=ruler.strict, allow_beyond=ruler.beyond_context,
+                          max_new_tokens=ruler.max_new_tokens, model_name=name)
+            results.ruler[name] = (r, write_ruler_report(r, out if len(models) == 1 else out / f"ruler-{i}"))
         if helm is not None:
             from llmft.eval.helm import run_helm, write_helm_report
 

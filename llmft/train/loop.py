@@ -180,6 +180,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
                     if ev.passkey is not None:
                         passkey = _passkey_metrics(engine, tokenizer, ev.passkey, seq_len, recipe.train.seed + done)
                         metrics.log(done, passkey)
+                    if ev.ruler is not None:
+                        metrics.log(done, _ruler_metrics(engine, tokenizer, ev.ruler, seq_len, recipe.train.seed))
                 engine.model.train()
 
             every, minutes = recipe.checkpoint.every_steps, recipe.checkpoint.every_minutes
@@ -330,6 +332,18 @@ def _passkey_metrics(engine, tokenizer, cfg, seq_len: int, seed: int) -> dict[st
             out[f"eval/passkey@{length}"] = sum(c["correct"] for c in cells) / sum(c["trials"] for c in cells)
     for reason in sorted({c["reason"] for c in res["cells"] if c["reason"]}):
         log.warning("eval.passkey: %s", reason)
+    return out
+
+
+def _ruler_metrics(engine, tokenizer, cfg, seq_len: int, seed: int) -> dict[str, float]:
+    """RULER scores per task and length and their average (the same prompts at every evaluation, so the numbers
+    compare across steps; every rank runs them: ZeRO-3 needs all ranks in each forward)."""
+    from llmft.eval.ruler import run_ruler
+
+    res = run_ruler(engine.model, tokenizer, cfg.tasks, cfg.lengths or [seq_len], cfg.samples, seed,
+                    haystack=cfg.haystack, qa_dir=cfg.qa_data, max_new_tokens=cfg.max_new_tokens, progress=False)
+    out = {f"eval/ruler@{n}": v for n, v in res["average"].items() if v is not None}
+    out.update({f"eval/ruler/{t}@{n}": v for t, row in res["scores"].items() for n, v in row.items() if v is not None})
     return out
 
 

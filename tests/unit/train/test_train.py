@@ -354,12 +354,15 @@ def test_a_step_with_only_prompt_tokens_is_a_zero_loss_not_nan(tmp_path, tiny_mo
     assert "has no trained tokens" in caplog.text  # the case this test exists for did occur
 
 
-def test_periodic_eval_logs_perplexity_and_passkey(tmp_path, tiny_model, text_file):
-    """eval: every_steps runs ppl-by-length and, with eval.passkey, passkey retrieval; both land in metrics.jsonl."""
+def test_periodic_eval_logs_perplexity_passkey_and_ruler(tmp_path, tiny_model, text_file):
+    """eval: every_steps runs ppl-by-length and, with eval.passkey / eval.ruler, passkey retrieval and RULER tasks;
+    all land in metrics.jsonl."""
     recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run", train={"max_steps": 4},
                          eval={"every_steps": 2, "lengths": [64, 128], "max_windows": 2,
-                               "passkey": {"lengths": [200], "depths": [0.0, 1.0], "trials": 2}})
-    recipe["model"]["rope"]["factor"] = 8.0  # 32 -> 256 positions: room for the passkey prompt
+                               "passkey": {"lengths": [200], "depths": [0.0, 1.0], "trials": 2},
+                               "ruler": {"tasks": ["niah_single_1", "niah_multikey_2"], "lengths": [512],
+                                         "samples": 2, "max_new_tokens": 4}})
+    recipe["model"]["rope"]["factor"] = 16.0  # 32 -> 512 positions: room for the passkey and RULER prompts
     train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ppl = [r for r in rows if "eval/ppl@128" in r]
@@ -367,3 +370,8 @@ def test_periodic_eval_logs_perplexity_and_passkey(tmp_path, tiny_model, text_fi
     assert [r["step"] for r in ppl] == [2, 4] and [r["step"] for r in passkey] == [2, 4]
     assert all(r["eval/ppl@64"] > 1 for r in ppl)
     assert all(r["eval/passkey@200"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in passkey)  # 4 trials per eval
+    ruler = [r for r in rows if "eval/ruler@512" in r]
+    assert [r["step"] for r in ruler] == [2, 4]
+    for r in ruler:  # the average of the two tasks, each the mean of 2 samples scored 0 or 100
+        tasks = [r["eval/ruler/niah_single_1@512"], r["eval/ruler/niah_multikey_2@512"]]
+        assert all(t in (0.0, 50.0, 100.0) for t in tasks) and r["eval/ruler@512"] == sum(tasks) / 2
