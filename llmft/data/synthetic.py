@@ -1,4 +1,5 @@
-"""Synthetic stand-ins for the two applications, in the public formats, for `llmft repro mdqa` and the tests.
+"""Synthetic data in public formats: stand-ins for the two applications (`llmft repro mdqa`, the tests) and the
+retrieval tasks that teach a small model to look things up in its context (`llmft repro pi`).
 
 - Multi-document QA: each question asks for one made-up fact ("the code of Orlan Vess"); k passages each state
   such a fact about a different name, exactly one (the gold passage, at a chosen position) about the asked name.
@@ -7,6 +8,9 @@
   metric run on both.
 - Summarization: a "chapter" of sentences in which one is marked as the point of it ("In short, ..."); the summary
   is that sentence. Rows ``{"chapter", "summary_text"}`` as in BookSum.
+- Retrieval (:func:`retrieval_records`): prompt/completion pairs of a given token length in three shapes: the
+  passkey prompt of llmft/eval/passkey.py, RULER's single needle in noise (niah_single_1's template), and a list of
+  name: number pairs of which one is asked. The answer is the only trained part.
 """
 
 from __future__ import annotations
@@ -81,4 +85,90 @@ def write_summaries(path: Path, examples: int = 20, sentences: int = 6, seed: in
             body = [rng.choice(_FILLER) for _ in range(sentences)]
             body.insert(rng.randrange(sentences + 1), key)
             f.write(json.dumps({"chapter": " ".join(body), "summary_text": key}) + "\n")
+    return path
+
+
+RETRIEVAL_KINDS = ("passkey", "niah", "kv")
+KV_HEAD = "Remember the number of each name in this list."
+
+
+def _kv_text(rng: random.Random, pairs: int, key) -> tuple[str, str]:
+    names: dict[str, str] = {}
+    while len(names) < pairs:
+        names[key(rng)] = str(rng.randint(10**6, 10**7 - 1))
+    asked = rng.choice(list(names))
+    lines = "\n".join(f"{n}: {v}" for n, v in names.items())
+    return f"{KV_HEAD}\n{lines}\nWhat is the number of {asked}? The number of {asked} is", names[asked]
+
+
+def retrieval_records(tokenizer, count: int, min_len: int, max_len: int, seed: int = 0,
+                      kinds: tuple[str, ...] = RETRIEVAL_KINDS, avoid: frozenset[str] = frozenset()) -> list[dict]:
+    """``count`` retrieval examples ``{"prompt", "completion", "kind", "tokens"}``, kinds in turn, each prompt
+    about a uniform random length in [min_len, max_len] tokens (at most ``max_len`` with the completion, at least
+    the smallest prompt of its kind) with the answer at a uniform random place.
+
+    ``avoid``: answers never used (e.g. the keys an evaluation draws), so nothing is learned by heart.
+
+    Raises:
+        ValueError: an unknown kind, or ``max_len`` too short for the smallest prompt of a kind.
+    """
+    from llmft.eval.passkey import KEY_HIGH, KEY_LOW, _prompt_text, passkey_prompt
+    from llmft.eval.ruler_tasks import TASKS, _gen_niah, _words
+
+    bad = [k for k in kinds if k not in RETRIEVAL_KINDS]
+    if bad:
+        raise ValueError(f"retrieval kinds {bad}; expected some of {RETRIEVAL_KINDS}")
+    rng = random.Random(f"retrieval-{seed}")
+    niah_args = TASKS["niah_single_1"].args
+    count_tokens = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+
+    def niah(n: int, r: random.Random) -> tuple[str, str]:
+        text, (value,) = _gen_niah(niah_args, n, r, [])
+        return text, value
+
+    def kv(n: int, r: random.Random) -> tuple[str, str]:
+        return _kv_text(r, n, _words().key)
+
+    # tokens of the fixed part and per haystack unit, from two sizes (noise lines and pairs cost about the same each)
+    rates = {}
+    for name, make in (("niah", niah), ("kv", kv)):
+        lo, hi = (count_tokens(make(n, random.Random(0))[0]) for n in (2, 12))
+        rates[name] = (lo - 2 * (hi - lo) / 10, (hi - lo) / 10)
+    answer_tokens = {"passkey": 4, "niah": 5, "kv": 5}  # room for " 1234567." beyond the prompt, roughly
+    smallest = {"passkey": count_tokens(_prompt_text(KEY_HIGH, 0, 0.0)[0]),
+                "niah": count_tokens(niah(1, random.Random(0))[0]), "kv": count_tokens(kv(2, random.Random(0))[0])}
+    for kind in kinds:
+        if smallest[kind] + answer_tokens[kind] + 2 > max_len:
+            raise ValueError(f"retrieval {kind}: {max_len} tokens cannot hold the smallest prompt "
+                             f"({smallest[kind]} tokens and the answer)")
+    out = []
+    while len(out) < count:
+        kind = kinds[len(out) % len(kinds)]
+        target = max(rng.randint(min_len, max_len) - answer_tokens[kind] - 2, smallest[kind])
+        if kind == "passkey":
+            key = rng.randint(KEY_LOW, KEY_HIGH)
+            if str(key) in avoid:
+                continue
+            p = passkey_prompt(tokenizer, target, rng.random(), key=key)
+            prompt, answer = p.text, str(key)
+        else:
+            base, per = rates[kind]
+            n = max(int((target - base) / per), 1 if kind == "niah" else 2)
+            prompt, answer = (niah if kind == "niah" else kv)(n, rng)
+            if answer in avoid:
+                continue
+            while n > (1 if kind == "niah" else 2) and count_tokens(prompt) > target:
+                n -= 1
+                prompt, answer = (niah if kind == "niah" else kv)(n, rng)
+        tokens = count_tokens(prompt)
+        out.append({"prompt": prompt, "completion": f" {answer}.", "kind": kind, "tokens": tokens})
+    return out
+
+
+def write_retrieval(path: Path, records: list[dict]) -> Path:
+    """Records as prompt/completion jsonl (the ``prompt_completion`` source format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
     return path
