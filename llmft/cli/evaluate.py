@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from llmft.config import RecipeError
+from llmft.config.eval import RULER_THRESHOLD
 
 
 def register(sub) -> None:
@@ -33,8 +34,9 @@ def register(sub) -> None:
                     help="RULER's 13 synthetic tasks (or a comma-separated subset, e.g. niah_single_1,vt) at "
                     "--lengths; per-task scores, the average and the effective length (llmft/eval/ruler.py)")
     ev.add_argument("--samples", type=int, default=100, help="RULER: prompts per task and length (RULER ran 500)")
-    ev.add_argument("--ruler-threshold", type=float, default=85.6,
-                    help="RULER: the average a length must reach to count as effective (Llama-2-7B at 4K: 85.6)")
+    ev.add_argument("--ruler-threshold", type=float, default=RULER_THRESHOLD,
+                    help="RULER: the average a length must reach to count as effective "
+                         "(default: Llama-2-7B's 4K average, %(default)s)")
     ev.add_argument("--haystack", default=None,
                     help="RULER: books (.txt/.txt.gz file or directory) for the essay haystack; default the shipped "
                     "public-domain books")
@@ -45,6 +47,15 @@ def register(sub) -> None:
                     help="RULER: a length beyond the model's positions is an error (default: skipped with a warning)")
     ev.add_argument("--beyond-context", action="store_true",
                     help="RULER: run lengths beyond the model's positions too (to measure extrapolation)")
+    ev.add_argument("--drift", default=None, metavar="BASE",
+                    help="what each --model / --stack changed beyond its task: KL(BASE || model) of next-token "
+                    "distributions and the perplexity change on held-out text (llmft/eval/drift.py)")
+    ev.add_argument("--stack", action="append", default=[], metavar="A:W,B:W",
+                    help="drift: a weighted stack of adapters, e.g. runs/a/final:0.7,runs/b/final:0.3; repeatable")
+    ev.add_argument("--drift-data", action="append", default=None, metavar="TEXT",
+                    help="drift: a .txt/.txt.gz whose last 10%% is scored; repeatable (default: the shipped books)")
+    ev.add_argument("--drift-length", type=int, default=512, help="drift: window length in tokens")
+    ev.add_argument("--drift-windows", type=int, default=16, help="drift: at most this many windows per text")
     ev.add_argument("--helm", default=None, metavar="SCENARIOS",
                     help="HELM v1.0 core scenarios, comma-separated (e.g. boolq,mmlu,narrative_qa) or 'all'; "
                     "suite in llmft/eval/helm/core.yaml")
@@ -180,9 +191,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.compare:
         return _compare([Path(p) for p in args.compare], out)
+    if args.drift is not None:
+        return _drift(args, out)
     if args.ppl is None and args.helm is None and not args.passkey and not args.task and args.ruler is None:
         raise RecipeError(["llmft eval: choose an evaluation (--ppl pg19, --passkey, --ruler, --helm SCENARIOS, "
-                           "--task mdqa|summarization) or --compare REPORT..."])
+                           "--task mdqa|summarization, --drift BASE) or --compare REPORT..."])
     if not args.model:
         raise RecipeError(["llmft eval: give at least one --model (a checkpoint directory, hub id or adapter)"])
     ppl, passkey, helm = _requests(args)
@@ -202,6 +215,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (SourceError, FileNotFoundError, ValueError) as e:  # books or a scenario's file missing: what to fix
         raise RecipeError([f"llmft eval: {e}"]) from None
     _print(results)
+    return 0
+
+
+def _drift(args: argparse.Namespace, out: Path) -> int:
+    """``--drift BASE``: every --model and --stack against BASE on held-out text.
+
+    Raises:
+        RecipeError: nothing to compare, an option out of range, a malformed stack, a missing text or model.
+    """
+    from llmft.eval.drift import drift_table, run_drift, write_drift_report
+    from llmft.model.load import ModelLoadError
+
+    problems = []
+    if not args.model and not args.stack:
+        problems.append("--drift: give the fine-tuned models or adapters to compare (--model, repeatable) or "
+                        "--stack A:W,B:W")
+    for flag, value in (("--drift-length", args.drift_length), ("--drift-windows", args.drift_windows)):
+        if value < 2:
+            problems.append(f"{flag}: got {value}; expected at least 2")
+    if problems:
+        raise RecipeError(problems)
+    from llmft.eval.run import device_default
+
+    device = args.device or device_default()
+    try:
+        r = run_drift(args.drift, args.model, args.stack, args.drift_data, args.drift_length, args.drift_windows,
+                      args.dtype, device)
+    except (ModelLoadError, FileNotFoundError, ValueError) as e:
+        raise RecipeError([f"llmft eval --drift: {e}"]) from None
+    paths = write_drift_report(r, out)
+    print(f"# drift from {args.drift}\n" + drift_table(r))
+    print(f"[llmft] drift report written to {paths['markdown']}, {paths['json']} and {paths['plot']}")
     return 0
 
 

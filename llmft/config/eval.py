@@ -13,6 +13,7 @@ from llmft.config.loading import Strict
 # RULER's 13 tasks, in its order (llmft/eval/ruler_tasks.py defines them)
 RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
                "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2")
+RULER_THRESHOLD = 85.6  # Llama-2-7B's 4K average in RULER's table: the bar for "effective" lengths
 
 
 class PasskeyEval(Strict):

@@ -112,8 +112,8 @@ def retrieval_records(tokenizer, count: int, min_len: int, max_len: int, seed: i
     Raises:
         ValueError: an unknown kind, or ``max_len`` too short for the smallest prompt of a kind.
     """
-    from llmft.eval.passkey import KEY_HIGH, KEY_LOW, _prompt_text, passkey_prompt
-    from llmft.eval.ruler_tasks import TASKS, _gen_niah, _words
+    from llmft.eval.passkey import KEY_HIGH, KEY_LOW, passkey_prompt, prompt_text
+    from llmft.eval.ruler_tasks import TASKS, gen_niah, haystack_words
 
     bad = [k for k in kinds if k not in RETRIEVAL_KINDS]
     if bad:
@@ -123,11 +123,11 @@ def retrieval_records(tokenizer, count: int, min_len: int, max_len: int, seed: i
     count_tokens = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
 
     def niah(n: int, r: random.Random) -> tuple[str, str]:
-        text, (value,) = _gen_niah(niah_args, n, r, [])
+        text, (value,) = gen_niah(niah_args, n, r, [])
         return text, value
 
     def kv(n: int, r: random.Random) -> tuple[str, str]:
-        return _kv_text(r, n, _words().key)
+        return _kv_text(r, n, haystack_words().key)
 
     # tokens of the fixed part and per haystack unit, from two sizes (noise lines and pairs cost about the same each)
     rates = {}
@@ -135,7 +135,7 @@ def retrieval_records(tokenizer, count: int, min_len: int, max_len: int, seed: i
         lo, hi = (count_tokens(make(n, random.Random(0))[0]) for n in (2, 12))
         rates[name] = (lo - 2 * (hi - lo) / 10, (hi - lo) / 10)
     answer_tokens = {"passkey": 4, "niah": 5, "kv": 5}  # room for " 1234567." beyond the prompt, roughly
-    smallest = {"passkey": count_tokens(_prompt_text(KEY_HIGH, 0, 0.0)[0]),
+    smallest = {"passkey": count_tokens(prompt_text(KEY_HIGH, 0, 0.0)[0]),
                 "niah": count_tokens(niah(1, random.Random(0))[0]), "kv": count_tokens(kv(2, random.Random(0))[0])}
     for kind in kinds:
         if smallest[kind] + answer_tokens[kind] + 2 > max_len:

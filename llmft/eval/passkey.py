@@ -81,7 +81,9 @@ def _filler(start: int, count: int) -> str:
     return " ".join(FILLER[i % len(FILLER)] for i in range(start, start + count))
 
 
-def _prompt_text(key: int, n: int, depth: float) -> tuple[str, int]:
+def prompt_text(key: int, n: int, depth: float) -> tuple[str, int]:
+    """The passkey prompt with ``n`` filler lines, the key line after ``round(depth * n)`` of them; returns
+    (text, filler lines before the key)."""
     k = round(depth * n)
     parts = [TASK, _filler(0, k), KEY_LINE.format(key=key), _filler(k, n - k), QUESTION]
     return "\n".join(p for p in parts if p), k
@@ -110,7 +112,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int | None = None,
         key = int((rng if rng is not None else np.random.default_rng()).integers(KEY_LOW, KEY_HIGH + 1))
 
     def count(n: int) -> int:
-        return len(tokenizer(_prompt_text(key, n, depth)[0]).input_ids)
+        return len(tokenizer(prompt_text(key, n, depth)[0]).input_ids)
 
     base = count(0)
     if base > length:
@@ -146,7 +148,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int | None = None,
             lo = mid
         else:
             hi = mid
-    text, k = _prompt_text(key, lo, depth)
+    text, k = prompt_text(key, lo, depth)
     enc = tokenizer(text)
     key_index = None
     if getattr(enc, "is_fast", False):

@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from llmft.atomic import save_figure, write_text
+from llmft.config.eval import RULER_THRESHOLD
 from llmft.eval.ruler_tasks import (
     ASSETS,
     QA_FILES,
@@ -77,7 +78,7 @@ __all__ = ["ASSETS", "DEFAULT_LENGTHS", "QA_FILES", "TASKS", "TEMPLATES", "THRES
 
 log = logging.getLogger(__name__)
 
-THRESHOLD = 85.6  # Llama-2-7B's 4K average in RULER's table: the bar for "effective" lengths
+THRESHOLD = RULER_THRESHOLD
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llmft.config.eval import RULER_TASKS
+from llmft.config.loading import shipped_path
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ DEPTHS = [int(d) for d in np.round(np.linspace(0, 100, num=40, endpoint=True))] 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 DOCUMENT_PROMPT = "Document {i}:\n{document}"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = shipped_path("llmft/assets")
 QA_FILES = {"squad": ("squad.json", "dev-v2.0.json"), "hotpotqa": ("hotpotqa.json", "hotpot_dev_distractor_v1.json")}
 
 # RULER's templates (scripts/data/synthetic/constants.py): (template, answer prefix, tokens to generate)
@@ -139,7 +140,8 @@ class Words:
 _WORDS: Words | None = None
 
 
-def _words() -> Words:
+def haystack_words() -> Words:
+    """The word lists RULER draws needle keys from (loaded once; wonderwords' nouns and adjectives)."""
     global _WORDS
     if _WORDS is None:
         _WORDS = Words()
@@ -184,7 +186,7 @@ def _uuid(rng: random.Random) -> str:
 
 
 def _random(kind: str, rng: random.Random) -> str:
-    return {"numbers": _number, "words": lambda r: _words().key(r), "uuids": _uuid}[kind](rng)
+    return {"numbers": _number, "words": lambda r: haystack_words().key(r), "uuids": _uuid}[kind](rng)
 
 
 # ------------------------------------------------------------------------------------------------ generators
@@ -204,7 +206,9 @@ def _insert_at_depths(words: list[str], n: int, items: list[str], rng: random.Ra
     return " ".join(parts)
 
 
-def _gen_niah(a: dict, n: int, rng: random.Random, words: list[str]) -> tuple[str, list[str]]:
+def gen_niah(a: dict, n: int, rng: random.Random, words: list[str]) -> tuple[str, list[str]]:
+    """One needle-in-a-haystack prompt of the task with arguments ``a`` (``TASKS[name].args``) and haystack size
+    ``n`` (noise lines, essay words or needle lines, by ``a["type_haystack"]``); returns (prompt, answers)."""
     nk = max(a["num_needle_k"], a["num_needle_q"])
     tv = a["type_needle_v"]
     keys, values, needles = [], [], []
@@ -269,7 +273,7 @@ def _randomize_icl(example: str, hops: int, rng: random.Random) -> str:
 
 
 def _cwe_example(n: int, common: int, uncommon: int, num_cw: int, rng: random.Random) -> tuple[str, list[str]]:
-    words = _words()
+    words = haystack_words()
     if n <= len(words.cwe):
         pool = rng.sample(words.cwe, n)
     else:  # RULER: english_words.json; here distinct adjective-noun pairs
@@ -444,7 +448,7 @@ class Generator:
         a = task.args
         if task.kind == "niah":
             words = self.essay if a["type_haystack"] == "essay" else []
-            return lambda n: _gen_niah(a, n, random.Random(_seed(seed, name, length, index)), words)
+            return lambda n: gen_niah(a, n, random.Random(_seed(seed, name, length, index)), words)
         if task.kind == "variable_tracking":
             example = self._vt_icl(a, 500 if budget >= 2000 else None, seed, name, length)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from llmft.config.eval import RULER_THRESHOLD
 from llmft.model.load import load_trained
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class RulerRequest:
     seed: int = 0
     haystack: str | None = None
     qa_dir: str | None = None
-    threshold: float = 85.6
+    threshold: float = RULER_THRESHOLD
     strict: bool = False
     beyond_context: bool = False
     max_new_tokens: int | None = None

@@ -283,30 +283,11 @@ def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: P
         ModelLoadError: an adapter directory is incomplete or not a plain LoRA adapter, the stacked adapters'
             RoPE parameters or max lengths differ, every weight is 0, or the base cannot be loaded.
     """
-    dirs, weights = [Path(d) for d, _ in adapters], [float(w) for _, w in adapters]
-    if not dirs:
-        raise ModelLoadError("no adapter to merge")
-    for adapter_dir in dirs:
-        for name in ("adapter_config.json", "config.json"):
-            if not (adapter_dir / name).is_file():
-                raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora "
-                                     "or qlora (checkpoints/step-N/model or final)")
-    if all(w == 0 for w in weights):
+    if adapters and all(float(w) == 0 for _, w in adapters):
         raise ModelLoadError("every adapter weight is 0: the merge would be the base unchanged; give at least one "
                              "adapter a non-zero weight (PATH:WEIGHT)")
-    config = unquantized_base_config(dirs)  # always merge into the unquantized base
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
-    if len(dirs) == 1 and weights[0] == 1.0:
-        try:
-            model = peft.PeftModel.from_pretrained(model, dirs[0]).merge_and_unload()
-        except (OSError, ValueError, RuntimeError) as e:
-            why = str(e).splitlines()[0]
-            raise ModelLoadError(f"cannot apply adapter {str(dirs[0])!r} to {base!r}: {why}") from None
-    else:
-        model = _stack_adapters(model, base, dirs, weights)
+    model = merged_model(base, adapters)
+    dirs = [Path(d) for d, _ in adapters]
     model.config.dtype = dtype
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
@@ -317,6 +298,40 @@ def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def merged_model(base: str, adapters: Sequence[tuple[Path, float]]) -> PreTrainedModel:
+    """The model :func:`merge_adapters` writes, in memory and in fp32: the base with the adapters' RoPE-scaled
+    config and ``W0 + sum_i w_i delta_i``. Every weight 0 gives the base itself (with that config).
+
+    Raises:
+        ModelLoadError: an adapter directory is incomplete or not a plain LoRA adapter, the stacked adapters'
+            RoPE parameters or max lengths differ, or the base cannot be loaded.
+    """
+    dirs, weights = [Path(d) for d, _ in adapters], [float(w) for _, w in adapters]
+    if not dirs:
+        raise ModelLoadError("no adapter to merge")
+    for adapter_dir in dirs:
+        for name in ("adapter_config.json", "config.json"):
+            if not (adapter_dir / name).is_file():
+                raise ModelLoadError(f"{adapter_dir} has no {name}; pass a directory written by llmft method: lora "
+                                     "or qlora (checkpoints/step-N/model or final)")
+    config = unquantized_base_config(dirs)  # always merge into the unquantized base
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load base model {base!r}: {str(e).splitlines()[0]}") from None
+    if all(w == 0 for w in weights):
+        return model.eval()
+    if len(dirs) == 1 and weights[0] == 1.0:
+        try:
+            model = peft.PeftModel.from_pretrained(model, dirs[0]).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0]
+            raise ModelLoadError(f"cannot apply adapter {str(dirs[0])!r} to {base!r}: {why}") from None
+    else:
+        model = _stack_adapters(model, base, dirs, weights)
+    return model.eval()
 
 
 def _shared_config(dirs: list[Path]) -> PretrainedConfig:
