@@ -19,7 +19,6 @@ Shapes: ``s`` window length, ``v`` vocabulary.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -100,17 +99,19 @@ def variants(models: list[str], stacks: list[str]) -> list[Variant]:
 
 
 def read_text(path: str | Path) -> str:
-    """A text file (``.txt``, ``.txt.gz``).
+    """A text file (``.txt``, ``.txt.gz``, ``.txt.zst``), read as the data pipeline reads a ``text`` source.
 
     Raises:
         FileNotFoundError: it does not exist.
     """
+    from llmft.config.sources import SourceSpec
+    from llmft.data.sources import read_source
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--drift-data {path}: no such file (give a .txt or .txt.gz)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return f.read()
+    (doc,) = read_source(SourceSpec(format="text", path=path), on_error="stop")
+    return doc.text
 
 
 def held_out_windows(tokenizer, text: str, length: int, max_windows: int) -> torch.Tensor:
