@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ def one_step(seq_len: int, chunk: int) -> dict:
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
+    from llmft.testing.memory import reset_peak, vm_bytes
     from llmft.testing.tiny import tiny_llama_config
     from llmft.train.loss import causal_lm_loss
 
@@ -38,13 +38,13 @@ def one_step(seq_len: int, chunk: int) -> dict:
     model.config._attn_implementation = "sdpa"
     ids = torch.randint(0, 32000, (1, seq_len))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak()
     t0 = time.perf_counter()
     loss = causal_lm_loss(model, batch, seq_len - 1, chunk)
     loss.backward()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"loss": float(loss), "peak_mb": peak / 1024, "step_mb": (peak - before) / 1024, "seconds": seconds}
+    peak = vm_bytes("VmHWM")
+    return {"loss": float(loss), "peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20, "seconds": seconds}
 
 
 def main() -> None:

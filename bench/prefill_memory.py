@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ def one_run(length: int, chunk: int, new_tokens: int) -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from llmft.generate import Sampling, generate
+    from llmft.testing.memory import reset_peak, vm_bytes
     from llmft.testing.tiny import tiny_llama_config
 
     torch.manual_seed(0)
@@ -43,13 +43,13 @@ def one_run(length: int, chunk: int, new_tokens: int) -> dict:
     model = LlamaForCausalLM(config).eval()
     model.config._attn_implementation = "sdpa"
     ids = torch.randint(5, len(tok), (1, length))  # (1, L)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak()
     t0 = time.perf_counter()
     out = generate(model, tok, ids, Sampling(max_new_tokens=new_tokens, prefill_chunk=chunk))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"tokens": out.token_ids, "peak_mb": peak / 1024,
-            "growth_mb": (peak - before) / 1024, "seconds": seconds}
+    peak = vm_bytes("VmHWM")
+    return {"tokens": out.token_ids, "peak_mb": peak / 2**20,
+            "growth_mb": (peak - before) / 2**20, "seconds": seconds}
 
 
 def main() -> None:
@@ -82,7 +82,8 @@ def main() -> None:
         f"Command: `python bench/prefill_memory.py --lengths {args.lengths} --chunk {args.chunk} --new-tokens "
         f"{args.new_tokens}`; machine: {platform.machine()}, CPU. LLaMA 4 layers, hidden 512, MLP 1376, vocab 2048, "
         "fp32, SDPA, random init; `llmft.generate.generate` greedy, each run in a fresh process; the same tokens "
-        "in both modes (checked). Growth = peak RSS during generation minus before it (model and prompt built).",
+        "in both modes (checked). Growth = peak RSS during generation (VmHWM) minus the RSS before it, with the model "
+        "and prompt built, freed heap returned to the OS and the high-water mark reset (`reset_peak`).",
         "",
         "| prompt tokens | whole prompt: growth (MB) | chunked: growth (MB) | ratio | whole: s | chunked: s |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -31,14 +31,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from common import RESULTS, machine, run_child, write_section  # noqa: E402
 
+from llmft.testing.memory import vm_bytes  # noqa: E402
+
 ROWS_PER_CHUNK = 256
-
-
-def _vm(key: str) -> int:
-    """A byte count from /proc/self/status (VmRSS, VmHWM) or a counter from /proc/self/io (rchar)."""
-    file = "io" if key == "rchar" else "status"
-    line = next(x for x in Path(f"/proc/self/{file}").read_text().splitlines() if x.startswith(key + ":"))
-    return int(line.split()[1]) * (1 if key == "rchar" else 1024)
 
 
 def write_synthetic(out: Path, tokens: int, seq_len: int, seed: int = 0) -> dict:
@@ -73,23 +68,23 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)  # a rank per core, as on a node with a core (or more) per rank
     torch.zeros(1)
-    base, read0 = _vm("VmRSS"), _vm("rchar")
+    base, read0 = vm_bytes("VmRSS"), vm_bytes("rchar")
     t0 = time.perf_counter()
     store = RowStore(Path(args.store))
     rows = store.materialize()[0] if args.in_memory else store
     load_s = time.perf_counter() - t0
     loader = PackedLoader(rows, 1, seed=0, rank=args.rank, world_size=args.world)
-    peak = _vm("VmRSS")
+    peak = vm_bytes("VmRSS")
     t0 = time.perf_counter()
     for k in range(loader.batches_per_epoch):
         batch = loader.next_batch()
         assert batch["input_ids"].shape[0] == 1
         if k % 64 == 0:
-            peak = max(peak, _vm("VmRSS"))
+            peak = max(peak, vm_bytes("VmRSS"))
     serve_s = time.perf_counter() - t0
-    peak = max(peak, _vm("VmRSS"))
-    print(json.dumps({"data_rss": peak - base, "base_rss": base, "hwm_over_base": _vm("VmHWM") - base,
-                      "read_bytes": _vm("rchar") - read0, "batches": loader.batches_per_epoch,
+    peak = max(peak, vm_bytes("VmRSS"))
+    print(json.dumps({"data_rss": peak - base, "base_rss": base, "hwm_over_base": vm_bytes("VmHWM") - base,
+                      "read_bytes": vm_bytes("rchar") - read0, "batches": loader.batches_per_epoch,
                       "us_per_batch": 1e6 * serve_s / loader.batches_per_epoch, "load_s": load_s}))
 
 

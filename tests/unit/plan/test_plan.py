@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,11 +29,6 @@ CONFIGS = {
 }
 
 
-def _rss(key: str) -> int:
-    """VmRSS / VmHWM of this process, in bytes."""
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def measure_training_peak(recipe_path: str, steps: int = 2) -> dict:
     """Runs in a fresh process: the peak resident memory of building the recipe's model and running ``steps``
     optimizer steps through the real training path (build_model, apply_lora, PlainEngine forward / backward /
@@ -44,21 +37,16 @@ def measure_training_peak(recipe_path: str, steps: int = 2) -> dict:
     Two steps, because the first creates AdamW's states only in its update: the second is the steady state that
     the estimate describes.
     """
-    import ctypes
-    import gc
-
     import peft  # noqa: F401  (imported before the baseline: part of the framework overhead)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     from llmft.model.adapters import apply_lora
     from llmft.model.load import build_model
+    from llmft.testing.memory import reset_peak, vm_bytes
     from llmft.train.engine import PlainEngine
 
     recipe = load_recipe(recipe_path)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    base = reset_peak()  # VmHWM := VmRSS, freed heap returned first
     built = build_model(recipe.model, seed=0, dtype=torch.float32)
     model = apply_lora(built.model, recipe.lora) if recipe.method == "lora" else built.model
     engine = PlainEngine(model, recipe, steps, torch.device("cpu"), built.attention, isolate=False)
@@ -72,7 +60,7 @@ def measure_training_peak(recipe_path: str, steps: int = 2) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
-    return {"base": base, "peak": _rss("VmHWM"), "losses": losses, "seconds": time.perf_counter() - t0}
+    return {"base": base, "peak": vm_bytes("VmHWM"), "losses": losses, "seconds": time.perf_counter() - t0}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -37,23 +36,16 @@ CONFIGS = {
 DOCS_PER_ROW = 5  # isolated rows: documents of unequal length, one boundary inside each rank's slice
 
 
-def _rss(key: str) -> int:
-    """VmRSS / VmHWM of this process, in bytes."""
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def measure_rank_peak(recipe_path: str, steps: int = 2) -> dict:
     """One rank, under the deepspeed launcher: the peak resident memory of building the recipe's model and running
     ``steps`` optimizer steps through llmft's training path (``llmft.train.loop``'s process, model and engine setup,
     then the engine's forward / backward / step on one micro-batch of whole rows, which the engine shards), over
     the resident memory just before the model is built (imports and the process group are framework overhead).
     """
-    import ctypes
-    import gc
-
     import deepspeed  # noqa: F401  (imported before the baseline: part of the framework overhead)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    from llmft.testing.memory import reset_peak, vm_bytes
     from llmft.train import loop
     from llmft.train.engine import deepspeed_config
 
@@ -69,10 +61,7 @@ def measure_rank_peak(recipe_path: str, steps: int = 2) -> dict:
     else:
         pos = torch.arange(s)
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": pos.expand(b, s).contiguous()}
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    base = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    base = reset_peak()  # VmHWM := VmRSS, freed heap returned first
     built, model, _, sp = loop._setup_model(recipe, ds_config)
     engine = loop._setup_engine(recipe, model, built, steps, ds_config, isolated, sp)
     engine.model.train()
@@ -83,7 +72,7 @@ def measure_rank_peak(recipe_path: str, steps: int = 2) -> dict:
         engine.step()
         losses.append(float(loss))
     engine.close()
-    return {"rank": procs.rank, "base": base, "peak": _rss("VmHWM"), "losses": losses,
+    return {"rank": procs.rank, "base": base, "peak": vm_bytes("VmHWM"), "losses": losses,
             "seconds": time.perf_counter() - t0}
 
 
