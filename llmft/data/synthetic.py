@@ -10,7 +10,12 @@ retrieval tasks that teach a small model to look things up in its context (`llmf
   is that sentence. Rows ``{"chapter", "summary_text"}`` as in BookSum.
 - Retrieval (:func:`retrieval_records`): prompt/completion pairs of a given token length in three shapes: the
   passkey prompt of llmft/eval/passkey.py, RULER's single needle in noise (niah_single_1's template), and a list of
-  name: number pairs of which one is asked. The answer is the only trained part.
+  name: number pairs of which one is asked. Trained either on the answer only (``prompt_completion``) or, for
+  pre-training, as whole documents (:func:`write_retrieval` with ``whole=True``): a model trained only on answers
+  of prompts it cannot yet read learns the answers' format, not the lookup.
+- Copying (:func:`copy_records`): a segment of random words and numbers repeated, optionally with book text between
+  the repeats. Predicting the second copy needs attention to the first one (an induction head); a small model that
+  never sees such text does not learn to look back, and then no retrieval task can be learned on top.
 """
 
 from __future__ import annotations
@@ -165,10 +170,76 @@ def retrieval_records(tokenizer, count: int, min_len: int, max_len: int, seed: i
     return out
 
 
-def write_retrieval(path: Path, records: list[dict]) -> Path:
-    """Records as prompt/completion jsonl (the ``prompt_completion`` source format)."""
+def write_retrieval(path: Path, records: list[dict], whole: bool = False) -> Path:
+    """Records as prompt/completion jsonl (the ``prompt_completion`` source format), or with ``whole`` as
+    ``{"text": prompt + completion}`` documents (the ``jsonl`` format: every token trained)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
+            row = {"text": r["prompt"] + r["completion"]} if whole else {"prompt": r["prompt"],
+                                                                         "completion": r["completion"]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def vocabulary_words(tokenizer, min_chars: int = 3) -> list[str]:
+    """The whole words of ``tokenizer``'s vocabulary that are one token with their leading space (BPE's ``Ġ``,
+    SentencePiece's ``▁``) and at least ``min_chars`` letters, sorted: copy segments made of them cost one token an
+    item, so a segment's length in tokens is known.
+
+    Raises:
+        ValueError: the vocabulary has fewer than 50 such words.
+    """
+    words = sorted({t[1:] for t in tokenizer.get_vocab() if t[:1] in ("Ġ", "▁") and t[1:].isalpha()
+                    and t[1:].isascii() and len(t) > min_chars})
+    if len(words) < 50:
+        raise ValueError(f"the tokenizer's vocabulary has {len(words)} single-token words of {min_chars}+ letters; "
+                         "copy segments need at least 50")
+    return words
+
+
+def _number(rng: random.Random) -> str:
+    digits = rng.randint(3, 7)
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def copy_records(words: list[str], count: int, seed: int = 0, items: tuple[int, int] = (4, 12), repeats: int = 4,
+                 number_share: float = 0.4, gap: list[str] | None = None,
+                 gap_words: tuple[int, int] = (0, 600)) -> list[dict]:
+    """``count`` documents ``{"text"}`` teaching a model to copy what came before: a segment of ``items`` random
+    items (words from ``words``, or with probability ``number_share`` a 3 to 7 digit number) repeated ``repeats``
+    times, one copy a line.
+
+    With ``gap`` (words of a book), a long-range copy: the segment, then a random run of ``gap_words`` consecutive
+    book words, then the segment ``repeats - 1`` more times; the second copy must be found far back.
+
+    Raises:
+        ValueError: ``repeats`` < 2, an empty or inverted range, or ``gap`` shorter than ``gap_words``' maximum.
+    """
+    if repeats < 2 or not 1 <= items[0] <= items[1] or not 0 <= gap_words[0] <= gap_words[1]:
+        raise ValueError(f"copy_records: repeats {repeats} (>= 2), items {items} and gap_words {gap_words} "
+                         "(1 <= low <= high) are required")
+    if gap is not None and len(gap) <= gap_words[1]:
+        raise ValueError(f"copy_records: the gap text has {len(gap)} words, fewer than gap_words' {gap_words[1]}")
+    rng = random.Random(f"copy-{seed}")
+    out = []
+    for _ in range(count):
+        segment = " ".join(_number(rng) if rng.random() < number_share else rng.choice(words)
+                           for _ in range(rng.randint(*items)))
+        if gap is None:
+            out.append({"text": "\n".join([segment] * repeats)})
+            continue
+        n = rng.randint(*gap_words)
+        start = rng.randrange(len(gap) - n + 1)
+        middle = " ".join(gap[start : start + n])
+        out.append({"text": "\n".join([segment, middle, *[segment] * (repeats - 1)])})
+    return out
+
+
+def write_texts(path: Path, records: list[dict]) -> Path:
+    """``{"text"}`` records as jsonl (the ``jsonl`` source format)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"text": r["text"]}) + "\n")
     return path

@@ -1,15 +1,18 @@
 """Synthetic retrieval examples (llmft/data/synthetic.py): each prompt states its answer exactly once where the
 question points (read back from the prompt text), lengths fall in the range asked, the kinds take turns, the
-answers avoid the keys given, and the examples are seeded."""
+answers avoid the keys given, and the examples are seeded. Copy documents repeat one segment of single-token words
+and numbers; long-range copies put a run of book words between the first two copies."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from transformers import AutoTokenizer
 
-from llmft.data.synthetic import KV_HEAD, retrieval_records
+from llmft.config.sources import SourceSpec
+from llmft.data.synthetic import KV_HEAD, copy_records, retrieval_records, vocabulary_words, write_retrieval
 from llmft.eval.passkey import QUESTION, TASK
 from llmft.eval.ruler_tasks import ASSETS
 
@@ -61,3 +64,56 @@ def test_answers_avoid_the_given_keys_and_examples_are_seeded(tok):
     assert retrieval_records(tok, 3, 150, 300, seed=2, kinds=("kv",))[0]["kind"] == "kv"
     with pytest.raises(ValueError, match="retrieval kinds"):
         retrieval_records(tok, 3, 150, 300, kinds=("copy",))
+
+
+def test_whole_text_retrieval_files_hold_prompt_and_answer_as_one_document(tok, tmp_path):
+    from llmft.data.sources import read_source
+
+    records = retrieval_records(tok, 6, 64, 128, seed=3, kinds=("passkey", "kv"))
+    whole = write_retrieval(tmp_path / "w.jsonl", records, whole=True)
+    pairs = write_retrieval(tmp_path / "p.jsonl", records)
+    docs = list(read_source(SourceSpec(format="jsonl", path=whole), on_error="stop"))
+    assert [d.text for d in docs] == [r["prompt"] + r["completion"] for r in records]
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows == [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+
+
+def test_vocabulary_words_are_one_token_each(tok):
+    words = vocabulary_words(tok)
+    assert len(words) >= 50 and words == sorted(set(words))
+    assert all(len(tok(" " + w, add_special_tokens=False).input_ids) == 1 for w in words)
+
+
+def test_copy_documents_repeat_one_segment_of_words_and_numbers(tok):
+    words = vocabulary_words(tok)
+    docs = copy_records(words, 300, seed=1, items=(4, 12), repeats=4)
+    numbers = items = 0
+    for d in docs:
+        lines = d["text"].split("\n")
+        assert len(lines) == 4 and len(set(lines)) == 1
+        seg = lines[0].split(" ")
+        assert 4 <= len(seg) <= 12
+        for x in seg:
+            assert x in words or (x.isdigit() and 3 <= len(x) <= 7 and x[0] != "0"), x
+        numbers += sum(x.isdigit() for x in seg)
+        items += len(seg)
+    assert 0.3 < numbers / items < 0.5  # number_share 0.4
+    assert len({d["text"] for d in docs}) == 300
+    assert copy_records(words, 5, seed=1) == docs[:5] and copy_records(words, 5, seed=2) != docs[:5]
+
+
+def test_long_range_copies_put_a_run_of_book_words_between_the_first_two_copies(tok):
+    book = [f"w{i}" for i in range(2000)]  # word i is "w{i}": a run is consecutive numbers
+    docs = copy_records(vocabulary_words(tok), 200, seed=0, repeats=3, gap=book, gap_words=(10, 600))
+    lengths = []
+    for d in docs:
+        first, middle, *rest = d["text"].split("\n")
+        assert rest == [first, first]
+        run = [int(w[1:]) for w in middle.split(" ")]
+        assert run == list(range(run[0], run[0] + len(run))) and 10 <= len(run) <= 600
+        lengths.append(len(run))
+    assert max(lengths) > 500 and min(lengths) < 100
+    with pytest.raises(ValueError, match="fewer than gap_words"):
+        copy_records(["a"], 1, gap=book[:100], gap_words=(0, 600))
+    with pytest.raises(ValueError, match="repeats 1"):
+        copy_records(["a"], 1, repeats=1)
