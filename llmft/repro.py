@@ -9,16 +9,19 @@ trained length and fine-tuning without interpolation extends slowly. This driver
 1. split the books into a PG-19-shaped directory (``OUT/books/train``, ``OUT/books/test``): the bundled two books
    by default (the last 10% of each, cut at a paragraph, held out), or ``--books DIR`` (a PG-19 layout with
    ``train/`` and ``test/`` is used as it is; a flat directory of books is split like the bundled ones);
-2. pre-train the base at C (``recipes/repro/base.yaml``);
-3. fine-tune N steps at 8C with each method: linear PI (``ft_linear``), no interpolation (``ft_none``), YaRN
+2. write the synthetic part of the mix (``OUT/mix``, llmft/data/synthetic.py): retrieval documents (passkeys,
+   name-number lists; RULER's single needle from 2C on) and copy documents, short ones for the base and long-range
+   ones for the fine-tunes; a model that never learned to look back within C has nothing to extend;
+3. pre-train the base at C on books + mix (``recipes/repro/base.yaml``);
+4. fine-tune N steps at 8C with each method: linear PI (``ft_linear``), no interpolation (``ft_none``), YaRN
    (``ft_yarn``), dynamic NTK (``ft_dynamic``); the same N, lr and data for all;
-4. perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C for the base as is, each
-   scaling applied to the base without training, and each fine-tuned model;
-5. passkey retrieval at C..8C for the PI model and for the PI model after a short passkey-aware fine-tune
-   (``ft_passkey``: synthetic passkey prompts of C..8C tokens, keys disjoint from the evaluation keys);
-6. ``OUT/pi_tiny.md`` (the table shaped like the paper's, the paper's three claims checked, the commands, the
-   seed), ``OUT/results.json`` and two PNGs; ``--doc PATH`` writes the same markdown and PNGs there too (text the
-   user appended after the "not regenerated" marker of an existing doc is kept).
+5. for every row (the base as is, each scaling applied to the base without training, each fine-tuned model):
+   perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C, and passkey retrieval at the
+   same lengths;
+6. ``OUT/pi_tiny.md`` (llmft/repro_report.py: the tables shaped like the paper's, its claims and the retrieval
+   goals checked, the commands, the seed), ``OUT/results.json`` and three PNGs; ``--doc PATH`` writes the same
+   markdown and PNGs there too (text the user appended after the "not regenerated" marker of an existing doc is
+   kept).
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
 over). ``--fast`` is a ~2-minute version (the tiny quickstart model, fewer steps, a slice of the held-out text)
@@ -27,7 +30,6 @@ used as the CI integration test.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from llmft.config import RecipeError, RopeConfig, load_recipe
-from llmft.config.loading import shipped_path
+from llmft.config.loading import resolve_shipped, shipped_path
 from llmft.config.sources import SourceSpec
 from llmft.data.sources import read_source
 
@@ -51,22 +53,25 @@ MARKER = "<!-- written by `llmft repro pi` above this line; text below it is kep
 
 @dataclass(frozen=True)
 class Scale:
-    """How big a repro is: steps per phase and how much is evaluated."""
+    """How big a repro is: steps per phase, the synthetic part of the mix, and how much is evaluated."""
 
     base_steps: int
     ft_steps: int
-    passkey_steps: int
-    passkey_examples: int
+    base_retrieval: int  # retrieval documents of 32..C tokens in the base's mix
+    base_copies: int  # copy documents in the base's mix
+    ft_retrieval: int  # retrieval documents of C..8C tokens in the fine-tunes' mix
+    ft_copies: int  # long-range copy documents in the fine-tunes' mix
     eval_tokens_per_book: int | None  # None: the whole held-out text
     passkey_trials: int
     model: str | None = None  # overrides the base recipe's model.name (None: the recipe's)
     ft_lr: float | None = None  # overrides the fine-tune recipes' lr (None: the recipes')
 
 
-FULL = Scale(base_steps=600, ft_steps=100, passkey_steps=80, passkey_examples=1500, eval_tokens_per_book=None,
-             passkey_trials=5)
-FAST = Scale(base_steps=300, ft_steps=60, passkey_steps=6, passkey_examples=60, eval_tokens_per_book=4096,
-             passkey_trials=1, model="llmft/assets/tiny-llama", ft_lr=2e-3)
+FULL = Scale(base_steps=2500, ft_steps=300, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
+             ft_copies=3_000, eval_tokens_per_book=None, passkey_trials=4)
+FAST = Scale(base_steps=300, ft_steps=60, base_retrieval=600, base_copies=500, ft_retrieval=120, ft_copies=120,
+             eval_tokens_per_book=4096, passkey_trials=1, model="llmft/assets/tiny-llama", ft_lr=2e-3)
+GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
 
 # (key, label, fine-tune recipe or None, rope scaling applied to the base for the untrained rows)
 METHODS = (
@@ -132,27 +137,47 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
     return train_dir, test_dir, f"{where}; the last {HELD_OUT:.0%} of each (from a paragraph break) held out"
 
 
-# ---------------------------------------------------------------------------------------------------- passkey data
+# ---------------------------------------------------------------------------------------------------- mix
 
 
-def passkey_training_file(path: Path, tokenizer, count: int, min_len: int, max_len: int, seed: int) -> Path:
-    """``count`` passkey prompt/completion pairs (jsonl) of uniform random length in [min_len, max_len] tokens and
-    uniform depth; the keys avoid every key the evaluation draws (its seed's grid), so no answer is memorized."""
-    from llmft.eval.passkey import KEY_HIGH, KEY_LOW, passkey_prompt
+def eval_keys() -> frozenset[str]:
+    """Every passkey the evaluation can draw (its seed's first 100,000 draws, far more than its grid takes):
+    training passkeys avoid them, so no answer is learned by heart."""
+    from llmft.eval.passkey import KEY_HIGH, KEY_LOW
 
-    taken = set(np.random.default_rng(PASSKEY_EVAL_SEED).integers(KEY_LOW, KEY_HIGH + 1, size=100_000).tolist())
-    rng = np.random.default_rng(seed + 1000)
-    with path.open("w", encoding="utf-8") as f:
-        written = 0
-        while written < count:
-            key = int(rng.integers(KEY_LOW, KEY_HIGH + 1))
-            if key in taken:
-                continue
-            length, depth = int(rng.integers(min_len, max_len + 1)), float(rng.uniform(0, 1))
-            p = passkey_prompt(tokenizer, length, depth, key=key)
-            f.write(json.dumps({"prompt": p.text, "completion": f" {key}."}) + "\n")
-            written += 1
-    return path
+    rng = np.random.default_rng(PASSKEY_EVAL_SEED)
+    return frozenset(str(k) for k in rng.integers(KEY_LOW, KEY_HIGH + 1, size=100_000).tolist())
+
+
+def write_mix(out: Path, tokenizer, train_dir: Path, scale: Scale, C: int, target: int, seed: int) -> dict:
+    """The synthetic documents of the base's and the fine-tunes' mixes, as ``{"text"}`` jsonl in ``out``.
+
+    Base: retrieval documents of 32..C tokens (passkeys and name-number lists; RULER's needle prompt is longer than
+    a small C) and copy documents. Fine-tunes: retrieval documents of C..8C tokens (passkeys, lists, needles) and
+    long-range copies whose gap is book text from ``train_dir``. Returns the paths and what they hold.
+
+    Raises:
+        ValueError: C is too short for the smallest passkey or list prompt.
+    """
+    from llmft.data.synthetic import copy_records, retrieval_records, vocabulary_words, write_retrieval, write_texts
+
+    out.mkdir(parents=True, exist_ok=True)
+    avoid, words = eval_keys(), vocabulary_words(tokenizer)
+    book = " ".join(d.text for d in read_source(SourceSpec(format="text", path=train_dir), on_error="stop")).split()
+    base_kinds, ft_kinds = ("passkey", "kv"), ("passkey", "kv", "niah")
+    files = {
+        "base_retrieval": write_retrieval(out / "base_retrieval.jsonl", retrieval_records(
+            tokenizer, scale.base_retrieval, 32, C, seed=seed, kinds=base_kinds, avoid=avoid), whole=True),
+        "base_copies": write_texts(out / "base_copies.jsonl", copy_records(words, scale.base_copies, seed=seed)),
+        "ft_retrieval": write_retrieval(out / "ft_retrieval.jsonl", retrieval_records(
+            tokenizer, scale.ft_retrieval, C, target, seed=seed + 1, kinds=ft_kinds, avoid=avoid), whole=True),
+        "ft_copies": write_texts(out / "ft_copies.jsonl", copy_records(
+            words, scale.ft_copies, seed=seed + 1, repeats=3, gap=book, gap_words=(0, GAP_WORDS))),
+    }
+    return {"files": files, "base_retrieval": scale.base_retrieval, "base_retrieval_tokens": f"32..{C}",
+            "base_copies": scale.base_copies, "ft_retrieval": scale.ft_retrieval,
+            "ft_retrieval_tokens": f"{C}..{target}", "ft_copies": scale.ft_copies, "gap_words": GAP_WORDS,
+            "base_kinds": list(base_kinds), "ft_kinds": list(ft_kinds)}
 
 
 # ---------------------------------------------------------------------------------------------------- diagnosis
@@ -188,12 +213,13 @@ def nll_by_position(model: torch.nn.Module, books: list, length: int, bucket: in
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def _recipe(name: str, out: Path, scale: Scale, seed: int, train_dir: Path, model_name: str | None = None):
+def _recipe(name: str, out: Path, seed: int, train_dir: Path, mix: list[Path], model_name: str | None = None):
+    """The shipped recipe ``name`` reading the train books and the ``mix`` files, checkpointing under ``out``."""
     overrides = [f"checkpoint.dir={out / name}", f"train.seed={seed}"]
     if model_name is not None:
         overrides.append(f"model.name={model_name}")
     rec = load_recipe(shipped_path(f"{RECIPES}/{name}.yaml"), overrides)
-    rec.data.sources = [SourceSpec(format="text", path=train_dir)]
+    rec.data.sources = [SourceSpec(format="text", path=train_dir), *(SourceSpec(format="jsonl", path=f) for f in mix)]
     rec.data.validation_fraction = 0.0
     return rec
 
@@ -239,6 +265,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from llmft.eval.passkey import run_passkey
     from llmft.eval.pg19 import load_books
     from llmft.eval.ppl import evaluate_ppl
+    from llmft.repro_report import checks, write_outputs
 
     started = time.time()
     scale = FAST if fast else FULL
@@ -246,72 +273,70 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     doc = Path(doc).resolve() if doc is not None else None
     books = Path(books).resolve() if books is not None else None
     if fresh:
-        for sub in ("base", "passkey_data", *[m[2] for m in METHODS if m[2]], "ft_passkey"):
+        for sub in ("base", "mix", *[m[2] for m in METHODS if m[2]]):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir, split = prepare_books(out, books)
     timings: dict[str, float] = {}
 
-    # 1. the base at C
+    # 1. the synthetic part of the mix
     t0 = time.time()
-    base_rec = _recipe("base", out, scale, seed, train_dir, scale.model)
-    C = base_rec.model.max_seq_len
-    _log(f"1/4 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
+    base_rec = _recipe("base", out, seed, train_dir, [], scale.model)
+    ft_shape = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"]).model
+    C, target, factor = base_rec.model.max_seq_len, ft_shape.max_seq_len, float(ft_shape.rope.factor)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
+    _log(f"1/5 writing the retrieval and copy documents of the mix ({out / 'mix'})")
+    mix = write_mix(out / "mix", tokenizer, train_dir, scale, C, target, seed)
+    timings["mix"] = time.time() - t0
+
+    # 2. the base at C
+    t0 = time.time()
+    base_rec = _recipe("base", out, seed, train_dir, [mix["files"]["base_retrieval"], mix["files"]["base_copies"]],
+                       scale.model)
+    _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
     base = _train(base_rec, scale.base_steps, fresh)
     timings["pretrain"] = time.time() - t0
 
-    # 2. the fine-tunes at 8C, same steps and data
+    # 3. the fine-tunes at 8C, same steps and data
     finals: dict[str, Path] = {}
-    factor, target = None, None
     for key, label, recipe, _ in METHODS:
         if recipe is None:
             continue
         t0 = time.time()
-        rec = _recipe(recipe, out, scale, seed, train_dir, str(base))
+        rec = _recipe(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
+                      str(base))
         rec.train.lr = scale.ft_lr or rec.train.lr
-        factor = rec.model.rope.factor if rec.model.rope is not None else factor
-        target = rec.model.max_seq_len
-        _log(f"2/4 fine-tuning {label.split(' ', 1)[1]} ({scale.ft_steps} steps at {target} tokens)")
+        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({scale.ft_steps} steps at {target} tokens)")
         finals[key] = _train(rec, scale.ft_steps, fresh)
         timings[recipe] = time.time() - t0
-    factor = float(factor or 8.0)
     lengths = [C * 2**i for i in range(int(math.log2(target // C)) + 1)]  # C .. 8C
 
-    # 3. perplexity by length for every row
-    t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    # 4. perplexity by length, 5. passkey retrieval by length, for every row
     test_books = load_books(test_dir, tokenizer)
     if scale.eval_tokens_per_book is not None:
         for b in test_books:
             b.ids, b.nbytes = b.ids[: scale.eval_tokens_per_book], b.nbytes[: scale.eval_tokens_per_book]
-    _log(f"3/4 perplexity of {sum(len(b.ids) for b in test_books):,} held-out tokens at {lengths}")
+    _log(f"4/5 perplexity of {sum(len(b.ids) for b in test_books):,} held-out tokens and 5/5 passkey retrieval "
+         f"at {lengths}")
     ppl: dict[str, dict[int, dict]] = {}
+    passkey: dict[str, dict] = {}
     by_position: dict[str, list[float]] = {}
     bucket = C // 2
+    timings["eval_ppl"] = timings["passkey"] = 0.0
     for key, label, recipe, kind in METHODS:
         model = _load(finals[key]) if recipe else (_scaled_base(base, kind, factor) if kind else _load(base))
+        t0 = time.time()
         ppl[key] = evaluate_ppl(model, test_books, lengths, mode="windows")
         if key in POSITION_ROWS:
             by_position[key] = nll_by_position(model, test_books, target, bucket)
-        _log(f"    {label}: " + ", ".join(f"{n}: {ppl[key][n]['ppl_per_byte']:.3f}" for n in lengths))
-    timings["eval_ppl"] = time.time() - t0
-
-    # 4. passkey: the PI model as trained on books, then after a short passkey-aware fine-tune
-    t0 = time.time()
-    data_dir = out / "passkey_data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    pk_file = passkey_training_file(data_dir / "passkey_train.jsonl", tokenizer, scale.passkey_examples,
-                                    min(C, target // 4), target - 8, seed)
-    pk_rec = _recipe("ft_passkey", out, scale, seed, train_dir, str(finals["ft_linear"]))
-    pk_rec.data.sources = [SourceSpec(format="prompt_completion", path=pk_file)]
-    _log(f"4/4 passkey-aware fine-tune of (c) ({scale.passkey_steps} steps), then passkey retrieval at {lengths}")
-    finals["ft_passkey"] = _train(pk_rec, scale.passkey_steps, fresh)
-    passkey = {}
-    for key in ("ft_linear", "ft_passkey"):
-        passkey[key] = run_passkey(_load(finals[key]), tokenizer, lengths, list(PASSKEY_DEPTHS),
-                                   scale.passkey_trials, seed=PASSKEY_EVAL_SEED, model_name=key, progress=False)
-        _log(f"    passkey {key}: overall {passkey[key]['accuracy']:.0%}")
-    timings["passkey"] = time.time() - t0
+        timings["eval_ppl"] += time.time() - t0
+        t0 = time.time()
+        passkey[key] = run_passkey(model, tokenizer, lengths, list(PASSKEY_DEPTHS), scale.passkey_trials,
+                                   seed=PASSKEY_EVAL_SEED, model_name=key, allow_beyond_max_positions=True,
+                                   progress=False)
+        timings["passkey"] += time.time() - t0
+        _log(f"    {label}: ppl/byte " + ", ".join(f"{n}: {ppl[key][n]['ppl_per_byte']:.3f}" for n in lengths)
+             + f"; passkey {passkey[key]['accuracy']:.0%}")
     timings["total"] = time.time() - started
 
     results = {
@@ -320,11 +345,12 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": command or _command(fast, seed, books, doc),
         "eval_tokens": {b.name: len(b.ids) for b in test_books},
+        "mix": {k: v for k, v in mix.items() if k != "files"},
         "ppl": {k: {str(n): r for n, r in v.items()} for k, v in ppl.items()},
         "nll_by_position": {"bucket": bucket, "length": target, "rows": by_position},
         "passkey": {k: {**{f: v[f] for f in ("model", "lengths", "depths", "trials", "seed", "accuracy", "cells")},
                         **_answers(v)} for k, v in passkey.items()},
-        "checks": checks(ppl, lengths),
+        "checks": checks(ppl, passkey, lengths),
     }
     write_outputs(results, out, doc)
     _log(f"done in {timings['total'] / 60:.1f} min: {out / 'pi_tiny.md'}" + (f", {doc}" if doc else ""))
@@ -347,198 +373,3 @@ def _command(fast: bool, seed: int, books: Path | None, doc: Path | None) -> str
     if doc is not None:
         parts.append(f"--doc {doc.relative_to(Path.cwd()) if doc.is_relative_to(Path.cwd()) else doc}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------------- report
-
-
-def checks(ppl: dict[str, dict[int, dict]], lengths: list[int]) -> list[dict]:
-    """The paper's three claims, each with the numbers it rests on (perplexity per byte, and token perplexity)."""
-    C, L = lengths[0], lengths[-1]
-
-    def v(key: str, n: int, metric: str = "ppl_per_byte") -> float:
-        return ppl[key][n][metric]
-
-    return [
-        {"claim": "(c) PI + fine-tuning: ppl at 8C <= ppl at C", "holds": v("ft_linear", L) <= v("ft_linear", C),
-         "numbers": f"{v('ft_linear', L):.3f} at {L} vs {v('ft_linear', C):.3f} at {C} (per byte)"},
-        {"claim": "(a) the base at 8C is >= 10x worse than at C (token perplexity, as the paper's table)",
-         "holds": v("base", L, "token_ppl") >= 10 * v("base", C, "token_ppl"),
-         "numbers": f"token ppl {v('base', L, 'token_ppl'):.1f} at {L} vs {v('base', C, 'token_ppl'):.1f} at {C} "
-                    f"({v('base', L, 'token_ppl') / v('base', C, 'token_ppl'):.1f}x); per byte "
-                    f"{v('base', L):.3f} vs {v('base', C):.3f} ({v('base', L) / v('base', C):.2f}x)"},
-        {"claim": "(d) no interpolation is worse than (c) at 8C after the same steps",
-         "holds": v("ft_none", L) > v("ft_linear", L),
-         "numbers": f"{v('ft_none', L):.3f} vs {v('ft_linear', L):.3f} at {L} (per byte)"},
-        {"claim": "CI check: (c) < (a) at 8C", "holds": v("ft_linear", L) < v("base", L),
-         "numbers": f"{v('ft_linear', L):.3f} vs {v('base', L):.3f} at {L} (per byte)"},
-    ]
-
-
-def method_table(results: dict, metric: str = "ppl_per_byte") -> str:
-    """Rows = methods, columns = evaluation lengths, as in the PI paper's Table 1."""
-    from llmft.eval.report import ppl_table
-
-    models = {label: results["ppl"][key] for key, label, _, _ in METHODS}
-    return ppl_table(models, (metric,), by="model", context=results["context"], first_header="method",
-                     digits=3 if metric == "ppl_per_byte" else 1)
-
-
-def passkey_table(results: dict) -> str:
-    lengths = results["lengths"]
-    head = " | ".join(f"{n:,}" for n in lengths)
-    lines = [f"| model | {head} | overall | distinct answers | most common answer |",
-             "|---|" + "---:|" * (len(lengths) + 3)]
-    names = {"ft_linear": "(c) PI x8 + N steps on books", "ft_passkey": "(c) + passkey-aware fine-tune"}
-    for key, pk in results["passkey"].items():
-        by_len = {}
-        for c in pk["cells"]:
-            if c["accuracy"] is not None:
-                by_len.setdefault(c["length"], []).append((c["correct"], c["trials"]))
-        cells = []
-        for n in lengths:
-            got = by_len.get(n)
-            cells.append("n/a" if not got else f"{sum(a for a, _ in got) / sum(b for _, b in got):.0%}")
-        overall = pk["accuracy"]
-        lines.append(f"| {names[key]} | " + " | ".join(cells) + " | " + ("n/a" if overall is None else f"{overall:.0%}")
-                     + f" | {pk['distinct_answers']} of {pk['trials']} | {pk['most_common_answer'] or 'no number'} "
-                     f"({pk['most_common_share']:.0%} of trials) |")
-    return "\n".join(lines)
-
-
-def plot(results: dict, path: Path) -> Path:
-    """Perplexity per byte against context length, one line per method; fine-tuned methods solid."""
-    from llmft.eval.report import plot_ppl
-
-    lengths = results["lengths"]
-    models = {label: {n: results["ppl"][key][str(n)] for n in lengths} for key, label, _, _ in METHODS}
-    return plot_ppl(models, path, ylabel="perplexity per byte (held-out, lower is better)",
-                    title=f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, "
-                          f"seed {results['seed']})",
-                    trained_len=results["context"], trained_label="pre-training length C",
-                    dashed=frozenset(label for _, label, recipe, _ in METHODS if not recipe), legend_outside=True)
-
-
-def position_table(results: dict) -> str:
-    """Mean NLL per token of the positions a base model was trained on (below C) and of the new ones (C..8C-1),
-    in windows of 8C tokens."""
-    pos, C = results["nll_by_position"], results["context"]
-    labels = {k: label for k, label, _, _ in METHODS}
-    inside = (C - 1) // pos["bucket"]  # buckets entirely below position C (position 0 is never predicted)
-    lines = [f"| method | positions 1..{C - 1} | positions {C}..{pos['length'] - 1} | change |", "|---|---:|---:|---:|"]
-    for key, row in pos["rows"].items():
-        w_in = [min(pos["bucket"], C - 1 - i * pos["bucket"]) for i in range(inside + 1)]
-        lo = sum(v * w for v, w in zip(row, w_in)) / sum(w_in)
-        hi_vals = row[inside + 1 :]
-        hi = sum(hi_vals) / len(hi_vals)
-        lines.append(f"| {labels[key]} | {lo:.3f} | {hi:.3f} | {hi - lo:+.3f} |")
-    return "\n".join(lines)
-
-
-def plot_positions(results: dict, path: Path) -> Path:
-    """NLL by position in windows of 8C tokens, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pos = results["nll_by_position"]
-    labels = {k: label for k, label, _, _ in METHODS}
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    for key, row in pos["rows"].items():
-        xs = [min(1 + i * pos["bucket"] + pos["bucket"] / 2, pos["length"] - 1) for i in range(len(row))]
-        ax.plot(xs, row, marker=".", label=labels[key])
-    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
-    ax.set_xlabel(f"position in a {pos['length']}-token window (mean over {pos['bucket']} positions)")
-    ax.set_ylabel("NLL per token (nats, held-out)")
-    ax.set_title("Where the loss goes: by position")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def markdown(results: dict, ppl_png: str, passkey_png: str, position_png: str) -> str:
-    r, s = results, results["settings"]
-    C, L = r["context"], r["target"]
-    mins = {k: f"{v / 60:.1f}" for k, v in r["timings_s"].items()}
-    checks_md = "\n".join(f"- {'**holds**' if c['holds'] else '**does not hold**'}: {c['claim']}: {c['numbers']}"
-                          for c in r["checks"])
-    return f"""# Position Interpolation at tiny scale
-
-Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['total']} min on {r['machine']}.
-Every number below comes from that run (`results.json` next to the run's copy of this file).
-
-**Setup.** A 4-layer LLaMA pre-trained from scratch at C = {C} tokens for {s['base_steps']} steps, then extended
-x{r['factor']:g} to 8C = {L}. Each fine-tuned row is N = {s['ft_steps']} steps at {L} tokens from that base,
-with the same data, learning rate and seed (`recipes/repro/`). Held-out text: {r['split']}
-({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}). Metric: perplexity per byte,
-exp(sum of token NLLs / UTF-8 bytes), with non-overlapping windows of the given length. Every token of a window is
-scored, so a window of 8C also contains positions below C.
-
-## Perplexity per byte (rows = methods, columns = evaluation context)
-
-{method_table(r)}
-
-![perplexity per byte by context length]({ppl_png})
-
-Token perplexity (the PI paper's Table 1 reports this):
-
-{method_table(r, 'token_ppl')}
-
-## Loss by position in a {L}-token window
-
-The NLL of the held-out tokens by their position in the window: positions below C are the ones the base was
-trained on; from C on, the base extrapolates.
-
-{position_table(r)}
-
-![NLL by position]({position_png})
-
-## The paper's shape
-
-{checks_md}
-
-## Passkey retrieval
-
-Greedy decoding of the 5-digit key after "The pass key is", {s['passkey_trials']} keys per (length, depth) cell,
-depths {', '.join(f'{d:.0%}' for d in PASSKEY_DEPTHS)}. The passkey-aware fine-tune is {s['passkey_steps']} steps
-at {L} tokens on {s['passkey_examples']} synthetic passkey prompts of {C}..{L - 8} tokens, with keys disjoint
-from the evaluation keys.
-
-{passkey_table(r)}
-
-![passkey accuracy of the passkey-aware model]({passkey_png})
-
-## Reproduce
-
-```bash
-{r['command']}
-```
-
-The run takes {mins['total']} min: {mins['pretrain']} min pre-training, {mins['ft_linear']} min per
-fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey. A run resumes where it was
-interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that `tests/integration/test_repro_pi.py` runs.
-
-{MARKER}
-"""
-
-
-def write_outputs(results: dict, out: Path, doc: Path | None) -> None:
-    """results.json, pi_tiny.md and the PNGs in ``out``; with ``doc``, the markdown and PNGs there too."""
-    from llmft.eval.passkey import plot_passkey_heatmap
-
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    targets = [out / "pi_tiny.md"] + ([doc] if doc is not None else [])
-    for md in targets:
-        ppl_png, pk_png, pos_png = (md.with_name(f"{md.stem}_{k}.png") for k in ("ppl", "passkey", "positions"))
-        md.parent.mkdir(parents=True, exist_ok=True)
-        plot(results, ppl_png)
-        plot_positions(results, pos_png)
-        plot_passkey_heatmap(results["passkey"]["ft_passkey"], pk_png)
-        kept = ""
-        if md.is_file() and MARKER in md.read_text():
-            kept = md.read_text().split(MARKER, 1)[1].lstrip("\n")
-        md.write_text(markdown(results, ppl_png.name, pk_png.name, pos_png.name) + ("\n" + kept if kept else ""))

@@ -14,24 +14,18 @@ summary after the same prompt as in training; ROUGE-1/2/L F1 (``rouge-score``, s
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import re
 from pathlib import Path
 
+from llmft.data.sources import read_json_lines
 from llmft.data.sources.applications import answer_in, mdqa_prompt, normalize_answer, summary_prompt
 from llmft.generate import GenerationError, Sampling, context_length, generate
 
 log = logging.getLogger(__name__)
 
 MDQA_FILE = re.compile(r"nq-open-(\d+)_total_documents_gold_at_(\d+)\.jsonl(\.gz)?$")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def mdqa_files(root: Path) -> dict[tuple[int, int], Path]:
@@ -72,7 +66,7 @@ def run_mdqa(model, tokenizer, root: Path, docs: list[int] | None = None, max_ex
     examples, outputs = [], []
     for (k, i), path in sorted(files.items()):
         correct = n = too_long = 0
-        for record in _jsonl(path)[:max_examples]:
+        for record in read_json_lines(path)[:max_examples]:
             prompt = mdqa_prompt(record["question"], record["ctxs"])
             if ctx is not None and len(tokenizer(prompt).input_ids) + 1 >= ctx:
                 too_long += 1
@@ -159,7 +153,7 @@ def run_summarization(model, tokenizer, path: Path, max_examples: int | None = N
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     n = too_long = 0
     examples = []
-    for number, row in enumerate(_jsonl(Path(path))[:max_examples], 1):
+    for number, row in enumerate(read_json_lines(Path(path))[:max_examples], 1):
         chapter, summary = row.get("chapter", row.get("text")), row.get("summary_text", row.get("summary"))
         if not isinstance(chapter, str) or not isinstance(summary, str):
             raise ValueError(f"{path}:{number}: expected \"chapter\" (or \"text\") and \"summary_text\" (or "

@@ -6,7 +6,6 @@ reports are in llmft/eval/ruler.py, which also lists where llmft differs from RU
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import random
@@ -22,6 +21,8 @@ import numpy as np
 
 from llmft.config.eval import RULER_TASKS
 from llmft.config.loading import shipped_path
+from llmft.config.sources import SourceSpec
+from llmft.data.sources import read_source
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def haystack_words() -> Words:
 
 
 def read_haystack(path: str | Path | None = None) -> list[str]:
-    """The essay haystack as words: every ``.txt`` / ``.txt.gz`` of a directory (sorted) or one file, whitespace
+    """The essay haystack as words: every ``.txt`` / ``.txt.gz`` / ``.txt.zst`` of a directory (sorted) or one file,
+    read by the data pipeline's text reader (a file that is not UTF-8 is skipped with a warning), whitespace
     collapsed; default the books shipped in llmft/assets.
 
     Raises:
@@ -161,12 +163,8 @@ def read_haystack(path: str | Path | None = None) -> list[str]:
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"RULER haystack {p}: no such file or directory (give .txt books)")
-        files = [p] if p.is_file() else sorted([*p.glob("*.txt"), *p.glob("*.txt.gz")])
-    texts = []
-    for f in files:
-        opener = gzip.open if f.suffix == ".gz" else open
-        with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
-            texts.append(fh.read())
+        files = [p] if p.is_file() else sorted([*p.glob("*.txt"), *p.glob("*.txt.gz"), *p.glob("*.txt.zst")])
+    texts = [d.text for f in files for d in read_source(SourceSpec(format="text", path=f), on_error="skip")]
     words = re.sub(r"\s+", " ", " ".join(texts)).strip().split(" ")
     if len(words) < 100:
         raise FileNotFoundError(f"RULER haystack {path}: {len(words)} words; give books (.txt or .txt.gz)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from PIL import Image
 from llmft.cli import main
 from llmft.config import RecipeError
 from llmft.eval.passkey import KEY_HIGH, KEY_LOW
-from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, prepare_books, write_outputs
+from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, prepare_books
+from llmft.repro_report import write_outputs
 
 
 @pytest.mark.slow
@@ -41,22 +43,32 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     # scaling without training changes the numbers; each fine-tune produced its own model
     assert ppl["pi"][L]["nll"] != ppl["base"][L]["nll"] and ppl["yarn"][L]["nll"] != ppl["pi"][L]["nll"]
     assert len({ppl[k][L]["nll"] for k in ("ft_linear", "ft_none", "ft_yarn", "ft_dynamic")}) == 4
-    for name in ("base", "ft_linear", "ft_none", "ft_yarn", "ft_dynamic", "ft_passkey"):
+    for name in ("base", "ft_linear", "ft_none", "ft_yarn", "ft_dynamic"):
         assert (out / name / "final" / "model.safetensors").is_file()
     cfg = json.loads((out / "ft_linear" / "final" / "config.json").read_text())
     assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 8.0
     assert cfg["max_position_embeddings"] == 1024
 
-    # passkey: both models scored on the whole grid, keys of the training data disjoint from the evaluation's
-    for key in ("ft_linear", "ft_passkey"):
-        pk = results["passkey"][key]
+    # passkey: every row scored on the whole grid, beyond the base's 128 positions too
+    assert set(results["passkey"]) == {m[0] for m in METHODS}
+    for pk in results["passkey"].values():
         assert 0.0 <= pk["accuracy"] <= 1.0 and all(c["accuracy"] is not None for c in pk["cells"])
-    train_keys = {json.loads(line)["completion"].strip(" .")
-                  for line in (out / "passkey_data" / "passkey_train.jsonl").read_text().splitlines()}
-    grid = (len(lengths), len(PASSKEY_DEPTHS), results["settings"]["passkey_trials"])  # as run_passkey draws them
+        assert len(pk["cells"]) == len(lengths) * len(PASSKEY_DEPTHS)
+
+    # the mix: as many documents as the settings say, passkeys disjoint from every key the evaluation drew
+    s, mix = results["settings"], out / "mix"
+    counts = {name: len((mix / f"{name}.jsonl").read_text().splitlines())
+              for name in ("base_retrieval", "base_copies", "ft_retrieval", "ft_copies")}
+    assert counts == {k: s[k] for k in counts}
+    train_keys = set()
+    for name in ("base_retrieval", "ft_retrieval"):
+        for line in (mix / f"{name}.jsonl").read_text().splitlines():
+            train_keys |= set(re.findall(r"The pass key is (\d+)\.", json.loads(line)["text"]))
+    assert len(train_keys) > (s["base_retrieval"] + s["ft_retrieval"]) // 4  # a third of each are passkeys
+    grid = (len(lengths), len(PASSKEY_DEPTHS), s["passkey_trials"])  # as run_passkey draws them
     rng = np.random.default_rng(PASSKEY_EVAL_SEED)
     eval_keys = {str(k) for k in rng.integers(KEY_LOW, KEY_HIGH + 1, size=grid).flat}
-    assert len(train_keys) == results["settings"]["passkey_examples"] and not train_keys & eval_keys
+    assert not train_keys & eval_keys
 
     # the report: table rows per method, the checks, the command, and the plots
     for md in (out / "pi_tiny.md", doc):

@@ -70,13 +70,14 @@ from pathlib import Path
 
 from llmft.config.sources import SourceSpec, list_files
 from llmft.data.sources.base import DataError, Document, SourceError, SourceReport
+from llmft.data.sources.files import read_json_lines
 from llmft.data.sources.hub import _read_hub
 from llmft.data.sources.records import _RECORDS as _RECORDS  # every hub format's record function (tested)
 from llmft.data.sources.records import _read_json_records, _read_natural_instructions
 from llmft.data.sources.tables import _read_csv, _read_pg19, _read_sqlite, _read_table
 from llmft.data.sources.text import _read_html, _read_text, html_to_text, strip_gutenberg
 
-__all__ = ["DataError", "Document", "SourceError", "SourceReport", "html_to_text", "read_source",
+__all__ = ["DataError", "Document", "SourceError", "SourceReport", "html_to_text", "read_json_lines", "read_source",
            "strip_gutenberg"]
 
 

@@ -147,3 +147,15 @@ def _json_lines(path: Path, on_error: str, report: SourceReport) -> Iterator[tup
             raise
         # Complete lines before the damage were yielded; the line being read when the data ended is the bad one.
         report.bad(f"{path}:{lineno + 1}", reason, on_error)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Every JSON object of a JSON-lines file (plain, gzip or zstd, sniffed), for the small files evaluations read
+    whole (HELM scenarios, multi-document QA, summaries); blank lines skipped.
+
+    Raises:
+        SourceError: a malformed line, non-UTF-8 bytes, a line that is not an object, or a truncated archive, at
+            ``path:line``.
+        OSError: the file cannot be read.
+    """
+    return [record for _, record in _json_lines(Path(path), "stop", SourceReport())]

@@ -4,7 +4,6 @@ their references, split into train / valid / test, per subset."""
 from __future__ import annotations
 
 import csv
-import gzip
 import html
 import json
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmft.config.eval import ScenarioSpec
+from llmft.data.sources import read_json_lines
 from llmft.model.load import hub_resolves
 
 TRAIN, VALID, TEST = "train", "valid", "test"
@@ -111,12 +111,6 @@ def _need(spec: ScenarioSpec, path: Path) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _hub_rows(spec: ScenarioSpec, root: Path, stem: str, path: Path, subset: str | None = None) -> list[dict]:
     """Rows of the split of ``spec.hf_dataset`` that stands for the local file ``path`` (file stem ``stem``).
 
@@ -148,7 +142,7 @@ def _rows(spec: ScenarioSpec, root: Path, stem: str) -> list[dict]:
     """Rows of ``root/<stem>.jsonl``, or of the hub dataset's matching split when the file is missing."""
     path = root / f"{stem}.jsonl"
     if path.is_file():
-        return _read_jsonl(path)
+        return read_json_lines(path)
     return _hub_rows(spec, root, stem, path)
 
 
@@ -235,7 +229,7 @@ def _load_natural_qa(spec: ScenarioSpec, root: Path, subset: str | None) -> Subs
     instances = []
     for path in files:
         raw_instances = []
-        for sample in _read_jsonl(path):
+        for sample in read_json_lines(path):
             if not any(len(a["short_answers"]) for a in sample["annotations"]):
                 continue
             html_bytes = sample["document_html"].encode("utf-8")
@@ -454,7 +448,7 @@ def _load_raft(spec: ScenarioSpec, root: Path, subset: str) -> Subset:
     # 0.8, seed 42) into train / test; the prompt is "<field>: <value>" lines in the settings' field order.
     settings = _need(spec, root / "prompt_construction_settings.json").read_text(encoding="utf-8")
     field_ordering, instructions = map(json.loads, settings.strip().split("\n"))
-    rows = _read_jsonl(_need(spec, root / f"{subset}.jsonl"))
+    rows = read_json_lines(_need(spec, root / f"{subset}.jsonl"))
     import datasets
 
     parts = datasets.Dataset.from_list(rows).train_test_split(test_size=0.8, seed=42)

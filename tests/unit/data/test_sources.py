@@ -15,7 +15,15 @@ import pytest
 from pydantic import ValidationError
 
 from llmft.config.sources import SourceSpec, list_files
-from llmft.data.sources import Document, SourceError, SourceReport, html_to_text, read_source, strip_gutenberg
+from llmft.data.sources import (
+    Document,
+    SourceError,
+    SourceReport,
+    html_to_text,
+    read_json_lines,
+    read_source,
+    strip_gutenberg,
+)
 
 
 def read(on_error: str = "skip", **spec) -> tuple[list[Document], SourceReport]:
@@ -446,3 +454,18 @@ def test_a_huge_line_is_reported_and_skipped_without_losing_the_rest(tmp_path, m
                                "llmft.data.sources.files.MAX_RECORD_BYTES)",
                                f"{path}:4: line longer than 1,000 bytes (a damaged file, or raise "
                                "llmft.data.sources.files.MAX_RECORD_BYTES)"]
+
+
+def test_read_json_lines_reads_every_compression_and_stops_at_a_bad_line(tmp_path):
+    rows = [{"question": "q1", "answers": ["a"]}, {"question": "q2", "answers": []}]
+    body = "\n".join(json.dumps(r) for r in rows) + "\n\n"
+    (tmp_path / "a.jsonl").write_text(body)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(body)
+    with pa.output_stream(str(tmp_path / "c.jsonl.zst"), compression="zstd") as f:
+        f.write(body.encode())
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zst"):
+        assert read_json_lines(tmp_path / name) == rows
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(SourceError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_json_lines(tmp_path / "bad.jsonl")

@@ -1,0 +1,264 @@
+"""The report of ``llmft repro pi`` (llmft/repro.py): the claims checked against the run's numbers, the tables (rows =
+methods, as the PI paper's Table 1), the plots and ``pi_tiny.md``. Everything here reads the run's ``results``
+dict; nothing trains or evaluates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmft.atomic import write_text
+from llmft.repro import MARKER, METHODS, PASSKEY_DEPTHS
+
+RETRIEVES = 0.9  # the issue's bar for PI + fine-tuning at 8C
+FAILS = 0.2  # ... and for the base extrapolating beyond C
+EXPLODES = 3.0  # the base's token perplexity at 8C over its value at C
+
+
+def passkey_by_length(pk: dict) -> dict[int, float | None]:
+    """Accuracy per prompt length over the depths (None where no cell ran)."""
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for c in pk["cells"]:
+        if c["accuracy"] is not None:
+            by_len.setdefault(c["length"], []).append((c["correct"], c["trials"]))
+    return {n: (sum(a for a, _ in got) / sum(b for _, b in got) if (got := by_len.get(n)) else None)
+            for n in pk["lengths"]}
+
+
+def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], lengths: list[int]) -> list[dict]:
+    """The paper's claims and the issue's goals, each with the numbers it rests on.
+
+    ``ppl[key][length]`` as :func:`llmft.eval.ppl.evaluate_ppl` returns; ``passkey[key]`` as
+    :func:`llmft.eval.passkey.run_passkey` returns, for every key of ``METHODS``.
+    """
+    C, L = lengths[0], lengths[-1]
+
+    def v(key: str, n: int, metric: str = "ppl_per_byte") -> float:
+        return ppl[key][n][metric]
+
+    acc = {k: passkey_by_length(pk) for k, pk in passkey.items()}
+    beyond = [acc["base"][n] for n in lengths[1:] if acc["base"][n] is not None]
+    base_beyond = sum(beyond) / len(beyond) if beyond else float("nan")
+    token_ratio = v("base", L, "token_ppl") / v("base", C, "token_ppl")
+    return [
+        {"claim": f"the base retrieves within C (passkey at {C} >= 80%): the premise of every retrieval claim",
+         "holds": acc["base"][C] >= 0.8, "numbers": f"{acc['base'][C]:.0%} at {C}"},
+        {"claim": f"(a) the base extrapolating retrieves <= {FAILS:.0%} beyond C",
+         "holds": base_beyond <= FAILS,
+         "numbers": ", ".join(f"{acc['base'][n]:.0%} at {n}" for n in lengths[1:]) + f" (mean {base_beyond:.0%})"},
+        {"claim": f"(c) PI + fine-tuning retrieves >= {RETRIEVES:.0%} at 8C", "holds": acc["ft_linear"][L] >= RETRIEVES,
+         "numbers": f"{acc['ft_linear'][L]:.0%} at {L}"},
+        {"claim": f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C",
+         "holds": token_ratio >= EXPLODES,
+         "numbers": f"token ppl {v('base', L, 'token_ppl'):.1f} at {L} vs {v('base', C, 'token_ppl'):.1f} at {C} "
+                    f"({token_ratio:.1f}x); per byte {v('base', L):.3f} vs {v('base', C):.3f}"},
+        {"claim": "(c) PI + fine-tuning: ppl at 8C <= ppl at C", "holds": v("ft_linear", L) <= v("ft_linear", C),
+         "numbers": f"{v('ft_linear', L):.3f} at {L} vs {v('ft_linear', C):.3f} at {C} (per byte)"},
+        {"claim": "(d) no interpolation is worse than (c) at 8C after the same steps (perplexity)",
+         "holds": v("ft_none", L) > v("ft_linear", L),
+         "numbers": f"{v('ft_none', L):.3f} vs {v('ft_linear', L):.3f} at {L} (per byte)"},
+        {"claim": "(d) no interpolation retrieves less than (c) at 8C after the same steps",
+         "holds": acc["ft_none"][L] < acc["ft_linear"][L],
+         "numbers": f"{acc['ft_none'][L]:.0%} vs {acc['ft_linear'][L]:.0%} at {L}"},
+        {"claim": "CI check: (c) < (a) at 8C", "holds": v("ft_linear", L) < v("base", L),
+         "numbers": f"{v('ft_linear', L):.3f} vs {v('base', L):.3f} at {L} (per byte)"},
+    ]
+
+
+def method_table(results: dict, metric: str = "ppl_per_byte") -> str:
+    """Rows = methods, columns = evaluation lengths, as in the PI paper's Table 1."""
+    from llmft.eval.report import ppl_table
+
+    models = {label: results["ppl"][key] for key, label, _, _ in METHODS}
+    return ppl_table(models, (metric,), by="model", context=results["context"], first_header="method",
+                     digits=3 if metric == "ppl_per_byte" else 1)
+
+
+def passkey_table(results: dict) -> str:
+    """Rows = methods, columns = prompt lengths: passkey accuracy, and how varied the answers are (a model that
+    learned only the answer's format repeats one guess)."""
+    lengths = results["lengths"]
+    head = " | ".join(f"{n:,}" for n in lengths)
+    lines = [f"| method | {head} | overall | distinct answers | most common answer |",
+             "|---|" + "---:|" * (len(lengths) + 3)]
+    for key, label, _, _ in METHODS:
+        pk = results["passkey"][key]
+        acc = passkey_by_length(pk)
+        cells = " | ".join("n/a" if acc[n] is None else f"{acc[n]:.0%}" for n in lengths)
+        overall = "n/a" if pk["accuracy"] is None else f"{pk['accuracy']:.0%}"
+        lines.append(f"| {label} | {cells} | {overall} | {pk['distinct_answers']} of {pk['trials']} | "
+                     f"{pk['most_common_answer'] or 'no number'} ({pk['most_common_share']:.0%} of trials) |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Perplexity per byte against context length, one line per method; fine-tuned methods solid."""
+    from llmft.eval.report import plot_ppl
+
+    lengths = results["lengths"]
+    models = {label: {n: results["ppl"][key][str(n)] for n in lengths} for key, label, _, _ in METHODS}
+    return plot_ppl(models, path, ylabel="perplexity per byte (held-out, lower is better)",
+                    title=f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, "
+                          f"seed {results['seed']})",
+                    trained_len=results["context"], trained_label="pre-training length C",
+                    dashed=frozenset(label for _, label, recipe, _ in METHODS if not recipe), legend_outside=True)
+
+
+def plot_retrieval(results: dict, path: Path) -> Path:
+    """Passkey accuracy against prompt length, one line per method; fine-tuned methods solid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = results["lengths"]
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    for key, label, recipe, _ in METHODS:
+        acc = passkey_by_length(results["passkey"][key])
+        ax.plot(lengths, [acc[n] if acc[n] is not None else float("nan") for n in lengths], marker="o", label=label,
+                linestyle="-" if recipe else "--")
+    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_title("Retrieval by prompt length")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def position_table(results: dict) -> str:
+    """Mean NLL per token of the positions a base model was trained on (below C) and of the new ones (C..8C-1),
+    in windows of 8C tokens."""
+    pos, C = results["nll_by_position"], results["context"]
+    labels = {k: label for k, label, _, _ in METHODS}
+    inside = (C - 1) // pos["bucket"]  # buckets entirely below position C (position 0 is never predicted)
+    lines = [f"| method | positions 1..{C - 1} | positions {C}..{pos['length'] - 1} | change |", "|---|---:|---:|---:|"]
+    for key, row in pos["rows"].items():
+        w_in = [min(pos["bucket"], C - 1 - i * pos["bucket"]) for i in range(inside + 1)]
+        lo = sum(v * w for v, w in zip(row, w_in)) / sum(w_in)
+        hi_vals = row[inside + 1 :]
+        hi = sum(hi_vals) / len(hi_vals)
+        lines.append(f"| {labels[key]} | {lo:.3f} | {hi:.3f} | {hi - lo:+.3f} |")
+    return "\n".join(lines)
+
+
+def plot_positions(results: dict, path: Path) -> Path:
+    """NLL by position in windows of 8C tokens, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = results["nll_by_position"]
+    labels = {k: label for k, label, _, _ in METHODS}
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    for key, row in pos["rows"].items():
+        xs = [min(1 + i * pos["bucket"] + pos["bucket"] / 2, pos["length"] - 1) for i in range(len(row))]
+        ax.plot(xs, row, marker=".", label=labels[key])
+    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
+    ax.set_xlabel(f"position in a {pos['length']}-token window (mean over {pos['bucket']} positions)")
+    ax.set_ylabel("NLL per token (nats, held-out)")
+    ax.set_title("Where the loss goes: by position")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown(results: dict, ppl_png: str, passkey_png: str, position_png: str) -> str:
+    r, s = results, results["settings"]
+    C, L = r["context"], r["target"]
+    mins = {k: f"{v / 60:.1f}" for k, v in r["timings_s"].items()}
+    checks_md = "\n".join(f"- {'**holds**' if c['holds'] else '**does not hold**'}: {c['claim']}: {c['numbers']}"
+                          for c in r["checks"])
+    mix = r["mix"]
+    return f"""# Position Interpolation at tiny scale
+
+Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['total']} min on {r['machine']}.
+Every number below comes from that run (`results.json` next to the run's copy of this file).
+
+**Setup.** A 4-layer LLaMA pre-trained from scratch at C = {C} tokens for {s['base_steps']} steps, then extended
+x{r['factor']:g} to 8C = {L}. Each fine-tuned row is N = {s['ft_steps']} steps at {L} tokens from that base,
+with the same data, learning rate and seed (`recipes/repro/`). Held-out text: {r['split']}
+({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}).
+
+**Data.** Perplexity alone does not show that a model uses its context, so the base is taught to look things up
+within C: its mix is the training books plus {mix['base_retrieval']:,} retrieval documents of
+{mix['base_retrieval_tokens']} tokens (passkeys and name-number lists, the whole text trained) and
+{mix['base_copies']:,} copy documents (a segment of single-token words and numbers written four times: predicting
+the later copies needs an induction head). Each fine-tune reads the books plus {mix['ft_retrieval']:,} retrieval
+documents of {mix['ft_retrieval_tokens']} tokens (passkeys, name-number lists, RULER's single needle) and
+{mix['ft_copies']:,} long-range copies (the segment, up to {mix['gap_words']} book words, the segment twice more).
+Documents are packed whole and attend only to themselves (`packing: isolated`). The passkeys of the training data
+avoid every key the evaluation draws.
+
+**Metrics.** Perplexity per byte, exp(sum of token NLLs / UTF-8 bytes), with non-overlapping windows of the given
+length (every token of a window is scored, so a window of 8C also contains positions below C). Passkey retrieval:
+greedy decoding after "The pass key is", {s['passkey_trials']} keys per (length, depth) cell, depths
+{', '.join(f'{d:.0%}' for d in PASSKEY_DEPTHS)}.
+
+## The claims
+
+{checks_md}
+
+## Passkey retrieval (rows = methods, columns = prompt length)
+
+{passkey_table(r)}
+
+![passkey accuracy by prompt length]({passkey_png})
+
+## Perplexity per byte (rows = methods, columns = evaluation context)
+
+{method_table(r)}
+
+![perplexity per byte by context length]({ppl_png})
+
+Token perplexity (the PI paper's Table 1 reports this):
+
+{method_table(r, 'token_ppl')}
+
+## Loss by position in a {L}-token window
+
+The NLL of the held-out tokens by their position in the window: positions below C are the ones the base was
+trained on; from C on, the base extrapolates.
+
+{position_table(r)}
+
+![NLL by position]({position_png})
+
+## Reproduce
+
+```bash
+{r['command']}
+```
+
+The run takes {mins['total']} min: {mins['pretrain']} min pre-training, {mins['ft_linear']} min per
+fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey. A run resumes where it was
+interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that `tests/integration/test_repro_pi.py` runs.
+
+{MARKER}
+"""
+
+
+def write_outputs(results: dict, out: Path, doc: Path | None) -> None:
+    """results.json, pi_tiny.md and the PNGs in ``out``; with ``doc``, the markdown and PNGs there too."""
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    targets = [out / "pi_tiny.md"] + ([doc] if doc is not None else [])
+    for md in targets:
+        ppl_png, pk_png, pos_png = (md.with_name(f"{md.stem}_{k}.png") for k in ("ppl", "passkey", "positions"))
+        md.parent.mkdir(parents=True, exist_ok=True)
+        plot(results, ppl_png)
+        plot_positions(results, pos_png)
+        plot_retrieval(results, pk_png)
+        kept = ""
+        if md.is_file() and MARKER in md.read_text():
+            kept = md.read_text().split(MARKER, 1)[1].lstrip("\n")
+        write_text(md, markdown(results, ppl_png.name, pk_png.name, pos_png.name) + ("\n" + kept if kept else ""))

@@ -1,0 +1,74 @@
+"""The PI repro's claims (llmft/repro_report.py) read the right numbers: passkey accuracy per length pools the depth
+cells by their trials, and each claim holds exactly when its numbers say so."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmft.repro import METHODS
+from llmft.repro_report import EXPLODES, checks, passkey_by_length, passkey_table
+
+LENGTHS = [128, 256, 512, 1024]
+
+
+def _pk(acc: dict[int, float], trials: int = 4) -> dict:
+    """A run_passkey-shaped result: two depth cells per length, whose pooled accuracy is ``acc[length]``."""
+    cells = []
+    for n in LENGTHS:
+        right = round(acc[n] * 2 * trials)
+        first = min(right, trials)
+        cells += [{"length": n, "depth": 0.0, "correct": first, "trials": trials, "accuracy": first / trials},
+                  {"length": n, "depth": 1.0, "correct": right - first, "trials": trials,
+                   "accuracy": (right - first) / trials}]
+    return {"lengths": LENGTHS, "cells": cells, "accuracy": sum(c["correct"] for c in cells) / (8 * trials),
+            "distinct_answers": 3, "trials": 8 * trials, "most_common_answer": "12345", "most_common_share": 0.25}
+
+
+def _ppl(per_byte: dict[int, float], token: dict[int, float] | None = None) -> dict:
+    token = token or per_byte
+    return {n: {"ppl_per_byte": per_byte[n], "token_ppl": token[n]} for n in LENGTHS}
+
+
+def _run(base_acc, pi_acc, none_acc, base_token):
+    flat = {n: 2.0 for n in LENGTHS}
+    ppl = {k: _ppl(flat) for k, *_ in METHODS}
+    ppl["base"] = _ppl({128: 2.0, 256: 2.2, 512: 2.6, 1024: 3.0}, base_token)
+    ppl["ft_linear"] = _ppl({128: 2.0, 256: 1.95, 512: 1.9, 1024: 1.85})
+    ppl["ft_none"] = _ppl({128: 2.0, 256: 1.97, 512: 1.95, 1024: 1.9})
+    pk = {k: _pk({n: 0.0 for n in LENGTHS}) for k, *_ in METHODS}
+    pk["base"], pk["ft_linear"], pk["ft_none"] = _pk(base_acc), _pk(pi_acc), _pk(none_acc)
+    return {c["claim"].split(":")[0]: c for c in checks(ppl, pk, LENGTHS)}, pk
+
+
+def test_passkey_by_length_pools_cells_by_trials():
+    pk = _pk({128: 0.75, 256: 0.5, 512: 0.125, 1024: 1.0})
+    assert passkey_by_length(pk) == {128: 0.75, 256: 0.5, 512: 0.125, 1024: 1.0}
+    pk["cells"][0]["accuracy"] = None  # a cell that did not run counts for nothing
+    pk["cells"][0]["correct"] = 0
+    assert passkey_by_length(pk)[128] == pytest.approx(2 / 4)
+
+
+def test_the_claims_hold_exactly_when_their_numbers_say_so():
+    paper = ({128: 1.0, 256: 0.25, 512: 0.0, 1024: 0.0}, {128: 1.0, 256: 1.0, 512: 1.0, 1024: 0.875},
+             {128: 1.0, 256: 0.5, 512: 0.25, 1024: 0.125}, {128: 10.0, 256: 20.0, 512: 40.0, 1024: 31.0})
+    got, pk = _run(*paper)
+    assert got["the base retrieves within C (passkey at 128 >= 80%)"]["holds"]
+    assert got["(a) the base extrapolating retrieves <= 20% beyond C"]["holds"]  # mean of 25%, 0, 0 = 8%
+    assert not got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["holds"]  # 87.5%
+    assert got[f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C"]["holds"]  # 3.1x
+    assert got["(c) PI + fine-tuning"]["holds"] and got["(d) no interpolation is worse than (c) at 8C after the same "
+                                                         "steps (perplexity)"]["holds"]
+    assert got["(d) no interpolation retrieves less than (c) at 8C after the same steps"]["holds"]
+    assert "88% at 1024" in got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["numbers"]
+
+    got, _ = _run({128: 0.5, 256: 0.5, 512: 0.25, 1024: 0.0}, {n: 1.0 for n in LENGTHS},
+                  {n: 1.0 for n in LENGTHS}, {128: 10.0, 256: 12.0, 512: 20.0, 1024: 29.0})
+    assert not got["the base retrieves within C (passkey at 128 >= 80%)"]["holds"]
+    assert not got["(a) the base extrapolating retrieves <= 20% beyond C"]["holds"]  # mean 25%
+    assert got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["holds"]
+    assert not got[f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C"]["holds"]  # 2.9x
+    assert not got["(d) no interpolation retrieves less than (c) at 8C after the same steps"]["holds"]  # a tie
+
+    table = passkey_table({"lengths": LENGTHS, "passkey": pk})
+    row = next(line for line in table.splitlines() if line.startswith("| (c) PI x8 + N steps"))
+    assert row.split("|")[2:6] == [" 100% ", " 100% ", " 100% ", " 88% "]
