@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmft.atomic import write_text
+from llmft.atomic import save_figure, write_text
 from llmft.repro import MARKER, METHODS, PASSKEY_DEPTHS
 
 RETRIEVES = 0.9  # the issue's bar for PI + fine-tuning at 8C
@@ -104,6 +104,22 @@ def plot(results: dict, path: Path) -> Path:
                     dashed=frozenset(label for _, label, recipe, _ in METHODS if not recipe), legend_outside=True)
 
 
+def _finish(fig, ax, context: int, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """The pre-training length as a dotted line, labels, grid and legend; the figure saved (atomically) and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.axvline(context, color="grey", linestyle=":", label=f"pre-training length C = {context}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_retrieval(results: dict, path: Path) -> Path:
     """Passkey accuracy against prompt length, one line per method; fine-tuned methods solid."""
     import matplotlib
@@ -117,19 +133,11 @@ def plot_retrieval(results: dict, path: Path) -> Path:
         acc = passkey_by_length(results["passkey"][key])
         ax.plot(lengths, [acc[n] if acc[n] is not None else float("nan") for n in lengths], marker="o", label=label,
                 linestyle="-" if recipe else "--")
-    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("passkey accuracy")
-    ax.set_title("Retrieval by prompt length")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, results["context"], "prompt length (tokens)", "passkey accuracy",
+                   "Retrieval by prompt length", path)
 
 
 def position_table(results: dict) -> str:
@@ -161,16 +169,9 @@ def plot_positions(results: dict, path: Path) -> Path:
     for key, row in pos["rows"].items():
         xs = [min(1 + i * pos["bucket"] + pos["bucket"] / 2, pos["length"] - 1) for i in range(len(row))]
         ax.plot(xs, row, marker=".", label=labels[key])
-    ax.axvline(results["context"], color="grey", linestyle=":", label=f"pre-training length C = {results['context']}")
-    ax.set_xlabel(f"position in a {pos['length']}-token window (mean over {pos['bucket']} positions)")
-    ax.set_ylabel("NLL per token (nats, held-out)")
-    ax.set_title("Where the loss goes: by position")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, results["context"],
+                   f"position in a {pos['length']}-token window (mean over {pos['bucket']} positions)",
+                   "NLL per token (nats, held-out)", "Where the loss goes: by position", path)
 
 
 def markdown(results: dict, ppl_png: str, passkey_png: str, position_png: str) -> str:
