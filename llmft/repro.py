@@ -63,14 +63,15 @@ class Scale:
     ft_copies: int  # long-range copy documents in the fine-tunes' mix
     eval_tokens_per_book: int | None  # None: the whole held-out text
     passkey_trials: int
+    niah_samples: int  # RULER niah_single_1 prompts per length
     model: str | None = None  # overrides the base recipe's model.name (None: the recipe's)
     ft_lr: float | None = None  # overrides the fine-tune recipes' lr (None: the recipes')
 
 
 FULL = Scale(base_steps=2500, ft_steps=300, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
-             ft_copies=3_000, eval_tokens_per_book=None, passkey_trials=4)
+             ft_copies=3_000, eval_tokens_per_book=None, passkey_trials=4, niah_samples=20)
 FAST = Scale(base_steps=300, ft_steps=60, base_retrieval=600, base_copies=500, ft_retrieval=120, ft_copies=120,
-             eval_tokens_per_book=4096, passkey_trials=1, model="llmft/assets/tiny-llama", ft_lr=2e-3)
+             eval_tokens_per_book=4096, passkey_trials=1, niah_samples=2, model="llmft/assets/tiny-llama", ft_lr=2e-3)
 GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
 
 # (key, label, fine-tune recipe or None, rope scaling applied to the base for the untrained rows)
@@ -86,6 +87,7 @@ METHODS = (
 )
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PASSKEY_EVAL_SEED = 0
+NIAH_TASK, NIAH_NEW_TOKENS = "niah_single_1", 12  # RULER's single needle in noise; its answer, a 7-digit number, fits
 
 
 def _log(msg: str) -> None:
@@ -265,6 +267,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from llmft.eval.passkey import run_passkey
     from llmft.eval.pg19 import load_books
     from llmft.eval.ppl import evaluate_ppl
+    from llmft.eval.ruler import run_ruler
     from llmft.repro_report import checks, write_outputs
 
     started = time.time()
@@ -316,13 +319,14 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     if scale.eval_tokens_per_book is not None:
         for b in test_books:
             b.ids, b.nbytes = b.ids[: scale.eval_tokens_per_book], b.nbytes[: scale.eval_tokens_per_book]
-    _log(f"4/5 perplexity of {sum(len(b.ids) for b in test_books):,} held-out tokens and 5/5 passkey retrieval "
-         f"at {lengths}")
+    _log(f"4/5 perplexity of {sum(len(b.ids) for b in test_books):,} held-out tokens and 5/5 retrieval (passkey, "
+         f"RULER {NIAH_TASK}) at {lengths}")
     ppl: dict[str, dict[int, dict]] = {}
     passkey: dict[str, dict] = {}
+    niah: dict[str, dict] = {}
     by_position: dict[str, list[float]] = {}
     bucket = C // 2
-    timings["eval_ppl"] = timings["passkey"] = 0.0
+    timings["eval_ppl"] = timings["passkey"] = timings["niah"] = 0.0
     for key, label, recipe, kind in METHODS:
         model = _load(finals[key]) if recipe else (_scaled_base(base, kind, factor) if kind else _load(base))
         t0 = time.time()
@@ -335,8 +339,14 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
                                    seed=PASSKEY_EVAL_SEED, model_name=key, allow_beyond_max_positions=True,
                                    progress=False)
         timings["passkey"] += time.time() - t0
+        t0 = time.time()
+        niah[key] = _niah(run_ruler(model, tokenizer, [NIAH_TASK], lengths, scale.niah_samples, seed=PASSKEY_EVAL_SEED,
+                                    allow_beyond=True, max_new_tokens=NIAH_NEW_TOKENS, model_name=key,
+                                    progress=False))
+        timings["niah"] += time.time() - t0
         _log(f"    {label}: ppl/byte " + ", ".join(f"{n}: {ppl[key][n]['ppl_per_byte']:.3f}" for n in lengths)
-             + f"; passkey {passkey[key]['accuracy']:.0%}")
+             + f"; passkey {passkey[key]['accuracy']:.0%}; {NIAH_TASK} "
+             + ", ".join(f"{n}: {v:.0f}" for n, v in niah[key]["scores"].items() if v is not None))
     timings["total"] = time.time() - started
 
     results = {
@@ -350,11 +360,21 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "nll_by_position": {"bucket": bucket, "length": target, "rows": by_position},
         "passkey": {k: {**{f: v[f] for f in ("model", "lengths", "depths", "trials", "seed", "accuracy", "cells")},
                         **_answers(v)} for k, v in passkey.items()},
-        "checks": checks(ppl, passkey, lengths),
+        "niah": niah,
+        "checks": checks(ppl, passkey, niah, lengths),
     }
     write_outputs(results, out, doc)
     _log(f"done in {timings['total'] / 60:.1f} min: {out / 'pi_tiny.md'}" + (f", {doc}" if doc else ""))
     return results
+
+
+def _niah(r: dict) -> dict:
+    """What the report keeps of a RULER run of the one needle task: scores (0..100) by length, the lengths skipped
+    and why, the samples per length, and the first predictions (to see what a failing model says)."""
+    (task,) = r["tasks"]
+    return {"task": task, "samples": r["samples"], "scores": r["scores"][task],
+            "skipped": {str(x["length"]): x["reason"] for x in r["skipped"]},
+            "preds": [{"length": x["length"], "pred": x["pred"], "outputs": x["outputs"]} for x in r["records"][:8]]}
 
 
 def _answers(passkey: dict) -> dict:

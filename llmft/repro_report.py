@@ -25,11 +25,33 @@ def passkey_by_length(pk: dict) -> dict[int, float | None]:
             for n in pk["lengths"]}
 
 
-def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], lengths: list[int]) -> list[dict]:
+def niah_by_length(nh: dict) -> dict[int, float | None]:
+    """RULER needle score per prompt length as a fraction (None where the prompt did not fit)."""
+    return {int(n): None if v is None else v / 100 for n, v in nh["scores"].items()}
+
+
+def effective_length(pk: dict, nh: dict) -> int | None:
+    """RULER's effective length of one row: the longest length up to which retrieval (the mean of passkey and
+    niah_single_1 where each ran) stays at or above RULER's bar (85.6, Llama-2-7B's average at 4K); None when it
+    fails at C already."""
+    from llmft.eval.ruler import THRESHOLD
+    from llmft.eval.ruler import effective_length as longest
+
+    a, b = passkey_by_length(pk), niah_by_length(nh)
+    average = {}
+    for n in pk["lengths"]:
+        got = [v for v in (a.get(n), b.get(n)) if v is not None]
+        average[n] = 100 * sum(got) / len(got) if got else None
+    return longest(average, THRESHOLD)
+
+
+def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict[str, dict],
+           lengths: list[int]) -> list[dict]:
     """The paper's claims and the issue's goals, each with the numbers it rests on.
 
     ``ppl[key][length]`` as :func:`llmft.eval.ppl.evaluate_ppl` returns; ``passkey[key]`` as
-    :func:`llmft.eval.passkey.run_passkey` returns, for every key of ``METHODS``.
+    :func:`llmft.eval.passkey.run_passkey` returns; ``niah[key]`` RULER's needle scores as ``llmft.repro`` keeps
+    them (``scores``: {length: 0..100 or None}); for every key of ``METHODS``.
     """
     C, L = lengths[0], lengths[-1]
 
@@ -37,6 +59,8 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], lengths: l
         return ppl[key][n][metric]
 
     acc = {k: passkey_by_length(pk) for k, pk in passkey.items()}
+    needle = {k: niah_by_length(nh) for k, nh in niah.items()}
+    pi_needle = needle["ft_linear"][L]
     beyond = [acc["base"][n] for n in lengths[1:] if acc["base"][n] is not None]
     base_beyond = sum(beyond) / len(beyond) if beyond else float("nan")
     token_ratio = v("base", L, "token_ppl") / v("base", C, "token_ppl")
@@ -48,6 +72,9 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], lengths: l
          "numbers": ", ".join(f"{acc['base'][n]:.0%} at {n}" for n in lengths[1:]) + f" (mean {base_beyond:.0%})"},
         {"claim": f"(c) PI + fine-tuning retrieves >= {RETRIEVES:.0%} at 8C", "holds": acc["ft_linear"][L] >= RETRIEVES,
          "numbers": f"{acc['ft_linear'][L]:.0%} at {L}"},
+        {"claim": f"(c) PI + fine-tuning scores >= {RETRIEVES:.0%} on RULER niah_single_1 at 8C",
+         "holds": pi_needle is not None and pi_needle >= RETRIEVES,
+         "numbers": "did not fit" if pi_needle is None else f"{pi_needle:.0%} at {L}"},
         {"claim": f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C",
          "holds": token_ratio >= EXPLODES,
          "numbers": f"token ppl {v('base', L, 'token_ppl'):.1f} at {L} vs {v('base', C, 'token_ppl'):.1f} at {C} "
@@ -88,6 +115,25 @@ def passkey_table(results: dict) -> str:
         overall = "n/a" if pk["accuracy"] is None else f"{pk['accuracy']:.0%}"
         lines.append(f"| {label} | {cells} | {overall} | {pk['distinct_answers']} of {pk['trials']} | "
                      f"{pk['most_common_answer'] or 'no number'} ({pk['most_common_share']:.0%} of trials) |")
+    return "\n".join(lines)
+
+
+def needle_table(results: dict) -> str:
+    """Rows = methods, columns = prompt lengths: RULER niah_single_1 (string match, 0..100), and each row's
+    effective length."""
+    lengths, niah = results["lengths"], results["niah"]
+    skipped = sorted({int(n) for nh in niah.values() for n in nh["skipped"]})
+    lines = [f"| method | {' | '.join(f'{n:,}' for n in lengths)} | effective length |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for key, label, _, _ in METHODS:
+        nh = niah[key]
+        cells = " | ".join("n/a" if nh["scores"][str(n)] is None else f"{nh['scores'][str(n)]:.0f}" for n in lengths)
+        eff = effective_length(results["passkey"][key], nh)
+        lines.append(f"| {label} | {cells} | {'below C' if eff is None else f'{eff:,}'} |")
+    if skipped:
+        lines.append("")
+        lines.append(f"n/a: the task's smallest prompt does not fit {', '.join(f'{n:,}' for n in skipped)} tokens "
+                     f"with this tokenizer.")
     return "\n".join(lines)
 
 
@@ -216,6 +262,14 @@ greedy decoding after "The pass key is", {s['passkey_trials']} keys per (length,
 
 ![passkey accuracy by prompt length]({passkey_png})
 
+## RULER niah_single_1 and effective length (rows = methods, columns = prompt length)
+
+RULER's single needle in noise (its template; a word's 7-digit "special magic number"), {s['niah_samples']} prompts
+per length, scored by string match (0..100). Effective length as RULER's: the longest length up to which retrieval
+(the mean of passkey and needle where each ran) stays at or above 85.6.
+
+{needle_table(r)}
+
 ## Perplexity per byte (rows = methods, columns = evaluation context)
 
 {method_table(r)}
@@ -242,8 +296,9 @@ trained on; from C on, the base extrapolates.
 ```
 
 The run takes {mins['total']} min: {mins['pretrain']} min pre-training, {mins['ft_linear']} min per
-fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey. A run resumes where it was
-interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that `tests/integration/test_repro_pi.py` runs.
+fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run
+resumes where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
+`tests/integration/test_repro_pi.py` runs.
 
 {MARKER}
 """

@@ -182,7 +182,7 @@ def write_retrieval(path: Path, records: list[dict], whole: bool = False) -> Pat
     return path
 
 
-def vocabulary_words(tokenizer, min_chars: int = 3) -> list[str]:
+def vocabulary_words(tokenizer, min_chars: int = 2) -> list[str]:
     """The whole words of ``tokenizer``'s vocabulary that are one token with their leading space (BPE's ``Ġ``,
     SentencePiece's ``▁``) and at least ``min_chars`` letters, sorted: copy segments made of them cost one token an
     item, so a segment's length in tokens is known.
@@ -198,17 +198,20 @@ def vocabulary_words(tokenizer, min_chars: int = 3) -> list[str]:
     return words
 
 
-def _number(rng: random.Random) -> str:
-    digits = rng.randint(3, 7)
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+COPY_NUMBERS = (100, 9_999_999)
 
 
 def copy_records(words: list[str], count: int, seed: int = 0, items: tuple[int, int] = (4, 12), repeats: int = 4,
-                 number_share: float = 0.4, gap: list[str] | None = None,
+                 number_share: float = 0.4, numbers: tuple[int, int] = COPY_NUMBERS, gap: list[str] | None = None,
                  gap_words: tuple[int, int] = (0, 600)) -> list[dict]:
     """``count`` documents ``{"text"}`` teaching a model to copy what came before: a segment of ``items`` random
-    items (words from ``words``, or with probability ``number_share`` a 3 to 7 digit number) repeated ``repeats``
-    times, one copy a line.
+    items (words from ``words``, or with probability ``number_share`` a number drawn uniformly from ``numbers``)
+    repeated ``repeats`` times, one copy a line.
+
+    The default numbers are mostly 7 digits long (90% of 100..9,999,999): copying a long digit string with repeated
+    digits needs more than the previous token to find the place (after "8 7 1 6", which "6" comes next?), which is
+    what a passkey asks. Measured on the PI repro's base (C = 128, 2500 steps): passkey 95% at C with these, 35%
+    with the digit count drawn uniformly from 3..7 (and 3+ letter words).
 
     With ``gap`` (words of a book), a long-range copy: the segment, then a random run of ``gap_words`` consecutive
     book words, then the segment ``repeats - 1`` more times; the second copy must be found far back.
@@ -216,15 +219,16 @@ def copy_records(words: list[str], count: int, seed: int = 0, items: tuple[int, 
     Raises:
         ValueError: ``repeats`` < 2, an empty or inverted range, or ``gap`` shorter than ``gap_words``' maximum.
     """
-    if repeats < 2 or not 1 <= items[0] <= items[1] or not 0 <= gap_words[0] <= gap_words[1]:
+    if (repeats < 2 or not 1 <= items[0] <= items[1] or not 0 <= gap_words[0] <= gap_words[1]
+            or not 0 <= numbers[0] <= numbers[1]):
         raise ValueError(f"copy_records: repeats {repeats} (>= 2), items {items} and gap_words {gap_words} "
-                         "(1 <= low <= high) are required")
+                         f"(1 <= low <= high) and numbers {numbers} (0 <= low <= high) are required")
     if gap is not None and len(gap) <= gap_words[1]:
         raise ValueError(f"copy_records: the gap text has {len(gap)} words, fewer than gap_words' {gap_words[1]}")
     rng = random.Random(f"copy-{seed}")
     out = []
     for _ in range(count):
-        segment = " ".join(_number(rng) if rng.random() < number_share else rng.choice(words)
+        segment = " ".join(str(rng.randint(*numbers)) if rng.random() < number_share else rng.choice(words)
                            for _ in range(rng.randint(*items)))
         if gap is None:
             out.append({"text": "\n".join([segment] * repeats)})

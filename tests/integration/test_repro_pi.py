@@ -55,6 +55,15 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         assert 0.0 <= pk["accuracy"] <= 1.0 and all(c["accuracy"] is not None for c in pk["cells"])
         assert len(pk["cells"]) == len(lengths) * len(PASSKEY_DEPTHS)
 
+    s_niah = results["settings"]["niah_samples"]
+    # RULER's needle: every row scored where its prompt fits (this tokenizer needs more than 2C for it)
+    assert set(results["niah"]) == {m[0] for m in METHODS}
+    for nh in results["niah"].values():
+        assert nh["task"] == "niah_single_1" and nh["samples"] == s_niah
+        assert all(0.0 <= nh["scores"][str(n)] <= 100.0 for n in lengths[2:])
+        assert all(nh["scores"][str(n)] is None and "cannot hold" in nh["skipped"][str(n)] for n in lengths[:2])
+        assert len(nh["preds"]) == 2 * s_niah and all(len(p["outputs"]) == 1 for p in nh["preds"])
+
     # the mix: as many documents as the settings say, passkeys disjoint from every key the evaluation drew
     s, mix = results["settings"], out / "mix"
     counts = {name: len((mix / f"{name}.jsonl").read_text().splitlines())
@@ -75,6 +84,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         text = md.read_text()
         assert all(label in text for _, label, _, _ in METHODS)
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
+        assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text
     pos = results["nll_by_position"]
     assert set(pos["rows"]) == set(POSITION_ROWS) and pos["length"] == 1024
     assert all(len(row) == math.ceil(1023 / pos["bucket"]) for row in pos["rows"].values())

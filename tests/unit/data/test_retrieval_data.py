@@ -80,14 +80,15 @@ def test_whole_text_retrieval_files_hold_prompt_and_answer_as_one_document(tok, 
 
 def test_vocabulary_words_are_one_token_each(tok):
     words = vocabulary_words(tok)
-    assert len(words) >= 50 and words == sorted(set(words))
+    assert len(words) >= 50 and words == sorted(set(words)) and min(len(w) for w in words) == 2
+    assert set(vocabulary_words(tok, min_chars=3)) == {w for w in words if len(w) >= 3}
     assert all(len(tok(" " + w, add_special_tokens=False).input_ids) == 1 for w in words)
 
 
 def test_copy_documents_repeat_one_segment_of_words_and_numbers(tok):
     words = vocabulary_words(tok)
     docs = copy_records(words, 300, seed=1, items=(4, 12), repeats=4)
-    numbers = items = 0
+    numbers = items = seven = 0
     for d in docs:
         lines = d["text"].split("\n")
         assert len(lines) == 4 and len(set(lines)) == 1
@@ -96,8 +97,12 @@ def test_copy_documents_repeat_one_segment_of_words_and_numbers(tok):
         for x in seg:
             assert x in words or (x.isdigit() and 3 <= len(x) <= 7 and x[0] != "0"), x
         numbers += sum(x.isdigit() for x in seg)
+        seven += sum(x.isdigit() and len(x) == 7 for x in seg)
         items += len(seg)
     assert 0.3 < numbers / items < 0.5  # number_share 0.4
+    assert 0.85 < seven / numbers < 0.95  # uniform over 100..9,999,999: 90% have 7 digits
+    short = copy_records(words, 50, seed=1, number_share=1.0, numbers=(10, 99))
+    assert {len(x) for d in short for x in d["text"].split("\n")[0].split(" ")} == {2}
     assert len({d["text"] for d in docs}) == 300
     assert copy_records(words, 5, seed=1) == docs[:5] and copy_records(words, 5, seed=2) != docs[:5]
 
@@ -117,3 +122,5 @@ def test_long_range_copies_put_a_run_of_book_words_between_the_first_two_copies(
         copy_records(["a"], 1, gap=book[:100], gap_words=(0, 600))
     with pytest.raises(ValueError, match="repeats 1"):
         copy_records(["a"], 1, repeats=1)
+    with pytest.raises(ValueError, match=r"numbers \(9, 1\)"):
+        copy_records(["a"], 1, numbers=(9, 1))

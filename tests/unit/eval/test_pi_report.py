@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmft.repro import METHODS
-from llmft.repro_report import EXPLODES, checks, passkey_by_length, passkey_table
+from llmft.repro_report import EXPLODES, checks, effective_length, needle_table, passkey_by_length, passkey_table
 
 LENGTHS = [128, 256, 512, 1024]
 
@@ -24,12 +24,18 @@ def _pk(acc: dict[int, float], trials: int = 4) -> dict:
             "distinct_answers": 3, "trials": 8 * trials, "most_common_answer": "12345", "most_common_share": 0.25}
 
 
+def _nh(scores: dict[int, float | None]) -> dict:
+    """A needle result as llmft.repro keeps it: scores 0..100 by length, None where the prompt did not fit."""
+    return {"scores": {str(n): v for n, v in scores.items()},
+            "skipped": {str(n): "too short" for n, v in scores.items() if v is None}}
+
+
 def _ppl(per_byte: dict[int, float], token: dict[int, float] | None = None) -> dict:
     token = token or per_byte
     return {n: {"ppl_per_byte": per_byte[n], "token_ppl": token[n]} for n in LENGTHS}
 
 
-def _run(base_acc, pi_acc, none_acc, base_token):
+def _run(base_acc, pi_acc, none_acc, base_token, pi_needle=None):
     flat = {n: 2.0 for n in LENGTHS}
     ppl = {k: _ppl(flat) for k, *_ in METHODS}
     ppl["base"] = _ppl({128: 2.0, 256: 2.2, 512: 2.6, 1024: 3.0}, base_token)
@@ -37,7 +43,9 @@ def _run(base_acc, pi_acc, none_acc, base_token):
     ppl["ft_none"] = _ppl({128: 2.0, 256: 1.97, 512: 1.95, 1024: 1.9})
     pk = {k: _pk({n: 0.0 for n in LENGTHS}) for k, *_ in METHODS}
     pk["base"], pk["ft_linear"], pk["ft_none"] = _pk(base_acc), _pk(pi_acc), _pk(none_acc)
-    return {c["claim"].split(":")[0]: c for c in checks(ppl, pk, LENGTHS)}, pk
+    nh = {k: _nh({128: None, 256: None, 512: 0.0, 1024: 0.0}) for k, *_ in METHODS}
+    nh["ft_linear"] = _nh({128: None, 256: None, 512: 100.0, 1024: pi_needle})
+    return {c["claim"].split(":")[0]: c for c in checks(ppl, pk, nh, LENGTHS)}, pk
 
 
 def test_passkey_by_length_pools_cells_by_trials():
@@ -51,7 +59,7 @@ def test_passkey_by_length_pools_cells_by_trials():
 def test_the_claims_hold_exactly_when_their_numbers_say_so():
     paper = ({128: 1.0, 256: 0.25, 512: 0.0, 1024: 0.0}, {128: 1.0, 256: 1.0, 512: 1.0, 1024: 0.875},
              {128: 1.0, 256: 0.5, 512: 0.25, 1024: 0.125}, {128: 10.0, 256: 20.0, 512: 40.0, 1024: 31.0})
-    got, pk = _run(*paper)
+    got, pk = _run(*paper, pi_needle=95.0)
     assert got["the base retrieves within C (passkey at 128 >= 80%)"]["holds"]
     assert got["(a) the base extrapolating retrieves <= 20% beyond C"]["holds"]  # mean of 25%, 0, 0 = 8%
     assert not got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["holds"]  # 87.5%
@@ -60,6 +68,8 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
                                                          "steps (perplexity)"]["holds"]
     assert got["(d) no interpolation retrieves less than (c) at 8C after the same steps"]["holds"]
     assert "88% at 1024" in got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["numbers"]
+    needle = got["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"]
+    assert needle["holds"] and needle["numbers"] == "95% at 1024"
 
     got, _ = _run({128: 0.5, 256: 0.5, 512: 0.25, 1024: 0.0}, {n: 1.0 for n in LENGTHS},
                   {n: 1.0 for n in LENGTHS}, {128: 10.0, 256: 12.0, 512: 20.0, 1024: 29.0})
@@ -68,7 +78,28 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
     assert got["(c) PI + fine-tuning retrieves >= 90% at 8C"]["holds"]
     assert not got[f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C"]["holds"]  # 2.9x
     assert not got["(d) no interpolation retrieves less than (c) at 8C after the same steps"]["holds"]  # a tie
+    needle = got["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"]
+    assert not needle["holds"] and needle["numbers"] == "did not fit"  # no score is no pass
+    assert not _run(*paper, pi_needle=85.0)[0]["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"][
+        "holds"]
 
     table = passkey_table({"lengths": LENGTHS, "passkey": pk})
     row = next(line for line in table.splitlines() if line.startswith("| (c) PI x8 + N steps"))
     assert row.split("|")[2:6] == [" 100% ", " 100% ", " 100% ", " 88% "]
+
+
+def test_effective_length_averages_passkey_and_needle_where_each_ran():
+    pk = _pk({128: 1.0, 256: 0.875, 512: 1.0, 1024: 0.5})
+    # 128: passkey only (100); 256: 87.5; 512: (100 + 80) / 2 = 90; 1024: (50 + 100) / 2 = 75 < 85.6
+    assert effective_length(pk, _nh({128: None, 256: None, 512: 80.0, 1024: 100.0})) == 512
+    # the needle pulls 512 below the bar: (100 + 70) / 2 = 85 < 85.6, so the length stops at 256
+    assert effective_length(pk, _nh({128: None, 256: None, 512: 70.0, 1024: 100.0})) == 256
+    # failing at C already: no effective length, whatever comes later
+    assert effective_length(_pk({128: 0.5, 256: 1.0, 512: 1.0, 1024: 1.0}),
+                            _nh({128: None, 256: None, 512: 100.0, 1024: 100.0})) is None
+
+    results = {"lengths": LENGTHS, "passkey": {k: pk for k, *_ in METHODS},
+               "niah": {k: _nh({128: None, 256: None, 512: 80.0, 1024: 100.0}) for k, *_ in METHODS}}
+    row = next(line for line in needle_table(results).splitlines() if line.startswith("| (c) PI x8 + N steps"))
+    assert [c.strip() for c in row.split("|")[2:7]] == ["n/a", "n/a", "80", "100", "512"]
+    assert "does not fit 128, 256 tokens" in needle_table(results)
