@@ -69,7 +69,7 @@ class Scale:
 
 
 FULL = Scale(base_steps=2500, ft_steps=300, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
-             ft_copies=3_000, eval_tokens_per_book=None, passkey_trials=4, niah_samples=20)
+             ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20)
 FAST = Scale(base_steps=300, ft_steps=60, base_retrieval=600, base_copies=500, ft_retrieval=120, ft_copies=120,
              eval_tokens_per_book=4096, passkey_trials=1, niah_samples=2, model="llmft/assets/tiny-llama", ft_lr=2e-3)
 GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
