@@ -14,4 +14,11 @@ if __name__ == "__main__":
     add_train_args(parser)
     args = parse_args(parser, None)
     setup_logging()
-    sys.exit(run(cmd_train, args))
+    code = run(cmd_train, args)
+    # leave the process group before the interpreter exits: torn down at exit instead, its communication threads
+    # can abort a rank that already finished ("terminate called without an active exception", exit -6)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
