@@ -47,29 +47,6 @@ def flops_per_token(seq_len: int, model: dict = MODEL) -> float:
     return 6 * matmul_params(model) + 12 * model["num_layers"] * model["hidden_size"] * seq_len
 
 
-def gemm_peak(sizes=(2048, 3072, 4096), repeats: int = 5, device: str = "cpu", dtype=None) -> float:
-    """FLOP/s of the best ``torch.matmul`` of square matrices (best of ``repeats`` per size; fp32 unless ``dtype``),
-    with this process's torch thread count (the same as the children's: torch's default); on CUDA each product is
-    timed between synchronizations."""
-    import torch
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    best = 0.0
-    for n in sizes:
-        a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
-        a @ b  # warm-up
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
 def book_paths(tmp: Path) -> list[Path]:
     """The real Gutenberg books (shared data), else the bundled ones decompressed into ``tmp``."""
     books = sorted(SHARED_BOOKS.glob("*.txt")) if SHARED_BOOKS.is_dir() else []

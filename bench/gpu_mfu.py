@@ -30,13 +30,14 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmft.machine import gemm_peak  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     MODEL,
     RESULTS,
     book_paths,
     flops_per_token,
-    gemm_peak,
     matmul_params,
     peak_rss_bytes,
     run_child,

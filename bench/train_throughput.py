@@ -39,13 +39,14 @@ from pathlib import Path
 
 import yaml
 
+from llmft.machine import gemm_peak  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     REPO,
     RESULTS,
     book_paths,
     flops_per_token,
-    gemm_peak,
     machine,
     peak_rss_bytes,
     run_child,

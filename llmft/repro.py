@@ -25,7 +25,8 @@ trained length and fine-tuning without interpolation extends slowly. This driver
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
 over). ``--fast`` is a ~2-minute version (the tiny quickstart model, fewer steps, a slice of the held-out text)
-used as the CI integration test.
+used as the CI integration test. ``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained
+short-context model that retrieves within C, to start other experiments from.
 """
 
 from __future__ import annotations
@@ -246,18 +247,38 @@ def _scaled_base(base: Path, kind: str, factor: float):
 
     config = AutoConfig.from_pretrained(base)
     apply_rope_scaling(config, RopeConfig(type=kind, factor=factor))
-    return AutoModelForCausalLM.from_pretrained(base, config=config)
+    return AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32)
 
 
 def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 also for a base saved in bf16
+
+
+def save_bf16(model_dir: Path, dest: Path, provenance: str) -> Path:
+    """A trained model (and its tokenizer) saved in bf16 safetensors to ``dest``, atomically, with a ``SOURCE.md``
+    saying where it came from (``--save-base``: a full run's base, half the size, to start other experiments from).
+
+    Raises:
+        OSError: ``dest`` cannot be written.
+    """
+    from transformers import AutoTokenizer
+
+    from llmft.atomic import publish_dir
+
+    with publish_dir(dest) as tmp:
+        model = _load(model_dir).to(torch.bfloat16)
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        (tmp / "SOURCE.md").write_text(f"Made by {provenance}, saved in bf16 by llmft.repro.save_bf16.\n")
+    return dest
 
 
 def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = None, fresh: bool = False,
-           doc: Path | None = None, command: str | None = None) -> dict:
-    """Run the whole experiment; returns the results written to ``OUT/results.json``.
+           doc: Path | None = None, command: str | None = None, save_base: Path | None = None) -> dict:
+    """Run the whole experiment; returns the results written to ``OUT/results.json``. With ``save_base``, the base
+    is also saved there in bf16 (:func:`save_bf16`).
 
     Raises:
         RecipeError: ``books`` holds no books.
@@ -268,10 +289,12 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from llmft.eval.pg19 import load_books
     from llmft.eval.ppl import evaluate_ppl
     from llmft.eval.ruler import run_ruler
+    from llmft.machine import gemm_peak
     from llmft.repro_report import checks, write_outputs
 
     started = time.time()
     scale = FAST if fast else FULL
+    gflops = gemm_peak((1024, 2048), repeats=3) / 1e9  # how fast this machine is: minutes differ 2x between machines
     out = Path(out).resolve()
     doc = Path(doc).resolve() if doc is not None else None
     books = Path(books).resolve() if books is not None else None
@@ -298,6 +321,8 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
                        scale.model)
     _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
     base = _train(base_rec, scale.base_steps, fresh)
+    if save_base is not None:
+        save_bf16(base, Path(save_base), f"`{command or _command(fast, seed, books, doc)}`, its base ({base})")
     timings["pretrain"] = time.time() - t0
 
     # 3. the fine-tunes at 8C, same steps and data
@@ -353,6 +378,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "scale": "fast" if fast else "full", "seed": seed, "context": C, "factor": factor, "target": target,
         "lengths": lengths, "split": split, "settings": asdict(scale), "timings_s": timings,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine_gflops": gflops,
         "command": command or _command(fast, seed, books, doc),
         "eval_tokens": {b.name: len(b.ids) for b in test_books},
         "mix": {k: v for k, v in mix.items() if k != "files"},

@@ -20,7 +20,8 @@ def register(sub) -> None:
     pi = rpsub.add_parser("pi", help="Position Interpolation: pre-train at C, extend x8 with PI / none / YaRN / "
                           "dynamic NTK, perplexity at C..8C and passkey; writes a PI-paper-shaped table and plots")
     pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
-    pi.add_argument("--fast", action="store_true", help="the ~2-minute CI-sized version")
+    pi.add_argument("--fast", action="store_true",
+                    help="the CI-sized version (a few minutes): short fine-tunes of the shipped base")
     pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
     pi.add_argument("--books", type=Path, default=None,
                     help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "
@@ -28,6 +29,8 @@ def register(sub) -> None:
     pi.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
     pi.add_argument("--doc", type=Path, default=None,
                     help="also write the markdown and PNGs here (e.g. docs/results/pi_tiny.md)")
+    pi.add_argument("--save-base", type=Path, default=None,
+                    help="also save the base in bf16 there (how llmft/assets/repro-base, the start of --fast, is made)")
     pi.set_defaults(func=cmd_repro_pi)
 
     mq = rpsub.add_parser("mdqa", help="multi-document QA (Lost in the Middle protocol, synthetic stand-in): "
@@ -55,7 +58,7 @@ def cmd_repro_pi(args: argparse.Namespace) -> int:
 
     command = "llmft repro pi " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "pi"] else None
     run_pi(Path(args.out), fast=args.fast, seed=args.seed, books=args.books, fresh=args.fresh, doc=args.doc,
-           command=command)
+           command=command, save_base=args.save_base)
     return 0
 
 

@@ -25,6 +25,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     lengths = results["lengths"]
     assert lengths == [128, 256, 512, 1024] and results["scale"] == "fast" and results["seed"] == 0
+    assert results["machine_gflops"] > 1  # the yardstick that makes its minutes comparable across machines
     ppl = results["ppl"]
     assert set(ppl) == {m[0] for m in METHODS}
     for row in ppl.values():
@@ -84,6 +85,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         text = md.read_text()
         assert all(label in text for _, label, _, _ in METHODS)
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
+        assert f"(fp32 matmul peak {results['machine_gflops']:.0f} GFLOP/s)" in text
         assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text
     pos = results["nll_by_position"]
     assert set(pos["rows"]) == set(POSITION_ROWS) and pos["length"] == 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmft.repro import METHODS
-from llmft.repro_report import EXPLODES, checks, effective_length, needle_table, passkey_by_length, passkey_table
+from llmft.repro_report import EXPLODES, GAP, checks, effective_length, needle_table, passkey_by_length, passkey_table
 
 LENGTHS = [128, 256, 512, 1024]
 
@@ -82,6 +82,18 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
     assert not needle["holds"] and needle["numbers"] == "did not fit"  # no score is no pass
     assert not _run(*paper, pi_needle=85.0)[0]["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"][
         "holds"]
+
+    # the retrieval gap of CI: the best fine-tune at 8C (PI's 87.5% in the first run) against the base's 0%
+    first, _ = _run(*paper)
+    gap_claims = [c for c in first.values() if "retrieval gap" in c["claim"]]
+    assert len(gap_claims) == 1 and gap_claims[0]["holds"]
+    assert gap_claims[0]["numbers"] == "(c) PI x8 + N steps at 8C: 88% vs 0% at 1024"
+    # a gap of less than GAP does not hold; neither does one where the base retrieves as well
+    low = GAP - 0.125
+    weak, _ = _run(paper[0], {n: low for n in LENGTHS}, {n: 0.0 for n in LENGTHS}, paper[3])
+    assert not next(c for c in weak.values() if "retrieval gap" in c["claim"])["holds"]
+    same, _ = _run({n: 1.0 for n in LENGTHS}, {n: 1.0 for n in LENGTHS}, {n: 1.0 for n in LENGTHS}, paper[3])
+    assert not next(c for c in same.values() if "retrieval gap" in c["claim"])["holds"]
 
     table = passkey_table({"lengths": LENGTHS, "passkey": pk})
     row = next(line for line in table.splitlines() if line.startswith("| (c) PI x8 + N steps"))
