@@ -30,7 +30,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmft.machine import gemm_peak  # noqa: E402
+from llmft.machine import gemm_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402

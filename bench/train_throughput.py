@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from llmft.machine import gemm_peak  # noqa: E402
+from llmft.machine import gemm_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402

@@ -24,7 +24,7 @@ trained length and fine-tuning without interpolation extends slowly. This driver
    kept).
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
-over). ``--fast`` is a ~2-minute version (the tiny quickstart model, fewer steps, a slice of the held-out text)
+over). ``--fast`` is a few-minute version (the tiny quickstart model, fewer steps, a slice of the held-out text)
 used as the CI integration test. ``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained
 short-context model that retrieves within C, to start other experiments from.
 """

@@ -21,7 +21,7 @@ def register(sub) -> None:
                           "dynamic NTK, perplexity at C..8C and passkey; writes a PI-paper-shaped table and plots")
     pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
     pi.add_argument("--fast", action="store_true",
-                    help="the CI-sized version (a few minutes): short fine-tunes of the shipped base")
+                    help="the CI-sized version (a few minutes): the tiny quickstart model, fewer steps")
     pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
     pi.add_argument("--books", type=Path, default=None,
                     help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "
@@ -30,7 +30,7 @@ def register(sub) -> None:
     pi.add_argument("--doc", type=Path, default=None,
                     help="also write the markdown and PNGs here (e.g. docs/results/pi_tiny.md)")
     pi.add_argument("--save-base", type=Path, default=None,
-                    help="also save the base in bf16 there (how llmft/assets/repro-base, the start of --fast, is made)")
+                    help="also save the pre-trained base in bf16 there (to start other experiments from)")
     pi.set_defaults(func=cmd_repro_pi)
 
     mq = rpsub.add_parser("mdqa", help="multi-document QA (Lost in the Middle protocol, synthetic stand-in): "

@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from llmft.atomic import publish_dir
 from llmft.config import LoraConfig, ModelConfig
 from llmft.model.load import ModelLoadError, checkpoint_kwargs, enable_checkpointing
 
@@ -290,13 +290,10 @@ def merge_adapters(base: str, adapters: Sequence[tuple[Path, float]], out_dir: P
     dirs = [Path(d) for d, _ in adapters]
     model.config.dtype = dtype
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    tok_src = dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with publish_dir(out_dir) as tmp:
+        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tok_src = dirs[0] if (dirs[0] / "tokenizer_config.json").is_file() else base
+        AutoTokenizer.from_pretrained(tok_src).save_pretrained(tmp)
     return out_dir
 
 

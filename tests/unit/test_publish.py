@@ -1,4 +1,4 @@
-"""Publishing a directory atomically (llmft/atomic.py) and the shipped repro base's bf16 copy (llmft/repro.py): a
+"""Publishing a directory atomically (llmft/atomic.py) and the repro base's bf16 copy (llmft/repro.py, --save-base): a
 failed write leaves the old directory as it was, and the bf16 copy predicts as its fp32 source does, within bf16's
 rounding, when loaded back in fp32."""
 

@@ -83,7 +83,7 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
     assert not _run(*paper, pi_needle=85.0)[0]["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"][
         "holds"]
 
-    # the retrieval gap of CI: the best fine-tune at 8C (PI's 87.5% in the first run) against the base's 0%
+    # the retrieval gap: the best fine-tune at 8C (PI's 87.5% in the first run) against the base's 0%
     first, _ = _run(*paper)
     gap_claims = [c for c in first.values() if "retrieval gap" in c["claim"]]
     assert len(gap_claims) == 1 and gap_claims[0]["holds"]
