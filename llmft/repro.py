@@ -24,9 +24,10 @@ trained length and fine-tuning without interpolation extends slowly. This driver
    kept).
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
-over). ``--fast`` is a few-minute version (the tiny quickstart model, fewer steps, a slice of the held-out text)
-used as the CI integration test. ``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained
-short-context model that retrieves within C, to start other experiments from.
+over). ``--fast`` is a few-minute version used as the CI integration test: it skips pre-training and starts
+from the base of a full run, shipped in bf16 (``llmft/assets/repro-base``, :data:`SAVED_BASE`), with fewer
+fine-tuning steps and a slice of the held-out text. ``--save-base DIR`` also saves the base in bf16
+(:func:`save_bf16`): a trained short-context model that retrieves within C, to start other experiments from.
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ class Scale:
     niah_samples: int  # RULER niah_single_1 prompts per length
     model: str | None = None  # overrides the base recipe's model.name (None: the recipe's)
     ft_lr: float | None = None  # overrides the fine-tune recipes' lr (None: the recipes')
+    base: str | None = None  # a saved base (``--save-base`` of a full run) used instead of pre-training one
 
 
-FULL = Scale(base_steps=2500, ft_steps=300, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
+FULL = Scale(base_steps=2500, ft_steps=400, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
              ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20)
-FAST = Scale(base_steps=300, ft_steps=60, base_retrieval=600, base_copies=500, ft_retrieval=120, ft_copies=120,
-             eval_tokens_per_book=4096, passkey_trials=1, niah_samples=2, model="llmft/assets/tiny-llama", ft_lr=2e-3)
+SAVED_BASE = "llmft/assets/repro-base"  # a full run's base (`--save-base`), shipped in bf16: what --fast starts from
+FAST = Scale(base_steps=0, ft_steps=200, base_retrieval=0, base_copies=0, ft_retrieval=1500, ft_copies=1500,
+             eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE)
 GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
 
 # (key, label, fine-tune recipe or None, rope scaling applied to the base for the untrained rows)
@@ -168,10 +171,12 @@ def write_mix(out: Path, tokenizer, train_dir: Path, scale: Scale, C: int, targe
     avoid, words = eval_keys(), vocabulary_words(tokenizer)
     book = " ".join(d.text for d in read_source(SourceSpec(format="text", path=train_dir), on_error="stop")).split()
     base_kinds, ft_kinds = ("passkey", "kv"), ("passkey", "kv", "niah")
-    files = {
+    files = {} if scale.base is not None else {  # a saved base was pre-trained on a full run's mix
         "base_retrieval": write_retrieval(out / "base_retrieval.jsonl", retrieval_records(
             tokenizer, scale.base_retrieval, 32, C, seed=seed, kinds=base_kinds, avoid=avoid), whole=True),
         "base_copies": write_texts(out / "base_copies.jsonl", copy_records(words, scale.base_copies, seed=seed)),
+    }
+    files |= {
         "ft_retrieval": write_retrieval(out / "ft_retrieval.jsonl", retrieval_records(
             tokenizer, scale.ft_retrieval, C, target, seed=seed + 1, kinds=ft_kinds, avoid=avoid), whole=True),
         "ft_copies": write_texts(out / "ft_copies.jsonl", copy_records(
@@ -256,6 +261,25 @@ def _load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 also for a base saved in bf16
 
 
+def saved_base(name: str) -> Path:
+    """The directory of a saved base (``Scale.base``): as given, or its installed copy when llmft ships it.
+
+    Raises:
+        RecipeError: no model directory (``config.json``) there.
+    """
+    path = Path(resolve_shipped(name))
+    if not (path / "config.json").is_file():
+        raise RecipeError([f"the saved base {name}: no model there (config.json); make one with "
+                           f"`llmft repro pi --fresh --save-base {name}` (a full run)"])
+    return path
+
+
+def _source(base: Path) -> str:
+    """The first line of a saved base's SOURCE.md: how it was made."""
+    src = base / "SOURCE.md"
+    return src.read_text().splitlines()[0].rstrip(".") if src.is_file() else "no SOURCE.md"
+
+
 def save_bf16(model_dir: Path, dest: Path, provenance: str) -> Path:
     """A trained model (and its tokenizer) saved in bf16 safetensors to ``dest``, atomically, with a ``SOURCE.md``
     saying where it came from (``--save-base``: a full run's base, half the size, to start other experiments from).
@@ -317,12 +341,19 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
 
     # 2. the base at C
     t0 = time.time()
-    base_rec = _recipe("base", out, seed, train_dir, [mix["files"]["base_retrieval"], mix["files"]["base_copies"]],
-                       scale.model)
-    _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
-    base = _train(base_rec, scale.base_steps, fresh)
+    if scale.base is None:
+        base_rec = _recipe("base", out, seed, train_dir,
+                           [mix["files"]["base_retrieval"], mix["files"]["base_copies"]], scale.model)
+        _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
+        base = _train(base_rec, scale.base_steps, fresh)
+    else:
+        base = saved_base(scale.base)
+        _log(f"2/5 the base at C = {C} tokens: {base} ({_source(base)})")
     if save_base is not None:
-        save_bf16(base, Path(save_base), f"`{command or _command(fast, seed, books, doc)}`, its base ({base})")
+        made = (f"copying {scale.base} (its SOURCE.md says how that was made)" if scale.base is not None else
+                f"the pre-training of `{command or _command(fast, seed, books, doc)}` (recipes/repro/base.yaml, "
+                f"{scale.base_steps} steps, seed {seed})")
+        save_bf16(base, Path(save_base), made)
     timings["pretrain"] = time.time() - t0
 
     # 3. the fine-tunes at 8C, same steps and data
@@ -378,7 +409,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "scale": "fast" if fast else "full", "seed": seed, "context": C, "factor": factor, "target": target,
         "lengths": lengths, "split": split, "settings": asdict(scale), "timings_s": timings,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "machine_gflops": gflops,
+        "machine_gflops": gflops, "base_source": _source(base) if scale.base else None,
         "command": command or _command(fast, seed, books, doc),
         "eval_tokens": {b.name: len(b.ids) for b in test_books},
         "mix": {k: v for k, v in mix.items() if k != "files"},

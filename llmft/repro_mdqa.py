@@ -118,8 +118,9 @@ def behaviour(r: dict) -> dict:
 
 
 def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed: int = 0, fresh: bool = False,
-                  doc: Path | None = None, command: str | None = None) -> dict:
-    """Run the whole demonstration; returns the results written to ``OUT/results.json``.
+                  doc: Path | None = None, command: str | None = None, lr: float | None = None) -> dict:
+    """Run the whole demonstration; returns the results written to ``OUT/results.json``. ``lr`` overrides the
+    recipe's learning rate (a start model that already retrieves keeps that at a gentler one).
 
     Raises:
         ModelLoadError: ``model`` cannot be loaded.
@@ -156,7 +157,8 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     t0 = time.time()
     rec = load_recipe(shipped_path(RECIPE), [f"model.name={start}", f"checkpoint.dir={out / 'ft'}",
                                              f"data.sources.0.path={train_file}", f"train.seed={seed}",
-                                             f"train.max_steps={scale.steps}"])
+                                             f"train.max_steps={scale.steps}"]
+                      + ([f"train.lr={lr}"] if lr is not None else []))
     rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, scale.steps // 10))
     rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, scale.steps)
     _log(f"2/3 fine-tuning on {scale.train_examples:,} examples ({scale.steps} steps, answers only, isolated)")
@@ -173,9 +175,10 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
 
     results = {
         "scale": "fast" if fast else "full", "seed": seed, "start_model": str(start), "settings": asdict(scale),
+        "start_rope": _rope(start), "lr": rec.train.lr,
         "timings_s": timings, "train_losses": result.losses,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": command or _command(fast, seed, model, doc),
+        "command": command or _command(fast, seed, model, doc, lr),
         "before": before, "after": after,
         "overall": {"before": overall(before), "after": overall(after),
                     "chance": {k: 1 / k for k in scale.eval_ks}},
@@ -186,10 +189,21 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     return results
 
 
-def _command(fast: bool, seed: int, model: Path | None, doc: Path | None) -> str:
+def _rope(model_dir: Path) -> str:
+    """A model's positions and RoPE scaling, in words: "1024 positions, RoPE linear x8"."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", "default")
+    scaled = f"RoPE {kind} x{rope['factor']:g}" if kind != "default" and "factor" in rope else "RoPE as pre-trained"
+    return f"{cfg['max_position_embeddings']} positions, {scaled}"
+
+
+def _command(fast: bool, seed: int, model: Path | None, doc: Path | None, lr: float | None = None) -> str:
     parts = ["llmft repro mdqa", "--fresh"] + (["--fast"] if fast else []) + [f"--seed {seed}"]
     if model is not None:
         parts.append(f"--model {model}")
+    if lr is not None:
+        parts.append(f"--lr {lr:g}")
     if doc is not None:
         parts.append(f"--doc {doc.relative_to(Path.cwd()) if doc.is_relative_to(Path.cwd()) else doc}")
     return " ".join(parts)
@@ -278,23 +292,32 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def _start_words(r: dict) -> str:
+    start = Path(r["start_model"])
+    if start.parts[-3:] == ("quickstart", "extended", "final"):
+        return ("the quickstart's tiny LLaMA, pre-trained at 128 tokens and extended x8 to 1024 with linear Position "
+                "Interpolation (`final` of the quickstart)")
+    shown = start.relative_to(Path.cwd()) if start.is_relative_to(Path.cwd()) else start
+    return f"`{shown}` ({r.get('start_rope', 'its own config')})"
+
+
 def markdown(results: dict, png: str) -> str:
     from llmft.eval.applications import mdqa_table
 
     r, s = results, results["settings"]
     mins = {k: f"{v / 60:.1f}" for k, v in r["timings_s"].items()}
+    lr = f" (lr {r['lr']:g})" if "lr" in r else ""
     return f"""# Multi-document QA at tiny scale
 
 Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['total']} min on {r['machine']}.
 Every number below comes from that run (`results.json` next to the run's copy of this file).
 
-**Setup.** The start model is the quickstart's tiny LLaMA, pre-trained at 128 tokens and extended x8 to 1024 with
-linear Position Interpolation (`{Path(r['start_model']).name}` of the quickstart). The task is the synthetic
+**Setup.** The start model is {_start_words(r)}. The task is the synthetic
 stand-in of the "Lost in the Middle" protocol (`llmft/data/synthetic.py`, the paper's file layout and
 prompt): k passages, each stating the code of a made-up name, exactly one about the name the question asks. The
 answer is right when the gold code appears in the first line the model writes (greedy, at most {MAX_NEW_TOKENS}
 tokens). {s['eval_examples']} questions per (k, gold position), every position. Fine-tuning: {s['steps']} steps of
-`recipes/repro/mdqa.yaml` on {s['train_examples']:,} examples with k in {{{', '.join(map(str, s['train_ks']))}}}
+`recipes/repro/mdqa.yaml`{lr} on {s['train_examples']:,} examples with k in {{{', '.join(map(str, s['train_ks']))}}}
 and the gold passage at a random position (other names and codes than the evaluation), the loss on the answer only,
 isolated packing.
 

@@ -233,28 +233,45 @@ def speed(results: dict) -> str:
     return "" if g is None else f" (fp32 matmul peak {g:.0f} GFLOP/s)"
 
 
+def _base_line(r: dict) -> str:
+    s = r["settings"]
+    if s.get("base"):
+        return (f"A 4-layer LLaMA pre-trained from scratch at C = {r['context']} tokens, not by this run: the saved "
+                f"base `{s['base']}` ({r['base_source']})")
+    return f"A 4-layer LLaMA pre-trained from scratch at C = {r['context']} tokens for {s['base_steps']} steps"
+
+
+def _base_mix(r: dict) -> str:
+    mix = r["mix"]
+    if r["settings"].get("base"):
+        return ("the saved base was pre-trained on the training books plus retrieval and copy documents\n"
+                "(`llmft repro pi` without `--fast`; docs/results/pi_tiny.md describes that mix)")
+    return (f"its mix is the training books plus {mix['base_retrieval']:,} retrieval documents of\n"
+            f"{mix['base_retrieval_tokens']} tokens (passkeys and name-number lists, the whole text trained) and\n"
+            f"{mix['base_copies']:,} copy documents (a segment of single-token words and numbers written four times: "
+            "predicting\nthe later copies needs an induction head)")
+
+
 def markdown(results: dict, ppl_png: str, passkey_png: str, position_png: str) -> str:
     r, s = results, results["settings"]
-    C, L = r["context"], r["target"]
+    L = r["target"]
     mins = {k: f"{v / 60:.1f}" for k, v in r["timings_s"].items()}
     checks_md = "\n".join(f"- {'**holds**' if c['holds'] else '**does not hold**'}: {c['claim']}: {c['numbers']}"
                           for c in r["checks"])
     mix = r["mix"]
+    pretrain = "no pre-training (a saved base)" if s.get("base") else f"{mins['pretrain']} min pre-training"
     return f"""# Position Interpolation at tiny scale
 
 Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['total']} min on {r['machine']}{speed(r)}.
 Every number below comes from that run (`results.json` next to the run's copy of this file).
 
-**Setup.** A 4-layer LLaMA pre-trained from scratch at C = {C} tokens for {s['base_steps']} steps, then extended
+**Setup.** {_base_line(r)}, then extended
 x{r['factor']:g} to 8C = {L}. Each fine-tuned row is N = {s['ft_steps']} steps at {L} tokens from that base,
 with the same data, learning rate and seed (`recipes/repro/`). Held-out text: {r['split']}
 ({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}).
 
 **Data.** Perplexity alone does not show that a model uses its context, so the base is taught to look things up
-within C: its mix is the training books plus {mix['base_retrieval']:,} retrieval documents of
-{mix['base_retrieval_tokens']} tokens (passkeys and name-number lists, the whole text trained) and
-{mix['base_copies']:,} copy documents (a segment of single-token words and numbers written four times: predicting
-the later copies needs an induction head). Each fine-tune reads the books plus {mix['ft_retrieval']:,} retrieval
+within C: {_base_mix(r)}. Each fine-tune reads the books plus {mix['ft_retrieval']:,} retrieval
 documents of {mix['ft_retrieval_tokens']} tokens (passkeys, name-number lists, RULER's single needle) and
 {mix['ft_copies']:,} long-range copies (the segment, up to {mix['gap_words']} book words, the segment twice more).
 Documents are packed whole and attend only to themselves (`packing: isolated`). The passkeys of the training data
@@ -308,7 +325,7 @@ trained on; from C on, the base extrapolates.
 {r['command']}
 ```
 
-The run takes {mins['total']} min: {mins['pretrain']} min pre-training, {mins['ft_linear']} min per
+The run takes {mins['total']} min: {pretrain}, {mins['ft_linear']} min per
 fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run
 resumes where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
 `tests/integration/test_repro_pi.py` runs.

@@ -21,7 +21,8 @@ def register(sub) -> None:
                           "dynamic NTK, perplexity at C..8C and passkey; writes a PI-paper-shaped table and plots")
     pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
     pi.add_argument("--fast", action="store_true",
-                    help="the CI-sized version (a few minutes): the tiny quickstart model, fewer steps")
+                    help="the CI-sized version (a few minutes): no pre-training (it fine-tunes the base a full run "
+                    "saved, shipped as llmft/assets/repro-base), fewer steps, less text evaluated")
     pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
     pi.add_argument("--books", type=Path, default=None,
                     help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "
@@ -39,6 +40,9 @@ def register(sub) -> None:
     mq.add_argument("--model", type=Path, default=None,
                     help="the start model, e.g. runs/quickstart/extended/final (default: run the quickstart)")
     mq.add_argument("--fast", action="store_true", help="the CI-sized version (a few minutes)")
+    mq.add_argument("--lr", type=float, default=None,
+                    help="the fine-tune's learning rate (default: recipes/repro/mdqa.yaml's); a start model that "
+                    "already retrieves, e.g. runs/repro-pi/ft_yarn/final, keeps it at a gentler one")
     mq.add_argument("--seed", type=int, default=0, help="seed of the data and the fine-tune")
     mq.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
     mq.add_argument("--doc", type=Path, default=None,
@@ -67,5 +71,5 @@ def cmd_repro_mdqa(args: argparse.Namespace) -> int:
 
     command = "llmft repro mdqa " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "mdqa"] else None
     run_mdqa_demo(Path(args.out), model=args.model, fast=args.fast, seed=args.seed, fresh=args.fresh, doc=args.doc,
-                  command=command)
+                  command=command, lr=args.lr)
     return 0

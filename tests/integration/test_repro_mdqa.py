@@ -22,6 +22,7 @@ def test_repro_mdqa_fast_measures_before_and_after_and_reports_what_it_measured(
     assert main(["repro", "mdqa", "--fast", "--fresh", "--out", str(out), "--doc", str(doc)]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["scale"] == "fast" and r["start_model"].endswith("quickstart/extended/final")
+    assert r["start_rope"] == "1024 positions, RoPE linear x8" and r["lr"] == 2e-3  # the recipe's: no --lr given
 
     # the evaluation data: every gold position of each k, disjoint from the training questions
     files = mdqa_files(out / "data" / "eval")

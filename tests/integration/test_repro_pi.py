@@ -14,7 +14,7 @@ from PIL import Image
 from llmft.cli import main
 from llmft.config import RecipeError
 from llmft.eval.passkey import KEY_HIGH, KEY_LOW
-from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, prepare_books
+from llmft.repro import METHODS, PASSKEY_DEPTHS, PASSKEY_EVAL_SEED, POSITION_ROWS, SAVED_BASE, prepare_books, saved_base
 from llmft.repro_report import write_outputs
 
 
@@ -44,8 +44,17 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     # scaling without training changes the numbers; each fine-tune produced its own model
     assert ppl["pi"][L]["nll"] != ppl["base"][L]["nll"] and ppl["yarn"][L]["nll"] != ppl["pi"][L]["nll"]
     assert len({ppl[k][L]["nll"] for k in ("ft_linear", "ft_none", "ft_yarn", "ft_dynamic")}) == 4
-    for name in ("base", "ft_linear", "ft_none", "ft_yarn", "ft_dynamic"):
+    for name in ("ft_linear", "ft_none", "ft_yarn", "ft_dynamic"):
         assert (out / name / "final" / "model.safetensors").is_file()
+    # --fast starts from the shipped base of a full run instead of pre-training one
+    assert results["settings"]["base"] == SAVED_BASE and not (out / "base").exists()
+    assert results["base_source"].startswith("Made by the pre-training of `llmft repro pi")
+
+    # the retrieval gap: the base retrieves within C, no further; a fine-tune retrieves at 8C
+    claims = {c["claim"].split(":")[0]: c["holds"] for c in results["checks"]}
+    assert claims["the base retrieves within C (passkey at 128 >= 80%)"] is True
+    assert claims["(a) the base extrapolating retrieves <= 20% beyond C"] is True
+    assert claims["the retrieval gap"] is True
     cfg = json.loads((out / "ft_linear" / "final" / "config.json").read_text())
     assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 8.0
     assert cfg["max_position_embeddings"] == 1024
@@ -68,13 +77,13 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     # the mix: as many documents as the settings say, passkeys disjoint from every key the evaluation drew
     s, mix = results["settings"], out / "mix"
     counts = {name: len((mix / f"{name}.jsonl").read_text().splitlines())
-              for name in ("base_retrieval", "base_copies", "ft_retrieval", "ft_copies")}
-    assert counts == {k: s[k] for k in counts}
+              for name in ("ft_retrieval", "ft_copies")}
+    assert counts == {k: s[k] for k in counts} and not list(mix.glob("base_*"))
     train_keys = set()
-    for name in ("base_retrieval", "ft_retrieval"):
+    for name in ("ft_retrieval",):
         for line in (mix / f"{name}.jsonl").read_text().splitlines():
             train_keys |= set(re.findall(r"The pass key is (\d+)\.", json.loads(line)["text"]))
-    assert len(train_keys) > (s["base_retrieval"] + s["ft_retrieval"]) // 4  # a third of each are passkeys
+    assert len(train_keys) > s["ft_retrieval"] // 4  # a third of them are passkeys
     grid = (len(lengths), len(PASSKEY_DEPTHS), s["passkey_trials"])  # as run_passkey draws them
     rng = np.random.default_rng(PASSKEY_EVAL_SEED)
     eval_keys = {str(k) for k in rng.integers(KEY_LOW, KEY_HIGH + 1, size=grid).flat}
@@ -87,6 +96,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
         assert f"(fp32 matmul peak {results['machine_gflops']:.0f} GFLOP/s)" in text
         assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text
+        assert f"not by this run: the saved base `{SAVED_BASE}`" in text and "no pre-training (a saved base)" in text
     pos = results["nll_by_position"]
     assert set(pos["rows"]) == set(POSITION_ROWS) and pos["length"] == 1024
     assert all(len(row) == math.ceil(1023 / pos["bucket"]) for row in pos["rows"].values())
@@ -128,3 +138,14 @@ def test_books_are_split_or_taken_as_a_pg19_layout(tmp_path):
     (tmp_path / "flat" / "nothing-here").mkdir()
     with pytest.raises(RecipeError, match="no .txt books"):
         prepare_books(tmp_path / "out3", tmp_path / "flat" / "nothing-here")
+
+
+def test_the_shipped_base_is_a_bf16_model_at_C_with_its_tokenizer_and_provenance(tmp_path):
+    base = saved_base(SAVED_BASE)  # the installed copy when run outside the repository
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 128 and cfg["dtype"] == "bfloat16"
+    assert (base / "tokenizer.json").is_file() or (base / "tokenizer.model").is_file()
+    assert "llmft repro pi" in (base / "SOURCE.md").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"no model there \(config.json\).*--save-base"):
+        saved_base(str(tmp_path / "empty"))

@@ -1,18 +1,17 @@
-"""Passkey retrieval: the prompt's wording, length and key depth; scoring on a random tiny LLaMA (~0%) and on one
-trained here to copy the key (>= 90%); the JSON / markdown / PNG report; lengths beyond the model's positions."""
+"""Passkey retrieval: the prompt's wording, length and key depth; scoring on a random tiny LLaMA (~0%) and on the
+PI repro's shipped base, which retrieves within its 128 positions; the JSON / markdown / PNG report; lengths beyond
+the model's positions."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from llmft.eval.passkey import (
     FILLER,
@@ -27,16 +26,17 @@ from llmft.eval.passkey import (
     run_passkey,
     write_passkey_report,
 )
+from llmft.repro import SAVED_BASE, saved_base
 from llmft.testing.tiny import make_tiny_model
 
-TRAIN_LENGTHS = (80, 176)  # the copy model is trained on prompts of 80..176 tokens, every depth
-EVAL_LENGTHS = [80, 120, 160]
+RETRIEVER_LENGTHS = [104, 116, 128]  # within the shipped base's 128 positions (its prompt needs more than 80)
+RETRIEVER_FLOOR = 0.7  # it scored 90% when this test was written (70% at 128: 35% with the key at depth 0)
 DEPTHS = [0.0, 0.5, 1.0]
 
 
 def _prompt_words() -> str:
     """Text for a tokenizer that has the prompt's words as whole tokens and no digit merges (digits stay single
-    characters: a key is 5 tokens, so copying it is learnable by a 2-layer model in a few hundred steps)."""
+    characters: a key is 5 tokens)."""
     return "\n".join([TASK, " ".join(FILLER), KEY_LINE.format(key=""), QUESTION]) * 4
 
 
@@ -71,57 +71,12 @@ def random_model(passkey_model_dir):
     return LlamaForCausalLM.from_pretrained(passkey_model_dir).eval()
 
 
-def _batch(tokenizer, length: int, rng: np.random.Generator, size: int):
-    """``size`` passkey prompts of ~``length`` tokens followed by the answer " NNNNN."; loss on the answer only."""
-    seqs, answers = [], []
-    for _ in range(size):
-        u = rng.random()  # depth 0 is the longest copy distance (and a single point of [0, 1]): oversample it
-        depth = 0.0 if u < 0.35 else 1.0 if u < 0.45 else float(rng.random())
-        prompt = passkey_prompt(tokenizer, length, depth, rng=rng)
-        answer = tokenizer(f" {prompt.key}.", add_special_tokens=False).input_ids
-        seqs.append(prompt.input_ids + answer)
-        answers.append((len(prompt.input_ids), len(answer)))
-    s = max(len(x) for x in seqs)
-    ids = torch.full((size, s), tokenizer.pad_token_id)  # (b, s)
-    mask = torch.zeros((size, s), dtype=torch.long)  # (b, s)
-    targets = torch.zeros((size, s), dtype=torch.bool)  # (b, s): position t predicts token t + 1 = an answer token
-    for i, (x, (start, n)) in enumerate(zip(seqs, answers)):
-        ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-        targets[i, start - 1 : start - 1 + n] = True
-    return ids, mask, targets
-
-
-def train_copy_model(model_dir, steps: int = 500, batch_size: int = 24, lr: float = 2e-3, seed: int = 1):
-    """Train the tiny LLaMA to answer passkey prompts, loss on the answer tokens only: AdamW (weight decay 0.1:
-    fewer seeds stall on a depth), 20 warmup steps, cosine to 0, clip 1.0. About 12k prompts."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM.from_pretrained(model_dir).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        ids, mask, targets = _batch(tokenizer, int(rng.integers(*TRAIN_LENGTHS, endpoint=True)), rng, batch_size)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, s, d)
-        logits = model.lm_head(hidden[:, :-1][targets[:, :-1]])  # (n, v): only the n positions that are scored
-        loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][targets[:, :-1]])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return model.eval(), {"steps": steps, "seconds": time.perf_counter() - start, "losses": losses}
-
-
 @pytest.fixture(scope="module")
-def trained(passkey_model_dir):
-    model, stats = train_copy_model(passkey_model_dir)
-    print(f"copy model: {stats['steps']} steps in {stats['seconds']:.0f} s, "
-          f"loss {np.mean(stats['losses'][:20]):.2f} -> {np.mean(stats['losses'][-20:]):.3f}")
-    return model, stats
+def retriever():
+    """The PI repro's shipped base: a 4-layer LLaMA pre-trained at 128 tokens with passkeys and copies in its mix
+    (docs/results/pi_tiny.md), in bf16, evaluated in fp32."""
+    base = saved_base(SAVED_BASE)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(base)
 
 
 # ---------------------------------------------------------------------------------------------------- the prompt
@@ -191,23 +146,18 @@ def test_random_model_scores_about_zero(random_model, tokenizer):
     assert [rec["continuation"] for rec in again["records"]] == [rec["continuation"] for rec in r["records"][:30]]
 
 
-@pytest.mark.slow
-def test_trained_copy_model_retrieves_the_key(trained, tokenizer, tmp_path):
-    """>= 90% over 80/120/160 tokens x depth 0/50/100%, 20 keys per cell (seeds 1 and 5: 97%, 96%).
-
-    The copy is learned unevenly: on a finer grid (depth every 10%) some (length, depth) cells, mostly at 140+ tokens,
-    stay at 0-40% after 500 steps, so this checks the scorer on a model that can retrieve, not a general copier.
-    """
-    model, stats = trained
-    assert np.mean(stats["losses"][-20:]) < 0.2 * np.mean(stats["losses"][:20])
-    r = run_passkey(model, tokenizer, EVAL_LENGTHS, DEPTHS, trials=20, seed=123, batch_size=20)
+def test_a_model_that_retrieves_scores_high(retriever, tmp_path):
+    """The scorer on a model that can retrieve: the shipped base within its 128 positions, 20 keys per (length,
+    depth) cell; RETRIEVER_FLOOR is below what it scored when this test was written."""
+    model, tok = retriever
+    r = run_passkey(model, tok, RETRIEVER_LENGTHS, DEPTHS, trials=20, seed=123, batch_size=20, progress=False)
     print(format_passkey_table(r))
-    assert r["accuracy"] >= 0.9, format_passkey_table(r)
-    assert min(c["accuracy"] for c in r["cells"]) >= 0.6, format_passkey_table(r)  # no depth left unlearned
+    assert r["accuracy"] >= RETRIEVER_FLOOR, format_passkey_table(r)
     for rec in r["records"]:
         assert rec["correct"] == (rec["answer"] == str(rec["key"]))
+    assert len({rec["answer"] for rec in r["records"]}) >= 0.8 * len(r["records"])  # it copies, not guesses one key
     paths = write_passkey_report(r, tmp_path)
-    assert "| 160 |" in paths["md"].read_text()
+    assert "| 128 |" in paths["md"].read_text()
 
 
 # ---------------------------------------------------------------------------------------------------- reports
