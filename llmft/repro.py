@@ -66,8 +66,6 @@ class Scale:
     eval_tokens_per_book: int | None  # None: the whole held-out text
     passkey_trials: int
     niah_samples: int  # RULER niah_single_1 prompts per length
-    model: str | None = None  # overrides the base recipe's model.name (None: the recipe's)
-    ft_lr: float | None = None  # overrides the fine-tune recipes' lr (None: the recipes')
     base: str | None = None  # a saved base (``--save-base`` of a full run) used instead of pre-training one
 
 
@@ -331,7 +329,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
 
     # 1. the synthetic part of the mix
     t0 = time.time()
-    base_rec = _recipe("base", out, seed, train_dir, [], scale.model)
+    base_rec = _recipe("base", out, seed, train_dir, [])
     ft_shape = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"]).model
     C, target, factor = base_rec.model.max_seq_len, ft_shape.max_seq_len, float(ft_shape.rope.factor)
     tokenizer = AutoTokenizer.from_pretrained(resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
@@ -343,7 +341,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     t0 = time.time()
     if scale.base is None:
         base_rec = _recipe("base", out, seed, train_dir,
-                           [mix["files"]["base_retrieval"], mix["files"]["base_copies"]], scale.model)
+                           [mix["files"]["base_retrieval"], mix["files"]["base_copies"]])
         _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
         base = _train(base_rec, scale.base_steps, fresh)
     else:
@@ -364,7 +362,6 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         t0 = time.time()
         rec = _recipe(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
                       str(base))
-        rec.train.lr = scale.ft_lr or rec.train.lr
         _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({scale.ft_steps} steps at {target} tokens)")
         finals[key] = _train(rec, scale.ft_steps, fresh)
         timings[recipe] = time.time() - t0
