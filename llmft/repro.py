@@ -25,9 +25,10 @@ trained length and fine-tuning without interpolation extends slowly. This driver
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
 over). ``--fast`` is a few-minute version used as the CI integration test: it skips pre-training and starts
-from the base of a full run, shipped in bf16 (``llmft/assets/repro-base``, :data:`SAVED_BASE`), with fewer
-fine-tuning steps and a slice of the held-out text. ``--save-base DIR`` also saves the base in bf16
-(:func:`save_bf16`): a trained short-context model that retrieves within C, to start other experiments from.
+from the base of a full run, shipped in bf16 (``llmft/assets/repro-base``, :data:`SAVED_BASE`), fine-tunes only
+the two methods its checks need (linear PI and YaRN) for fewer steps, and evaluates a slice of the held-out text.
+``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained short-context model that retrieves
+within C, to start other experiments from.
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ class Scale:
     passkey_trials: int
     niah_samples: int  # RULER niah_single_1 prompts per length
     base: str | None = None  # a saved base (``--save-base`` of a full run) used instead of pre-training one
+    fine_tunes: tuple[str, ...] | None = None  # the fine-tuned rows run (keys of METHODS); None: all of them
 
 
 FULL = Scale(base_steps=2500, ft_steps=400, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
              ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20)
 SAVED_BASE = "llmft/assets/repro-base"  # a full run's base (`--save-base`), shipped in bf16: what --fast starts from
 FAST = Scale(base_steps=0, ft_steps=200, base_retrieval=0, base_copies=0, ft_retrieval=1500, ft_copies=1500,
-             eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE)
+             eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE,
+             fine_tunes=("ft_linear", "ft_yarn"))  # the two its checks need: the CI check (c) and the retrieval gap
 GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
 
 # (key, label, fine-tune recipe or None, rope scaling applied to the base for the untrained rows)
@@ -355,8 +358,9 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     timings["pretrain"] = time.time() - t0
 
     # 3. the fine-tunes at 8C, same steps and data
+    rows = methods(scale)
     finals: dict[str, Path] = {}
-    for key, label, recipe, _ in METHODS:
+    for key, label, recipe, _ in rows:
         if recipe is None:
             continue
         t0 = time.time()
@@ -380,7 +384,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     by_position: dict[str, list[float]] = {}
     bucket = C // 2
     timings["eval_ppl"] = timings["passkey"] = timings["niah"] = 0.0
-    for key, label, recipe, kind in METHODS:
+    for key, label, recipe, kind in rows:
         model = _load(finals[key]) if recipe else (_scaled_base(base, kind, factor) if kind else _load(base))
         t0 = time.time()
         ppl[key] = evaluate_ppl(model, test_books, lengths, mode="windows")
@@ -420,6 +424,11 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     write_outputs(results, out, doc)
     _log(f"done in {timings['total'] / 60:.1f} min: {out / 'pi_tiny.md'}" + (f", {doc}" if doc else ""))
     return results
+
+
+def methods(scale: Scale) -> tuple[tuple, ...]:
+    """The rows of ``METHODS`` a run of this scale evaluates: every untrained row, and the fine-tunes it runs."""
+    return tuple(m for m in METHODS if m[2] is None or scale.fine_tunes is None or m[0] in scale.fine_tunes)
 
 
 def _niah(r: dict) -> dict:

@@ -52,7 +52,8 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict
 
     ``ppl[key][length]`` as :func:`llmft.eval.ppl.evaluate_ppl` returns; ``passkey[key]`` as
     :func:`llmft.eval.passkey.run_passkey` returns; ``niah[key]`` RULER's needle scores as ``llmft.repro`` keeps
-    them (``scores``: {length: 0..100 or None}); for every key of ``METHODS``.
+    them (``scores``: {length: 0..100 or None}); for the rows of ``METHODS`` the run evaluated, which include
+    ``base`` and ``ft_linear``.
     """
     C, L = lengths[0], lengths[-1]
 
@@ -66,7 +67,7 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict
     base_beyond = sum(beyond) / len(beyond) if beyond else float("nan")
     token_ratio = v("base", L, "token_ppl") / v("base", C, "token_ppl")
     labels = {k: label for k, label, _, _ in METHODS}
-    best = max((k for k, _, recipe, _ in METHODS if recipe), key=lambda k: acc[k][L])  # the first of equals
+    best = max((k for k, _, recipe, _ in METHODS if recipe and k in acc), key=lambda k: acc[k][L])  # first of equals
     return [
         {"claim": f"the base retrieves within C (passkey at {C} >= 80%): the premise of every retrieval claim",
          "holds": acc["base"][C] >= 0.8, "numbers": f"{acc['base'][C]:.0%} at {C}"},
@@ -84,12 +85,13 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict
                     f"({token_ratio:.1f}x); per byte {v('base', L):.3f} vs {v('base', C):.3f}"},
         {"claim": "(c) PI + fine-tuning: ppl at 8C <= ppl at C", "holds": v("ft_linear", L) <= v("ft_linear", C),
          "numbers": f"{v('ft_linear', L):.3f} at {L} vs {v('ft_linear', C):.3f} at {C} (per byte)"},
-        {"claim": "(d) no interpolation is worse than (c) at 8C after the same steps (perplexity)",
-         "holds": v("ft_none", L) > v("ft_linear", L),
-         "numbers": f"{v('ft_none', L):.3f} vs {v('ft_linear', L):.3f} at {L} (per byte)"},
-        {"claim": "(d) no interpolation retrieves less than (c) at 8C after the same steps",
-         "holds": acc["ft_none"][L] < acc["ft_linear"][L],
-         "numbers": f"{acc['ft_none'][L]:.0%} vs {acc['ft_linear'][L]:.0%} at {L}"},
+        *([] if "ft_none" not in ppl else [  # a run without row (d) (``--fast``) cannot compare it
+            {"claim": "(d) no interpolation is worse than (c) at 8C after the same steps (perplexity)",
+             "holds": v("ft_none", L) > v("ft_linear", L),
+             "numbers": f"{v('ft_none', L):.3f} vs {v('ft_linear', L):.3f} at {L} (per byte)"},
+            {"claim": "(d) no interpolation retrieves less than (c) at 8C after the same steps",
+             "holds": acc["ft_none"][L] < acc["ft_linear"][L],
+             "numbers": f"{acc['ft_none'][L]:.0%} vs {acc['ft_linear'][L]:.0%} at {L}"}]),
         {"claim": "CI check: (c) < (a) at 8C", "holds": v("ft_linear", L) < v("base", L),
          "numbers": f"{v('ft_linear', L):.3f} vs {v('base', L):.3f} at {L} (per byte)"},
         {"claim": f"the retrieval gap: a fine-tune retrieves at 8C, {GAP:.0%} (points) more than the base "
@@ -102,9 +104,21 @@ def method_table(results: dict, metric: str = "ppl_per_byte") -> str:
     """Rows = methods, columns = evaluation lengths, as in the PI paper's Table 1."""
     from llmft.eval.report import ppl_table
 
-    models = {label: results["ppl"][key] for key, label, _, _ in METHODS}
+    models = {label: results["ppl"][key] for key, label, _, _ in rows(results)}
     return ppl_table(models, (metric,), by="model", context=results["context"], first_header="method",
                      digits=3 if metric == "ppl_per_byte" else 1)
+
+
+def rows(results: dict) -> tuple[tuple, ...]:
+    """The rows of ``METHODS`` the run evaluated, in their order (``--fast`` runs two of the four fine-tunes)."""
+    return tuple(m for m in METHODS if m[0] in results["passkey"])
+
+
+def not_run(results: dict) -> str:
+    """A sentence naming the fine-tuned rows the run left out, or "" when it ran them all."""
+    left = [label for key, label, recipe, _ in METHODS if recipe and key not in results["passkey"]]
+    return "" if not left else (f" This {results['scale']} run leaves out {' and '.join(left)}: it fine-tunes the "
+                                "rows its checks need; the full run fine-tunes all four.")
 
 
 def passkey_table(results: dict) -> str:
@@ -114,7 +128,7 @@ def passkey_table(results: dict) -> str:
     head = " | ".join(f"{n:,}" for n in lengths)
     lines = [f"| method | {head} | overall | distinct answers | most common answer |",
              "|---|" + "---:|" * (len(lengths) + 3)]
-    for key, label, _, _ in METHODS:
+    for key, label, _, _ in rows(results):
         pk = results["passkey"][key]
         acc = passkey_by_length(pk)
         cells = " | ".join("n/a" if acc[n] is None else f"{acc[n]:.0%}" for n in lengths)
@@ -131,7 +145,7 @@ def needle_table(results: dict) -> str:
     skipped = sorted({int(n) for nh in niah.values() for n in nh["skipped"]})
     lines = [f"| method | {' | '.join(f'{n:,}' for n in lengths)} | effective length |",
              "|---|" + "---:|" * (len(lengths) + 1)]
-    for key, label, _, _ in METHODS:
+    for key, label, _, _ in rows(results):
         nh = niah[key]
         cells = " | ".join("n/a" if nh["scores"][str(n)] is None else f"{nh['scores'][str(n)]:.0f}" for n in lengths)
         eff = effective_length(results["passkey"][key], nh)
@@ -148,12 +162,12 @@ def plot(results: dict, path: Path) -> Path:
     from llmft.eval.report import plot_ppl
 
     lengths = results["lengths"]
-    models = {label: {n: results["ppl"][key][str(n)] for n in lengths} for key, label, _, _ in METHODS}
+    models = {label: {n: results["ppl"][key][str(n)] for n in lengths} for key, label, _, _ in rows(results)}
     return plot_ppl(models, path, ylabel="perplexity per byte (held-out, lower is better)",
                     title=f"Context extension x{results['factor']:g} at tiny scale ({results['scale']}, "
                           f"seed {results['seed']})",
                     trained_len=results["context"], trained_label="pre-training length C",
-                    dashed=frozenset(label for _, label, recipe, _ in METHODS if not recipe), legend_outside=True)
+                    dashed=frozenset(label for _, label, recipe, _ in rows(results) if not recipe), legend_outside=True)
 
 
 def _finish(fig, ax, context: int, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
@@ -181,7 +195,7 @@ def plot_retrieval(results: dict, path: Path) -> Path:
 
     lengths = results["lengths"]
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    for key, label, recipe, _ in METHODS:
+    for key, label, recipe, _ in rows(results):
         acc = passkey_by_length(results["passkey"][key])
         ax.plot(lengths, [acc[n] if acc[n] is not None else float("nan") for n in lengths], marker="o", label=label,
                 linestyle="-" if recipe else "--")
@@ -267,7 +281,7 @@ Every number below comes from that run (`results.json` next to the run's copy of
 
 **Setup.** {_base_line(r)}, then extended
 x{r['factor']:g} to 8C = {L}. Each fine-tuned row is N = {s['ft_steps']} steps at {L} tokens from that base,
-with the same data, learning rate and seed (`recipes/repro/`). Held-out text: {r['split']}
+with the same data, learning rate and seed (`recipes/repro/`).{not_run(r)} Held-out text: {r['split']}
 ({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}).
 
 **Data.** Perplexity alone does not show that a model uses its context, so the base is taught to look things up

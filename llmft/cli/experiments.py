@@ -22,7 +22,8 @@ def register(sub) -> None:
     pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
     pi.add_argument("--fast", action="store_true",
                     help="the CI-sized version (a few minutes): no pre-training (it fine-tunes the base a full run "
-                    "saved, shipped as llmft/assets/repro-base), fewer steps, less text evaluated")
+                    "saved, shipped as llmft/assets/repro-base), two of the four fine-tunes (linear PI, YaRN), fewer "
+                    "steps, less text evaluated")
     pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
     pi.add_argument("--books", type=Path, default=None,
                     help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from llmft.repro import METHODS
-from llmft.repro_report import EXPLODES, GAP, checks, effective_length, needle_table, passkey_by_length, passkey_table
+from llmft.repro import FAST, FULL, METHODS, methods
+from llmft.repro_report import (
+    EXPLODES,
+    GAP,
+    checks,
+    effective_length,
+    needle_table,
+    not_run,
+    passkey_by_length,
+    passkey_table,
+)
 
 LENGTHS = [128, 256, 512, 1024]
 
@@ -98,6 +107,32 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
     table = passkey_table({"lengths": LENGTHS, "passkey": pk})
     row = next(line for line in table.splitlines() if line.startswith("| (c) PI x8 + N steps"))
     assert row.split("|")[2:6] == [" 100% ", " 100% ", " 100% ", " 88% "]
+
+
+def test_a_run_of_some_fine_tunes_reports_those_and_says_which_it_left_out():
+    paper = ({128: 1.0, 256: 0.25, 512: 0.0, 1024: 0.0}, {128: 1.0, 256: 1.0, 512: 1.0, 1024: 0.875},
+             {128: 1.0, 256: 0.5, 512: 0.25, 1024: 0.125}, {128: 10.0, 256: 20.0, 512: 40.0, 1024: 31.0})
+    full, pk = _run(*paper)
+    fast_keys = {m[0] for m in methods(FAST)}
+    assert fast_keys == {"base", "pi", "yarn", "dynamic", "ft_linear", "ft_yarn"}
+    assert {m[0] for m in methods(FULL)} == {m[0] for m in METHODS}
+    ppl = {k: _ppl({n: 2.0 for n in LENGTHS}) for k in fast_keys}
+    pk = {k: pk[k] for k in fast_keys}
+    pk["ft_yarn"] = _pk({128: 1.0, 256: 1.0, 512: 1.0, 1024: 1.0})
+    nh = {k: _nh({128: None, 256: None, 512: 0.0, 1024: 0.0}) for k in fast_keys}
+    got = checks(ppl, pk, nh, LENGTHS)
+    # the claims about row (d) need it; the others are the full run's, and the gap is the best run row's
+    assert [c["claim"] for c in got] == [c["claim"] for c in full.values() if not c["claim"].startswith("(d)")]
+    gap = next(c for c in got if "retrieval gap" in c["claim"])
+    assert gap["holds"] and gap["numbers"] == "(e) YaRN x8 + N steps at 8C: 100% vs 0% at 1024"
+
+    results = {"lengths": LENGTHS, "passkey": pk, "scale": "fast", "ppl": ppl}
+    table = passkey_table(results)
+    assert len(table.splitlines()) == 2 + len(fast_keys) and "no interpolation" not in table
+    assert not_run(results) == (" This fast run leaves out (d) no interpolation + N steps at 8C and (e) dynamic NTK "
+                                "x8 + N steps at 8C: it fine-tunes the rows its checks need; the full run fine-tunes "
+                                "all four.")
+    assert not_run({**results, "passkey": {**pk, "ft_none": pk["base"], "ft_dynamic": pk["base"]}}) == ""
 
 
 def test_effective_length_averages_passkey_and_needle_where_each_ran():
