@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
+from llmft.atomic import publish_dir
 from llmft.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from llmft.data.loader import PackedLoader
 from llmft.data.sources import DataError
@@ -206,11 +207,8 @@ def train(recipe: Recipe, resume: bool = True) -> TrainResult:
     final_dir = run_dir / "final"
     state = engine.full_state_dict() if lora is None else engine.trainable_state_dict()
     if rank == 0:
-        tmp = run_dir / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        _export(tmp, engine, state, tokenizer, recipe)
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
+        with publish_dir(final_dir) as tmp:  # a reader sees the old final model or the new one, never half of one
+            _export(tmp, engine, state, tokenizer, recipe)
         print(f"[llmft] final model written to {final_dir}", flush=True)
     engine.close()
     metrics.close()
