@@ -38,6 +38,21 @@ def launched_by_deepspeed() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def join_process_group() -> None:
+    """``deepspeed.init_distributed()`` for this rank. On the CPU accelerator, DeepSpeed would first JIT-compile its
+    shared-memory all-reduce (a C++ build of 30-60 s on a fresh machine, and a compiler to have), which serves only
+    DeepSpeed-Inference's tensor parallelism (``inference_all_reduce``); training reduces through the gloo process
+    group, so the build is skipped and nothing changes but the start-up time."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm is not None:
+            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+    deepspeed.init_distributed()
+
+
 class PlainEngine:
     """Single process, fp32 master weights, torch AdamW, autocast for bf16/fp16."""
 
@@ -308,8 +323,9 @@ class DeepSpeedEngine:
         dist.barrier()
 
     def close(self) -> None:
-        """Free this rank's CPU shared-memory all-reduce buffer. DeepSpeed's CPU backend creates one 66 MB file in
-        /dev/shm per rank and run and never unlinks it, so every CPU run would leave memory behind."""
+        """Free this rank's CPU shared-memory all-reduce buffer, if there is one. DeepSpeed's shared-memory
+        all-reduce (not built by :func:`join_process_group`, but by a process group joined elsewhere) creates one
+        66 MB file in /dev/shm per rank and run and never unlinks it."""
         dist.barrier()  # every rank is done with the buffers
         name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
                 f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('LOCAL_RANK', self.rank)}")

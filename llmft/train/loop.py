@@ -31,7 +31,7 @@ from llmft.model.load import DTYPES, build_model, count_parameters
 from llmft.summary import run_summary
 from llmft.train import checkpoint as ckpt
 from llmft.train import sequence_parallel
-from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, launched_by_deepspeed
+from llmft.train.engine import DeepSpeedEngine, PlainEngine, deepspeed_config, join_process_group, launched_by_deepspeed
 from llmft.train.loss import step_divisor
 from llmft.train.metrics import MetricsLogger
 from llmft.train.spikes import SpikeDetector
@@ -232,9 +232,7 @@ def _setup_processes(recipe: Recipe) -> _Processes:
     """
     distributed = launched_by_deepspeed()
     if distributed:
-        import deepspeed
-
-        deepspeed.init_distributed()
+        join_process_group()
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
