@@ -138,7 +138,9 @@ def _compose(config: PretrainedConfig, base: dict, rope: RopeConfig, current: in
         ValueError: a combination no single transformers config expresses (the module doc's table), with the fix.
     """
     base_type, s1, s2 = base["rope_type"], float(base.get("factor", 1.0)), float(rope.factor)
-    original = int(base.get("original_max_position_embeddings") or round(current / s1))
+    # transformers' dynamic NTK keeps the original length in max_position_embeddings; the others the scaled one
+    original = int(base.get("original_max_position_embeddings")
+                   or (current if base_type == "dynamic" else round(current / s1)))
     kept = {k: v for k, v in base.items() if k in ("rope_theta", "partial_rotary_factor")}
     if rope.type == "ntk" and base_type in ("linear", "llama3"):
         d = _head_dim(config)

@@ -239,8 +239,10 @@ def test_combinations_that_do_not_compose_are_refused_with_the_fix(tiny_model, t
     from llmft.model.load import ModelLoadError
 
     base = scaled_base(tiny_model, tmp_path, base_rope)
-    with pytest.raises(ModelLoadError, match=f"model.rope: the base already has {base_rope.type} RoPE scaling.*{fix}"):
+    with pytest.raises(ModelLoadError, match=f"model.rope: the base already has {base_rope.type} RoPE scaling.*{fix}"
+                       ) as refused:
         extended(base, rope)
+    assert f"(factor {base_rope.factor:g} over {ORIG} positions)" in str(refused.value)  # the original length
 
 
 def test_training_on_a_scaled_base_exports_the_composed_config(tiny_model, tmp_path, text_file):
