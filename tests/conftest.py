@@ -82,6 +82,20 @@ def text_file(tmp_path_factory, book_text) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fast_quickstart(tmp_path_factory):
+    """``llmft quickstart --steps-scale 0.05`` run once from outside the repository (it must find its recipes):
+    (its output directory, the finished process). The quickstart test checks it; the mdqa test starts from its
+    extended model."""
+    import subprocess
+
+    cwd = tmp_path_factory.mktemp("quickstart")
+    out = cwd / "qs"
+    proc = subprocess.run([sys.executable, "-m", "llmft.cli", "quickstart", "--out", str(out), "--steps-scale", "0.05"],
+                          cwd=cwd, capture_output=True, text=True, timeout=900)
+    return out, proc
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, book_text) -> Path:
     """A random tiny LLaMA (2 layers, hidden 64, vocab 512) trained for nothing, max_position_embeddings 32."""
     from llmft.testing.tiny import make_tiny_model

@@ -4,8 +4,6 @@ are written, and the extended model's config carries the x8 interpolation."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoConfig
@@ -13,15 +11,8 @@ from transformers import AutoConfig
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_short(tmp_path):
-    out = tmp_path / "qs"
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmft.cli", "quickstart", "--out", str(out), "--steps-scale", "0.05"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )  # not the repo root: it must find it
+def test_quickstart_short(fast_quickstart):
+    out, proc = fast_quickstart
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (out / "ppl.md").read_text().splitlines()
     assert table[0].startswith("| context | base (128) | base + PI x8, no training | PI x8 fine-tuned (1024) |")
