@@ -12,9 +12,11 @@ trained length and fine-tuning without interpolation extends slowly. This driver
 2. write the synthetic part of the mix (``OUT/mix``, llmft/data/synthetic.py): retrieval documents (passkeys,
    name-number lists; RULER's single needle from 2C on) and copy documents, short ones for the base and long-range
    ones for the fine-tunes; a model that never learned to look back within C has nothing to extend;
-3. pre-train the base at C on books + mix (``recipes/repro/base.yaml``);
-4. fine-tune N steps at 8C with each method: linear PI (``ft_linear``), no interpolation (``ft_none``), YaRN
-   (``ft_yarn``), dynamic NTK (``ft_dynamic``); the same N, lr and data for all;
+3. the base at C: the shipped one (``llmft/assets/repro-base``, :data:`SAVED_BASE`), or with ``--pretrain`` one
+   pre-trained on books + mix (``recipes/repro/base.yaml``, 16 more minutes; the shipped base is that, bit for bit);
+4. fine-tune each method up to 8C: linear PI (``ft_linear``), no interpolation (``ft_none``), YaRN (``ft_yarn``),
+   dynamic NTK (``ft_dynamic``); the same stages (:data:`STAGES`: x2 at 2C, then x8 at 4C and 8C), steps, lr and
+   data for all;
 5. for every row (the base as is, each scaling applied to the base without training, each fine-tuned model):
    perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C, and passkey retrieval at the
    same lengths;
@@ -24,11 +26,10 @@ trained length and fine-tuning without interpolation extends slowly. This driver
    kept).
 
 Runs resume: an interrupted repro continues from the last checkpoint of the step it was in (``--fresh`` starts
-over). ``--fast`` is a few-minute version used as the CI integration test: it skips pre-training and starts
-from the base of a full run, shipped in bf16 (``llmft/assets/repro-base``, :data:`SAVED_BASE`), fine-tunes only
-the two methods its checks need (linear PI and YaRN) for fewer steps, and evaluates a slice of the held-out text.
-``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained short-context model that retrieves
-within C, to start other experiments from.
+over). ``--fast`` is a few-minute version used as the CI integration test: it fine-tunes only the two methods its
+checks need (linear PI and YaRN), in one stage of fewer steps straight at 8C, and evaluates a slice of the held-out
+text. ``--save-base DIR`` also saves the base in bf16 (:func:`save_bf16`): a trained short-context model that
+retrieves within C, to start other experiments from.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,21 @@ MARKER = "<!-- written by `llmft repro pi` above this line; text below it is kep
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of the fine-tunes' schedule: ``steps`` steps of ``length``-token rows with the method's RoPE scaling
+    at ``factor`` over the base's C (the row without interpolation trains unscaled at the same lengths)."""
+
+    factor: float
+    length: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class Scale:
     """How big a repro is: steps per phase, the synthetic part of the mix, and how much is evaluated."""
 
-    base_steps: int
-    ft_steps: int
+    base_steps: int  # pre-training steps (when the run pre-trains: ``base`` is None)
+    stages: tuple[Stage, ...]  # every fine-tune's schedule, the same for each method
     base_retrieval: int  # retrieval documents of 32..C tokens in the base's mix
     base_copies: int  # copy documents in the base's mix
     ft_retrieval: int  # retrieval documents of C..8C tokens in the fine-tunes' mix
@@ -71,11 +82,16 @@ class Scale:
     fine_tunes: tuple[str, ...] | None = None  # the fine-tuned rows run (keys of METHODS); None: all of them
 
 
-FULL = Scale(base_steps=2500, ft_steps=400, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
-             ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20)
-SAVED_BASE = "llmft/assets/repro-base"  # a full run's base (`--save-base`), shipped in bf16: what --fast starts from
-FAST = Scale(base_steps=0, ft_steps=200, base_retrieval=0, base_copies=0, ft_retrieval=1500, ft_copies=1500,
-             eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE,
+SAVED_BASE = "llmft/assets/repro-base"  # made by `--pretrain --save-base`, shipped in bf16: what a run starts from
+# Extension in stages, as long-context recipes extend (Code Llama, Llama 3, YaRN's s = 16 then 32): x2 at 2C, then x8
+# at 4C and 8C, 0.92M tokens per method (~5 min each, so that the run fits 30 min). Linear PI needs the tokens: 0.41M
+# straight at 8C left it at 0% passkey, these stages reach 60-90% at 8C and 1.84M in stages 100%
+# (docs/results/pi_tiny.md, "Linear PI and the token budget").
+STAGES = (Stage(2, 256, 1200), Stage(8, 512, 600), Stage(8, 1024, 300))
+FULL = Scale(base_steps=2500, stages=STAGES, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
+             ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20, base=SAVED_BASE)
+FAST = Scale(base_steps=0, stages=(Stage(8, 1024, 200),), base_retrieval=0, base_copies=0, ft_retrieval=1500,
+             ft_copies=1500, eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE,
              fine_tunes=("ft_linear", "ft_yarn"))  # the two its checks need: the CI check (c) and the retrieval gap
 GAP_WORDS = 600  # a long-range copy's book words between its first two copies, at most (~800 tokens: fits 8C)
 
@@ -83,12 +99,12 @@ GAP_WORDS = 600  # a long-range copy's book words between its first two copies, 
 METHODS = (
     ("base", "(a) base, RoPE as trained (extrapolation)", None, None),
     ("pi", "(b) PI x8, no fine-tuning", None, "linear"),
-    ("ft_linear", "(c) PI x8 + N steps at 8C", "ft_linear", None),
-    ("ft_none", "(d) no interpolation + N steps at 8C", "ft_none", None),
+    ("ft_linear", "(c) PI x8 + N steps up to 8C", "ft_linear", None),
+    ("ft_none", "(d) no interpolation + N steps up to 8C", "ft_none", None),
     ("yarn", "(e) YaRN x8, no fine-tuning", None, "yarn"),
-    ("ft_yarn", "(e) YaRN x8 + N steps at 8C", "ft_yarn", None),
+    ("ft_yarn", "(e) YaRN x8 + N steps up to 8C", "ft_yarn", None),
     ("dynamic", "(e) dynamic NTK x8, no fine-tuning", None, "dynamic"),
-    ("ft_dynamic", "(e) dynamic NTK x8 + N steps at 8C", "ft_dynamic", None),
+    ("ft_dynamic", "(e) dynamic NTK x8 + N steps up to 8C", "ft_dynamic", None),
 )
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PASSKEY_EVAL_SEED = 0
@@ -222,15 +238,88 @@ def nll_by_position(model: torch.nn.Module, books: list, length: int, bucket: in
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def _recipe(name: str, out: Path, seed: int, train_dir: Path, mix: list[Path], model_name: str | None = None):
-    """The shipped recipe ``name`` reading the train books and the ``mix`` files, checkpointing under ``out``."""
-    overrides = [f"checkpoint.dir={out / name}", f"train.seed={seed}"]
+def _recipe(name: str, out: Path, seed: int, train_dir: Path, mix: list[Path], model_name: str | None = None,
+            overrides: tuple[str, ...] = ()):
+    """The shipped recipe ``name`` reading the train books and the ``mix`` files, checkpointing in ``out / name``
+    (``overrides``, ``KEY=VALUE`` as on the command line, come after)."""
+    overrides = [f"checkpoint.dir={out / name}", f"train.seed={seed}", *overrides]
     if model_name is not None:
         overrides.append(f"model.name={model_name}")
     rec = load_recipe(shipped_path(f"{RECIPES}/{name}.yaml"), overrides)
     rec.data.sources = [SourceSpec(format="text", path=train_dir), *(SourceSpec(format="jsonl", path=f) for f in mix)]
     rec.data.validation_fraction = 0.0
     return rec
+
+
+def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path], base: Path,
+              stages: tuple[Stage, ...], C: int, fresh: bool) -> Path:
+    """Fine-tune ``base`` with the shipped ``recipe`` through ``stages``; returns the last stage's final model.
+
+    One stage trains in ``OUT/<recipe>``; several in ``OUT/<recipe>/stage-<i>``, each starting from the previous
+    stage's weights with the RoPE scaling set anew to its own factor over C (RoPE has no weights, so only the config
+    changes: :func:`unscaled`), and the last stage's model is also ``OUT/<recipe>/final`` (hard links). The recipe's
+    learning rate schedule runs once per stage.
+
+    Raises:
+        RecipeError: a stage the recipe cannot take (e.g. a length beyond its positions).
+    """
+    start = base
+    for i, stage in enumerate(stages, 1):
+        run_dir = out / recipe if len(stages) == 1 else out / recipe / f"stage-{i}"
+        scaled = load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model.rope is not None
+        rec = _recipe(recipe, out, seed, train_dir, mix, str(start),
+                      (f"checkpoint.dir={run_dir}", f"model.max_seq_len={stage.length}",
+                       *([f"model.rope.factor={stage.factor}"] if scaled else [])))
+        final = _train(rec, stage.steps, fresh)
+        if i < len(stages):
+            start = unscaled(final, out / recipe / f"stage-{i + 1}-start", C)
+    return final if len(stages) == 1 else linked_copy(final, out / recipe / "final")
+
+
+def unscaled(model_dir: Path, dest: Path, C: int) -> Path:
+    """``model_dir`` with its RoPE scaling removed (``max_position_embeddings`` C): the next stage's recipe then sets
+    its factor over C instead of composing with this one. The weights are hard-linked (copied across devices).
+
+    Raises:
+        OSError: ``dest`` cannot be written.
+    """
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    rope = cfg.get("rope_parameters") or {}
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["rope_theta"],
+                              **{k: rope[k] for k in ("partial_rotary_factor",) if k in rope}}
+    cfg["max_position_embeddings"] = C
+    return linked_copy(model_dir, dest, json.dumps(cfg, indent=2) + "\n")
+
+
+def linked_copy(model_dir: Path, dest: Path, config: str | None = None) -> Path:
+    """``model_dir``'s files published at ``dest`` as hard links (copies across devices), with ``config`` as its
+    ``config.json`` when given.
+
+    Raises:
+        OSError: ``dest`` cannot be written.
+    """
+    from llmft.atomic import publish_dir
+
+    with publish_dir(dest) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and not (config is not None and f.name == "config.json"):
+                try:
+                    (tmp / f.name).hardlink_to(f)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        if config is not None:
+            (tmp / "config.json").write_text(config)
+    return dest
+
+
+def schedule(stages: tuple[Stage, ...], scaled: bool = True) -> str:
+    """A fine-tune's schedule in words: "1,200 steps at 256 tokens (x2), then ...; 1.02M tokens" (``scaled``: the
+    method scales RoPE; else the factors are left out)."""
+    parts = [f"{s.steps:,} steps at {s.length} tokens" + (f" (x{s.factor:g})" if scaled else "") for s in stages]
+    tokens = sum(s.steps * s.length for s in stages)
+    return ", then ".join(parts) + f"; {tokens / 1e6:.2f}M tokens"
 
 
 def _train(rec, steps: int, fresh: bool) -> Path:
@@ -301,12 +390,14 @@ def save_bf16(model_dir: Path, dest: Path, provenance: str) -> Path:
 
 
 def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = None, fresh: bool = False,
-           doc: Path | None = None, command: str | None = None, save_base: Path | None = None) -> dict:
-    """Run the whole experiment; returns the results written to ``OUT/results.json``. With ``save_base``, the base
-    is also saved there in bf16 (:func:`save_bf16`).
+           doc: Path | None = None, command: str | None = None, save_base: Path | None = None,
+           pretrain: bool = False) -> dict:
+    """Run the whole experiment; returns the results written to ``OUT/results.json``. ``pretrain``: pre-train the
+    base (:data:`FULL`'s ``base_steps``) instead of starting from the saved one; with ``save_base``, the base is
+    also saved there in bf16 (:func:`save_bf16`).
 
     Raises:
-        RecipeError: ``books`` holds no books.
+        RecipeError: ``books`` holds no books; ``pretrain`` with ``fast``.
     """
     from transformers import AutoTokenizer
 
@@ -318,7 +409,9 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from llmft.repro_report import checks, write_outputs
 
     started = time.time()
-    scale = FAST if fast else FULL
+    if pretrain and fast:
+        raise RecipeError(["--pretrain with --fast: the fast run has no pre-training; drop one of them"])
+    scale = replace(FULL, base=None) if pretrain else FAST if fast else FULL
     gflops = gemm_peak((1024, 2048), repeats=3) / 1e9  # how fast this machine is: minutes differ 2x between machines
     out = Path(out).resolve()
     doc = Path(doc).resolve() if doc is not None else None
@@ -352,22 +445,22 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         _log(f"2/5 the base at C = {C} tokens: {base} ({_source(base)})")
     if save_base is not None:
         made = (f"copying {scale.base} (its SOURCE.md says how that was made)" if scale.base is not None else
-                f"the pre-training of `{command or _command(fast, seed, books, doc)}` (recipes/repro/base.yaml, "
-                f"{scale.base_steps} steps, seed {seed})")
+                f"the pre-training of `{command or _command(fast, seed, books, doc, pretrain)}` "
+                f"(recipes/repro/base.yaml, {scale.base_steps} steps, seed {seed})")
         save_bf16(base, Path(save_base), made)
     timings["pretrain"] = time.time() - t0
 
-    # 3. the fine-tunes at 8C, same steps and data
+    # 3. the fine-tunes up to 8C, the same stages, steps and data for each
     rows = methods(scale)
     finals: dict[str, Path] = {}
     for key, label, recipe, _ in rows:
         if recipe is None:
             continue
         t0 = time.time()
-        rec = _recipe(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
-                      str(base))
-        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({scale.ft_steps} steps at {target} tokens)")
-        finals[key] = _train(rec, scale.ft_steps, fresh)
+        scaled = load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model.rope is not None
+        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({schedule(scale.stages, scaled)})")
+        finals[key] = fine_tune(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
+                                base, scale.stages, C, fresh)
         timings[recipe] = time.time() - t0
     lengths = [C * 2**i for i in range(int(math.log2(target // C)) + 1)]  # C .. 8C
 
@@ -411,7 +504,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "lengths": lengths, "split": split, "settings": asdict(scale), "timings_s": timings,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "machine_gflops": gflops, "base_source": _source(base) if scale.base else None,
-        "command": command or _command(fast, seed, books, doc),
+        "command": command or _command(fast, seed, books, doc, pretrain),
         "eval_tokens": {b.name: len(b.ids) for b in test_books},
         "mix": {k: v for k, v in mix.items() if k != "files"},
         "ppl": {k: {str(n): r for n, r in v.items()} for k, v in ppl.items()},
@@ -449,8 +542,9 @@ def _answers(passkey: dict) -> dict:
             "most_common_share": answers.count(common) / len(answers) if answers else None}
 
 
-def _command(fast: bool, seed: int, books: Path | None, doc: Path | None) -> str:
-    parts = ["llmft repro pi", "--fresh"] + (["--fast"] if fast else []) + [f"--seed {seed}"]
+def _command(fast: bool, seed: int, books: Path | None, doc: Path | None, pretrain: bool = False) -> str:
+    parts = (["llmft repro pi", "--fresh"] + (["--fast"] if fast else []) + (["--pretrain"] if pretrain else [])
+             + [f"--seed {seed}"])
     if books is not None:
         parts.append(f"--books {books}")
     if doc is not None:

@@ -255,15 +255,30 @@ def _base_line(r: dict) -> str:
     return f"A 4-layer LLaMA pre-trained from scratch at C = {r['context']} tokens for {s['base_steps']} steps"
 
 
+def stages_text(r: dict) -> str:
+    """The fine-tunes' schedule (``settings["stages"]``) in words; the row without interpolation trains at the same
+    lengths unscaled."""
+    stages = r["settings"]["stages"]
+    if len(stages) == 1:
+        return f"{stages[0]['steps']:,} steps at {stages[0]['length']} tokens"
+    parts = [f"{st['steps']:,} steps at {st['length']} tokens with the scaling at x{st['factor']:g}" for st in stages]
+    tokens = sum(st["steps"] * st["length"] for st in stages)
+    return (f"in {len(stages)} stages, " + ", then ".join(parts) + f" ({tokens / 1e6:.2f}M tokens; (d) trains at the "
+            "same lengths without scaling)")
+
+
 def _base_mix(r: dict) -> str:
-    mix = r["mix"]
-    if r["settings"].get("base"):
-        return ("the saved base was pre-trained on the training books plus retrieval and copy documents\n"
-                "(`llmft repro pi` without `--fast`; docs/results/pi_tiny.md describes that mix)")
-    return (f"its mix is the training books plus {mix['base_retrieval']:,} retrieval documents of\n"
-            f"{mix['base_retrieval_tokens']} tokens (passkeys and name-number lists, the whole text trained) and\n"
-            f"{mix['base_copies']:,} copy documents (a segment of single-token words and numbers written four times: "
-            "predicting\nthe later copies needs an induction head)")
+    mix, s = r["mix"], r["settings"]
+    copies = ("copy documents (a segment of single-token words and numbers written four times: predicting\nthe later "
+              "copies needs an induction head)")
+    if not s.get("base"):
+        return (f"its mix is the training books plus {mix['base_retrieval']:,} retrieval documents of\n"
+                f"{mix['base_retrieval_tokens']} tokens (passkeys and name-number lists, the whole text trained) and\n"
+                f"{mix['base_copies']:,} {copies}")
+    n_ret, n_copy = (f"{s['base_retrieval']:,} ", f"{s['base_copies']:,} ") if s["base_retrieval"] else ("", "")
+    return (f"the saved base was pre-trained on the training books plus {n_ret}retrieval documents of 32..C tokens\n"
+            f"(passkeys and name-number lists, the whole text trained) and {n_copy}{copies}; `llmft repro pi "
+            "--pretrain` makes it again")
 
 
 def markdown(results: dict, ppl_png: str, passkey_png: str, position_png: str) -> str:
@@ -280,7 +295,7 @@ Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['to
 Every number below comes from that run (`results.json` next to the run's copy of this file).
 
 **Setup.** {_base_line(r)}, then extended
-x{r['factor']:g} to 8C = {L}. Each fine-tuned row is N = {s['ft_steps']} steps at {L} tokens from that base,
+x{r['factor']:g} to 8C = {L}. Each fine-tuned row gets the same N steps from that base: {stages_text(r)},
 with the same data, learning rate and seed (`recipes/repro/`).{not_run(r)} Held-out text: {r['split']}
 ({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}).
 
@@ -339,10 +354,11 @@ trained on; from C on, the base extrapolates.
 {r['command']}
 ```
 
-The run takes {mins['total']} min: {pretrain}, {mins['ft_linear']} min per
-fine-tune, {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run
-resumes where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
-`tests/integration/test_repro_pi.py` runs.
+The run takes {mins['total']} min: {pretrain}, {mins['ft_linear']} min per fine-tune (linear PI's),
+{mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run resumes
+where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
+`tests/integration/test_repro_pi.py` runs; `--pretrain` also pre-trains the base instead of starting from the
+shipped one.
 
 {MARKER}
 """

@@ -17,13 +17,17 @@ def register(sub) -> None:
 
     rp = sub.add_parser("repro", help="reproduce a published result at tiny scale (offline, CPU)")
     rpsub = rp.add_subparsers(dest="repro_command", required=True, metavar="EXPERIMENT")
-    pi = rpsub.add_parser("pi", help="Position Interpolation: pre-train at C, extend x8 with PI / none / YaRN / "
-                          "dynamic NTK, perplexity at C..8C and passkey; writes a PI-paper-shaped table and plots")
+    pi = rpsub.add_parser("pi", help="Position Interpolation: extend a base pre-trained at C x8 with PI / none / "
+                          "YaRN / dynamic NTK, perplexity, passkey and RULER's needle at C..8C; writes a "
+                          "PI-paper-shaped table and plots")
     pi.add_argument("--out", default="runs/repro-pi", help="output directory (default: runs/repro-pi)")
-    pi.add_argument("--fast", action="store_true",
-                    help="the CI-sized version (a few minutes): no pre-training (it fine-tunes the base a full run "
-                    "saved, shipped as llmft/assets/repro-base), two of the four fine-tunes (linear PI, YaRN), fewer "
-                    "steps, less text evaluated")
+    size = pi.add_mutually_exclusive_group()
+    size.add_argument("--fast", action="store_true",
+                      help="the CI-sized version (a few minutes): two of the four fine-tunes (linear PI, YaRN), one "
+                      "stage of fewer steps, less text evaluated")
+    size.add_argument("--pretrain", action="store_true",
+                      help="pre-train the base at C first (16 more minutes) instead of starting from the shipped one "
+                      "(llmft/assets/repro-base, made by this with --save-base)")
     pi.add_argument("--seed", type=int, default=0, help="seed of every training run and of the passkey data")
     pi.add_argument("--books", type=Path, default=None,
                     help="a PG-19-shaped directory (train/ and test/) or a directory of books to split "
@@ -63,7 +67,7 @@ def cmd_repro_pi(args: argparse.Namespace) -> int:
 
     command = "llmft repro pi " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["repro", "pi"] else None
     run_pi(Path(args.out), fast=args.fast, seed=args.seed, books=args.books, fresh=args.fresh, doc=args.doc,
-           command=command, save_base=args.save_base)
+           command=command, save_base=args.save_base, pretrain=args.pretrain)
     return 0
 
 

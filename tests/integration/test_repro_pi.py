@@ -105,7 +105,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     for md in (out / "pi_tiny.md", doc):
         text = md.read_text()
         assert all((f"| {label} |" in text) == (key in run) for key, label, _, _ in METHODS)  # the tables' rows
-        assert "This fast run leaves out (d) no interpolation + N steps at 8C and (e) dynamic NTK" in text
+        assert "This fast run leaves out (d) no interpolation + N steps up to 8C and (e) dynamic NTK" in text
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
         assert f"(fp32 matmul peak {results['machine_gflops']:.0f} GFLOP/s)" in text
         assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text

@@ -96,7 +96,7 @@ def test_the_claims_hold_exactly_when_their_numbers_say_so():
     first, _ = _run(*paper)
     gap_claims = [c for c in first.values() if "retrieval gap" in c["claim"]]
     assert len(gap_claims) == 1 and gap_claims[0]["holds"]
-    assert gap_claims[0]["numbers"] == "(c) PI x8 + N steps at 8C: 88% vs 0% at 1024"
+    assert gap_claims[0]["numbers"] == "(c) PI x8 + N steps up to 8C: 88% vs 0% at 1024"
     # a gap of less than GAP does not hold; neither does one where the base retrieves as well
     low = GAP - 0.125
     weak, _ = _run(paper[0], {n: low for n in LENGTHS}, {n: 0.0 for n in LENGTHS}, paper[3])
@@ -124,14 +124,14 @@ def test_a_run_of_some_fine_tunes_reports_those_and_says_which_it_left_out():
     # the claims about row (d) need it; the others are the full run's, and the gap is the best run row's
     assert [c["claim"] for c in got] == [c["claim"] for c in full.values() if not c["claim"].startswith("(d)")]
     gap = next(c for c in got if "retrieval gap" in c["claim"])
-    assert gap["holds"] and gap["numbers"] == "(e) YaRN x8 + N steps at 8C: 100% vs 0% at 1024"
+    assert gap["holds"] and gap["numbers"] == "(e) YaRN x8 + N steps up to 8C: 100% vs 0% at 1024"
 
     results = {"lengths": LENGTHS, "passkey": pk, "scale": "fast", "ppl": ppl}
     table = passkey_table(results)
     assert len(table.splitlines()) == 2 + len(fast_keys) and "no interpolation" not in table
-    assert not_run(results) == (" This fast run leaves out (d) no interpolation + N steps at 8C and (e) dynamic NTK "
-                                "x8 + N steps at 8C: it fine-tunes the rows its checks need; the full run fine-tunes "
-                                "all four.")
+    assert not_run(results) == (" This fast run leaves out (d) no interpolation + N steps up to 8C and (e) dynamic "
+                                "NTK x8 + N steps up to 8C: it fine-tunes the rows its checks need; the full run "
+                                "fine-tunes all four.")
     assert not_run({**results, "passkey": {**pk, "ft_none": pk["base"], "ft_dynamic": pk["base"]}}) == ""
 
 
