@@ -171,7 +171,10 @@ def test_prefill_bench_chunked_prompt_memory_stays_below_one_forward(tmp_path):
     assert [r["length"] for r in runs] == [1024, 2048]
     for r in runs:
         assert r["whole"]["tokens"] == r["chunked"]["tokens"] and len(r["whole"]["tokens"]) == 4
-        assert r["chunked"]["growth_mb"] < 0.8 * r["whole"]["growth_mb"]
+        assert r["chunked"]["growth_mb"] < r["whole"]["growth_mb"]
+    # the saving shows at the longer prompt (2K: chunked ~0.45-0.5x of one forward; at 1K, ~0.6x but with RSS noise of
+    # 20 MB on a growth of 50-75 MB)
+    assert runs[1]["chunked"]["growth_mb"] < 0.7 * runs[1]["whole"]["growth_mb"]
     assert runs[1]["whole"]["growth_mb"] > 1.5 * runs[0]["whole"]["growth_mb"]  # one forward grows with the prompt
     assert "## prefill_memory — " in (tmp_path / "r.md").read_text()
 
