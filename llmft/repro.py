@@ -263,10 +263,9 @@ def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path
     Raises:
         RecipeError: a stage the recipe cannot take (e.g. a length beyond its positions).
     """
-    start = base
+    start, scaled = base, scales_rope(recipe)
     for i, stage in enumerate(stages, 1):
         run_dir = out / recipe if len(stages) == 1 else out / recipe / f"stage-{i}"
-        scaled = load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model.rope is not None
         rec = _recipe(recipe, out, seed, train_dir, mix, str(start),
                       (f"checkpoint.dir={run_dir}", f"model.max_seq_len={stage.length}",
                        *([f"model.rope.factor={stage.factor}"] if scaled else [])))
@@ -274,6 +273,15 @@ def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path
         if i < len(stages):
             start = unscaled(final, out / recipe / f"stage-{i + 1}-start", C)
     return final if len(stages) == 1 else linked_copy(final, out / recipe / "final")
+
+
+def scales_rope(recipe: str) -> bool:
+    """Whether the shipped fine-tune ``recipe`` sets a RoPE scaling (every method but no interpolation).
+
+    Raises:
+        RecipeError: the shipped recipe does not validate.
+    """
+    return load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model.rope is not None
 
 
 def unscaled(model_dir: Path, dest: Path, C: int) -> Path:
@@ -457,8 +465,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         if recipe is None:
             continue
         t0 = time.time()
-        scaled = load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model.rope is not None
-        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({schedule(scale.stages, scaled)})")
+        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({schedule(scale.stages, scales_rope(recipe))})")
         finals[key] = fine_tune(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
                                 base, scale.stages, C, fresh)
         timings[recipe] = time.time() - t0
