@@ -58,6 +58,17 @@ def test_every_shipped_data_recipe_validates(recipe, monkeypatch):
     assert main(["data", "validate", str(recipe.relative_to(REPO)), "--schema-only"]) == 0
 
 
+def test_a_share_is_whole_passes_plus_a_part_pass_overshooting_by_less_than_one_unit():
+    from llmft.data.build.pipeline import _select
+
+    lengths = np.random.default_rng(0).integers(1, 500, 40).astype(np.int32)
+    for target in (1, 137, int(lengths.sum()), 3 * int(lengths.sum()) + 5, 12_345):
+        idx = _select(lengths, target, np.random.default_rng(1))
+        assert target <= int(lengths[idx].sum()) < target + int(lengths.max()), target
+        passes = np.bincount(idx, minlength=len(lengths))
+        assert passes.max() - passes.min() <= 1  # no unit repeated before every unit has been taken once more
+
+
 def test_cpu_mix_builds_with_shares_within_one_percent(tmp_path, monkeypatch, tok, shared_data):
     monkeypatch.chdir(REPO)
     mix = load_mix("data_recipes/cpu_books_ni.yaml", [f"sources.0.source.path={shared_data / 'gutenberg'}",

@@ -78,7 +78,10 @@ def test_mix_with_transforms_builds(tmp_path, tok, book_text, shared_data):
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(mix))
     built = build(load_mix(path), tmp_path / "out", tok, 512)
-    for s in built.stats["sources"].values():
-        assert abs(s["realized_share"] - 0.5) < 0.01
+    sources = built.stats["sources"].values()
+    selected = sum(s["selected_tokens"] for s in sources)
+    for s in sources:  # a source is taken in whole units (<= seq_len tokens each): overshoot < one unit
+        assert 0 <= s["selected_tokens"] - s["target_tokens"] < 512
+        assert abs(s["realized_share"] - 0.5) < 512 / selected  # ~0.017; ~0.005-0.009 seen, by the UL2 draws
     trained = (built.rows.materialize()[0].labels != -100).float().mean()
     assert 0.1 < trained < 0.9  # prompts (UL2 inputs, NI headers and queries) are context only
