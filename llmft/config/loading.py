@@ -67,6 +67,9 @@ class RecipeError(Exception):
         self.messages = messages
         super().__init__("\n".join(messages))
 
+    def __reduce__(self):  # pickled with its lines (raised in a worker process, re-raised in the parent)
+        return type(self), (self.messages,)
+
 
 def hint(text: str) -> dict:
     """Field metadata carrying the "how to fix it" sentence shown with an error on that field."""
