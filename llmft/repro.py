@@ -16,7 +16,8 @@ trained length and fine-tuning without interpolation extends slowly. This driver
    pre-trained on books + mix (``recipes/repro/base.yaml``, 16 more minutes; the shipped base is that, bit for bit);
 4. fine-tune each method up to 8C: linear PI (``ft_linear``), no interpolation (``ft_none``), YaRN (``ft_yarn``),
    dynamic NTK (``ft_dynamic``); the same stages (:data:`STAGES`: x2 at 2C, then x8 at 4C and 8C), steps, lr and
-   data for all;
+   data for all; side by side, the cores split between them (llmft/side_by_side.py), each writing its output to
+   ``OUT/logs/<recipe>.log``;
 5. for every row (the base as is, each scaling applied to the base without training, each fine-tuned model):
    perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C, and passkey retrieval at the
    same lengths;
@@ -48,6 +49,7 @@ from llmft.config import RecipeError, RopeConfig, load_recipe
 from llmft.config.loading import resolve_shipped, shipped_path
 from llmft.config.sources import SourceSpec
 from llmft.data.sources import read_source
+from llmft.side_by_side import run_side_by_side, split_cores
 
 RECIPES = "recipes/repro"  # shipped with llmft: read from the installed package
 BUNDLED_BOOKS = ("llmft/assets/frankenstein.txt.gz", "llmft/assets/mobydick.txt.gz")
@@ -84,10 +86,10 @@ class Scale:
 
 SAVED_BASE = "llmft/assets/repro-base"  # made by `--pretrain --save-base`, shipped in bf16: what a run starts from
 # Extension in stages, as long-context recipes extend (Code Llama, Llama 3, YaRN's s = 16 then 32): x2 at 2C, then x8
-# at 4C and 8C, 0.92M tokens per method (~5 min each, so that the run fits 30 min). Linear PI needs the tokens: 0.41M
-# straight at 8C left it at 0% passkey, these stages reach 60-90% at 8C and 1.84M in stages 100%
-# (docs/results/pi_tiny.md, "Linear PI and the token budget").
-STAGES = (Stage(2, 256, 1200), Stage(8, 512, 600), Stage(8, 1024, 300))
+# at 4C and 8C, 1.84M tokens per method. Linear PI needs the tokens: 0.41M straight at 8C left it at 0% passkey, half
+# these stages (0.92M) at 60-90% at 8C, these 95-100% (docs/results/pi_tiny.md, "Linear PI and the token budget").
+# The run fits 30 min on 2 cores by training in bf16 and two fine-tunes side by side (llmft/side_by_side.py).
+STAGES = (Stage(2, 256, 2400), Stage(8, 512, 1200), Stage(8, 1024, 600))
 FULL = Scale(base_steps=2500, stages=STAGES, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
              ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20, base=SAVED_BASE)
 FAST = Scale(base_steps=0, stages=(Stage(8, 1024, 200),), base_retrieval=0, base_copies=0, ft_retrieval=1500,
@@ -252,8 +254,9 @@ def _recipe(name: str, out: Path, seed: int, train_dir: Path, mix: list[Path], m
 
 
 def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path], base: Path,
-              stages: tuple[Stage, ...], C: int, fresh: bool) -> Path:
+              stages: tuple[Stage, ...], C: int, fresh: bool, overrides: tuple[str, ...] = ()) -> Path:
     """Fine-tune ``base`` with the shipped ``recipe`` through ``stages``; returns the last stage's final model.
+    ``overrides`` (``KEY=VALUE``) apply to every stage's recipe.
 
     One stage trains in ``OUT/<recipe>``; several in ``OUT/<recipe>/stage-<i>``, each starting from the previous
     stage's weights with the RoPE scaling set anew to its own factor over C (RoPE has no weights, so only the config
@@ -268,7 +271,9 @@ def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path
         run_dir = out / recipe if len(stages) == 1 else out / recipe / f"stage-{i}"
         rec = _recipe(recipe, out, seed, train_dir, mix, str(start),
                       (f"checkpoint.dir={run_dir}", f"model.max_seq_len={stage.length}",
-                       *([f"model.rope.factor={stage.factor}"] if scaled else [])))
+                       *([f"model.rope.factor={stage.factor}"] if scaled else []), *overrides))
+        _log(f"{recipe} stage {i}/{len(stages)}: {stage.steps:,} steps at {stage.length} tokens"
+             + (f" (x{stage.factor:g})" if scaled else ""))
         final = _train(rec, stage.steps, fresh)
         if i < len(stages):
             start = unscaled(final, out / recipe / f"stage-{i + 1}-start", C)
@@ -425,7 +430,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     doc = Path(doc).resolve() if doc is not None else None
     books = Path(books).resolve() if books is not None else None
     if fresh:
-        for sub in ("base", "mix", *[m[2] for m in METHODS if m[2]]):
+        for sub in ("base", "mix", "logs", *[m[2] for m in METHODS if m[2]]):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir, split = prepare_books(out, books)
@@ -434,7 +439,8 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     # 1. the synthetic part of the mix
     t0 = time.time()
     base_rec = _recipe("base", out, seed, train_dir, [])
-    ft_shape = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"]).model
+    ft_rec = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"])  # all methods' shape
+    ft_shape = ft_rec.model
     C, target, factor = base_rec.model.max_seq_len, ft_shape.max_seq_len, float(ft_shape.rope.factor)
     tokenizer = AutoTokenizer.from_pretrained(resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
     _log(f"1/5 writing the retrieval and copy documents of the mix ({out / 'mix'})")
@@ -460,15 +466,18 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
 
     # 3. the fine-tunes up to 8C, the same stages, steps and data for each
     rows = methods(scale)
-    finals: dict[str, Path] = {}
+    t0 = time.time()
+    jobs = {}
     for key, label, recipe, _ in rows:
-        if recipe is None:
-            continue
-        t0 = time.time()
-        _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({schedule(scale.stages, scales_rope(recipe))})")
-        finals[key] = fine_tune(recipe, out, seed, train_dir, [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]],
-                                base, scale.stages, C, fresh)
-        timings[recipe] = time.time() - t0
+        if recipe is not None:
+            _log(f"3/5 fine-tuning {label.split(' ', 1)[1]} ({schedule(scale.stages, scales_rope(recipe))})")
+            jobs[recipe] = (fine_tune, (recipe, out, seed, train_dir,
+                                        [mix["files"]["ft_retrieval"], mix["files"]["ft_copies"]], base, scale.stages,
+                                        C, fresh))
+    processes, threads_each = split_cores(len(jobs), torch.get_num_threads())
+    done = run_side_by_side(jobs, {r: out / "logs" / f"{r}.log" for r in jobs}, say=_log)
+    finals = {key: done[recipe][0] for key, _, recipe, _ in rows if recipe is not None}
+    timings.update({recipe: seconds for recipe, (_, seconds) in done.items()}, fine_tunes=time.time() - t0)
     lengths = [C * 2**i for i in range(int(math.log2(target // C)) + 1)]  # C .. 8C
 
     # 4. perplexity by length, 5. passkey retrieval by length, for every row
@@ -509,6 +518,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     results = {
         "scale": "fast" if fast else "full", "seed": seed, "context": C, "factor": factor, "target": target,
         "lengths": lengths, "split": split, "settings": asdict(scale), "timings_s": timings,
+        "fine_tuning": {"precision": ft_rec.train.precision, "processes": processes, "threads_each": threads_each},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "machine_gflops": gflops, "base_source": _source(base) if scale.base else None,
         "command": command or _command(fast, seed, books, doc, pretrain),

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from llmft.atomic import save_figure, write_text
-from llmft.repro import MARKER, METHODS, PASSKEY_DEPTHS
+from llmft.repro import MARKER, METHODS, PASSKEY_DEPTHS, Stage, schedule
 
 RETRIEVES = 0.9  # the issue's bar for PI + fine-tuning at 8C
 FAILS = 0.2  # ... and for the base extrapolating beyond C
@@ -256,15 +256,33 @@ def _base_line(r: dict) -> str:
 
 
 def stages_text(r: dict) -> str:
-    """The fine-tunes' schedule (``settings["stages"]``) in words; the row without interpolation trains at the same
-    lengths unscaled."""
-    stages = r["settings"]["stages"]
+    """The fine-tunes' schedule (``settings["stages"]``) in words (:func:`llmft.repro.schedule`); the row without
+    interpolation trains at the same lengths unscaled."""
+    stages = tuple(Stage(**st) for st in r["settings"]["stages"])
     if len(stages) == 1:
-        return f"{stages[0]['steps']:,} steps at {stages[0]['length']} tokens"
-    parts = [f"{st['steps']:,} steps at {st['length']} tokens with the scaling at x{st['factor']:g}" for st in stages]
-    tokens = sum(st["steps"] * st["length"] for st in stages)
-    return (f"in {len(stages)} stages, " + ", then ".join(parts) + f" ({tokens / 1e6:.2f}M tokens; (d) trains at the "
-            "same lengths without scaling)")
+        return f"{stages[0].steps:,} steps at {stages[0].length} tokens"
+    return f"in {len(stages)} stages, {schedule(stages)} ((d) trains at the same lengths without scaling)"
+
+
+def training_text(r: dict) -> str:
+    """How the fine-tunes ran (``fine_tuning``: precision, processes side by side, threads each), when recorded."""
+    ft = r.get("fine_tuning")
+    if ft is None:
+        return ""
+    prec = "in fp32" if ft["precision"] == "fp32" else f"in {ft['precision']} autocast (fp32 master weights)"
+    side = (f", {ft['processes']} at a time side by side with {ft['threads_each']} thread(s) each"
+            if ft["processes"] > 1 else "")
+    return f", {prec}{side}"
+
+
+def fine_tunes_time(r: dict) -> str:
+    """The fine-tunes' minutes: all of them (side by side, when they ran so) and linear PI's own."""
+    t, ft = r["timings_s"], r.get("fine_tuning") or {}
+    own = f"{t['ft_linear'] / 60:.1f} min per fine-tune (linear PI's)"
+    if "fine_tunes" not in t or ft.get("processes", 1) == 1:
+        return own
+    return (f"{t['fine_tunes'] / 60:.1f} min for the fine-tunes ({ft['processes']} at a time; linear PI's took "
+            f"{t['ft_linear'] / 60:.1f} min)")
 
 
 def _base_mix(r: dict) -> str:
@@ -296,7 +314,7 @@ Every number below comes from that run (`results.json` next to the run's copy of
 
 **Setup.** {_base_line(r)}, then extended
 x{r['factor']:g} to 8C = {L}. Each fine-tuned row gets the same N steps from that base: {stages_text(r)},
-with the same data, learning rate and seed (`recipes/repro/`).{not_run(r)} Held-out text: {r['split']}
+with the same data, learning rate and seed (`recipes/repro/`){training_text(r)}.{not_run(r)} Held-out text: {r['split']}
 ({', '.join(f'{k}: {v:,} tokens' for k, v in r['eval_tokens'].items())}).
 
 **Data.** Perplexity alone does not show that a model uses its context, so the base is taught to look things up
@@ -354,7 +372,7 @@ trained on; from C on, the base extrapolates.
 {r['command']}
 ```
 
-The run takes {mins['total']} min: {pretrain}, {mins['ft_linear']} min per fine-tune (linear PI's),
+The run takes {mins['total']} min: {pretrain}, {fine_tunes_time(r)},
 {mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run resumes
 where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
 `tests/integration/test_repro_pi.py` runs; `--pretrain` also pre-trains the base instead of starting from the

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from llmft.cli import main
@@ -58,6 +59,15 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
     for name in ("ft_linear", "ft_yarn"):
         assert (out / name / "final" / "model.safetensors").is_file()
     assert not (out / "ft_none").exists() and not (out / "ft_dynamic").exists()
+    # the two fine-tunes ran side by side, a core each, their output in their own logs
+    t, threads = results["timings_s"], torch.get_num_threads()
+    assert results["fine_tuning"] == {"precision": "bf16", "processes": min(2, threads),
+                                      "threads_each": max(1, threads // 2)}
+    if threads >= 2:
+        assert t["fine_tunes"] < 0.75 * (t["ft_linear"] + t["ft_yarn"])  # one after the other: >= 1x
+        for name in ("ft_linear", "ft_yarn"):
+            log = (out / "logs" / f"{name}.log").read_text()
+            assert f"{name} stage 1/1: 200 steps at 1024 tokens (x8)" in log and "step 200/200" in log
     # --fast starts from the shipped base of a full run instead of pre-training one
     assert results["settings"]["base"] == SAVED_BASE and not (out / "base").exists()
     assert results["base_source"].startswith("Made by the pre-training of `llmft repro pi")
@@ -107,6 +117,8 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         assert all((f"| {label} |" in text) == (key in run) for key, label, _, _ in METHODS)  # the tables' rows
         assert "This fast run leaves out (d) no interpolation + N steps up to 8C and (e) dynamic NTK" in text
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
+        assert "in bf16 autocast (fp32 master weights)" in text
+        assert (", 2 at a time side by side with 1 thread(s) each" in text) == (threads == 2)
         assert f"(fp32 matmul peak {results['machine_gflops']:.0f} GFLOP/s)" in text
         assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text
         assert f"not by this run: the saved base `{SAVED_BASE}`" in text and "no pre-training (a saved base)" in text

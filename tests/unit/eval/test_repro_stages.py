@@ -58,3 +58,38 @@ def test_pretrain_and_fast_together_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["repro", "pi", "--fast", "--pretrain"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_every_method_trains_with_the_same_settings_but_its_rope():
+    """The report says each fine-tune gets the same steps, data, learning rate, precision and seed: the shipped
+    recipes of the methods differ only in their RoPE scaling (or, without one, the positions they declare) and their
+    checkpoint directory."""
+    from llmft.config import load_recipe
+    from llmft.config.loading import shipped_path
+    from llmft.repro import METHODS, RECIPES
+
+    dumps = {}
+    for _, _, recipe, _ in METHODS:
+        if recipe is not None:
+            rec = load_recipe(shipped_path(f"{RECIPES}/{recipe}.yaml"), ["model.name=base"]).model_dump()
+            rec["model"].pop("rope")
+            rec["model"].pop("max_position_embeddings")
+            rec["checkpoint"].pop("dir")
+            dumps[recipe] = rec
+    assert len(dumps) == 4 and all(d == dumps["ft_linear"] for d in dumps.values())
+    assert dumps["ft_linear"]["train"]["precision"] == "bf16"
+
+
+def test_the_schedule_is_worded_once_for_the_log_and_the_report():
+    from dataclasses import asdict
+
+    from llmft.repro import schedule
+    from llmft.repro_report import stages_text
+
+    stages = (Stage(2, 256, 2400), Stage(8, 512, 1200))
+    words = "2,400 steps at 256 tokens (x2), then 1,200 steps at 512 tokens (x8); 1.23M tokens"
+    assert schedule(stages) == words
+    assert schedule(stages, scaled=False) == "2,400 steps at 256 tokens, then 1,200 steps at 512 tokens; 1.23M tokens"
+    results = {"settings": {"stages": [asdict(s) for s in stages]}}
+    assert stages_text(results) == f"in 2 stages, {words} ((d) trains at the same lengths without scaling)"
+    assert stages_text({"settings": {"stages": [asdict(Stage(8, 1024, 200))]}}) == "200 steps at 1024 tokens"
