@@ -87,7 +87,8 @@ class Scale:
 SAVED_BASE = "llmft/assets/repro-base"  # made by `--pretrain --save-base`, shipped in bf16: what a run starts from
 # Extension in stages, as long-context recipes extend (Code Llama, Llama 3, YaRN's s = 16 then 32): x2 at 2C, then x8
 # at 4C and 8C, 1.84M tokens per method. Linear PI needs the tokens: 0.41M straight at 8C left it at 0% passkey, half
-# these stages (0.92M) at 60-90% at 8C, these 95-100% (docs/results/pi_tiny.md, "Linear PI and the token budget").
+# these stages (0.92M) at 60-90% at 8C on 20 keys, these 95-100% on 20 keys and 84% on 100 (docs/results/pi_tiny.md,
+# "Linear PI and the token budget" and "Larger samples at 8C").
 # The run fits 30 min on 2 cores by training in bf16 and two fine-tunes side by side (llmft/side_by_side.py).
 STAGES = (Stage(2, 256, 2400), Stage(8, 512, 1200), Stage(8, 1024, 600))
 FULL = Scale(base_steps=2500, stages=STAGES, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
