@@ -19,8 +19,8 @@ trained length and fine-tuning without interpolation extends slowly. This driver
    data for all; side by side, the cores split between them (llmft/side_by_side.py), each writing its output to
    ``OUT/logs/<recipe>.log``;
 5. for every row (the base as is, each scaling applied to the base without training, each fine-tuned model):
-   perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C, and passkey retrieval at the
-   same lengths;
+   perplexity per byte (and token perplexity) of the held-out text at C, 2C, 4C, 8C, passkey retrieval and RULER's
+   needle at the same lengths; each fine-tuned row also at 8C on larger samples, by the answer's first token;
 6. ``OUT/pi_tiny.md`` (llmft/repro_report.py: the tables shaped like the paper's, its claims and the retrieval
    goals checked, the commands, the seed), ``OUT/results.json`` and three PNGs; ``--doc PATH`` writes the same
    markdown and PNGs there too (text the user appended after the "not regenerated" marker of an existing doc is
@@ -80,19 +80,19 @@ class Scale:
     eval_tokens_per_book: int | None  # None: the whole held-out text
     passkey_trials: int
     niah_samples: int  # RULER niah_single_1 prompts per length
+    target_samples: int = 0  # keys and needles at 8C for each fine-tuned row, apart from the grid (0: none)
     base: str | None = None  # a saved base (``--save-base`` of a full run) used instead of pre-training one
     fine_tunes: tuple[str, ...] | None = None  # the fine-tuned rows run (keys of METHODS); None: all of them
 
 
 SAVED_BASE = "llmft/assets/repro-base"  # made by `--pretrain --save-base`, shipped in bf16: what a run starts from
 # Extension in stages, as long-context recipes extend (Code Llama, Llama 3, YaRN's s = 16 then 32): x2 at 2C, then x8
-# at 4C and 8C, 1.84M tokens per method. Linear PI needs the tokens: 0.41M straight at 8C left it at 0% passkey, half
-# these stages (0.92M) at 60-90% at 8C on 20 keys, these 95-100% on 20 keys and 84% on 100 (docs/results/pi_tiny.md,
-# "Linear PI and the token budget" and "Larger samples at 8C").
-# The run fits 30 min on 2 cores by training in bf16 and two fine-tunes side by side (llmft/side_by_side.py).
+# at 4C and 8C, 1.84M tokens per method (0.41M straight at 8C left linear PI at 0% passkey; docs/results/pi_tiny.md,
+# "Linear PI and the token budget"); fits 30 min in bf16, two fine-tunes side by side (llmft/side_by_side.py).
 STAGES = (Stage(2, 256, 2400), Stage(8, 512, 1200), Stage(8, 1024, 600))
 FULL = Scale(base_steps=2500, stages=STAGES, base_retrieval=10_000, base_copies=8_000, ft_retrieval=3_000,
-             ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20, base=SAVED_BASE)
+             ft_copies=3_000, eval_tokens_per_book=16_384, passkey_trials=4, niah_samples=20, target_samples=100,
+             base=SAVED_BASE)
 FAST = Scale(base_steps=0, stages=(Stage(8, 1024, 200),), base_retrieval=0, base_copies=0, ft_retrieval=1500,
              ft_copies=1500, eval_tokens_per_book=4096, passkey_trials=4, niah_samples=2, base=SAVED_BASE,
              fine_tunes=("ft_linear", "ft_yarn"))  # the two its checks need: the CI check (c) and the retrieval gap
@@ -111,6 +111,7 @@ METHODS = (
 )
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PASSKEY_EVAL_SEED = 0
+TARGET_SEED = 1  # the larger samples at 8C: other keys and needles than the grid's
 NIAH_TASK, NIAH_NEW_TOKENS = "niah_single_1", 12  # RULER's single needle in noise; its answer, a 7-digit number, fits
 
 
@@ -167,12 +168,13 @@ def prepare_books(out: Path, books: Path | None) -> tuple[Path, Path, str]:
 
 
 def eval_keys() -> frozenset[str]:
-    """Every passkey the evaluation can draw (its seed's first 100,000 draws, far more than its grid takes):
-    training passkeys avoid them, so no answer is learned by heart."""
+    """Every passkey the evaluation can draw (the grid's seed's first 100,000 draws and the larger sample's first
+    1,000, far more than either takes): training passkeys avoid them, so no answer is learned by heart."""
     from llmft.eval.passkey import KEY_HIGH, KEY_LOW
 
-    rng = np.random.default_rng(PASSKEY_EVAL_SEED)
-    return frozenset(str(k) for k in rng.integers(KEY_LOW, KEY_HIGH + 1, size=100_000).tolist())
+    draws = [np.random.default_rng(s).integers(KEY_LOW, KEY_HIGH + 1, size=n).tolist()
+             for s, n in ((PASSKEY_EVAL_SEED, 100_000), (TARGET_SEED, 1_000))]
+    return frozenset(str(k) for keys in draws for k in keys)
 
 
 def write_mix(out: Path, tokenizer, train_dir: Path, scale: Scale, C: int, target: int, seed: int) -> dict:
@@ -493,7 +495,8 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     niah: dict[str, dict] = {}
     by_position: dict[str, list[float]] = {}
     bucket = C // 2
-    timings["eval_ppl"] = timings["passkey"] = timings["niah"] = 0.0
+    at_target: dict[str, dict] = {}  # 6. the fine-tuned rows at 8C on larger samples
+    timings["eval_ppl"] = timings["passkey"] = timings["niah"] = timings["at_target"] = 0.0
     for key, label, recipe, kind in rows:
         model = _load(finals[key]) if recipe else (_scaled_base(base, kind, factor) if kind else _load(base))
         t0 = time.time()
@@ -511,6 +514,12 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
                                     allow_beyond=True, max_new_tokens=NIAH_NEW_TOKENS, model_name=key,
                                     progress=False))
         timings["niah"] += time.time() - t0
+        if recipe and scale.target_samples:
+            t0 = time.time()
+            at_target[key] = larger_sample(model, tokenizer, target, scale.target_samples)
+            timings["at_target"] += time.time() - t0
+            _log(f"    {label} at {target}: passkey {at_target[key]['passkey']:.0%} of {at_target[key]['keys']} keys, "
+                 f"{NIAH_TASK} {at_target[key]['niah']:.0f} on {at_target[key]['needles']}")
         _log(f"    {label}: ppl/byte " + ", ".join(f"{n}: {ppl[key][n]['ppl_per_byte']:.3f}" for n in lengths)
              + f"; passkey {passkey[key]['accuracy']:.0%}; {NIAH_TASK} "
              + ", ".join(f"{n}: {v:.0f}" for n, v in niah[key]["scores"].items() if v is not None))
@@ -530,7 +539,8 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         "passkey": {k: {**{f: v[f] for f in ("model", "lengths", "depths", "trials", "seed", "accuracy", "cells")},
                         **_answers(v)} for k, v in passkey.items()},
         "niah": niah,
-        "checks": checks(ppl, passkey, niah, lengths),
+        "at_target": at_target,
+        "checks": checks(ppl, passkey, niah, lengths, at_target),
     }
     write_outputs(results, out, doc)
     _log(f"done in {timings['total'] / 60:.1f} min: {out / 'pi_tiny.md'}" + (f", {doc}" if doc else ""))
@@ -540,6 +550,25 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
 def methods(scale: Scale) -> tuple[tuple, ...]:
     """The rows of ``METHODS`` a run of this scale evaluates: every untrained row, and the fine-tunes it runs."""
     return tuple(m for m in METHODS if m[2] is None or scale.fine_tunes is None or m[0] in scale.fine_tunes)
+
+
+def larger_sample(model: torch.nn.Module, tokenizer, length: int, samples: int) -> dict:
+    """Passkey retrieval (``samples`` keys over :data:`PASSKEY_DEPTHS`) and RULER's needle (``samples`` prompts) at
+    ``length`` only, seeded apart from the grid (:data:`TARGET_SEED`), each also by the answer's first token."""
+    from llmft.eval.first_token import accuracy_by_first_token
+    from llmft.eval.passkey import run_passkey
+    from llmft.eval.ruler import run_ruler
+
+    pk = run_passkey(model, tokenizer, [length], list(PASSKEY_DEPTHS), max(1, samples // len(PASSKEY_DEPTHS)),
+                     seed=TARGET_SEED, allow_beyond_max_positions=True, progress=False)
+    nh = run_ruler(model, tokenizer, [NIAH_TASK], [length], samples, seed=TARGET_SEED, allow_beyond=True,
+                   max_new_tokens=NIAH_NEW_TOKENS, progress=False)
+    needles = [(r["outputs"][0], r["score"] / 100) for r in nh["records"]]
+    return {"length": length, "seed": TARGET_SEED, "keys": len(pk["records"]), "passkey": pk["accuracy"],
+            "needles": len(needles), "niah": 100 * sum(s for _, s in needles) / len(needles) if needles else None,
+            "passkey_by_first_token": accuracy_by_first_token(
+                tokenizer, [(str(r["key"]), float(r["correct"])) for r in pk["records"]]),
+            "niah_by_first_token": accuracy_by_first_token(tokenizer, needles)}
 
 
 def _niah(r: dict) -> dict:

@@ -47,13 +47,14 @@ def effective_length(pk: dict, nh: dict) -> int | None:
 
 
 def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict[str, dict],
-           lengths: list[int]) -> list[dict]:
+           lengths: list[int], at_target: dict[str, dict] | None = None) -> list[dict]:
     """The paper's claims and the issue's goals, each with the numbers it rests on.
 
     ``ppl[key][length]`` as :func:`llmft.eval.ppl.evaluate_ppl` returns; ``passkey[key]`` as
     :func:`llmft.eval.passkey.run_passkey` returns; ``niah[key]`` RULER's needle scores as ``llmft.repro`` keeps
     them (``scores``: {length: 0..100 or None}); for the rows of ``METHODS`` the run evaluated, which include
-    ``base`` and ``ft_linear``.
+    ``base`` and ``ft_linear``. ``at_target[key]``: :func:`llmft.repro.larger_sample` at 8C; where it has
+    ``ft_linear``, the goals of PI + fine-tuning are judged on it (more keys and needles than the grid's cell).
     """
     C, L = lengths[0], lengths[-1]
 
@@ -68,17 +69,27 @@ def checks(ppl: dict[str, dict[int, dict]], passkey: dict[str, dict], niah: dict
     token_ratio = v("base", L, "token_ppl") / v("base", C, "token_ppl")
     labels = {k: label for k, label, _, _ in METHODS}
     best = max((k for k, _, recipe, _ in METHODS if recipe and k in acc), key=lambda k: acc[k][L])  # first of equals
+    pi_key, pi_key_numbers = acc["ft_linear"][L], f"{acc['ft_linear'][L]:.0%} at {L}"
+    pi_needle_numbers = "did not fit" if pi_needle is None else f"{pi_needle:.0%} at {L}"
+    big = (at_target or {}).get("ft_linear")
+    if big is not None:
+        pi_key = big["passkey"]
+        pi_key_numbers = (f"{big['passkey']:.0%} of {big['keys']} keys at {L} "
+                          f"(the grid's cell: {acc['ft_linear'][L]:.0%})")
+        if big["niah"] is not None:
+            pi_needle_numbers = (f"{big['niah'] / 100:.0%} of {big['needles']} needles at {L} (the grid's cell: "
+                                 + ("did not fit" if pi_needle is None else f"{pi_needle:.0%}") + ")")
+            pi_needle = big["niah"] / 100
     return [
         {"claim": f"the base retrieves within C (passkey at {C} >= 80%): the premise of every retrieval claim",
          "holds": acc["base"][C] >= 0.8, "numbers": f"{acc['base'][C]:.0%} at {C}"},
         {"claim": f"(a) the base extrapolating retrieves <= {FAILS:.0%} beyond C",
          "holds": base_beyond <= FAILS,
          "numbers": ", ".join(f"{acc['base'][n]:.0%} at {n}" for n in lengths[1:]) + f" (mean {base_beyond:.0%})"},
-        {"claim": f"(c) PI + fine-tuning retrieves >= {RETRIEVES:.0%} at 8C", "holds": acc["ft_linear"][L] >= RETRIEVES,
-         "numbers": f"{acc['ft_linear'][L]:.0%} at {L}"},
+        {"claim": f"(c) PI + fine-tuning retrieves >= {RETRIEVES:.0%} at 8C", "holds": pi_key >= RETRIEVES,
+         "numbers": pi_key_numbers},
         {"claim": f"(c) PI + fine-tuning scores >= {RETRIEVES:.0%} on RULER niah_single_1 at 8C",
-         "holds": pi_needle is not None and pi_needle >= RETRIEVES,
-         "numbers": "did not fit" if pi_needle is None else f"{pi_needle:.0%} at {L}"},
+         "holds": pi_needle is not None and pi_needle >= RETRIEVES, "numbers": pi_needle_numbers},
         {"claim": f"(a) the base's token perplexity at 8C is >= {EXPLODES:g}x its value at C",
          "holds": token_ratio >= EXPLODES,
          "numbers": f"token ppl {v('base', L, 'token_ppl'):.1f} at {L} vs {v('base', C, 'token_ppl'):.1f} at {C} "
@@ -155,6 +166,52 @@ def needle_table(results: dict) -> str:
         lines.append(f"n/a: the task's smallest prompt does not fit {', '.join(f'{n:,}' for n in skipped)} tokens "
                      f"with this tokenizer.")
     return "\n".join(lines)
+
+
+def _by_first(cells: dict[str, dict]) -> str:
+    return ", ".join(f"`{tok!r}` {c['correct']:g}/{c['n']}" for tok, c in cells.items())
+
+
+def target_section(results: dict) -> str:
+    """The fine-tuned rows at 8C on the larger samples (``at_target``), with the misses by the answer's first token;
+    empty for a run without them (``--fast``, runs before they existed)."""
+    big = results.get("at_target") or {}
+    if not big:
+        return ""
+    first = next(iter(big.values()))
+    L = first["length"]
+    lines = ["## At 8C on larger samples, by the answer's first token", "",
+             f"The grid above scores {results['settings']['passkey_trials'] * len(PASSKEY_DEPTHS)} keys and "
+             f"{results['settings']['niah_samples']} needles per length, so one miss is several points. Each "
+             f"fine-tuned row is also scored at {L:,} on {first['keys']} other keys "
+             f"({first['keys'] // len(PASSKEY_DEPTHS)} per depth) and {first['needles']} other needles "
+             f"(seed {first['seed']}; training avoids these keys too). An answer is generated after a word, so its "
+             "first token holds the space: the columns on the right give the correct answers out of all, by that "
+             "first token.", "",
+             "| method | passkey | needle | passkey by first token | needle by first token |",
+             "|---|---:|---:|---|---|"]
+    labels = {k: label for k, label, _, _ in METHODS}
+    for key, r in big.items():
+        needle = "n/a" if r["niah"] is None else f"{r['niah']:.0f}"
+        lines.append(f"| {labels[key]} | {r['passkey']:.0%} | {needle} | {_by_first(r['passkey_by_first_token'])} | "
+                     f"{_by_first(r['niah_by_first_token'])} |")
+    common = {tok for r in big.values() for tok in list(r["passkey_by_first_token"])[:1]}
+    if len(common) == 1:  # every row's most frequent first token is the same: say how the rows do on it and not
+        (tok,) = common
+
+        def split(cells: dict[str, dict]) -> tuple[float, float | None]:
+            rest = [c for t, c in cells.items() if t != tok]
+            on = cells[tok]["accuracy"] if tok in cells else float("nan")
+            return on, (sum(c["correct"] for c in rest) / sum(c["n"] for c in rest)) if rest else None
+
+        parts = [(labels[k].split(" + ")[0], split(r["passkey_by_first_token"]), split(r["niah_by_first_token"]))
+                 for k, r in big.items()]
+        lines += ["", f"On answers that start with `{tok!r}`, the most common first token, the rows retrieve "
+                  + ", ".join(f"{p} {a[0]:.0%} / {b[0]:.0%}" for p, a, b in parts)
+                  + " (passkey / needle); on answers that start with any other token, "
+                  + ", ".join(f"{p} {'n/a' if a[1] is None else f'{a[1]:.0%}'} / "
+                              f"{'n/a' if b[1] is None else f'{b[1]:.0%}'}" for p, a, b in parts) + "."]
+    return "\n".join(lines) + "\n\n"
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -347,7 +404,7 @@ per length, scored by string match (0..100). Effective length as RULER's: the lo
 
 {needle_table(r)}
 
-## Perplexity per byte (rows = methods, columns = evaluation context)
+{target_section(r)}## Perplexity per byte (rows = methods, columns = evaluation context)
 
 {method_table(r)}
 
@@ -373,13 +430,18 @@ trained on; from C on, the base extrapolates.
 ```
 
 The run takes {mins['total']} min: {pretrain}, {fine_tunes_time(r)},
-{mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle. A run resumes
-where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
+{mins['eval_ppl']} min perplexity, {mins['passkey']} min passkey, {mins['niah']} min needle{_target_time(r)}.
+A run resumes where it was interrupted, and `--fresh` starts over. `--fast` is the CI-sized version that
 `tests/integration/test_repro_pi.py` runs; `--pretrain` also pre-trains the base instead of starting from the
 shipped one.
 
 {MARKER}
 """
+
+
+def _target_time(r: dict) -> str:
+    seconds = r["timings_s"].get("at_target")
+    return f", {seconds / 60:.1f} min the larger samples at 8C" if seconds else ""
 
 
 def write_outputs(results: dict, out: Path, doc: Path | None) -> None:

@@ -118,6 +118,7 @@ def test_repro_pi_fast_reproduces_the_ordering_and_writes_the_report(tmp_path):
         assert "This fast run leaves out (d) no interpolation + N steps up to 8C and (e) dynamic NTK" in text
         assert "llmft repro pi --fresh --fast --seed 0" in text and "CI check: (c) < (a) at 8C" in text
         assert "in bf16 autocast (fp32 master weights)" in text
+        assert "At 8C on larger samples" not in text  # --fast scores only the grid
         assert (", 2 at a time side by side with 1 thread(s) each" in text) == (threads == 2)
         assert f"(fp32 matmul peak {results['machine_gflops']:.0f} GFLOP/s)" in text
         assert "## RULER niah_single_1 and effective length" in text and "| effective length |" in text

@@ -150,3 +150,43 @@ def test_effective_length_averages_passkey_and_needle_where_each_ran():
     row = next(line for line in needle_table(results).splitlines() if line.startswith("| (c) PI x8 + N steps"))
     assert [c.strip() for c in row.split("|")[2:7]] == ["n/a", "n/a", "80", "100", "512"]
     assert "does not fit 128, 256 tokens" in needle_table(results)
+
+
+def _big(passkey: float, niah: float | None, keys: dict[str, tuple[float, int]]) -> dict:
+    """A larger_sample-shaped result at 1024 (llmft.repro): passkey and needle, keys by first token."""
+    cells = {t: {"correct": c, "n": n, "accuracy": c / n} for t, (c, n) in keys.items()}
+    return {"length": 1024, "seed": 1, "keys": sum(n for _, n in keys.values()), "passkey": passkey,
+            "needles": 100, "niah": niah, "passkey_by_first_token": cells, "niah_by_first_token": cells}
+
+
+def test_the_larger_samples_at_8c_judge_the_pi_goals_and_show_where_the_misses_are():
+    from llmft.repro_report import target_section
+
+    paper = ({128: 1.0, 256: 0.25, 512: 0.0, 1024: 0.0}, {128: 1.0, 256: 1.0, 512: 1.0, 1024: 1.0},
+             {128: 1.0, 256: 0.5, 512: 0.25, 1024: 0.125}, {128: 10.0, 256: 20.0, 512: 40.0, 1024: 31.0})
+    _, pk = _run(*paper, pi_needle=95.0)  # the grid's 8 keys and its needles: both goals met there
+    flat = {n: 2.0 for n in LENGTHS}
+    ppl = {k: _ppl(flat) for k, *_ in METHODS}
+    nh = {k: _nh({128: None, 256: None, 512: 0.0, 1024: 0.0}) for k, *_ in METHODS}
+    nh["ft_linear"] = _nh({128: None, 256: None, 512: 100.0, 1024: 95.0})
+    big = {"ft_linear": _big(0.84, 81.0, {" ": (81, 81), " 2": (2, 10), " 1": (1, 9)}),
+           "ft_yarn": _big(0.87, 89.0, {" ": (81, 81), " 2": (0, 10), " 1": (6, 9)})}
+    by_claim = {c["claim"]: c for c in checks(ppl, pk, nh, LENGTHS, big)}
+    key, needle = (by_claim[f"(c) PI + fine-tuning {c} at 8C"] for c in ("retrieves >= 90%",
+                                                                          "scores >= 90% on RULER niah_single_1"))
+    assert not key["holds"] and key["numbers"] == "84% of 100 keys at 1024 (the grid's cell: 100%)"
+    assert not needle["holds"] and needle["numbers"] == "81% of 100 needles at 1024 (the grid's cell: 95%)"
+    big["ft_linear"] = _big(0.93, 90.0, {" ": (81, 81), " 2": (7, 10), " 1": (5, 9)})
+    by_claim = {c["claim"]: c for c in checks(ppl, pk, nh, LENGTHS, big)}
+    assert by_claim["(c) PI + fine-tuning retrieves >= 90% at 8C"]["holds"]
+    assert by_claim["(c) PI + fine-tuning scores >= 90% on RULER niah_single_1 at 8C"]["holds"]  # 90 is the bar
+
+    big["ft_linear"] = _big(0.84, 81.0, {" ": (81, 81), " 2": (2, 10), " 1": (1, 9)})
+    md = target_section({"settings": {"passkey_trials": 4, "niah_samples": 20}, "at_target": big})
+    rows = [line for line in md.splitlines() if line.startswith("| (")]
+    assert rows[0] == "| (c) PI x8 + N steps up to 8C | 84% | 81 | `' '` 81/81, `' 2'` 2/10, `' 1'` 1/9 | " \
+                      "`' '` 81/81, `' 2'` 2/10, `' 1'` 1/9 |"
+    assert rows[1].startswith("| (e) YaRN x8 + N steps up to 8C | 87% | 89 |")
+    # on the common first token both rows retrieve all; on the others (c) 3 of 19 = 16%, YaRN 6 of 19 = 32%
+    assert "(c) PI x8 100% / 100%, (e) YaRN x8 100% / 100%" in md and "(c) PI x8 16% / 16%, (e) YaRN x8 32% / 32%" in md
+    assert target_section({"settings": {}, "at_target": {}}) == "" and target_section({"settings": {}}) == ""
