@@ -566,8 +566,7 @@ def larger_sample(model: torch.nn.Module, tokenizer, length: int, samples: int) 
     needles = [(r["outputs"][0], r["score"] / 100) for r in nh["records"]]
     return {"length": length, "seed": TARGET_SEED, "keys": len(pk["records"]), "passkey": pk["accuracy"],
             "needles": len(needles), "niah": 100 * sum(s for _, s in needles) / len(needles) if needles else None,
-            "passkey_by_first_token": accuracy_by_first_token(
-                tokenizer, [(str(r["key"]), float(r["correct"])) for r in pk["records"]]),
+            "passkey_by_first_token": pk["by_first_token"],
             "niah_by_first_token": accuracy_by_first_token(tokenizer, needles)}
 
 

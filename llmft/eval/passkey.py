@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llmft.eval.first_token import accuracy_by_first_token
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -215,7 +217,8 @@ def run_passkey(model: torch.nn.Module, tokenizer, lengths: list[int], depths: l
         ``accuracy`` (over all evaluated trials, None if none ran), ``cells`` (one per length x depth, lengths
         outer: ``length``, ``depth``, ``accuracy`` or None, ``correct``, ``trials``, ``mean_tokens``, ``reason``
         why it was not run or None) and ``records`` (one per trial: ``length``, ``depth``, ``trial``, ``key``,
-        ``answer``, ``correct``, ``tokens``, ``continuation``).
+        ``answer``, ``correct``, ``tokens``, ``continuation``) and ``by_first_token`` (the trials by the first token
+        of the key written after a word: llmft/eval/first_token.py).
 
     Raises:
         ValueError: ``trials`` or ``batch_size`` < 1, or a depth outside [0, 1].
@@ -290,6 +293,7 @@ def run_passkey(model: torch.nn.Module, tokenizer, lengths: list[int], depths: l
         "trials": trials, "seed": seed,
         "accuracy": sum(c["correct"] for c in scored) / total if total else None,
         "cells": cells, "records": records,
+        "by_first_token": accuracy_by_first_token(tokenizer, [(str(r["key"]), float(r["correct"])) for r in records]),
     }
 
 
@@ -380,6 +384,12 @@ def write_passkey_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
              f"{results['max_position_embeddings']}; overall accuracy "
              + ("n/a" if overall is None else f"{overall:.1%}") + ".", "",
              format_passkey_table(results)]
+    by_first = results.get("by_first_token") or {}
+    if len(by_first) > 1:  # a tokenizer that starts keys with more than one token: where the misses are
+        lines += ["", "By the key's first token, as written after a word (a model that misses only the keys that start "
+                  "with a rare token reads the number but not which token begins it):", "",
+                  "| first token | correct | trials | accuracy |", "|---|---:|---:|---:|",
+                  *(f"| `{t!r}` | {c['correct']:g} | {c['n']} | {c['accuracy']:.0%} |" for t, c in by_first.items())]
     notes = sorted({f"- length {c['length']}: {c['reason']}" for c in results["cells"] if c["reason"]})
     if notes:
         lines += ["", "Not run:", *notes]

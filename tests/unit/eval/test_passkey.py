@@ -156,8 +156,16 @@ def test_a_model_that_retrieves_scores_high(retriever, tmp_path):
     for rec in r["records"]:
         assert rec["correct"] == (rec["answer"] == str(rec["key"]))
     assert len({rec["answer"] for rec in r["records"]}) >= 0.8 * len(r["records"])  # it copies, not guesses one key
+    # by the key's first token: this tokenizer starts keys 1xxxx and 2xxxx with " 1" and " 2", the rest with " "
+    expected: dict[str, list[float]] = {}
+    for rec in r["records"]:
+        cell = expected.setdefault(f" {rec['key'] // 10000}" if rec["key"] < 30000 else " ", [0.0, 0])
+        cell[0], cell[1] = cell[0] + rec["correct"], cell[1] + 1
+    assert {t: [c["correct"], c["n"]] for t, c in r["by_first_token"].items()} == expected
     paths = write_passkey_report(r, tmp_path)
-    assert "| 128 |" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "| 128 |" in md and "By the key's first token" in md
+    assert all(f"| `{t!r}` | {c:g} | {n} |" in md for t, (c, n) in expected.items())
 
 
 # ---------------------------------------------------------------------------------------------------- reports
