@@ -555,7 +555,6 @@ def methods(scale: Scale) -> tuple[tuple, ...]:
 def larger_sample(model: torch.nn.Module, tokenizer, length: int, samples: int) -> dict:
     """Passkey retrieval (``samples`` keys over :data:`PASSKEY_DEPTHS`) and RULER's needle (``samples`` prompts) at
     ``length`` only, seeded apart from the grid (:data:`TARGET_SEED`), each also by the answer's first token."""
-    from llmft.eval.first_token import accuracy_by_first_token
     from llmft.eval.passkey import run_passkey
     from llmft.eval.ruler import run_ruler
 
@@ -567,7 +566,7 @@ def larger_sample(model: torch.nn.Module, tokenizer, length: int, samples: int) 
     return {"length": length, "seed": TARGET_SEED, "keys": len(pk["records"]), "passkey": pk["accuracy"],
             "needles": len(needles), "niah": 100 * sum(s for _, s in needles) / len(needles) if needles else None,
             "passkey_by_first_token": pk["by_first_token"],
-            "niah_by_first_token": accuracy_by_first_token(tokenizer, needles)}
+            "niah_by_first_token": nh["by_first_token"].get(NIAH_TASK, {})}
 
 
 def _niah(r: dict) -> dict:

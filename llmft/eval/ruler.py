@@ -212,7 +212,20 @@ def run_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: i
     return {"model": str(name), "max_position_embeddings": max_pos, "tasks": list(tasks), "lengths": lengths,
             "samples": samples, "seed": seed, "threshold": threshold, "scores": scores, "average": average,
             "effective_length": effective_length({int(k): v for k, v in average.items()}, threshold),
-            "skipped": skipped, "records": records}
+            "skipped": skipped, "records": records, "by_first_token": _by_first_token(tokenizer, tasks, records)}
+
+
+def _by_first_token(tokenizer, tasks: list[str], records: list[dict]) -> dict[str, dict]:
+    """{task: the samples by the first token of their answer} for the tasks with one answer per sample (the single
+    needles and multikey ones), over every length run (llmft/eval/first_token.py)."""
+    from llmft.eval.first_token import accuracy_by_first_token
+
+    out = {}
+    for task in tasks:
+        recs = [x for x in records if x["task"] == task]
+        if recs and all(len(x["outputs"]) == 1 for x in recs):
+            out[task] = accuracy_by_first_token(tokenizer, [(x["outputs"][0], x["score"] / 100) for x in recs])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ reports
@@ -273,6 +286,13 @@ def write_ruler_report(r: dict, out: Path) -> dict[str, Path]:
     md = [f"# RULER: {r['model']}", "",
           f"{r['samples']} samples per task and length, seed {r['seed']}, max_position_embeddings "
           f"{r['max_position_embeddings']}. Scores are RULER's string match (x100).", "", ruler_table(r)]
+    split = {t: cells for t, cells in (r.get("by_first_token") or {}).items() if len(cells) > 1}
+    if split:  # a tokenizer that starts answers with more than one token: where the misses are
+        md += ["", "By the answer's first token, as written after a word (a model that misses only the answers that "
+               "start with a rare token reads the answer but not which token begins it):", "",
+               "| task | first token | score | samples |", "|---|---|---:|---:|",
+               *(f"| {t} | `{tok!r}` | {100 * c['accuracy']:.1f} | {c['n']} |"
+                 for t, cells in split.items() for tok, c in cells.items())]
     if notes:
         md += ["", "Not run:", *notes]
     write_text(paths["markdown"], "\n".join(md) + "\n")

@@ -185,6 +185,19 @@ def test_run_writes_reports_whose_numbers_are_the_recorded_scores(tmp_path, caps
     assert r["average"]["1024"] == pytest.approx((r["scores"]["niah_single_1"]["1024"]
                                                   + r["scores"]["niah_multikey_2"]["1024"]) / 2)
     assert r["average"]["2048"] is None and r["effective_length"] is None  # a random model retrieves nothing
+    # by the answer's first token: " d" where the tokenizer has it as one token, else the bare space
+    merged = {d for d in "0123456789" if len(tok.tokenize(f" {d}")) == 1}
+    for task in ("niah_single_1", "niah_multikey_2"):
+        recs = [x for x in r["records"] if x["task"] == task]
+        assert all(len(x["outputs"]) == 1 and x["outputs"][0].isdigit() for x in recs)
+        groups: dict[str, int] = {}
+        for x in recs:
+            lead = x["outputs"][0][0]
+            groups[f" {lead}" if lead in merged else " "] = groups.get(f" {lead}" if lead in merged else " ", 0) + 1
+        assert {t: c["n"] for t, c in r["by_first_token"][task].items()} == groups
+        assert sum(c["correct"] for c in r["by_first_token"][task].values()) == pytest.approx(
+            sum(x["score"] for x in recs) / 100)
+    assert "qa_1" not in r["by_first_token"]  # none of its samples ran
     with pytest.raises(ValueError, match="exceed the model's context"):
         R.run_ruler(model, tok, ["niah_single_1"], [2048], samples=1, strict=True, progress=False)
     # extrapolation on request: the length beyond the context runs
@@ -196,6 +209,10 @@ def test_run_writes_reports_whose_numbers_are_the_recorded_scores(tmp_path, caps
     assert json.loads(paths["json"].read_text())["records"] == r["records"]
     md = paths["markdown"].read_text()
     assert "| niah_single_1 |" in md and "| **average** |" in md and "Not run:" in md
+    split = {t for t, cells in r["by_first_token"].items() if len(cells) > 1}
+    assert ("By the answer's first token" in md) == bool(split)
+    assert all(f"| {t} | `{tok!r}` | {100 * c['accuracy']:.1f} | {c['n']} |" in md
+               for t in split for tok, c in r["by_first_token"][t].items())
     assert Image.open(paths["plot"]).size[0] > 500
 
     # the CLI on the same model; then both reports side by side
