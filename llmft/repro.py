@@ -562,9 +562,8 @@ def larger_sample(model: torch.nn.Module, tokenizer, length: int, samples: int) 
                      seed=TARGET_SEED, allow_beyond_max_positions=True, progress=False)
     nh = run_ruler(model, tokenizer, [NIAH_TASK], [length], samples, seed=TARGET_SEED, allow_beyond=True,
                    max_new_tokens=NIAH_NEW_TOKENS, progress=False)
-    needles = [(r["outputs"][0], r["score"] / 100) for r in nh["records"]]
     return {"length": length, "seed": TARGET_SEED, "keys": len(pk["records"]), "passkey": pk["accuracy"],
-            "needles": len(needles), "niah": 100 * sum(s for _, s in needles) / len(needles) if needles else None,
+            "needles": len(nh["records"]), "niah": nh["scores"][NIAH_TASK][str(length)],
             "passkey_by_first_token": pk["by_first_token"],
             "niah_by_first_token": nh["by_first_token"].get(NIAH_TASK, {})}
 

@@ -60,6 +60,7 @@ import numpy as np
 
 from llmft.atomic import save_figure, write_text
 from llmft.config.eval import RULER_THRESHOLD
+from llmft.eval.first_token import accuracy_by_first_token
 from llmft.eval.ruler_tasks import (
     ASSETS,
     QA_FILES,
@@ -218,8 +219,6 @@ def run_ruler(model, tokenizer, tasks: list[str], lengths: list[int], samples: i
 def _by_first_token(tokenizer, tasks: list[str], records: list[dict]) -> dict[str, dict]:
     """{task: the samples by the first token of their answer} for the tasks with one answer per sample (the single
     needles and multikey ones), over every length run (llmft/eval/first_token.py)."""
-    from llmft.eval.first_token import accuracy_by_first_token
-
     out = {}
     for task in tasks:
         recs = [x for x in records if x["task"] == task]
