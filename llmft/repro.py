@@ -445,7 +445,9 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     ft_rec = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"])  # all methods' shape
     ft_shape = ft_rec.model
     C, target, factor = base_rec.model.max_seq_len, ft_shape.max_seq_len, float(ft_shape.rope.factor)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
+    # the mix in the base's tokens: the saved base's own tokenizer, or the one the pre-training will use
+    tokenizer = AutoTokenizer.from_pretrained(saved_base(scale.base) if scale.base is not None else
+                                              resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
     _log(f"1/5 writing the retrieval and copy documents of the mix ({out / 'mix'})")
     mix = write_mix(out / "mix", tokenizer, train_dir, scale, C, target, seed)
     timings["mix"] = time.time() - t0
