@@ -445,22 +445,22 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     ft_rec = load_recipe(shipped_path(f"{RECIPES}/ft_linear.yaml"), ["model.name=base"])  # all methods' shape
     ft_shape = ft_rec.model
     C, target, factor = base_rec.model.max_seq_len, ft_shape.max_seq_len, float(ft_shape.rope.factor)
+    saved = saved_base(scale.base) if scale.base is not None else None
     # the mix in the base's tokens: the saved base's own tokenizer, or the one the pre-training will use
-    tokenizer = AutoTokenizer.from_pretrained(saved_base(scale.base) if scale.base is not None else
-                                              resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
+    tokenizer = AutoTokenizer.from_pretrained(saved or resolve_shipped(base_rec.model.tokenizer or base_rec.model.name))
     _log(f"1/5 writing the retrieval and copy documents of the mix ({out / 'mix'})")
     mix = write_mix(out / "mix", tokenizer, train_dir, scale, C, target, seed)
     timings["mix"] = time.time() - t0
 
     # 2. the base at C
     t0 = time.time()
-    if scale.base is None:
+    if saved is None:
         base_rec = _recipe("base", out, seed, train_dir,
                            [mix["files"]["base_retrieval"], mix["files"]["base_copies"]])
         _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
         base = _train(base_rec, scale.base_steps, fresh)
     else:
-        base = saved_base(scale.base)
+        base = saved
         _log(f"2/5 the base at C = {C} tokens: {base} ({_source(base)})")
     if save_base is not None:
         made = (f"copying {scale.base} (its SOURCE.md says how that was made)" if scale.base is not None else

@@ -193,7 +193,8 @@ def test_run_writes_reports_whose_numbers_are_the_recorded_scores(tmp_path, caps
         groups: dict[str, int] = {}
         for x in recs:
             lead = x["outputs"][0][0]
-            groups[f" {lead}" if lead in merged else " "] = groups.get(f" {lead}" if lead in merged else " ", 0) + 1
+            group = f" {lead}" if lead in merged else " "
+            groups[group] = groups.get(group, 0) + 1
         assert {t: c["n"] for t, c in r["by_first_token"][task].items()} == groups
         assert sum(c["correct"] for c in r["by_first_token"][task].values()) == pytest.approx(
             sum(x["score"] for x in recs) / 100)
