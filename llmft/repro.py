@@ -39,6 +39,7 @@ import math
 import platform
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -581,9 +582,9 @@ def _niah(r: dict) -> dict:
 
 def _answers(passkey: dict) -> dict:
     """How varied the model's answers are: a model that retrieves gives as many answers as there are keys; one
-    that learned only the answer's format repeats one guess."""
+    that learned only the answer's format repeats one guess (of equally common answers, the first given)."""
     answers = [r["answer"] for r in passkey["records"]]
-    common = max(set(answers), key=answers.count) if answers else None
+    common = Counter(answers).most_common(1)[0][0] if answers else None
     return {"trials": len(answers), "distinct_answers": len(set(answers)), "most_common_answer": common,
             "most_common_share": answers.count(common) / len(answers) if answers else None}
 

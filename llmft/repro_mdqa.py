@@ -2,13 +2,15 @@
 
 Together fine-tuned LLaMA-2-7B-32K on multi-document QA (OpenChatKit's ``finetune_llama-2-7b-32k-mqa.sh``) and
 evaluated it with the "Lost in the Middle" protocol: a question, k retrieved passages, exactly one holding the
-answer at a varied position, accuracy by that position. This driver runs the same application end to end with the
-quickstart's PI-extended tiny model (1024 tokens) and the synthetic stand-in of llmft/data/synthetic.py
-(the same file layout as the paper's release; each passage states the code of a made-up name, the question asks
-one name's code, so the answer is nowhere but in its passage):
+answer at a varied position, accuracy by that position. This driver runs the same application end to end with a
+PI-extended tiny model (1024 tokens) and the synthetic stand-in of llmft/data/synthetic.py (the same file layout as
+the paper's release; each passage states the code of a made-up name, the question asks one name's code, so the
+answer is nowhere but in its passage):
 
-1. the start model: ``--model`` (e.g. ``runs/quickstart/extended/final``), else the quickstart is run into
-   ``OUT/quickstart`` (kept and reused);
+1. the start model: ``--model``, else the shipped :data:`START_MODEL` (the PI experiment's linear PI x8 fine-tune
+   of its retrieval-trained base, ``llmft repro pi``; see its SOURCE.md). The quickstart's extended model
+   (``--model runs/quickstart/extended/final``) also runs, but it was pre-trained on two books only and has no
+   lookup for a fine-tune this short to build on (docs/eval.md);
 2. the data: evaluation files for k in :attr:`Scale.eval_ks` with the gold passage at every position, and a
    training set with the gold passage at random positions (other names and codes);
 3. accuracy by k and gold position of the start model;
@@ -19,7 +21,7 @@ one name's code, so the answer is nowhere but in its passage):
    ``--doc PATH`` writes the markdown and PNG there too.
 
 Runs resume: an interrupted fine-tune continues from its last checkpoint (``--fresh`` starts over). ``--fast`` is
-the CI-sized version (``tests/integration/test_repro_mdqa.py``).
+the CI-sized version (``tests/integration/test_repro_mdqa.py``, which asserts the gain).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import platform
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,12 +52,11 @@ class Scale:
     train_ks: tuple[int, ...]  # numbers of passages in the training examples
     eval_ks: tuple[int, ...]  # numbers of passages evaluated (every gold position of each)
     eval_examples: int  # per (k, gold position)
-    quickstart_fast: bool  # the start model when --model is not given: the fast quickstart
 
 
-FULL = Scale(steps=600, train_examples=12_000, train_ks=(2, 4, 8, 12), eval_ks=(4, 8, 12), eval_examples=30,
-             quickstart_fast=False)
-FAST = Scale(steps=60, train_examples=600, train_ks=(2, 4), eval_ks=(4,), eval_examples=8, quickstart_fast=True)
+FULL = Scale(steps=600, train_examples=12_000, train_ks=(2, 4, 8, 12), eval_ks=(4, 8, 12), eval_examples=30)
+FAST = Scale(steps=150, train_examples=1_500, train_ks=(2, 4), eval_ks=(4,), eval_examples=25)
+START_MODEL = "llmft/assets/repro-pi-linear"  # shipped in bf16: the default start model (its SOURCE.md)
 MAX_NEW_TOKENS = 8  # a 4-digit code and its full stop
 
 
@@ -65,16 +67,20 @@ def _log(msg: str) -> None:
 _write = write_text  # published atomically
 
 
-def _start_model(out: Path, model: Path | None, scale: Scale) -> Path:
-    if model is not None:
-        return model
-    final = out / "quickstart" / "extended" / "final"
-    if not final.is_dir():
-        from llmft.quickstart import FAST_STEPS_SCALE, quickstart
+def _start_model(model: Path | None) -> Path:
+    """``--model``, else the shipped :data:`START_MODEL`.
 
-        _log(f"no --model: running the quickstart into {out / 'quickstart'} for the PI-extended start model")
-        quickstart(out / "quickstart", steps_scale=FAST_STEPS_SCALE if scale.quickstart_fast else 1.0)
-    return final
+    Raises:
+        RecipeError: no model directory (``config.json``) there.
+    """
+    from llmft.config import RecipeError
+    from llmft.config.loading import resolve_shipped
+
+    path = Path(model).resolve() if model is not None else Path(resolve_shipped(START_MODEL)).resolve()
+    if not (path / "config.json").is_file():
+        raise RecipeError([f"--model {path}: no model there (config.json); give a model directory, e.g. "
+                           "runs/quickstart/extended/final, or leave --model out for the shipped one"])
+    return path
 
 
 def write_data(out: Path, scale: Scale, seed: int) -> tuple[Path, Path]:
@@ -95,7 +101,7 @@ def _evaluate(model_dir: Path, eval_dir: Path) -> dict:
 
     from llmft.eval.applications import run_mdqa
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # fp32 also for bf16 files
     return run_mdqa(model, AutoTokenizer.from_pretrained(model_dir), eval_dir, max_new_tokens=MAX_NEW_TOKENS)
 
 
@@ -108,10 +114,10 @@ def overall(r: dict) -> dict[int, float]:
 def behaviour(r: dict) -> dict:
     """How a model answers, beyond accuracy: the share of answers taken from some passage (right or wrong: the
     model answers from the context), the number of distinct answers and the share of the most common one (a model
-    that learned only the answer's shape repeats one guess)."""
+    that learned only the answer's shape repeats one guess; of equally common answers, the first given)."""
     outs = r["outputs"]
     said = [o["output"].strip() for o in outs]
-    common = max(set(said), key=said.count) if said else None
+    common = Counter(said).most_common(1)[0][0] if said else None
     return {"n": len(outs), "from_a_passage": sum(o["in_context"] for o in outs) / max(1, len(outs)),
             "distinct_answers": len(set(said)), "most_common_answer": common,
             "most_common_share": said.count(common) / max(1, len(said))}
@@ -124,13 +130,14 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
 
     Raises:
         ModelLoadError: ``model`` cannot be loaded.
-        RecipeError: the start model's context cannot hold the longest evaluation prompt.
+        RecipeError: ``model`` is no model directory, or its context cannot hold the longest evaluation prompt.
     """
     from llmft.config import RecipeError
     from llmft.train.loop import train
 
     started = time.time()
     scale = FAST if fast else FULL
+    start = _start_model(model)
     out = Path(out).resolve()
     doc = Path(doc).resolve() if doc is not None else None
     if fresh:
@@ -139,9 +146,6 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    t0 = time.time()
-    start = _start_model(out, Path(model).resolve() if model is not None else None, scale)
-    timings["start_model"] = time.time() - t0
     eval_dir, train_file = write_data(out, scale, seed)
 
     t0 = time.time()
@@ -149,8 +153,8 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     before = _evaluate(start, eval_dir)
     too_long = sum(c["too_long"] for row in before["cells"].values() for c in row.values())
     if too_long:
-        raise RecipeError([f"--model {start}: {too_long} evaluation prompts do not fit its context; use the "
-                           "quickstart's extended model (1024 tokens) or one with a longer context"])
+        raise RecipeError([f"--model {start}: {too_long} evaluation prompts do not fit its context; leave --model "
+                           "out (the shipped 1024-token model) or give one with a longer context"])
     _log("    " + ", ".join(f"{k} passages: {a:.0%}" for k, a in overall(before).items()))
     timings["eval_before"] = time.time() - t0
 
@@ -294,6 +298,10 @@ def plot(results: dict, path: Path) -> Path:
 
 def _start_words(r: dict) -> str:
     start = Path(r["start_model"])
+    if start.parts[-3:] == tuple(Path(START_MODEL).parts[-3:]):
+        return (f"the shipped `{START_MODEL}` ({r.get('start_rope', 'its own config')}): the PI experiment's base, "
+                "pre-trained at 128 tokens on two books and retrieval documents, extended x8 with linear Position "
+                "Interpolation and fine-tuned up to 1024 tokens (`llmft repro pi`, its SOURCE.md)")
     if start.parts[-3:] == ("quickstart", "extended", "final"):
         return ("the quickstart's tiny LLaMA, pre-trained at 128 tokens and extended x8 to 1024 with linear Position "
                 "Interpolation (`final` of the quickstart)")
@@ -352,8 +360,7 @@ After fine-tuning:
 {r['command']}
 ```
 
-The run takes {mins['total']} min: {mins['start_model']} min for the start model (0 when `--model` is given or the
-quickstart output is reused), {mins['eval_before']} + {mins['eval_after']} min evaluation, {mins['fine_tune']} min
+The run takes {mins['total']} min: {mins['eval_before']} + {mins['eval_after']} min evaluation, {mins['fine_tune']} min
 fine-tuning. An interrupted run resumes the fine-tune from its last checkpoint; `--fresh` starts over. `--fast` is
 the CI-sized version that `tests/integration/test_repro_mdqa.py` runs. On real data, the same evaluation is
 `llmft eval --task mdqa --mdqa-data DIR` (docs/eval.md).

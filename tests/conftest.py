@@ -84,8 +84,7 @@ def text_file(tmp_path_factory, book_text) -> Path:
 @pytest.fixture(scope="session")
 def fast_quickstart(tmp_path_factory):
     """``llmft quickstart --steps-scale 0.05`` run once from outside the repository (it must find its recipes):
-    (its output directory, the finished process). The quickstart test checks it; the mdqa test starts from its
-    extended model."""
+    (its output directory, the finished process), checked by the quickstart test."""
     import subprocess
 
     cwd = tmp_path_factory.mktemp("quickstart")

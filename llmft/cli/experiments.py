@@ -40,14 +40,15 @@ def register(sub) -> None:
     pi.set_defaults(func=cmd_repro_pi)
 
     mq = rpsub.add_parser("mdqa", help="multi-document QA (Lost in the Middle protocol, synthetic stand-in): "
-                          "accuracy by gold position of the quickstart's PI model before and after fine-tuning")
+                          "accuracy by gold position of a PI-extended tiny model before and after fine-tuning")
     mq.add_argument("--out", default="runs/repro-mdqa", help="output directory (default: runs/repro-mdqa)")
     mq.add_argument("--model", type=Path, default=None,
-                    help="the start model, e.g. runs/quickstart/extended/final (default: run the quickstart)")
+                    help="the start model (default: the shipped llmft/assets/repro-pi-linear, the PI experiment's "
+                    "linear PI x8 fine-tune)")
     mq.add_argument("--fast", action="store_true", help="the CI-sized version (a few minutes)")
     mq.add_argument("--lr", type=float, default=None,
-                    help="the fine-tune's learning rate (default: recipes/repro/mdqa.yaml's); a start model that "
-                    "already retrieves, e.g. runs/repro-pi/ft_yarn/final, keeps it at a gentler one")
+                    help="the fine-tune's learning rate (default: recipes/repro/mdqa.yaml's, set for the default "
+                    "start model)")
     mq.add_argument("--seed", type=int, default=0, help="seed of the data and the fine-tune")
     mq.add_argument("--fresh", action="store_true", help="start over instead of resuming an interrupted run")
     mq.add_argument("--doc", type=Path, default=None,

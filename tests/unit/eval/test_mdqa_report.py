@@ -3,6 +3,7 @@ from results made here with known answers."""
 
 from __future__ import annotations
 
+from llmft.cli import main
 from llmft.repro_mdqa import behaviour, comparison_table, overall, verdict
 
 
@@ -36,3 +37,20 @@ def test_overall_accuracy_counts_questions_not_cells_and_the_verdict_follows_the
     text = verdict(results)
     assert text.startswith("**No retrieval gained**") and "above the start model at k = 4" in text
     assert "repeats one answer ('7', 75% of answers)" in text and "25.0% of its answers come from a passage" in text
+
+
+def test_a_start_model_that_is_no_model_directory_is_one_clear_error_before_any_work(tmp_path, capsys):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    assert main(["repro", "mdqa", "--fast", "--model", str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {empty}: no model there (config.json)" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_most_common_answer_is_the_same_every_run_ties_going_to_the_first_given():
+    # ten answers once each: the report names the first, not whichever a set (string hashing) iterates first
+    tied = _run({(4, 0): [(f" {n}", False, True) for n in range(9, -1, -1)]})
+    assert behaviour(tied)["most_common_answer"] == "9" and behaviour(tied)["most_common_share"] == 0.1
+    led = _run({(4, 0): [(" 1", False, True), (" 2", False, True), (" 2", False, True)]})
+    assert behaviour(led)["most_common_answer"] == "2"

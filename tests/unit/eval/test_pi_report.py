@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmft.repro import FAST, FULL, METHODS, methods
+from llmft.repro import FAST, FULL, METHODS, _answers, methods
 from llmft.repro_report import (
     EXPLODES,
     GAP,
@@ -190,3 +190,13 @@ def test_the_larger_samples_at_8c_judge_the_pi_goals_and_show_where_the_misses_a
     # on the common first token both rows retrieve all; on the others (c) 3 of 19 = 16%, YaRN 6 of 19 = 32%
     assert "(c) PI x8 100% / 100%, (e) YaRN x8 100% / 100%" in md and "(c) PI x8 16% / 16%, (e) YaRN x8 32% / 32%" in md
     assert target_section({"settings": {}, "at_target": {}}) == "" and target_section({"settings": {}}) == ""
+
+
+def test_the_passkey_answers_most_common_is_the_same_every_run_ties_going_to_the_first_given():
+    # each answer once: the report names the first, not whichever a set (string hashing) iterates first; the
+    # committed report changed between two identical runs before this
+    tied = _answers({"records": [{"answer": str(n)} for n in range(90000, 89990, -1)]})
+    assert tied == {"trials": 10, "distinct_answers": 10, "most_common_answer": "90000", "most_common_share": 0.1}
+    led = _answers({"records": [{"answer": a} for a in ("1", "2", "2", None)]})
+    assert led["most_common_answer"] == "2" and led["most_common_share"] == 0.5
+    assert _answers({"records": []})["most_common_answer"] is None
