@@ -42,10 +42,10 @@ def _code(rng: random.Random) -> str:
 
 def mdqa_example(rng: random.Random, k: int, gold: int) -> dict:
     """One question with ``k`` passages, the answer in passage ``gold`` (0-based)."""
-    names = set()
+    names: list[str] = []  # in the order drawn: a set's order changes with the process's string hashing
     while len(names) < k:
-        names.add(_name(rng))
-    names = list(names)
+        if (name := _name(rng)) not in names:
+            names.append(name)
     codes = [_code(rng) for _ in names]
     asked = names[gold]
     ctxs = []

@@ -118,3 +118,20 @@ def test_rouge_is_100_for_the_reference_and_low_for_other_text(tmp_path, model_a
     assert run_summarization(model, tok, path)["rouge1"] == pytest.approx(100.0)
     monkeypatch.setattr(apps, "generate", lambda m, t, prompt, s: Completion("ships waited", 0, 0, 0.0, "eos"))
     assert run_summarization(model, tok, path)["rouge2"] == pytest.approx(0.0)
+
+
+def test_the_synthetic_mdqa_data_is_the_same_in_every_process(tmp_path):
+    # string hashing differs between processes (PYTHONHASHSEED): the seeded data must not depend on it
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from llmft.data.synthetic import mdqa_training_records; "
+            "sys.stdout.write(json.dumps(mdqa_training_records(20, ks=(4, 8), seed=3)))")
+    runs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": h},
+                           capture_output=True, text=True, check=True).stdout for h in ("1", "2", "3")}
+    assert len(runs) == 1
+    (records,) = map(json.loads, runs)
+    for r in records:  # the gold passage is the asked name's, wherever it was drawn
+        (gold,) = [c for c in r["ctxs"] if c["isgold"]]
+        assert r["question"] == f"What is the code of {gold['title']}?" and r["answers"][0] in gold["text"]
