@@ -81,6 +81,14 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def explicit(self) -> set[str]:
+        """The fields given a value other than their default: the settings that change something. The checks that
+        refuse a setting where it has no effect use these, so that a recipe written out with every default filled
+        in (a run's ``recipe.yaml``) reads back as the recipe it came from."""
+        fields = type(self).model_fields
+        return {n for n in self.model_fields_set
+                if getattr(self, n) != fields[n].get_default(call_default_factory=True)}
+
 # ------------------------------------------------------------------------------------------ loading
 
 

@@ -25,6 +25,8 @@ from llmft.config.loading import Strict, hint, load_validated
 from llmft.config.sources import SourceSpec
 
 # A hub id is "name" or "org/name" (letters, digits, - _ .).
+# The data section's settings that a data mix (data.recipe) or a built directory (data.built) holds instead
+MIX_OWNED = ("validation", "validation_fraction", "packing", "add_eos", "on_error")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -497,7 +499,7 @@ def cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("data", "built"), f"{str(d.built)!r} is not a built data directory (no stats.json). "
                          "Fix: run `llmft data build <data recipe> --out DIR` first"))
     if d.recipe is not None or d.built is not None:
-        mixed_up = sorted({"validation", "validation_fraction", "packing", "add_eos", "on_error"} & d.model_fields_set)
+        mixed_up = sorted(set(MIX_OWNED) & d.model_fields_set)
         if mixed_up:
             problems.append((("data",), f"{', '.join(mixed_up)} belong in the data recipe when data.recipe is set; "
                              "move them there"))
@@ -568,5 +570,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe (defaults filled in) as YAML."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved recipe (defaults filled in) as YAML: what a run used, and itself a recipe that loads back
+    as the same one. With ``data.recipe`` or ``data.built``, the data section's own :data:`MIX_OWNED` settings are
+    left out: the mix's apply (written out, they would read back as settings given where they have no effect)."""
+    raw = recipe.model_dump(mode="json")
+    if recipe.data.recipe is not None or recipe.data.built is not None:
+        raw["data"] = {k: v for k, v in raw["data"].items() if k not in MIX_OWNED}
+    return yaml.safe_dump(raw, sort_keys=False)

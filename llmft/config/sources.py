@@ -211,7 +211,7 @@ class SourceSpec(Strict):
 
     @model_validator(mode="after")
     def _fields_match_format(self) -> SourceSpec:
-        fmt, given = self.format, self.model_fields_set
+        fmt, given = self.format, self.explicit()
         if self.path is not None and self.hub is not None:
             raise ValueError("give either path or hub, not both; path reads local files, hub a datasets Hub id")
         if self.path is None and self.hub is None:

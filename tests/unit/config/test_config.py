@@ -31,6 +31,44 @@ def test_every_shipped_recipe_validates(recipe, monkeypatch, capsys):
     assert "valid" in out and "tokens per step" in out
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_a_recipe_written_out_with_its_defaults_reads_back_the_same(recipe, monkeypatch, tmp_path):
+    """What a run writes to its recipe.yaml (every default filled in) is itself a valid recipe, and the same one: a
+    default written out is no setting "given where it has no effect" (e.g. a local source's ``split: train``)."""
+    from llmft.config.recipe import recipe_to_yaml
+
+    monkeypatch.chdir(REPO)
+    rec = load_recipe(recipe.relative_to(REPO))
+    written = tmp_path / "recipe.yaml"
+    written.write_text(recipe_to_yaml(rec))
+    assert load_recipe(written).model_dump() == rec.model_dump()
+
+
+def test_a_recipe_reading_a_data_mix_written_out_reads_back_the_same(tmp_path, tiny_model, text_file):
+    from llmft.config.recipe import recipe_to_yaml
+
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run")
+    recipe["data"] = {"recipe": str(REPO / "data_recipes" / "cpu_books_ni.yaml")}  # packing etc. are the mix's
+    rec = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    written = tmp_path / "recipe.yaml"
+    written.write_text(recipe_to_yaml(rec))
+    assert load_recipe(written).model_dump() == rec.model_dump()
+    assert "packing" not in yaml.safe_load(written.read_text())["data"]  # the mix's applies
+    recipe["data"]["packing"] = "concat"  # given in the recipe, even at its default: the mix's applies, so refused
+    (message,) = _errors(write_recipe(tmp_path / "bad.yaml", recipe))
+    assert "packing belong in the data recipe when data.recipe is set; move them there" in message
+
+
+def test_a_setting_with_no_effect_is_still_refused_when_it_differs_from_its_default(tmp_path, tiny_model, text_file):
+    recipe = tiny_recipe(tiny_model, text_file, tmp_path / "run")
+    for key, value in (("split", "train"), ("streaming", True)):  # the defaults: harmless, accepted
+        recipe["data"]["sources"][0][key] = value
+    load_recipe(write_recipe(tmp_path / "ok.yaml", recipe))
+    recipe["data"]["sources"][0]["split"] = "validation"
+    (message,) = _errors(write_recipe(tmp_path / "bad.yaml", recipe))
+    assert "split apply only to hub sources, not to path; remove them" in message
+
+
 def test_llama2_32k_recipe_matches_the_paper_settings(monkeypatch):
     monkeypatch.chdir(REPO)
     r = load_recipe("recipes/llama2_32k.yaml")
