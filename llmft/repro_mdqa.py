@@ -15,7 +15,8 @@ answer is nowhere but in its passage):
    training set with the gold passage at random positions (other names and codes);
 3. accuracy by k and gold position of the start model;
 4. fine-tuning through the normal training loop (``recipes/repro/mdqa.yaml``): passages and question are context,
-   only the answer is trained, packing is isolated;
+   only the answer is trained, packing is isolated; in stages (:data:`FULL`): k = 2 and 4 first, then k up to 12 at
+   a lower learning rate;
 5. the same evaluation of the fine-tuned model; ``OUT/mdqa_tiny.md`` (before/after tables, the chance level of a
    model that picks one of the k codes at random, the gain, the command), ``OUT/results.json`` and a PNG;
    ``--doc PATH`` writes the markdown and PNG there too.
@@ -44,18 +45,33 @@ RECIPE = "recipes/repro/mdqa.yaml"  # shipped with llmft: read from the installe
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One fine-tuning stage: ``steps`` steps on ``examples`` training examples with k in ``ks``, at ``lr_factor``
+    times the run's learning rate (the recipe's, or ``--lr``)."""
+
+    steps: int
+    examples: int
+    ks: tuple[int, ...]  # numbers of passages in the training examples
+    lr_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class Scale:
     """How big a run is."""
 
-    steps: int  # fine-tuning steps
-    train_examples: int
-    train_ks: tuple[int, ...]  # numbers of passages in the training examples
+    stages: tuple[Stage, ...]  # fine-tuning, in order, each from the previous stage's model
     eval_ks: tuple[int, ...]  # numbers of passages evaluated (every gold position of each)
     eval_examples: int  # per (k, gold position)
 
 
-FULL = Scale(steps=600, train_examples=12_000, train_ks=(2, 4, 8, 12), eval_ks=(4, 8, 12), eval_examples=30)
-FAST = Scale(steps=150, train_examples=1_500, train_ks=(2, 4), eval_ks=(4,), eval_examples=25)
+# Short examples first: the lookup is learned on k = 2 and 4 at the recipe's lr, then extended to k up to 12 at 0.3x.
+# Straight on k up to 12 (600 steps at 1e-3, 7.6 examples of about 5 answer tokens a step) the answer loss stayed
+# at ~1.5 nats and accuracy at chance or below on one draw of the data (53% at k = 4 on another); the second stage at
+# the full lr undid the first's lookup within 30 steps.
+SHORT = Stage(steps=150, examples=1_500, ks=(2, 4))
+FULL = Scale(stages=(SHORT, Stage(steps=450, examples=12_000, ks=(2, 4, 8, 12), lr_factor=0.3)), eval_ks=(4, 8, 12),
+             eval_examples=30)
+FAST = Scale(stages=(SHORT,), eval_ks=(4,), eval_examples=25)
 START_MODEL = "llmft/assets/repro-pi-linear"  # shipped in bf16: the default start model (its SOURCE.md)
 MAX_NEW_TOKENS = 8  # a 4-digit code and its full stop
 
@@ -83,17 +99,21 @@ def _start_model(model: Path | None) -> Path:
     return path
 
 
-def write_data(out: Path, scale: Scale, seed: int) -> tuple[Path, Path]:
-    """(evaluation directory, training file): the evaluation in the paper's file naming, the gold passage at every
-    position; the training records in the same layout, gold at random positions, other names and codes."""
+def write_data(out: Path, scale: Scale, seed: int) -> tuple[Path, list[Path]]:
+    """(evaluation directory, a training file per stage): the evaluation in the paper's file naming, the gold passage
+    at every position; the training records in the same layout, gold at random positions, other names and codes
+    (each stage's its own draw; the first stage's is the same at every scale)."""
     from llmft.data.synthetic import mdqa_training_records, write_mdqa
 
-    eval_dir, train_file = out / "data" / "eval", out / "data" / "train.jsonl"
+    eval_dir = out / "data" / "eval"
     shutil.rmtree(eval_dir, ignore_errors=True)
     write_mdqa(eval_dir, ks=scale.eval_ks, examples=scale.eval_examples, seed=seed, positions="all")
-    records = mdqa_training_records(scale.train_examples, ks=scale.train_ks, seed=seed + 1)
-    _write(train_file, "".join(json.dumps(r) + "\n" for r in records))
-    return eval_dir, train_file
+    files = []
+    for i, stage in enumerate(scale.stages, 1):
+        records = mdqa_training_records(stage.examples, ks=stage.ks, seed=seed + i)
+        files.append(out / "data" / f"train-{i}.jsonl")
+        _write(files[-1], "".join(json.dumps(r) + "\n" for r in records))
+    return eval_dir, files
 
 
 def _evaluate(model_dir: Path, eval_dir: Path) -> dict:
@@ -133,7 +153,6 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
         RecipeError: ``model`` is no model directory, or its context cannot hold the longest evaluation prompt.
     """
     from llmft.config import RecipeError
-    from llmft.train.loop import train
 
     started = time.time()
     scale = FAST if fast else FULL
@@ -146,7 +165,7 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    eval_dir, train_file = write_data(out, scale, seed)
+    eval_dir, train_files = write_data(out, scale, seed)
 
     t0 = time.time()
     _log(f"1/3 accuracy of the start model {start} (k = {', '.join(map(str, scale.eval_ks))} passages)")
@@ -159,15 +178,7 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     timings["eval_before"] = time.time() - t0
 
     t0 = time.time()
-    rec = load_recipe(shipped_path(RECIPE), [f"model.name={start}", f"checkpoint.dir={out / 'ft'}",
-                                             f"data.sources.0.path={train_file}", f"train.seed={seed}",
-                                             f"train.max_steps={scale.steps}"]
-                      + ([f"train.lr={lr}"] if lr is not None else []))
-    rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, scale.steps // 10))
-    rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, scale.steps)
-    _log(f"2/3 fine-tuning on {scale.train_examples:,} examples ({scale.steps} steps, answers only, isolated)")
-    result = train(rec, resume=True)  # --fresh removed out/ft above
-    tuned = out / "ft" / "final"
+    tuned, losses, lrs = fine_tune(start, out / "ft", train_files, scale.stages, seed, lr)
     timings["fine_tune"] = time.time() - t0
 
     t0 = time.time()
@@ -179,8 +190,8 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
 
     results = {
         "scale": "fast" if fast else "full", "seed": seed, "start_model": str(start), "settings": asdict(scale),
-        "start_rope": _rope(start), "lr": rec.train.lr,
-        "timings_s": timings, "train_losses": result.losses,
+        "start_rope": _rope(start), "lr": lrs[0], "stage_lrs": lrs,
+        "timings_s": timings, "train_losses": losses,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": command or _command(fast, seed, model, doc, lr),
         "before": before, "after": after,
@@ -191,6 +202,44 @@ def run_mdqa_demo(out: Path, model: Path | None = None, fast: bool = False, seed
     write_outputs(results, out, doc)
     _log(f"done in {timings['total'] / 60:.1f} min: {out / 'mdqa_tiny.md'}" + (f", {doc}" if doc else ""))
     return results
+
+
+def fine_tune(start: Path, out: Path, train_files: list[Path], stages: tuple[Stage, ...], seed: int,
+              lr: float | None) -> tuple[Path, list[float], list[float]]:
+    """Fine-tune ``start`` through ``stages`` with the shipped recipe, stage i on ``train_files[i]``; returns the last
+    stage's final model, the loss of every step this process ran (all stages, in order) and each stage's lr. One
+    stage trains in ``out``; several in ``out/stage-<i>``, each from the previous stage's final model, the last one's
+    also ``out/final`` (hard links). A finished stage is not trained again: an interrupted run resumes in the stage
+    it stopped in.
+
+    Raises:
+        RecipeError: the recipe does not take the start model or the overrides.
+    """
+    from llmft.repro import linked_copy
+    from llmft.train.checkpoint import finished
+    from llmft.train.loop import train
+
+    losses, lrs, model = [], [], start
+    for i, (stage, data) in enumerate(zip(stages, train_files), 1):
+        run_dir = out if len(stages) == 1 else out / f"stage-{i}"
+        rec = load_recipe(shipped_path(RECIPE), [f"model.name={model}", f"checkpoint.dir={run_dir}",
+                                                 f"data.sources.0.path={data}", f"train.seed={seed}"]
+                          + ([f"train.lr={lr}"] if lr is not None else []))
+        rec.train.lr *= stage.lr_factor
+        lrs.append(rec.train.lr)
+        _log(f"2/3 fine-tuning, stage {i}/{len(stages)}: {stage.examples:,} examples with k in "
+             f"{{{', '.join(map(str, stage.ks))}}}, {stage.steps} steps at lr {rec.train.lr:g} (answers only, "
+             "isolated)")
+        rec.train.max_steps = stage.steps
+        rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, stage.steps // 10))
+        rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, stage.steps)
+        if finished(rec):  # an earlier run of this command did this stage: a rerun resumes after it
+            model = run_dir / "final"
+            _log(f"    stage {i} was finished by an earlier run: {model}")
+            continue
+        result = train(rec, resume=True)  # --fresh removed out/ above
+        model, losses = result.final_dir, losses + result.losses
+    return (model if len(stages) == 1 else linked_copy(model, out / "final")), losses, lrs
 
 
 def _rope(model_dir: Path) -> str:
@@ -261,8 +310,10 @@ def behaviour_table(results: dict) -> str:
              "|---|---:|---:|---|"]
     for which in ("before", "after"):
         b = results["behaviour"][which]
+        common = (f"{b['most_common_answer']!r} ({100 * b['most_common_share']:.0f}%)"
+                  if b["distinct_answers"] < b["n"] else "none repeated")  # all distinct: no answer leads
         lines.append(f"| {which} fine-tuning | {100 * b['from_a_passage']:.1f}% | {b['distinct_answers']} of "
-                     f"{b['n']} | {b['most_common_answer']!r} ({100 * b['most_common_share']:.0f}%) |")
+                     f"{b['n']} | {common} |")
     return "\n".join(lines)
 
 
@@ -309,12 +360,19 @@ def _start_words(r: dict) -> str:
     return f"`{shown}` ({r.get('start_rope', 'its own config')})"
 
 
+def stages_words(results: dict) -> str:
+    """The fine-tuning stages in words: "150 steps at lr 0.001 on 1,500 examples with k in {2, 4}, then ..."."""
+    stages, lrs = results["settings"]["stages"], results["stage_lrs"]
+    words = [f"{st['steps']} steps at lr {lr:g} on {st['examples']:,} examples with k in "
+             f"{{{', '.join(map(str, st['ks']))}}}" for st, lr in zip(stages, lrs)]
+    return ", then ".join(words) + (", each stage from the previous one's model" if len(words) > 1 else "")
+
+
 def markdown(results: dict, png: str) -> str:
     from llmft.eval.applications import mdqa_table
 
     r, s = results, results["settings"]
     mins = {k: f"{v / 60:.1f}" for k, v in r["timings_s"].items()}
-    lr = f" (lr {r['lr']:g})" if "lr" in r else ""
     return f"""# Multi-document QA at tiny scale
 
 Produced by `{r['command']}` (seed {r['seed']}, {r['scale']} scale) in {mins['total']} min on {r['machine']}.
@@ -324,10 +382,9 @@ Every number below comes from that run (`results.json` next to the run's copy of
 stand-in of the "Lost in the Middle" protocol (`llmft/data/synthetic.py`, the paper's file layout and
 prompt): k passages, each stating the code of a made-up name, exactly one about the name the question asks. The
 answer is right when the gold code appears in the first line the model writes (greedy, at most {MAX_NEW_TOKENS}
-tokens). {s['eval_examples']} questions per (k, gold position), every position. Fine-tuning: {s['steps']} steps of
-`recipes/repro/mdqa.yaml`{lr} on {s['train_examples']:,} examples with k in {{{', '.join(map(str, s['train_ks']))}}}
-and the gold passage at a random position (other names and codes than the evaluation), the loss on the answer only,
-isolated packing.
+tokens). {s['eval_examples']} questions per (k, gold position), every position. Fine-tuning with
+`recipes/repro/mdqa.yaml`: {stages_words(r)}; the gold passage at a random position (other names and codes than the
+evaluation), the loss on the answer only, isolated packing.
 
 ## Accuracy over all gold positions
 

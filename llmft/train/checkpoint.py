@@ -125,6 +125,19 @@ def latest_complete(run_dir: Path) -> Path | None:
     return None
 
 
+def finished(recipe) -> bool:
+    """Whether ``recipe``'s run directory holds the final model of a run of this very recipe: its ``final/`` is
+    published only after the last step, and its ``recipe.yaml`` (written at the start) is this recipe's. A stage of
+    a multi-stage driver that is finished need not run again (rerun, training would redo the steps after the last
+    checkpoint)."""
+    from llmft.config.recipe import recipe_to_yaml
+
+    run_dir = Path(recipe.checkpoint.dir)
+    written = run_dir / "recipe.yaml"
+    return ((run_dir / "final" / "config.json").is_file() and written.is_file()
+            and written.read_text() == recipe_to_yaml(recipe))
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
     """A fresh temporary directory for the checkpoint of ``step`` (any leftover is removed)."""
     tmp = Path(run_dir) / "checkpoints" / f".tmp-{step_dir_name(step)}"
