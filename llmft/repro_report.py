@@ -144,8 +144,9 @@ def passkey_table(results: dict) -> str:
         acc = passkey_by_length(pk)
         cells = " | ".join("n/a" if acc[n] is None else f"{acc[n]:.0%}" for n in lengths)
         overall = "n/a" if pk["accuracy"] is None else f"{pk['accuracy']:.0%}"
-        lines.append(f"| {label} | {cells} | {overall} | {pk['distinct_answers']} of {pk['trials']} | "
-                     f"{pk['most_common_answer'] or 'no number'} ({pk['most_common_share']:.0%} of trials) |")
+        common = (f"{pk['most_common_answer'] or 'no number'} ({pk['most_common_share']:.0%} of trials)"
+                  if pk["distinct_answers"] < pk["trials"] else "none repeated")  # all distinct: no answer leads
+        lines.append(f"| {label} | {cells} | {overall} | {pk['distinct_answers']} of {pk['trials']} | {common} |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from results made here with known answers."""
 from __future__ import annotations
 
 from llmft.cli import main
-from llmft.repro_mdqa import behaviour, comparison_table, overall, verdict
+from llmft.repro_mdqa import behaviour, behaviour_table, comparison_table, overall, verdict
 
 
 def _run(answers: dict[tuple[int, int], list[tuple[str, bool, bool]]]) -> dict:
@@ -54,3 +54,7 @@ def test_the_most_common_answer_is_the_same_every_run_ties_going_to_the_first_gi
     assert behaviour(tied)["most_common_answer"] == "9" and behaviour(tied)["most_common_share"] == 0.1
     led = _run({(4, 0): [(" 1", False, True), (" 2", False, True), (" 2", False, True)]})
     assert behaviour(led)["most_common_answer"] == "2"
+    # the report's table names a most common answer only where some answer repeats
+    table = behaviour_table({"behaviour": {"before": behaviour(tied), "after": behaviour(led)}}).splitlines()
+    assert table[2] == "| before fine-tuning | 100.0% | 10 of 10 | none repeated |"
+    assert table[3] == "| after fine-tuning | 100.0% | 2 of 3 | '2' (67%) |"

@@ -200,3 +200,9 @@ def test_the_passkey_answers_most_common_is_the_same_every_run_ties_going_to_the
     led = _answers({"records": [{"answer": a} for a in ("1", "2", "2", None)]})
     assert led["most_common_answer"] == "2" and led["most_common_share"] == 0.5
     assert _answers({"records": []})["most_common_answer"] is None
+    # the report's table names a most common answer only where some answer repeats
+    rows = {"base": {"accuracy": 0.0, "cells": [], "lengths": [], **tied},
+            "ft_linear": {"accuracy": 0.0, "cells": [], "lengths": [], **led}}
+    table = passkey_table({"lengths": [], "passkey": rows})
+    assert table.splitlines()[2].endswith("| 10 of 10 | none repeated |")
+    assert table.splitlines()[3].endswith("| 3 of 4 | 2 (50% of trials) |")
