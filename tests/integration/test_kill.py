@@ -94,6 +94,7 @@ def test_killed_at_ten_random_points_resumes_to_bitwise_equal_weights(tmp_path, 
     proc = launch(cmd, log)
     assert proc.wait(timeout=600) == 0, log.read_text()
     assert resumed_from(log) == f"from {start}"
+    assert len(list((run_dir / "checkpoints").glob("step-*"))) <= 2  # keep_last, through every restart
     assert_equals_uninterrupted(tmp_path, tiny_model, text_file, run_dir, steps)
 
 
