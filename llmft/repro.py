@@ -270,6 +270,8 @@ def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path
     Raises:
         RecipeError: a stage the recipe cannot take (e.g. a length beyond its positions).
     """
+    from llmft.train.loop import train_for
+
     start, scaled = base, scales_rope(recipe)
     for i, stage in enumerate(stages, 1):
         run_dir = out / recipe if len(stages) == 1 else out / recipe / f"stage-{i}"
@@ -278,7 +280,7 @@ def fine_tune(recipe: str, out: Path, seed: int, train_dir: Path, mix: list[Path
                        *([f"model.rope.factor={stage.factor}"] if scaled else []), *overrides))
         _log(f"{recipe} stage {i}/{len(stages)}: {stage.steps:,} steps at {stage.length} tokens"
              + (f" (x{stage.factor:g})" if scaled else ""))
-        final = _train(rec, stage.steps, fresh)
+        final, _ = train_for(rec, stage.steps, fresh)
         if i < len(stages):
             start = unscaled(final, out / recipe / f"stage-{i + 1}-start", C)
     return final if len(stages) == 1 else linked_copy(final, out / recipe / "final")
@@ -337,19 +339,6 @@ def schedule(stages: tuple[Stage, ...], scaled: bool = True) -> str:
     parts = [f"{s.steps:,} steps at {s.length} tokens" + (f" (x{s.factor:g})" if scaled else "") for s in stages]
     tokens = sum(s.steps * s.length for s in stages)
     return ", then ".join(parts) + f"; {tokens / 1e6:.2f}M tokens"
-
-
-def _train(rec, steps: int, fresh: bool) -> Path:
-    from llmft.train.loop import train
-
-    rec.train.max_steps = steps
-    rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, steps // 10))
-    rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, steps)
-    run_dir = Path(rec.checkpoint.dir)
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    train(rec, resume=True)
-    return run_dir / "final"
 
 
 def _scaled_base(base: Path, kind: str, factor: float):
@@ -424,6 +413,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
     from llmft.eval.ruler import run_ruler
     from llmft.machine import gemm_peak
     from llmft.repro_report import checks, write_outputs
+    from llmft.train.loop import train_for
 
     started = time.time()
     if pretrain and fast:
@@ -459,7 +449,7 @@ def run_pi(out: Path, fast: bool = False, seed: int = 0, books: Path | None = No
         base_rec = _recipe("base", out, seed, train_dir,
                            [mix["files"]["base_retrieval"], mix["files"]["base_copies"]])
         _log(f"2/5 pre-training the base at C = {C} tokens ({scale.base_steps} steps)")
-        base = _train(base_rec, scale.base_steps, fresh)
+        base, _ = train_for(base_rec, scale.base_steps, fresh)
     else:
         base = saved
         _log(f"2/5 the base at C = {C} tokens: {base} ({_source(base)})")

@@ -216,8 +216,7 @@ def fine_tune(start: Path, out: Path, train_files: list[Path], stages: tuple[Sta
         RecipeError: the recipe does not take the start model or the overrides.
     """
     from llmft.repro import linked_copy
-    from llmft.train.checkpoint import finished
-    from llmft.train.loop import train
+    from llmft.train.loop import train_for
 
     losses, lrs, model = [], [], start
     for i, (stage, data) in enumerate(zip(stages, train_files), 1):
@@ -230,15 +229,8 @@ def fine_tune(start: Path, out: Path, train_files: list[Path], stages: tuple[Sta
         _log(f"2/3 fine-tuning, stage {i}/{len(stages)}: {stage.examples:,} examples with k in "
              f"{{{', '.join(map(str, stage.ks))}}}, {stage.steps} steps at lr {rec.train.lr:g} (answers only, "
              "isolated)")
-        rec.train.max_steps = stage.steps
-        rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, stage.steps // 10))
-        rec.checkpoint.every_steps = min(rec.checkpoint.every_steps, stage.steps)
-        if finished(rec):  # an earlier run of this command did this stage: a rerun resumes after it
-            model = run_dir / "final"
-            _log(f"    stage {i} was finished by an earlier run: {model}")
-            continue
-        result = train(rec, resume=True)  # --fresh removed out/ above
-        model, losses = result.final_dir, losses + result.losses
+        model, done = train_for(rec, stage.steps)  # --fresh removed out/ above; a finished stage is kept
+        losses += done
     return (model if len(stages) == 1 else linked_copy(model, out / "final")), losses, lrs
 
 

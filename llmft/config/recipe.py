@@ -24,9 +24,9 @@ from llmft.config.eval import EvalConfig
 from llmft.config.loading import Strict, hint, load_validated
 from llmft.config.sources import SourceSpec
 
-# A hub id is "name" or "org/name" (letters, digits, - _ .).
 # The data section's settings that a data mix (data.recipe) or a built directory (data.built) holds instead
 MIX_OWNED = ("validation", "validation_fraction", "packing", "add_eos", "on_error")
+# A hub id is "name" or "org/name" (letters, digits, - _ .).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -461,3 +461,24 @@ def train_recipe(recipe_path: str | Path, overrides: list[str] | None = None, re
             raise RecipeError([f"{recipe_path}: model.name: {m.produced_by} wrote {result.final_dir}, not "
                                f"{m.name}. Fix: set model.name: {result.final_dir}"])
     return train(recipe, resume=resume)
+
+
+def train_for(recipe: Recipe, steps: int, fresh: bool = False) -> tuple[Path, list[float]]:
+    """Train ``recipe`` for ``steps`` steps, its warm-up and checkpoint interval cut to fit, as the stages of a
+    multi-stage driver do; returns the final model and the loss of each step this process ran. With ``fresh`` the run
+    directory is removed first; otherwise a run of this very recipe that finished (``checkpoint.finished``) is kept,
+    no step run again, and an unfinished one resumes from its last checkpoint.
+
+    Raises:
+        RecipeError: as :func:`train`.
+    """
+    recipe.train.max_steps = steps
+    recipe.train.warmup_steps = min(recipe.train.warmup_steps, max(1, steps // 10))
+    recipe.checkpoint.every_steps = min(recipe.checkpoint.every_steps, steps)
+    run_dir = Path(recipe.checkpoint.dir)
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif ckpt.finished(recipe):
+        log.info("%s was finished by an earlier run of this recipe: kept", run_dir / "final")
+        return run_dir / "final", []
+    return run_dir / "final", train(recipe, resume=True).losses
