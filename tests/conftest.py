@@ -7,6 +7,7 @@ the benches), marked ``slow`` here. ``pytest -m "not slow"`` is the fast tier; C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -155,6 +156,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on localhost, for launches that run at once (each socket is held until all
+    are drawn, so none is drawn twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @pytest.fixture
