@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -166,6 +167,18 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
+
+
+def run_at_once(commands: dict[str, list[str]], env: dict[str, str], timeout: float = 900) -> dict[str, str]:
+    """Start every command (e.g. launches with ports from :func:`free_ports`) before waiting on any, so that their
+    start-up and exit overlap; each must exit 0. Returns each command's output (stdout and stderr together)."""
+    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True) for name, cmd in commands.items()}
+    outputs = {}
+    for name, proc in procs.items():
+        outputs[name], _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{name}: " + outputs[name][-3000:]
+    return outputs
 
 
 @pytest.fixture

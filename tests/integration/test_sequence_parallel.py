@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port, free_ports, tiny_recipe, write_recipe
+from conftest import REPO, free_port, free_ports, run_at_once, tiny_recipe, write_recipe
 from safetensors.torch import load_file
 from test_deepspeed import deepspeed_train, zero3_config
 from transformers import AutoModelForCausalLM
@@ -240,21 +240,17 @@ def test_flash_attention_2_under_sequence_parallelism_isolates_documents_by_varl
 
     runs = {"sp": (2, "isolated"), "one": (1, "isolated"),
             "across": (1, "concat")}  # the same text, documents attending to each other
-    launches, ports = {}, free_ports(len(runs))
-    for name, (ranks, packing) in runs.items():  # the three launches at once (4 one-thread ranks on 2 cores)
+    commands, ports = {}, free_ports(len(runs))
+    for name, (ranks, packing) in runs.items():
         recipe = tiny_recipe(sharp_model, data, tmp_path / name, train={"max_steps": 3, "precision": "bf16"},
                              parallel={"sequence": ranks}, data={"packing": packing})
         recipe["model"]["attention"] = "flash_attention_2"
         path = write_recipe(tmp_path / f"{name}.yaml", recipe)
-        cmd = [deepspeed, "--master_port", str(ports.pop()), "--num_accelerators", str(ranks), __file__,
-               "--train-cpu-flash", str(path)]
-        launches[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True)
+        commands[name] = [deepspeed, "--master_port", str(ports.pop()), "--num_accelerators", str(ranks), __file__,
+                          "--train-cpu-flash", str(path)]
+    run_at_once(commands, env)  # the three launches at once (4 one-thread ranks on 2 cores)
     losses = {}
-    for name, proc in launches.items():
-        stdout, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, stdout[-3000:]
-        ranks, packing = runs[name]
+    for name, (ranks, packing) in runs.items():
         for r in range(ranks):
             calls = json.loads((tmp_path / name / f"flash-calls-rank{r}.json").read_text())
             assert (calls.get("varlen", 0) > 0) == (packing == "isolated") and calls.get("torch.float32", 0) == 0, \
